@@ -1,0 +1,71 @@
+"""lrpkit: Layer-wise Relevance Propagation for any PyTorch model.
+
+Rules are attached to modules as hooks, chosen per module by composites, after canonizers have
+brought the model into a form LRP can explain. The model is never rewritten by the user and is
+restored exactly after every context.
+
+Examples
+--------
+>>> import torch, lrpkit
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+>>> output, relevance = lrpkit.explain(model, torch.rand(2, 4))
+>>> relevance.shape
+torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import attribution, canonizers, composites, rules, types
+from .attribution import Attribution, Gradient, Target
+from .composites import Composite
+
+__version__ = "0.1.0"
+
+#: Presets whose first-layer rule needs the bounds of the input domain.
+_BOUNDED_PRESETS = {"epsilon_gamma_box"}
+
+
+def explain(
+    model: nn.Module,
+    x: Tensor,
+    composite: str | Composite | None = "epsilon_plus_flat",
+    target: Target = None,
+) -> Attribution:
+    """Explain ``model``'s prediction on ``x`` in one call.
+
+    Parameters
+    ----------
+    model
+        The model (put it in ``eval()`` mode first).
+    x
+        A floating-point input batch.
+    composite
+        A preset name (see :func:`lrpkit.composites.names`), a composite, or ``None`` for the plain
+        gradient. For ``"epsilon_gamma_box"`` the z^B bounds are the minimum and maximum of ``x``.
+    target
+        What to explain; see :mod:`lrpkit.attribution`.
+
+    Returns
+    -------
+    Attribution
+        Unpacks as ``output, relevance``.
+    """
+    if isinstance(composite, str):
+        kwargs = {"low": float(x.min()), "high": float(x.max())} if composite in _BOUNDED_PRESETS else {}
+        composite = composites.get(composite, **kwargs)
+    return Gradient(model, composite=composite)(x, target=target)
+
+
+__all__ = [
+    "Attribution",
+    "Composite",
+    "Gradient",
+    "attribution",
+    "canonizers",
+    "composites",
+    "explain",
+    "rules",
+    "types",
+]

@@ -1,0 +1,84 @@
+"""The canonizer protocol: reversible rewrites applied before rules are attached.
+
+A canonizer's :meth:`Canonizer.apply` changes a model (merges BatchNorm, captures functional calls,
+...) and returns handles whose ``remove()`` undoes exactly what it did. Composites push every
+handle on an undo stack as soon as it exists, so a failure anywhere restores the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol, runtime_checkable
+
+from torch import nn
+
+
+@runtime_checkable
+class Handle(Protocol):
+    """Anything that can undo one change (``torch.utils.hooks.RemovableHandle`` qualifies)."""
+
+    def remove(self) -> None:
+        """Undo the change."""
+
+
+class CallbackHandle:
+    """A :class:`Handle` that runs ``undo`` once when removed."""
+
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self._undo: Callable[[], None] | None = undo
+
+    def remove(self) -> None:
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo()
+
+
+class Canonizer:
+    """Base class of canonizers: ``apply(model)`` changes the model and returns undo handles.
+
+    ``apply`` must leave the model unchanged if it raises (undo its own partial work).
+    """
+
+    def apply(self, model: nn.Module) -> list[Handle]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def undo_all(handles: Iterable[Handle]) -> None:
+    """Remove ``handles`` last-first; every handle is tried even if one raises (the first error wins)."""
+    error: BaseException | None = None
+    for handle in reversed(list(handles)):
+        try:
+            handle.remove()
+        except BaseException as exc:  # noqa: BLE001 - keep undoing, re-raise below
+            error = error or exc
+    if error is not None:
+        raise error
+
+
+class CompositeCanonizer(Canonizer):
+    """Several canonizers applied in order as one; undone in reverse order.
+
+    Parameters
+    ----------
+    canonizers
+        The canonizers to apply, first to last.
+    """
+
+    def __init__(self, canonizers: Iterable[Canonizer]) -> None:
+        self.canonizers = list(canonizers)
+
+    def apply(self, model: nn.Module) -> list[Handle]:
+        handles: list[Handle] = []
+        try:
+            for canonizer in self.canonizers:
+                handles.extend(canonizer.apply(model))
+        except BaseException:
+            undo_all(handles)
+            raise
+        return handles
+
+    def __repr__(self) -> str:
+        return f"CompositeCanonizer({self.canonizers!r})"

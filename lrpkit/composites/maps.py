@@ -1,0 +1,334 @@
+"""Composites: which rule each module of a model gets, and the transactional context.
+
+A composite maps ``(ctx, name, module)`` to a rule (or ``None``: plain gradient). Its
+:meth:`Composite.context` applies the canonizers, attaches the rules and, whatever happens in
+between, leaves the model exactly as it was: same parameters and buffers bit for bit, no hooks,
+no added attributes.
+
+Examples
+--------
+>>> import torch
+>>> from lrpkit import rules
+>>> from lrpkit.composites import LayerMapComposite, NameMapComposite
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+>>> by_type = LayerMapComposite([(torch.nn.Linear, rules.Epsilon())])
+>>> by_name = NameMapComposite([(["0"], rules.Flat()), ("2", rules.Epsilon())])
+>>> with by_name.context(model):
+...     output = model(torch.rand(1, 4, requires_grad=True))
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, Union
+
+from torch import nn
+
+from ..canonizers import Canonizer, CompositeCanonizer, default_canonizers
+from ..core import Rule, RuleChoice, RuleHook, Session, attach
+
+Ctx = dict[str, Any]
+ModuleTypes = Union[type, tuple[type, ...]]
+LayerMap = Sequence[tuple[ModuleTypes, Rule]]
+NamePattern = Union[str, Callable[[str, nn.Module], bool]]
+NameMap = Sequence[tuple[Union[NamePattern, Sequence[NamePattern]], Rule]]
+Choice = Union[Rule, "FirstLayerChoice", None]
+
+
+class UncoveredModuleWarning(UserWarning):
+    """A module with parameters gets no rule (its relevance is its plain gradient)."""
+
+
+# Modules of every model currently inside a composite's context (no attribute is added to them).
+_MODULES_IN_CONTEXT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+class FirstLayerChoice:
+    """Gives ``first`` to whichever candidate module runs first in a forward pass, ``other`` to the rest.
+
+    All candidates of one registration share ``state``; the decision is taken at the first
+    forward call and kept until the context closes.
+    """
+
+    def __init__(self, state: Ctx, first: Rule, other: Rule | None) -> None:
+        self.state = state
+        self.first = first
+        self.other = other
+
+    def __call__(self, module: nn.Module) -> Rule | None:
+        if self.state.get("first_layer") is None:
+            self.state["first_layer"] = module
+        return self.first if self.state["first_layer"] is module else self.other
+
+
+class Composite:
+    """Attach a rule to every module a ``module_map`` chooses, inside a reversible context.
+
+    Parameters
+    ----------
+    module_map
+        ``(ctx, name, module) -> Rule | None``; ``ctx`` is a dict shared by one registration.
+        Subclasses override :meth:`module_map` instead.
+    canonizers
+        Canonizers applied first; ``None`` means :func:`lrpkit.canonizers.default_canonizers`,
+        ``[]`` none.
+    strict
+        Raise instead of warning when a module with parameters gets no rule.
+    """
+
+    #: Whether a module with parameters and no rule is worth a warning (False for gradient methods).
+    warn_uncovered: bool = True
+
+    def __init__(
+        self,
+        module_map: Callable[[Ctx, str, nn.Module], Choice] | None = None,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        self._module_map = module_map
+        self.canonizers = default_canonizers() if canonizers is None else list(canonizers)
+        self.strict = strict
+        self._registration: tuple[ExitStack, Session] | None = None
+
+    def module_map(self, ctx: Ctx, name: str, module: nn.Module) -> Choice:
+        """The rule for ``module`` called ``name`` (``None``: plain gradient)."""
+        if self._module_map is None:
+            raise NotImplementedError(f"{type(self).__name__} has no module_map")
+        return self._module_map(ctx, name, module)
+
+    @contextmanager
+    def context(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Attach the rules to ``model`` for the ``with`` block; always restore the model after.
+
+        Raises
+        ------
+        RuntimeError
+            If ``model`` (or a module of it) is already inside a composite's context.
+        """
+        self.register(model)
+        try:
+            yield model
+        finally:
+            self.remove()
+
+    def register(self, model: nn.Module) -> None:
+        """Apply the canonizers and attach the rules; undo with :meth:`remove`."""
+        if self._registration is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} is already registered on a model; call remove() (or leave "
+                "its context) before registering it again"
+            )
+        busy = [name for name, module in model.named_modules() if module in _MODULES_IN_CONTEXT]
+        if busy:
+            raise RuntimeError(
+                f"module '{busy[0] or type(model).__name__}' is already inside a composite's "
+                "context; leave that context before entering another one on the same model"
+            )
+        stack = ExitStack()
+        session = Session()
+        try:
+            self._claim(model, stack, session)
+            handles = CompositeCanonizer(self.canonizers).apply(model)
+            for handle in handles:
+                stack.callback(handle.remove)
+            self._attach_rules(model, stack, session)
+            _disable_inplace(model, stack)
+        except BaseException:
+            stack.close()
+            raise
+        self._registration = (stack, session)
+
+    def remove(self) -> None:
+        """Detach all rules and undo the canonizers (last change first)."""
+        registration, self._registration = self._registration, None
+        if registration is not None:
+            registration[0].close()
+
+    @staticmethod
+    def _claim(model: nn.Module, stack: ExitStack, session: Session) -> None:
+        modules = list(model.modules())
+        _MODULES_IN_CONTEXT.update(modules)
+        stack.callback(_release, modules, session)
+
+    def _attach_rules(self, model: nn.Module, stack: ExitStack, session: Session) -> None:
+        ctx: Ctx = {}
+        uncovered = []
+        for name, module in model.named_modules():
+            choice = self.module_map(ctx, name, module)
+            if choice is None:
+                if _has_own_parameters(module):
+                    uncovered.append(f"'{name}' ({type(module).__name__})")
+                continue
+            choose: RuleChoice = choice if isinstance(choice, FirstLayerChoice) else _constant(choice)
+            stack.callback(attach(module, RuleHook(name, choose, session)).remove)
+        if uncovered and self.warn_uncovered:
+            message = (
+                f"{type(self).__name__}: no rule for the module(s) with parameters "
+                f"{', '.join(uncovered)}; their relevance is their plain gradient. Map them to a rule"
+            )
+            if self.strict:
+                raise ValueError(message + ", or pass strict=False to only warn.")
+            warnings.warn(message + ", or pass strict=True to make this an error.", UncoveredModuleWarning, stacklevel=4)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _constant(rule: Rule) -> RuleChoice:
+    return lambda module: rule
+
+
+def _release(modules: list[nn.Module], session: Session) -> None:
+    session.active = False
+    for module in modules:
+        _MODULES_IN_CONTEXT.discard(module)
+
+
+def _has_own_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _disable_inplace(model: nn.Module, stack: ExitStack) -> None:
+    """Turn ``inplace`` off on modules such as ``ReLU(inplace=True)`` until the context closes.
+
+    An in-place activation would overwrite the output a rule keeps for its backward.
+    """
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False  # type: ignore[assignment]
+            stack.callback(setattr, module, "inplace", True)
+
+
+def _first_match(layer_map: LayerMap, module: nn.Module) -> Rule | None:
+    return next((rule for types, rule in layer_map if isinstance(module, types)), None)
+
+
+class LayerMapComposite(Composite):
+    """Choose a rule by module type: the first ``(types, rule)`` of ``layer_map`` that matches.
+
+    Parameters
+    ----------
+    layer_map
+        ``[(type or tuple of types, rule), ...]``; groups from :mod:`lrpkit.types` work as types.
+    canonizers, strict
+        See :class:`Composite`.
+    """
+
+    def __init__(
+        self,
+        layer_map: LayerMap,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(canonizers=canonizers, strict=strict)
+        self.layer_map = list(layer_map)
+
+    def module_map(self, ctx: Ctx, name: str, module: nn.Module) -> Choice:
+        return _first_match(self.layer_map, module)
+
+
+class SpecialFirstLayerMapComposite(LayerMapComposite):
+    """Like :class:`LayerMapComposite`, but the first layer matching ``first_map`` gets its rule.
+
+    "First" means first in execution order (decided at the first forward call), not in
+    registration order.
+
+    Parameters
+    ----------
+    layer_map
+        Rules for every other module, as in :class:`LayerMapComposite`.
+    first_map
+        ``[(types, rule), ...]`` for the first layer.
+    canonizers, strict
+        See :class:`Composite`.
+    """
+
+    def __init__(
+        self,
+        layer_map: LayerMap,
+        first_map: LayerMap,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(layer_map, canonizers=canonizers, strict=strict)
+        self.first_map = list(first_map)
+
+    def module_map(self, ctx: Ctx, name: str, module: nn.Module) -> Choice:
+        other = _first_match(self.layer_map, module)
+        first = _first_match(self.first_map, module)
+        if first is None:
+            return other
+        return FirstLayerChoice(ctx, first, other)
+
+
+def _name_matches(pattern: NamePattern, name: str, module: nn.Module) -> bool:
+    if callable(pattern):
+        return bool(pattern(name, module))
+    if any(char in pattern for char in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern
+
+
+class NameMapComposite(Composite):
+    """Choose a rule by module name: exact names, glob patterns or callables.
+
+    Parameters
+    ----------
+    name_map
+        ``[(names, rule), ...]`` where ``names`` is one pattern or a list of them; a pattern is an
+        exact name (``"features.0"``), a glob (``"features.*"``) or a callable
+        ``(name, module) -> bool``. The first entry that matches wins.
+    canonizers, strict
+        See :class:`Composite`.
+    """
+
+    def __init__(
+        self,
+        name_map: NameMap,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(canonizers=canonizers, strict=strict)
+        self.name_map = [
+            (tuple([names] if isinstance(names, str) or callable(names) else names), rule)
+            for names, rule in name_map
+        ]
+
+    def module_map(self, ctx: Ctx, name: str, module: nn.Module) -> Choice:
+        for patterns, rule in self.name_map:
+            if any(_name_matches(pattern, name, module) for pattern in patterns):
+                return rule
+        return None
+
+
+class MixedComposite(Composite):
+    """Ask several composites in order; the first that gives a rule wins.
+
+    Parameters
+    ----------
+    composites
+        The composites to ask, e.g. a :class:`NameMapComposite` for exceptions, then a preset.
+        Their own canonizers are not used: the mixed composite's ``canonizers`` are.
+    canonizers, strict
+        See :class:`Composite`.
+    """
+
+    def __init__(
+        self,
+        composites: Sequence[Composite],
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(canonizers=canonizers, strict=strict)
+        self.composites = list(composites)
+
+    def module_map(self, ctx: Ctx, name: str, module: nn.Module) -> Choice:
+        for index, composite in enumerate(self.composites):
+            choice = composite.module_map(ctx.setdefault(f"composite_{index}", {}), name, module)
+            if choice is not None:
+                return choice
+        return None

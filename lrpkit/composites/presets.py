@@ -1,0 +1,243 @@
+"""Named preset composites (zennit-compatible) and the registry that maps names to them.
+
+Every preset accepts ``layer_map`` (and ``first_map`` where it has one) to prepend rules of your
+own, ``zero_params``, ``canonizers`` and ``strict``.
+
+Examples
+--------
+>>> from lrpkit import composites
+>>> composite = composites.get("epsilon_plus_flat")
+>>> type(composite).__name__
+'EpsilonPlusFlat'
+>>> sorted(composites.names())[:3]
+['deconvnet', 'epsilon_alpha2_beta1', 'epsilon_alpha2_beta1_flat']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .. import types
+from ..canonizers import Canonizer
+from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZeroParams, ZPlus
+from ..rules import Deconvnet as Deconvnet_rule
+from ..rules import GuidedBackprop as GuidedBackprop_rule
+from .maps import Composite, LayerMap, LayerMapComposite, SpecialFirstLayerMapComposite
+
+_REGISTRY: dict[str, type[Composite]] = {}
+C = TypeVar("C", bound=type[Composite])
+
+
+def register(name: str) -> Callable[[C], C]:
+    """Class decorator: make a composite available as ``composites.get(name)``."""
+
+    def decorate(cls: C) -> C:
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def names() -> list[str]:
+    """The registered preset names."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str, **kwargs: Any) -> Composite:
+    """Build the preset registered as ``name`` with ``kwargs``.
+
+    Raises
+    ------
+    KeyError
+        If no preset has that name (the message lists the known ones).
+    """
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no composite named {name!r}; known: {', '.join(names())}") from None
+    return cls(**kwargs)
+
+
+def layer_map_base(stabilizer: float = 1e-6) -> list[tuple[Any, Any]]:
+    """The rules every preset shares: activations pass, average pools split proportionally."""
+    return [
+        (types.Activation, Pass()),
+        (types.AvgPool, Norm(stabilizer=stabilizer)),
+        (types.BatchNorm, Pass()),
+    ]
+
+
+def _prepend(user_map: LayerMap | None) -> list[tuple[Any, Any]]:
+    return list(user_map or [])
+
+
+@register("epsilon_plus")
+class EpsilonPlus(LayerMapComposite):
+    """z+ on convolutions, epsilon on dense layers (Montavon et al. 2019, Kohlbrenner et al. 2020)."""
+
+    def __init__(
+        self,
+        epsilon: float = 1e-6,
+        stabilizer: float = 1e-6,
+        layer_map: LayerMap | None = None,
+        zero_params: ZeroParams = None,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        layer_map = _prepend(layer_map) + layer_map_base(stabilizer) + [
+            (types.Convolution, ZPlus(stabilizer=stabilizer, zero_params=zero_params)),
+            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+        ]
+        super().__init__(layer_map, canonizers=canonizers, strict=strict)
+
+
+@register("epsilon_plus_flat")
+class EpsilonPlusFlat(SpecialFirstLayerMapComposite):
+    """Flat on the first layer, z+ on convolutions, epsilon on dense layers."""
+
+    def __init__(
+        self,
+        epsilon: float = 1e-6,
+        stabilizer: float = 1e-6,
+        layer_map: LayerMap | None = None,
+        first_map: LayerMap | None = None,
+        zero_params: ZeroParams = None,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        layer_map = _prepend(layer_map) + layer_map_base(stabilizer) + [
+            (types.Convolution, ZPlus(stabilizer=stabilizer, zero_params=zero_params)),
+            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+        ]
+        first_map = _prepend(first_map) + [(types.AnyLinear, Flat(stabilizer=stabilizer, zero_params=zero_params))]
+        super().__init__(layer_map, first_map, canonizers=canonizers, strict=strict)
+
+
+@register("epsilon_gamma_box")
+class EpsilonGammaBox(SpecialFirstLayerMapComposite):
+    """z^B on the first convolution, gamma on the others, epsilon on dense layers.
+
+    Parameters
+    ----------
+    low, high
+        Bounds of the input domain for z^B (floats or tensors broadcastable to the input).
+    """
+
+    def __init__(
+        self,
+        low: float | torch.Tensor,
+        high: float | torch.Tensor,
+        epsilon: float = 1e-6,
+        gamma: float = 0.25,
+        stabilizer: float = 1e-6,
+        layer_map: LayerMap | None = None,
+        first_map: LayerMap | None = None,
+        zero_params: ZeroParams = None,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        layer_map = _prepend(layer_map) + layer_map_base(stabilizer) + [
+            (types.Convolution, Gamma(gamma=gamma, stabilizer=stabilizer, zero_params=zero_params)),
+            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+        ]
+        first_map = _prepend(first_map) + [
+            (types.Convolution, ZBox(low=low, high=high, stabilizer=stabilizer, zero_params=zero_params))
+        ]
+        super().__init__(layer_map, first_map, canonizers=canonizers, strict=strict)
+
+
+@register("epsilon_alpha2_beta1")
+class EpsilonAlpha2Beta1(LayerMapComposite):
+    """alpha=2, beta=1 on convolutions, epsilon on dense layers."""
+
+    def __init__(
+        self,
+        epsilon: float = 1e-6,
+        stabilizer: float = 1e-6,
+        layer_map: LayerMap | None = None,
+        zero_params: ZeroParams = None,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        layer_map = _prepend(layer_map) + layer_map_base(stabilizer) + [
+            (types.Convolution, AlphaBeta(2.0, 1.0, stabilizer=stabilizer, zero_params=zero_params)),
+            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+        ]
+        super().__init__(layer_map, canonizers=canonizers, strict=strict)
+
+
+@register("epsilon_alpha2_beta1_flat")
+class EpsilonAlpha2Beta1Flat(SpecialFirstLayerMapComposite):
+    """Flat on the first layer, alpha=2, beta=1 on convolutions, epsilon on dense layers."""
+
+    def __init__(
+        self,
+        epsilon: float = 1e-6,
+        stabilizer: float = 1e-6,
+        layer_map: LayerMap | None = None,
+        first_map: LayerMap | None = None,
+        zero_params: ZeroParams = None,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        layer_map = _prepend(layer_map) + layer_map_base(stabilizer) + [
+            (types.Convolution, AlphaBeta(2.0, 1.0, stabilizer=stabilizer, zero_params=zero_params)),
+            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+        ]
+        first_map = _prepend(first_map) + [(types.AnyLinear, Flat(stabilizer=stabilizer, zero_params=zero_params))]
+        super().__init__(layer_map, first_map, canonizers=canonizers, strict=strict)
+
+
+@register("excitation_backprop")
+class ExcitationBackprop(LayerMapComposite):
+    """Excitation backprop (Zhang et al. 2016): z+ on every dense and convolutional layer."""
+
+    def __init__(
+        self,
+        stabilizer: float = 1e-6,
+        layer_map: LayerMap | None = None,
+        zero_params: ZeroParams = None,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        layer_map = _prepend(layer_map) + [
+            (types.AvgPool, Norm(stabilizer=stabilizer)),
+            (types.AnyLinear, ZPlus(stabilizer=stabilizer, zero_params=zero_params)),
+        ]
+        super().__init__(layer_map, canonizers=canonizers, strict=strict)
+
+
+@register("guided_backprop")
+class GuidedBackprop(LayerMapComposite):
+    """Guided backpropagation (Springenberg et al. 2015): rectified gradients through ReLUs."""
+
+    warn_uncovered = False
+
+    def __init__(
+        self,
+        layer_map: LayerMap | None = None,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        layer_map = _prepend(layer_map) + [(nn.ReLU, GuidedBackprop_rule())]
+        super().__init__(layer_map, canonizers=canonizers, strict=strict)
+
+
+@register("deconvnet")
+class Deconvnet(LayerMapComposite):
+    """DeconvNet (Zeiler and Fergus 2014): ReLUs pass rectified gradients, ignoring the forward."""
+
+    warn_uncovered = False
+
+    def __init__(
+        self,
+        layer_map: LayerMap | None = None,
+        canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = False,
+    ) -> None:
+        layer_map = _prepend(layer_map) + [(nn.ReLU, Deconvnet_rule())]
+        super().__init__(layer_map, canonizers=canonizers, strict=strict)

@@ -1,0 +1,234 @@
+"""Hook machinery: attach a rule to one module, remove it, keep per-call state.
+
+A rule is attached with a single forward hook. The hook routes the module's (already computed)
+output through :class:`_RelevanceFunction`, an autograd Function whose ``forward`` hands the
+output through unchanged and whose ``backward`` computes the rule's relevance for the module's
+tensor inputs. The output handed on is detached from the module's own graph, so autograd never
+runs the module's backward and never computes a parameter gradient.
+
+Each forward call creates its own autograd node that holds that call's inputs (and output, when
+the rule needs it) -- this is the per-call state: a module called twice in one forward (weight
+sharing) gets the right inputs for each call, and the saved tensors are version-checked, so an
+in-place change of a saved tensor raises instead of giving silently wrong numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .ops import LayerOps, Params, hooks_are_suspended, layer_ops
+
+
+@dataclass
+class LayerCall:
+    """Everything a rule may use about one call of the module it is attached to.
+
+    Attributes
+    ----------
+    name
+        The module's qualified name in the model (``""`` for the root).
+    module
+        The module.
+    inputs
+        The tensor inputs that receive relevance (detached).
+    output
+        The module's real output (detached), or ``None`` when the rule said it does not need it.
+    ops
+        Modified forward and transposed product for this call (closed form where possible).
+    """
+
+    name: str
+    module: nn.Module
+    inputs: tuple[Tensor, ...]
+    output: Tensor | None
+    ops: LayerOps
+
+    def params(self, zero: tuple[str, ...] = ()) -> Params:
+        """The module's parameters, with those named in ``zero`` replaced by zeros."""
+        params = self.ops.params()
+        return {key: torch.zeros_like(value) if key in zero else value for key, value in params.items()}
+
+    def inputs_nonnegative(self) -> bool:
+        """Whether every input is ``>= 0`` (the single-path shortcut of z+/gamma/alpha-beta)."""
+        return all(not bool((tensor < 0).any()) for tensor in self.inputs)
+
+    def describe(self) -> str:
+        """``'name' (Type)`` for error messages."""
+        return f"'{self.name}' ({type(self.module).__name__})"
+
+
+class Rule:
+    """Base class of every rule: output relevance in, input relevance out.
+
+    Subclasses implement :meth:`relevance`. Rules hold configuration only; the per-call state
+    lives in the :class:`LayerCall` handed to them, so one rule instance may serve any number of
+    modules.
+    """
+
+    #: Whether :meth:`relevance` reads ``call.output`` (then the output is kept for backward).
+    needs_output: bool = False
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> tuple[Tensor | None, ...]:
+        """Relevance of each of ``call.inputs`` given the ``relevance`` at the module's output."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class Session:
+    """One registration of rules on a model; knows whether it is still open."""
+
+    def __init__(self) -> None:
+        self.active = True
+
+    def require_active(self, call_name: str) -> None:
+        """Raise when relevance is propagated after the composite's context was closed."""
+        if not self.active:
+            raise RuntimeError(
+                f"lrpkit: the relevance backward reached module {call_name} after its composite "
+                "context was closed. Run the backward (or the attributor) inside "
+                "`with composite.context(model):`."
+            )
+
+
+RuleChoice = Callable[[nn.Module], "Rule | None"]
+
+
+@dataclass
+class _PendingCall:
+    """What the forward hook hands to the autograd Function for one call."""
+
+    name: str
+    module: nn.Module
+    rule: Rule
+    session: Session
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    input_positions: tuple[int, ...]
+    output: Tensor | None = None
+    shapes: list[torch.Size] = field(default_factory=list)
+
+
+class _RelevanceFunction(torch.autograd.Function):
+    """Hands a module's output through; its backward is the rule."""
+
+    @staticmethod
+    def forward(ctx: Any, pending: _PendingCall, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+        output = pending.output
+        assert output is not None
+        pending.output = None  # the autograd node below holds it from here on
+        ctx.pending = pending
+        saved = (*inputs, output) if pending.rule.needs_output else inputs
+        ctx.save_for_backward(*saved)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        pending: _PendingCall = ctx.pending
+        where = f"'{pending.name}' ({type(pending.module).__name__})"
+        pending.session.require_active(where)
+        saved = ctx.saved_tensors
+        count = len(pending.input_positions)
+        inputs = tuple(saved[:count])
+        output = saved[count] if pending.rule.needs_output else None
+        args = list(pending.args)
+        for position, tensor in zip(pending.input_positions, inputs):
+            args[position] = tensor
+        call = LayerCall(
+            name=pending.name,
+            module=pending.module,
+            inputs=inputs,
+            output=output,
+            ops=layer_ops(pending.module, tuple(args), pending.kwargs, pending.input_positions),
+        )
+        with torch.no_grad():
+            result = pending.rule.relevance(call, relevance)
+        return (None, *_checked(result, inputs, pending.rule, where))
+
+
+def _checked(
+    result: tuple[Tensor | None, ...], inputs: tuple[Tensor, ...], rule: Rule, where: str
+) -> tuple[Tensor | None, ...]:
+    """Make sure a rule returned one relevance of the right shape per input."""
+    if len(result) != len(inputs):
+        raise RuntimeError(
+            f"lrpkit: rule {rule!r} on module {where} returned {len(result)} relevance tensors "
+            f"for {len(inputs)} inputs"
+        )
+    for index, (rel, tensor) in enumerate(zip(result, inputs)):
+        if rel is not None and rel.shape != tensor.shape:
+            raise RuntimeError(
+                f"lrpkit: rule {rule!r} on module {where} returned relevance of shape "
+                f"{tuple(rel.shape)} for input {index} of shape {tuple(tensor.shape)}"
+            )
+    return result
+
+
+class RuleHook:
+    """The forward hook that attaches a rule to one module.
+
+    Parameters
+    ----------
+    name
+        The module's qualified name (used in error messages).
+    choose
+        ``module -> Rule | None``, asked at every call (lets a composite decide lazily, e.g. the
+        first layer in execution order).
+    session
+        The registration this hook belongs to.
+    """
+
+    def __init__(self, name: str, choose: RuleChoice, session: Session) -> None:
+        self.name = name
+        self.choose = choose
+        self.session = session
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        if hooks_are_suspended():
+            return None
+        rule = self.choose(module)
+        if rule is None or not torch.is_grad_enabled():
+            return None
+        positions = tuple(
+            index
+            for index, arg in enumerate(args)
+            if isinstance(arg, Tensor) and arg.is_floating_point() and arg.requires_grad
+        )
+        if not positions:
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"lrpkit: rule {rule!r} is attached to module '{self.name}' "
+                f"({type(module).__name__}), which returned {type(output).__name__}; rules need a "
+                "module with a single tensor output. Map this module to no rule (None) and put "
+                "rules on its children instead."
+            )
+        pending = _PendingCall(
+            name=self.name,
+            module=module,
+            rule=rule,
+            session=self.session,
+            args=tuple(arg.detach() if isinstance(arg, Tensor) else arg for arg in args),
+            kwargs=kwargs,
+            input_positions=positions,
+            output=output.detach(),
+        )
+        return _RelevanceFunction.apply(pending, *(args[index] for index in positions))
+
+
+def attach(module: nn.Module, hook: RuleHook) -> RemovableHandle:
+    """Register ``hook`` on ``module``; the handle removes it."""
+    return module.register_forward_hook(hook, with_kwargs=True)
+
+
+__all__ = ["LayerCall", "Rule", "RuleHook", "Session", "attach"]

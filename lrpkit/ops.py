@@ -1,0 +1,235 @@
+"""Forward and transposed products of a layer under modified parameters.
+
+Every LRP rule needs two things from the layer it is attached to: the modified forward
+``z' = f(a'; theta')`` and the transposed product ``J_f(a'; theta')^T s`` (the input gradient of
+the modified forward for an output gradient ``s``). :class:`LayerOps` provides both.
+
+Closed forms exist for ``nn.Linear``, ``nn.Conv{1,2,3}d`` and ``nn.ConvTranspose{1,2,3}d``
+(any stride, padding, dilation, groups): the forward is one ``F.linear``/``F.conv*`` call, and
+the transposed product is one ``aten.convolution_backward`` (input gradient only) or one
+matrix product, computed lazily and without any autograd graph. Every other module falls back
+to :class:`GenericOps`, which re-runs the module with modified parameters through
+``torch.func.functional_call`` and takes the input gradient with autograd -- slower, but it makes
+every rule work on every layer type.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+Transpose = Callable[[Tensor], tuple[Tensor | None, ...]]
+
+_state = threading.local()
+
+
+@contextmanager
+def hooks_suspended() -> Iterator[None]:
+    """Make lrpkit's hooks pass through while a rule re-runs a module itself."""
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
+def hooks_are_suspended() -> bool:
+    """Whether a rule is currently re-running a module (hooks must not fire)."""
+    return getattr(_state, "depth", 0) > 0
+
+
+class LayerOps:
+    """Modified forward and transposed product of one module call.
+
+    Parameters
+    ----------
+    module
+        The module the rule is attached to.
+    args, kwargs
+        The positional and keyword arguments of the call; tensor inputs that receive relevance
+        sit at ``input_positions`` in ``args`` and are replaced by the rule's modified inputs.
+    input_positions
+        Indices in ``args`` of the tensors that receive relevance.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        input_positions: tuple[int, ...],
+    ) -> None:
+        self.module = module
+        self.args = args
+        self.kwargs = kwargs
+        self.input_positions = input_positions
+
+    def params(self) -> Params:
+        """The module's own parameters (not its children's), detached."""
+        return {
+            name: param.detach() for name, param in self.module.named_parameters(recurse=False)
+        }
+
+    def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
+        """Output of the module for ``inputs`` under ``params``."""
+        return self.linearize(inputs, params)[0]
+
+    def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
+        """Output for ``inputs`` under ``params`` and the transposed product at that point."""
+        return _generic_linearize(self, inputs, params)
+
+    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor) -> tuple[Tensor | None, ...]:
+        """``J^T grad`` for each input, the Jacobian taken at ``inputs`` under ``params``."""
+        return self.linearize(inputs, params)[1](grad)
+
+    def without_bias(self, output: Tensor, params: Params) -> Tensor | None:
+        """``output`` with the additive bias removed, or ``None`` when that is not closed-form."""
+        return None
+
+
+def _generic_linearize(
+    ops: LayerOps, inputs: Sequence[Tensor], params: Params
+) -> tuple[Tensor, Transpose]:
+    """Re-run the module with modified parameters and take input gradients with autograd."""
+    leaves = [tensor.detach().requires_grad_(True) for tensor in inputs]
+    args = list(ops.args)
+    for position, leaf in zip(ops.input_positions, leaves):
+        args[position] = leaf
+    with torch.enable_grad(), hooks_suspended():
+        output = torch.func.functional_call(ops.module, params, tuple(args), ops.kwargs)
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"{type(ops.module).__name__} returned {type(output).__name__}; LRP rules need a "
+            "module with a single tensor output"
+        )
+
+    def transpose(grad: Tensor) -> tuple[Tensor | None, ...]:
+        if not output.requires_grad:
+            return tuple(torch.zeros_like(leaf) for leaf in leaves)
+        grads = torch.autograd.grad(output, leaves, grad, allow_unused=True)
+        return tuple(
+            torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)
+        )
+
+    return output.detach(), transpose
+
+
+class DenseOps(LayerOps):
+    """Closed forms for ``nn.Linear``: ``z = a W^T + b`` and ``J^T s = s W``."""
+
+    def params(self) -> Params:
+        return _weight_and_bias(self.module)
+
+    def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
+        weight = params["weight"]
+        output = F.linear(inputs[0], weight, params.get("bias"))
+        return output, lambda grad: (grad @ weight,)
+
+    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor) -> tuple[Tensor, ...]:
+        return (grad @ params["weight"],)
+
+    def without_bias(self, output: Tensor, params: Params) -> Tensor:
+        bias = params.get("bias")
+        return output if bias is None else output - bias
+
+
+class ConvOps(LayerOps):
+    """Closed forms for standard and transposed convolutions of any dimension.
+
+    The forward is one ``F.conv{n}d`` / ``F.conv_transpose{n}d`` call; the transposed product is
+    ``aten.convolution_backward`` with only the input gradient requested.
+    """
+
+    def __init__(self, module: nn.Module, *args: Any) -> None:
+        super().__init__(module, *args)
+        conv: Any = module
+        self.dims = len(conv.kernel_size)
+        self.transposed = bool(conv.transposed)
+        self.stride = list(conv.stride)
+        self.padding = list(conv.padding)
+        self.dilation = list(conv.dilation)
+        self.output_padding = list(conv.output_padding)
+        self.groups = int(conv.groups)
+
+    def params(self) -> Params:
+        return _weight_and_bias(self.module)
+
+    def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
+        return torch.convolution(
+            inputs[0],
+            params["weight"],
+            params.get("bias"),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.transposed,
+            self.output_padding,
+            self.groups,
+        )
+
+    def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
+        output = self.forward(inputs, params)
+        return output, lambda grad: self.transpose(inputs, params, grad)
+
+    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor) -> tuple[Tensor, ...]:
+        grad_input = torch.ops.aten.convolution_backward(
+            grad,
+            inputs[0],
+            params["weight"],
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.transposed,
+            self.output_padding,
+            self.groups,
+            [True, False, False],
+        )[0]
+        return (grad_input,)
+
+    def without_bias(self, output: Tensor, params: Params) -> Tensor:
+        bias = params.get("bias")
+        if bias is None:
+            return output
+        return output - bias.view(-1, *([1] * self.dims))
+
+
+def _weight_and_bias(module: nn.Module) -> Params:
+    """``weight`` and (if present) ``bias`` of a dense or convolutional module, detached."""
+    layer: Any = module
+    params = {"weight": layer.weight.detach()}
+    if layer.bias is not None:
+        params["bias"] = layer.bias.detach()
+    return params
+
+
+def _has_closed_form_conv(module: nn.Module) -> bool:
+    """Convolutions whose padding is numeric zero padding (other modes use the generic path)."""
+    conv: Any = module
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
+def layer_ops(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    input_positions: tuple[int, ...],
+) -> LayerOps:
+    """The fastest :class:`LayerOps` for ``module``: closed form where one exists."""
+    if not kwargs and input_positions == (0,) and len(args) == 1:
+        if isinstance(module, nn.Linear):
+            return DenseOps(module, args, kwargs, input_positions)
+        if _has_closed_form_conv(module):
+            return ConvOps(module, args, kwargs, input_positions)
+    return LayerOps(module, args, kwargs, input_positions)

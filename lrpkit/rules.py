@@ -1,0 +1,512 @@
+"""LRP rules: how relevance at a layer's output is distributed onto its inputs.
+
+For a layer ``z_j = sum_i a_i w_ij + b_j`` and the relevance ``R_j`` from above, a rule returns
+``R_i = a'_i * sum_j w'_ij R_j / stab(z'_j)``, where ``'`` marks the rule's modified inputs,
+weights or outputs: a modified forward ``z'``, a division, one transposed product and a
+multiplication by the (modified) input (Montavon et al., "Layer-Wise Relevance Propagation: An
+Overview", 2019). Definitions follow zennit 0.5.1 unless a docstring says otherwise.
+
+Closed forms are used for ``nn.Linear`` and all convolutions (see :mod:`lrpkit.ops`); any other
+module with parameters takes a generic, slower path. Where the input is non-negative (after a
+ReLU, checked once per call) the two-path forms of z+, gamma and alpha-beta collapse to their
+single-path forms, which is where most of the speed comes from.
+
+Every parameterised rule takes ``zero_params`` (a parameter name or a sequence of names, e.g.
+``"bias"``) whose parameters are treated as zero.
+
+Examples
+--------
+>>> import torch
+>>> from lrpkit import rules
+>>> from lrpkit.composites import LayerMapComposite
+>>> from lrpkit.attribution import Gradient
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+>>> composite = LayerMapComposite([(torch.nn.Linear, rules.ZPlus(zero_params="bias"))])
+>>> output, relevance = Gradient(model, composite)(torch.rand(1, 4))
+>>> relevance.shape
+torch.Size([1, 4])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .core import LayerCall, Rule
+from .ops import Params
+
+Relevances = tuple[Tensor | None, ...]
+ZeroParams = str | Sequence[str] | None
+
+
+def stabilize(value: Tensor, epsilon: float) -> Tensor:
+    """``value + epsilon * sign(value)`` with ``sign(0) = +1`` (zennit's stabiliser)."""
+    return torch.where(value >= 0, value + epsilon, value - epsilon)
+
+
+def divide(relevance: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
+    """``relevance / stabilize(denominator, epsilon)``.
+
+    With ``epsilon == 0`` (LRP-0) an exactly zero denominator gives zero instead of NaN.
+    """
+    if epsilon > 0:
+        return relevance / stabilize(denominator, epsilon)
+    quotient = relevance / denominator
+    return torch.where(denominator == 0, torch.zeros_like(quotient), quotient)
+
+
+def _zero_names(zero_params: ZeroParams) -> tuple[str, ...]:
+    """Normalise ``zero_params`` to a tuple of parameter names."""
+    if zero_params is None:
+        return ()
+    if isinstance(zero_params, str):
+        return (zero_params,)
+    return tuple(zero_params)
+
+
+def _with_bias(names: tuple[str, ...]) -> tuple[str, ...]:
+    return names if "bias" in names else (*names, "bias")
+
+
+def _check_nonnegative(name: str, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {name}={value}")
+
+
+def _modified(params: Params, modify: Callable[[Tensor], Tensor]) -> Params:
+    return {key: modify(value) for key, value in params.items()}
+
+
+def _positive(params: Params) -> Params:
+    return _modified(params, lambda value: value.clamp(min=0))
+
+
+def _negative(params: Params) -> Params:
+    return _modified(params, lambda value: value.clamp(max=0))
+
+
+def _drop_bias(params: Params) -> Params:
+    return {key: value for key, value in params.items() if key != "bias"} | (
+        {"bias": torch.zeros_like(params["bias"])} if "bias" in params else {}
+    )
+
+
+def _times(factors: Sequence[Tensor], gradients: Sequence[Tensor | None]) -> list[Tensor]:
+    return [
+        torch.zeros_like(factor) if gradient is None else factor * gradient
+        for factor, gradient in zip(factors, gradients)
+    ]
+
+
+def _sum(*terms: list[Tensor]) -> Relevances:
+    return tuple(sum(parts[1:], parts[0]) for parts in zip(*terms))
+
+
+class _ParamRule(Rule):
+    """Shared constructor of the rules that take a stabiliser and ``zero_params``."""
+
+    def __init__(self, stabilizer: float = 1e-6, zero_params: ZeroParams = None) -> None:
+        _check_nonnegative("stabilizer", stabilizer)
+        self.stabilizer = float(stabilizer)
+        self.zero_params = _zero_names(zero_params)
+
+
+class Epsilon(Rule):
+    """LRP-epsilon (Bach et al. 2015): ``R_i = a_i sum_j w_ij R_j / (z_j + eps sign(z_j))``.
+
+    ``epsilon=0`` gives LRP-0, which equals gradient x input on ReLU networks. The forward
+    output ``z`` is reused, so the cost is exactly one input gradient.
+
+    Parameters
+    ----------
+    epsilon
+        Stabiliser added with the sign of ``z`` (``sign(0) = +1``); must be ``>= 0``.
+    zero_params
+        Parameter names treated as zero (e.g. ``"bias"``).
+    """
+
+    needs_output = True
+
+    def __init__(self, epsilon: float = 1e-6, zero_params: ZeroParams = None) -> None:
+        _check_nonnegative("epsilon", epsilon)
+        self.epsilon = float(epsilon)
+        self.zero_params = _zero_names(zero_params)
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        params = call.params(self.zero_params)
+        output = _output_under(call, params, self.zero_params)
+        scaled = divide(relevance, output, self.epsilon)
+        return tuple(_times(call.inputs, call.ops.transpose(call.inputs, params, scaled)))
+
+
+def _output_under(call: LayerCall, params: Params, zeroed: tuple[str, ...]) -> Tensor:
+    """The module's output with ``zeroed`` parameters at zero, reusing the real output if possible."""
+    assert call.output is not None
+    present = [name for name in zeroed if name in params]
+    if not present:
+        return call.output
+    if present == ["bias"]:
+        without = call.ops.without_bias(call.output, call.ops.params())
+        if without is not None:
+            return without
+    return call.ops.forward(call.inputs, params)
+
+
+class ZPlus(_ParamRule):
+    """LRP-z+ (Montavon et al. 2017), generalised to signed inputs as in zennit.
+
+    ``z = W+ a+ + b+ + W- a-`` (bias only in the positive part);
+    ``R = a+ (W+^T s) + a- (W-^T s)`` with ``s = R_out / stab(z)``. On non-negative inputs this is
+    the classic single-path z+ and costs one extra forward per layer.
+
+    Parameters
+    ----------
+    stabilizer
+        Added to the denominator with its sign; must be ``>= 0``.
+    zero_params
+        Parameter names treated as zero.
+    """
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        params = call.params(self.zero_params)
+        positive = _positive(params)
+        inputs = call.inputs
+        if call.inputs_nonnegative():
+            output, transpose = call.ops.linearize(inputs, positive)
+            return tuple(_times(inputs, transpose(divide(relevance, output, self.stabilizer))))
+        negative = _drop_bias(_negative(params))
+        inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
+        inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
+        out_pos, transpose_pos = call.ops.linearize(inputs_pos, positive)
+        out_neg, transpose_neg = call.ops.linearize(inputs_neg, negative)
+        scaled = divide(relevance, out_pos + out_neg, self.stabilizer)
+        return _sum(
+            _times(inputs_pos, transpose_pos(scaled)),
+            _times(inputs_neg, transpose_neg(scaled)),
+        )
+
+
+class AlphaBeta(_ParamRule):
+    """LRP-alpha-beta (Bach et al. 2015): ``alpha`` times the positive, ``beta`` the negative share.
+
+    Positive part ``zp = W+ a+ + b+ + W- a-``, negative part ``zn = W- a+ + b- + W+ a-``;
+    ``R = alpha * (positive-part relevance) - beta * (negative-part relevance)``.
+
+    Parameters
+    ----------
+    alpha, beta
+        Weights of the two parts; both ``>= 0`` and ``alpha - beta == 1`` (conservation).
+    stabilizer
+        Added to the denominators with their sign; must be ``>= 0``.
+    zero_params
+        Parameter names treated as zero.
+
+    Raises
+    ------
+    ValueError
+        If ``alpha`` or ``beta`` is negative or ``alpha - beta != 1``.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 1.0,
+        stabilizer: float = 1e-6,
+        zero_params: ZeroParams = None,
+    ) -> None:
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"alpha and beta must both be >= 0, got alpha={alpha}, beta={beta}")
+        if alpha - beta != 1:
+            raise ValueError(
+                f"alpha - beta must equal 1 for relevance to be conserved, got alpha={alpha}, "
+                f"beta={beta} (e.g. use alpha=2, beta=1 or alpha=1, beta=0)"
+            )
+        super().__init__(stabilizer, zero_params)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        params = call.params(self.zero_params)
+        weight_pos, weight_neg = _positive(params), _negative(params)
+        inputs = call.inputs
+        if call.inputs_nonnegative():
+            share_pos = self._share(call, inputs, weight_pos, relevance)
+            if self.beta == 0:
+                return tuple(_times(inputs, share_pos))
+            share_neg = self._share(call, inputs, weight_neg, relevance)
+            return tuple(
+                self.alpha * (a * p) - self.beta * (a * n)
+                for a, p, n in zip(inputs, share_pos, share_neg)
+            )
+        inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
+        inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
+        positive = _two_path(call, inputs_pos, weight_pos, inputs_neg, _drop_bias(weight_neg), relevance, self.stabilizer)
+        if self.beta == 0:
+            return positive
+        negative = _two_path(call, inputs_pos, weight_neg, inputs_neg, _drop_bias(weight_pos), relevance, self.stabilizer)
+        return tuple(self.alpha * p - self.beta * n for p, n in zip(positive, negative))
+
+    def _share(
+        self, call: LayerCall, inputs: Sequence[Tensor], params: Params, relevance: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        output, transpose = call.ops.linearize(inputs, params)
+        return transpose(divide(relevance, output, self.stabilizer))
+
+
+def _two_path(
+    call: LayerCall,
+    inputs_a: Sequence[Tensor],
+    params_a: Params,
+    inputs_b: Sequence[Tensor],
+    params_b: Params,
+    relevance: Tensor,
+    stabilizer: float,
+) -> Relevances:
+    """``a (Wa^T s) + b (Wb^T s)`` with ``s = R / stab(Wa a + Wb b)``: one part of a signed rule."""
+    out_a, transpose_a = call.ops.linearize(inputs_a, params_a)
+    out_b, transpose_b = call.ops.linearize(inputs_b, params_b)
+    scaled = divide(relevance, out_a + out_b, stabilizer)
+    return _sum(_times(inputs_a, transpose_a(scaled)), _times(inputs_b, transpose_b(scaled)))
+
+
+class Gamma(_ParamRule):
+    """LRP-gamma (Montavon et al. 2019), generalised to signed inputs and outputs as in zennit.
+
+    With ``Wp = W + gamma W+`` and ``Wn = W + gamma W-``: where the real output ``z > 0``, relevance
+    flows through ``Wp a+ + Wn a-`` (+ ``b + gamma b+``); where ``z < 0``, through
+    ``Wn a+ + Wp a-`` (+ ``b + gamma b-``); where ``z == 0`` nothing flows. On non-negative inputs
+    a part with no relevance to carry (e.g. negative outputs below a ReLU) is skipped.
+
+    Parameters
+    ----------
+    gamma
+        Weight of the added positive (resp. negative) parameters; must be ``>= 0``.
+    stabilizer
+        Added to the denominators with their sign; must be ``>= 0``.
+    zero_params
+        Parameter names treated as zero.
+    """
+
+    needs_output = True
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, zero_params: ZeroParams = None) -> None:
+        _check_nonnegative("gamma", gamma)
+        super().__init__(stabilizer, zero_params)
+        self.gamma = float(gamma)
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        assert call.output is not None
+        params = call.params(self.zero_params)
+        gamma = self.gamma
+        lifted = _modified(params, lambda value: value + gamma * value.clamp(min=0))
+        lowered = _modified(params, lambda value: value + gamma * value.clamp(max=0))
+        relevance_pos = torch.where(call.output > 0, relevance, torch.zeros_like(relevance))
+        relevance_neg = torch.where(call.output < 0, relevance, torch.zeros_like(relevance))
+        inputs = call.inputs
+        if call.inputs_nonnegative():
+            parts = [
+                self._single(call, inputs, weights, rel)
+                for weights, rel in ((lifted, relevance_pos), (lowered, relevance_neg))
+                if bool(rel.any())
+            ]
+            if not parts:
+                return tuple(torch.zeros_like(tensor) for tensor in inputs)
+            return _sum(*parts)
+        inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
+        inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
+        return _sum(
+            list(_two_path(call, inputs_pos, lifted, inputs_neg, _drop_bias(lowered), relevance_pos, self.stabilizer)),
+            list(_two_path(call, inputs_pos, lowered, inputs_neg, _drop_bias(lifted), relevance_neg, self.stabilizer)),
+        )
+
+    def _single(self, call: LayerCall, inputs: Sequence[Tensor], params: Params, relevance: Tensor) -> list[Tensor]:
+        output, transpose = call.ops.linearize(inputs, params)
+        return _times(inputs, transpose(divide(relevance, output, self.stabilizer)))
+
+
+class ZBox(_ParamRule):
+    """LRP-z^B (Montavon et al. 2017) for inputs bounded by ``low <= a <= high``.
+
+    ``z = (W a + b) - (W+ l + b+) - (W- h + b-)``, ``s = R / stab(z)``,
+    ``R = a (W^T s) - l (W+^T s) - h (W-^T s)``. Meant for the first layer (pixel space).
+
+    Parameters
+    ----------
+    low, high
+        Lowest and highest input values: floats, or tensors broadcastable to the input (e.g. per
+        channel, shape ``(1, C, 1, 1)``).
+    stabilizer
+        Added to the denominator with its sign; must be ``>= 0``.
+    zero_params
+        Parameter names treated as zero.
+    """
+
+    def __init__(
+        self,
+        low: float | Tensor,
+        high: float | Tensor,
+        stabilizer: float = 1e-6,
+        zero_params: ZeroParams = None,
+    ) -> None:
+        super().__init__(stabilizer, zero_params)
+        self.low = low
+        self.high = high
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        params = call.params(self.zero_params)
+        inputs = call.inputs
+        lows = [_bound(self.low, tensor, "low", call) for tensor in inputs]
+        highs = [_bound(self.high, tensor, "high", call) for tensor in inputs]
+        out, transpose = call.ops.linearize(inputs, params)
+        out_low, transpose_low = call.ops.linearize(lows, _positive(params))
+        out_high, transpose_high = call.ops.linearize(highs, _negative(params))
+        scaled = divide(relevance, out - out_low - out_high, self.stabilizer)
+        return tuple(
+            a - lo - hi
+            for a, lo, hi in zip(
+                _times(inputs, transpose(scaled)),
+                _times(lows, transpose_low(scaled)),
+                _times(highs, transpose_high(scaled)),
+            )
+        )
+
+
+def _bound(bound: float | Tensor, like: Tensor, which: str, call: LayerCall) -> Tensor:
+    """Broadcast a z^B bound to the input's shape, or say clearly why it cannot be."""
+    if not isinstance(bound, Tensor):
+        return torch.full_like(like, float(bound))
+    bound = bound.to(like)
+    if bound.ndim == like.ndim and bound.shape[0] > like.shape[0]:
+        bound = bound[: like.shape[0]]
+    try:
+        return bound.expand(like.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"ZBox {which} bound of shape {tuple(bound.shape)} cannot be broadcast to the input of "
+            f"module {call.describe()} of shape {tuple(like.shape)}; pass a float or a tensor such "
+            "as shape (1, C, 1, 1) for per-channel bounds"
+        ) from None
+
+
+class _UniformInputRule(_ParamRule):
+    """Rules that set the inputs to one and modify the weights: ``R = W'^T (R / stab(W' 1))``."""
+
+    def weights(self, params: Params) -> Params:
+        raise NotImplementedError
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        params = self.weights(call.params(_with_bias(self.zero_params)))
+        ones = [torch.ones_like(tensor) for tensor in call.inputs]
+        output, transpose = call.ops.linearize(ones, params)
+        return transpose(divide(relevance, output, self.stabilizer))
+
+
+class Flat(_UniformInputRule):
+    """LRP-flat (Lapuschkin et al. 2019): relevance spread uniformly over each receptive field.
+
+    All weights and inputs are set to one and the bias to zero, so ``R_i = sum_j R_j / n_j`` with
+    ``n_j`` the number of inputs connected to ``j``. Meant for the first layer.
+    """
+
+    def weights(self, params: Params) -> Params:
+        return {key: value if key == "bias" else torch.ones_like(value) for key, value in params.items()}
+
+
+class WSquare(_UniformInputRule):
+    """LRP-w^2 (Montavon et al. 2017): ``R_i = sum_j w_ij^2 R_j / sum_i' w_i'j^2``.
+
+    The bias is always zero here, as in the rule's definition; zennit 0.5.1 squares the bias
+    instead, which breaks conservation (both agree with ``zero_params="bias"``).
+    """
+
+    def weights(self, params: Params) -> Params:
+        return {key: value if key == "bias" else value * value for key, value in params.items()}
+
+
+class Norm(Rule):
+    """Proportional split for parameter-free linear maps (sum/average pooling, additions).
+
+    ``R_i = a_i J^T (R / stab(z))`` with ``z`` the layer's real output: each input receives its
+    share of every output it contributes to.
+
+    Parameters
+    ----------
+    stabilizer
+        Added to the denominator with its sign; must be ``>= 0``.
+    """
+
+    needs_output = True
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        _check_nonnegative("stabilizer", stabilizer)
+        self.stabilizer = float(stabilizer)
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        assert call.output is not None
+        scaled = divide(relevance, call.output, self.stabilizer)
+        params = call.params()
+        return tuple(_times(call.inputs, call.ops.transpose(call.inputs, params, scaled)))
+
+
+class _ElementwiseRule(Rule):
+    """Rules for element-wise modules: one input of the output's shape."""
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        if len(call.inputs) != 1 or call.inputs[0].shape != relevance.shape:
+            shapes = [tuple(tensor.shape) for tensor in call.inputs]
+            raise ValueError(
+                f"{type(self).__name__} needs an element-wise module with one input shaped like its "
+                f"output; module {call.describe()} has inputs {shapes} and output "
+                f"{tuple(relevance.shape)}"
+            )
+        return (self.elementwise(call, relevance),)
+
+    def elementwise(self, call: LayerCall, relevance: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class Pass(_ElementwiseRule):
+    """Relevance passes unchanged through an element-wise module (activations)."""
+
+    def elementwise(self, call: LayerCall, relevance: Tensor) -> Tensor:
+        return relevance
+
+
+class GuidedBackprop(_ElementwiseRule):
+    """Guided backpropagation (Springenberg et al. 2015) for ReLU-like activations.
+
+    The gradient through the activation, kept only where the incoming gradient is positive:
+    for a ReLU, ``R_in = R.clamp(min=0) * (a > 0)``.
+    """
+
+    def elementwise(self, call: LayerCall, relevance: Tensor) -> Tensor:
+        (gradient,) = call.ops.transpose(call.inputs, call.params(), relevance.clamp(min=0))
+        assert gradient is not None
+        return gradient
+
+
+class Deconvnet(_ElementwiseRule):
+    """DeconvNet (Zeiler and Fergus 2014) for ReLU activations: ``R_in = R.clamp(min=0)``."""
+
+    def elementwise(self, call: LayerCall, relevance: Tensor) -> Tensor:
+        return relevance.clamp(min=0)
+
+
+__all__ = [
+    "AlphaBeta",
+    "Deconvnet",
+    "Epsilon",
+    "Flat",
+    "Gamma",
+    "GuidedBackprop",
+    "Norm",
+    "Pass",
+    "Rule",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
+    "divide",
+    "stabilize",
+]

@@ -1,0 +1,91 @@
+"""Abstract module groups used by composites to choose a rule per module type.
+
+Each group is a tuple of ``torch.nn`` classes, so ``isinstance(module, group)`` works directly,
+and groups can be combined with ``+``.
+
+Examples
+--------
+>>> import torch
+>>> from lrpkit import types
+>>> isinstance(torch.nn.Conv2d(1, 1, 3), types.Convolution)
+True
+>>> isinstance(torch.nn.Linear(2, 2), types.AnyLinear)
+True
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+#: Standard (forward) convolutions.
+ConvolutionStandard: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Transposed convolutions.
+ConvolutionTranspose: tuple[type[nn.Module], ...] = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+#: All convolutions, standard and transposed.
+Convolution: tuple[type[nn.Module], ...] = ConvolutionStandard + ConvolutionTranspose
+#: Dense layers (``nn.Linear`` and its subclasses such as ``LazyLinear`` once materialised).
+Linear: tuple[type[nn.Module], ...] = (nn.Linear,)
+#: Every layer of the form ``z = W a + b``: dense layers and convolutions.
+AnyLinear: tuple[type[nn.Module], ...] = Linear + Convolution
+#: Batch normalisation layers.
+BatchNorm: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: Average (sum-like) pooling layers.
+AvgPool: tuple[type[nn.Module], ...] = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+#: Max pooling layers (explained by their gradient: relevance goes to the winner).
+MaxPool: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+#: Element-wise activation modules.
+Activation: tuple[type[nn.Module], ...] = (
+    nn.CELU,
+    nn.ELU,
+    nn.GELU,
+    nn.Hardshrink,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.LogSigmoid,
+    nn.Mish,
+    nn.PReLU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.RReLU,
+    nn.SELU,
+    nn.Sigmoid,
+    nn.SiLU,
+    nn.Softplus,
+    nn.Softshrink,
+    nn.Softsign,
+    nn.Tanh,
+    nn.Tanhshrink,
+    nn.Threshold,
+)
+
+__all__ = [
+    "Activation",
+    "AnyLinear",
+    "AvgPool",
+    "BatchNorm",
+    "Convolution",
+    "ConvolutionStandard",
+    "ConvolutionTranspose",
+    "Linear",
+    "MaxPool",
+]
