@@ -145,7 +145,7 @@ def _class_indices(output: Tensor, target: Target) -> Tensor:
         raise TypeError("target must be an int class index, not a bool")
     if isinstance(target, int):
         indices = torch.full((batch,), target, dtype=torch.long, device=output.device)
-    elif isinstance(target, Tensor) or isinstance(target, Sequence):
+    elif isinstance(target, Tensor) or (isinstance(target, Sequence) and not isinstance(target, str)):
         indices = torch.as_tensor(target, device=output.device)
         if indices.is_floating_point() or indices.dtype == torch.bool or indices.ndim != 1:
             raise TypeError(

@@ -1,0 +1,327 @@
+"""The composite context is transactional and bad input gets a clear error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lrpkit
+from lrpkit import composites, rules
+from lrpkit.attribution import Gradient
+from lrpkit.canonizers import CallbackHandle, Canonizer
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    ).double().eval()
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def assert_pristine(model: nn.Module, before: dict[str, torch.Tensor], attributes: dict[str, dict]) -> None:
+    """Parameters and buffers bitwise equal, no hooks, no added or changed attributes."""
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    for name, module in model.named_modules():
+        for hooks in (
+            module._forward_hooks,
+            module._forward_pre_hooks,
+            module._backward_hooks,
+            module._backward_pre_hooks,
+            module._forward_hooks_with_kwargs,
+        ):
+            assert len(hooks) == 0, (name, hooks)
+        assert set(vars(module)) == set(attributes[name]), name
+        for key, value in attributes[name].items():
+            if not isinstance(value, (dict, torch.Tensor)):
+                assert getattr(module, key) == value, (name, key)
+
+
+def attributes_of(model: nn.Module) -> dict[str, dict]:
+    return {name: dict(vars(module)) for name, module in model.named_modules()}
+
+
+class FailingCanonizer(Canonizer):
+    """Changes a weight (undoable), then raises -- or raises on the undo path's partner."""
+
+    def __init__(self) -> None:
+        self.applied = False
+
+    def apply(self, model: nn.Module) -> list:
+        raise RuntimeError("canonizer failed")
+
+
+class ScalingCanonizer(Canonizer):
+    """A well-behaved canonizer: doubles the first weight, undone exactly."""
+
+    def apply(self, model: nn.Module) -> list:
+        layer = model[0]
+        original = layer.weight.data.clone()
+        with torch.no_grad():
+            layer.weight.mul_(2)
+
+        def undo() -> None:
+            with torch.no_grad():
+                layer.weight.copy_(original)
+
+        return [CallbackHandle(undo)]
+
+
+def test_context_restores_model_and_removes_hooks() -> None:
+    model = small_cnn()
+    before, attributes = snapshot(model), attributes_of(model)
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    composite = composites.EpsilonPlusFlat(canonizers=[ScalingCanonizer()])
+    with composite.context(model):
+        assert model[1].inplace is False
+        Gradient(model)(x)
+    assert_pristine(model, before, attributes)
+    assert model[1].inplace is True
+
+
+def test_exception_in_canonizer_restores_model() -> None:
+    model = small_cnn()
+    before, attributes = snapshot(model), attributes_of(model)
+    composite = composites.EpsilonPlus(canonizers=[ScalingCanonizer(), FailingCanonizer()])
+    with pytest.raises(RuntimeError, match="canonizer failed"):
+        with composite.context(model):
+            pass
+    assert_pristine(model, before, attributes)
+
+
+def test_exception_in_body_restores_model() -> None:
+    model = small_cnn()
+    before, attributes = snapshot(model), attributes_of(model)
+    with pytest.raises(KeyError, match="body"):
+        with composites.EpsilonPlusFlat(canonizers=[ScalingCanonizer()]).context(model):
+            model(torch.rand(1, 1, 6, 6, dtype=torch.float64, requires_grad=True))
+            raise KeyError("body")
+    assert_pristine(model, before, attributes)
+
+
+class ExplodingRule(rules.Rule):
+    def relevance(self, call, relevance):
+        raise ArithmeticError("rule failed in backward")
+
+
+def test_exception_in_backward_restores_model() -> None:
+    model = small_cnn()
+    before, attributes = snapshot(model), attributes_of(model)
+    composite = composites.LayerMapComposite(
+        [(nn.Linear, ExplodingRule())], canonizers=[ScalingCanonizer()]
+    )
+    with pytest.raises(ArithmeticError, match="rule failed in backward"):
+        Gradient(model, composite)(torch.rand(1, 1, 6, 6, dtype=torch.float64))
+    assert_pristine(model, before, attributes)
+
+
+def test_register_and_remove() -> None:
+    model = small_cnn()
+    before, attributes = snapshot(model), attributes_of(model)
+    composite = composites.EpsilonPlus()
+    composite.register(model)
+    assert len(model[0]._forward_hooks) == 1
+    composite.remove()
+    composite.remove()  # idempotent
+    assert_pristine(model, before, attributes)
+
+
+def test_second_context_on_same_model_is_refused() -> None:
+    model = small_cnn()
+    with composites.EpsilonPlus().context(model):
+        with pytest.raises(RuntimeError, match="already inside a composite's context"):
+            with composites.EpsilonPlusFlat().context(model):
+                pass
+        with pytest.raises(RuntimeError, match="already inside a composite's context"):
+            with composites.EpsilonPlusFlat().context(model[0]):
+                pass
+    with composites.EpsilonPlusFlat().context(model):  # free again afterwards
+        pass
+
+
+def test_backward_outside_context_raises() -> None:
+    model = small_cnn()
+    x = torch.rand(1, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    with composites.EpsilonPlus().context(model):
+        output = model(x)
+    with pytest.raises(RuntimeError, match="after its composite context was closed"):
+        output.sum().backward()
+
+
+def test_module_without_rule_warns_and_strict_raises() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)).double()
+    with pytest.warns(composites.UncoveredModuleWarning, match=r"'1' \(LayerNorm\)"):
+        with composites.EpsilonPlus().context(model):
+            pass
+    with pytest.raises(ValueError, match=r"'1' \(LayerNorm\)"):
+        with composites.EpsilonPlus(strict=True).context(model):
+            pass
+    assert len(model[0]._forward_hooks) == 0
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "pattern"),
+    [
+        (10, ValueError, r"target class 10 is out of range .* 5 classes"),
+        (-1, ValueError, "out of range"),
+        ([0, 1, 2], ValueError, "got 3 targets for a batch of 2"),
+        (torch.zeros(2, 3), ValueError, r"shape \(2, 3\) but the output has shape \(2, 5\)"),
+        (torch.zeros(2, 2, dtype=torch.long), TypeError, "one integer class per sample"),
+        ("cat", TypeError, "one integer class per sample|unsupported target"),
+        (True, TypeError, "not a bool"),
+        (lambda out: out[:, 0], ValueError, "callable target's result has shape"),
+    ],
+)
+def test_bad_targets(target, error, pattern) -> None:
+    model = small_cnn()
+    with pytest.raises(error, match=pattern):
+        Gradient(model, composites.EpsilonPlus())(torch.rand(2, 1, 6, 6, dtype=torch.float64), target=target)
+
+
+def test_integer_input_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"floating-point tensor .* x.float\(\)"):
+        Gradient(small_cnn())(torch.ones(1, 1, 6, 6, dtype=torch.long))
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.policy = nn.Linear(6, 3)
+        self.value = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor):
+        hidden = torch.relu(self.body(x))
+        return {"policy": self.policy(hidden), "value": self.value(hidden)}
+
+
+def test_dict_output_needs_a_selector() -> None:
+    model = TwoHeads().double()
+    x = torch.rand(2, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"dict with entries \['policy', 'value'\].*output="):
+        Gradient(model)(x)
+    result = Gradient(model, composites.EpsilonPlus(), output="policy")(x, target=1)
+    assert result.output.shape == (2, 3)
+    value = Gradient(model, composites.EpsilonPlus(), output=lambda out: out["value"])(x, target=0)
+    assert value.relevance.shape == (2, 4)
+    with pytest.raises(TypeError, match="does not select"):
+        Gradient(model, output="missing")(x)
+
+
+@pytest.mark.parametrize(
+    ("make", "pattern"),
+    [
+        (lambda: rules.AlphaBeta(alpha=1, beta=1), "alpha - beta must equal 1"),
+        (lambda: rules.AlphaBeta(alpha=-1, beta=-2), "alpha and beta must both be >= 0"),
+        (lambda: rules.Gamma(gamma=-0.1), "gamma must be >= 0"),
+        (lambda: rules.Epsilon(epsilon=-1), "epsilon must be >= 0"),
+        (lambda: rules.ZPlus(stabilizer=-1), "stabilizer must be >= 0"),
+    ],
+)
+def test_impossible_rule_parameters(make, pattern) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+def test_rule_on_module_with_tuple_output_raises_clearly() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.linear(x), x
+
+    model = nn.Sequential(Pair())
+    composite = composites.NameMapComposite([("0", rules.Epsilon())])
+    with pytest.raises(TypeError, match=r"'0' \(Pair\), which returned tuple"):
+        Gradient(model, composite, output=0)(torch.rand(1, 3))
+
+
+def test_pass_on_non_elementwise_module_raises() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    composite = composites.LayerMapComposite([(nn.Linear, rules.Pass())])
+    with pytest.raises(ValueError, match=r"Pass needs an element-wise module.*'0' \(Linear\)"):
+        Gradient(model, composite)(torch.rand(1, 3))
+
+
+def test_first_layer_is_first_in_execution_order() -> None:
+    class Reversed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.late = nn.Linear(4, 2)  # registered first, runs last
+            self.early = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.late(torch.relu(self.early(x)))
+
+    torch.manual_seed(1)
+    model = Reversed().double()
+    x = torch.rand(2, 3, dtype=torch.float64)
+    composite = composites.SpecialFirstLayerMapComposite(
+        [(nn.Linear, rules.Epsilon())], [(nn.Linear, rules.Flat())], canonizers=[]
+    )
+    reference = composites.NameMapComposite([("early", rules.Flat()), ("late", rules.Epsilon())], canonizers=[])
+    ours = Gradient(model, composite)(x).relevance
+    expected = Gradient(model, reference)(x).relevance
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+    wrong = composites.NameMapComposite([("early", rules.Epsilon()), ("late", rules.Flat())], canonizers=[])
+    assert not torch.allclose(ours, Gradient(model, wrong)(x).relevance)
+
+
+def test_name_map_globs_and_callables() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = torch.rand(2, 3, dtype=torch.float64)
+    by_glob = composites.NameMapComposite([("[02]", rules.ZPlus()), ("4", rules.Epsilon())], canonizers=[])
+    by_callable = composites.NameMapComposite(
+        [(lambda name, module: name in {"0", "2"}, rules.ZPlus()), (["4"], rules.Epsilon())], canonizers=[]
+    )
+    by_type = composites.MixedComposite(
+        [
+            composites.NameMapComposite([("4", rules.Epsilon())]),
+            composites.LayerMapComposite([(nn.Linear, rules.ZPlus())]),
+        ],
+        canonizers=[],
+    )
+    first = Gradient(model, by_glob)(x).relevance
+    torch.testing.assert_close(first, Gradient(model, by_callable)(x).relevance, rtol=1e-12, atol=0)
+    torch.testing.assert_close(first, Gradient(model, by_type)(x).relevance, rtol=1e-12, atol=0)
+
+
+def test_explain_and_registry() -> None:
+    model = small_cnn()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    output, relevance = lrpkit.explain(model, x)
+    expected = Gradient(model, composites.EpsilonPlusFlat())(x).relevance
+    torch.testing.assert_close(relevance, expected)
+    assert lrpkit.explain(model, x, composite="epsilon_gamma_box").relevance.shape == x.shape
+    plain = lrpkit.explain(model, x, composite=None)
+    assert plain.relevance.shape == x.shape
+    with pytest.raises(KeyError, match="no composite named 'nope'; known: deconvnet"):
+        composites.get("nope")
+
+
+def test_plain_gradient_without_composite_is_untouched_autograd() -> None:
+    model = small_cnn()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    output = model(x)
+    start = torch.zeros_like(output)
+    start[range(2), output.argmax(1)] = output.detach()[range(2), output.argmax(1)]
+    (expected,) = torch.autograd.grad(output, x, start)
+    torch.testing.assert_close(Gradient(copy.deepcopy(model))(x).relevance, expected)
