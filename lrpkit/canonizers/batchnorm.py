@@ -1,0 +1,732 @@
+"""Merge BatchNorm layers into the dense or convolutional layer that feeds them, reversibly.
+
+In eval mode a BatchNorm is the affine map ``y = (x - mean) * s + beta`` with
+``s = gamma / sqrt(var + eps)`` per channel. When ``x`` is the output of a ``Linear`` or a standard
+convolution ``x = W a + b`` and nothing else uses ``x``, the pair is one affine layer with
+``W' = W * s`` (per output channel) and ``b' = (b - mean) * s + beta``. LRP rules are defined for
+that single layer, so merging is what makes them applicable to BatchNorm networks.
+
+:class:`MergeBatchNorm` finds the pairs by itself, from the graph the model actually executes
+(one probe forward at the first call inside the context, cached per model afterwards);
+:class:`NamedMergeBatchNorm` takes them by name. Both install new ``Parameter`` objects on the
+layer, replace the BatchNorm by ``nn.Identity`` in its parent(s), and put the original objects
+back on ``remove()``: parameters are never modified in place, so ``state_dict()`` is bitwise the
+same afterwards.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> from lrpkit.canonizers import MergeBatchNorm
+>>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()).eval()
+>>> x = torch.rand(1, 1, 5, 5)
+>>> expected = model(x)
+>>> (handle,) = MergeBatchNorm().apply(model)
+>>> torch.allclose(model(x), expected, atol=1e-6), handle.pairs
+(True, [('0', '1')])
+>>> type(model[1]).__name__
+'Identity'
+>>> handle.remove()
+>>> type(model[1]).__name__
+'BatchNorm2d'
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from ..ops import hooks_are_suspended, hooks_suspended
+from .base import CallbackHandle, Canonizer, Handle, undo_all
+
+#: Layers a BatchNorm can be merged into (transposed convolutions are not: their weight's output
+#: channels are not its first dimension).
+MERGEABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+Pair = tuple[str, str]
+PairSpec = Sequence[tuple[str, str]]
+
+
+# --------------------------------------------------------------------------------------------
+# which modules qualify
+# --------------------------------------------------------------------------------------------
+
+
+def _frozen_batchnorm_type() -> type[nn.Module] | None:
+    """``torchvision.ops.misc.FrozenBatchNorm2d`` if torchvision has been imported, else ``None``.
+
+    A model holding a ``FrozenBatchNorm2d`` has imported it, so looking it up in ``sys.modules``
+    finds every instance without importing (or requiring) torchvision.
+    """
+    misc = sys.modules.get("torchvision.ops.misc")
+    frozen = getattr(misc, "FrozenBatchNorm2d", None)
+    return frozen if isinstance(frozen, type) else None
+
+
+def _norm_types() -> tuple[type[nn.Module], ...]:
+    """The BatchNorm types that can be merged."""
+    frozen = _frozen_batchnorm_type()
+    return (_BatchNorm,) if frozen is None else (_BatchNorm, frozen)
+
+
+def _standard_forwards() -> tuple[Any, ...]:
+    """``forward`` functions whose eval-mode computation is ``(x - mean) * s + beta``."""
+    forwards: list[Any] = [_BatchNorm.forward, nn.SyncBatchNorm.forward]
+    frozen = _frozen_batchnorm_type()
+    if frozen is not None:
+        forwards.append(frozen.forward)
+    return tuple(forwards)
+
+
+def _layer_type_problem(layer: nn.Module) -> str | None:
+    """Why ``layer`` cannot take a BatchNorm merge because of what it is, or ``None``."""
+    base = next((cls for cls in MERGEABLE_LAYERS if isinstance(layer, cls)), None)
+    if base is None:
+        return f"is a {type(layer).__name__}, not one of {', '.join(c.__name__ for c in MERGEABLE_LAYERS)}"
+    overridden = type(layer).forward is not base.forward or (
+        base is not nn.Linear and type(layer)._conv_forward is not base._conv_forward  # type: ignore[attr-defined]
+    )
+    if overridden:
+        return f"is a {type(layer).__name__} with its own forward (a merged weight may not act linearly)"
+    weight = layer._parameters.get("weight")
+    if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
+        return "has no plain, initialized weight Parameter (parametrized, weight-normed or lazy)"
+    return None
+
+
+def _norm_type_problem(norm: nn.Module) -> str | None:
+    """Why ``norm`` cannot be merged because of what it is, or ``None``."""
+    if not isinstance(norm, _norm_types()):
+        return f"is a {type(norm).__name__}, not a BatchNorm"
+    if isinstance(norm, nn.modules.lazy.LazyModuleMixin) and norm.has_uninitialized_params():
+        return "is a lazy BatchNorm that is not initialized yet"
+    if type(norm).forward not in _standard_forwards():
+        return f"is a {type(norm).__name__} with its own forward"
+    return None
+
+
+def _pair_state_problem(layer: nn.Module, norm: nn.Module) -> str | None:
+    """Why merging ``norm`` into ``layer`` would change the result in their current state, or ``None``."""
+    if isinstance(norm, _BatchNorm) and norm.training:
+        return "the BatchNorm is in training mode (it normalizes with batch statistics)"
+    mean = getattr(norm, "running_mean", None)
+    if mean is None or getattr(norm, "running_var", None) is None:
+        return "the BatchNorm has no running statistics (track_running_stats=False)"
+    channels = layer._parameters["weight"].shape[0]  # type: ignore[union-attr]
+    if mean.numel() != channels:
+        return f"the layer has {channels} output channels but the BatchNorm normalizes {mean.numel()}"
+    return None
+
+
+def _merge_problem(layer: nn.Module, norm: nn.Module) -> str | None:
+    """Any reason not to merge ``norm`` into ``layer``, or ``None``."""
+    return _layer_type_problem(layer) or _norm_type_problem(norm) or _pair_state_problem(layer, norm)
+
+
+def check_eval(model: nn.Module, who: str) -> None:
+    """Refuse a model that has a BatchNorm in training mode.
+
+    Raises
+    ------
+    ValueError
+        Naming the first BatchNorm that is in training mode.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and module.training:
+            raise ValueError(
+                f"{who}: module '{name or type(model).__name__}' ({type(module).__name__}) is in "
+                "training mode; call model.eval() first"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# the merge itself: pure functions, then reversible installation
+# --------------------------------------------------------------------------------------------
+
+
+def batchnorm_affine(norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, scale, beta)`` of an eval-mode BatchNorm, detached.
+
+    Returns
+    -------
+    mean, scale, beta
+        ``y = (x - mean) * scale + beta`` per channel with ``scale = gamma / sqrt(var + eps)``;
+        ``gamma = 1`` and ``beta = 0`` for a BatchNorm without affine parameters.
+    """
+    mean = norm.running_mean.detach()  # type: ignore[union-attr]
+    std = torch.sqrt(norm.running_var.detach() + norm.eps)  # type: ignore[operator]
+    gamma = norm.weight.detach() if norm.weight is not None else torch.ones_like(mean)  # type: ignore[union-attr]
+    beta = norm.bias.detach() if norm.bias is not None else torch.zeros_like(mean)  # type: ignore[union-attr]
+    return mean, gamma / std, beta
+
+
+def merged_parameters(weight: Tensor, bias: Tensor | None, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """Weight and bias of ``layer -> norm`` as one layer (new tensors; nothing is modified).
+
+    Parameters
+    ----------
+    weight
+        The layer's weight, output channels first (``Linear``: ``(out, in)``; convolution:
+        ``(out, in / groups, *kernel)``).
+    bias
+        The layer's bias, or ``None`` (treated as zero).
+    norm
+        The eval-mode BatchNorm after the layer.
+
+    Returns
+    -------
+    weight, bias
+        ``w * s`` per output channel and ``(b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)``,
+        in the weight's dtype.
+    """
+    with torch.no_grad():
+        mean, scale, beta = batchnorm_affine(norm)
+        weight = weight.detach()
+        bias = torch.zeros_like(mean) if bias is None else bias.detach()
+        new_weight = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+        new_bias = (bias - mean) * scale + beta
+    return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+
+
+def _install_parameters(layer: nn.Module, weight: Tensor, bias: Tensor) -> Handle:
+    """Put new ``weight``/``bias`` Parameters on ``layer``; the handle puts the originals back."""
+    old_weight = layer._parameters["weight"]
+    old_bias = layer._parameters.get("bias")
+    assert old_weight is not None
+    requires_grad = (old_bias if old_bias is not None else old_weight).requires_grad
+    layer.weight = nn.Parameter(weight, requires_grad=old_weight.requires_grad)
+    try:
+        layer.bias = nn.Parameter(bias, requires_grad=requires_grad)
+    except BaseException:
+        layer.weight = old_weight
+        raise
+
+    def undo() -> None:
+        layer.weight = old_weight
+        layer.bias = old_bias
+
+    return CallbackHandle(undo)
+
+
+def _locations(model: nn.Module, child: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every ``(parent, attribute)`` under ``model`` that holds ``child``."""
+    return [
+        (parent, name)
+        for parent in model.modules()
+        for name, module in parent._modules.items()
+        if module is child
+    ]
+
+
+def _swap_for_identity(model: nn.Module, norm: nn.Module) -> Handle:
+    """Replace ``norm`` by ``nn.Identity()`` wherever it is registered under ``model``.
+
+    A forward hook on ``norm`` also makes it an identity for callers that reach it some other way
+    (a reference kept outside the module tree); the handle undoes both.
+    """
+    locations = _locations(model, norm)
+    if not locations:
+        raise ValueError(
+            f"the BatchNorm {type(norm).__name__} is not a submodule of {type(model).__name__} "
+            "(the root module itself cannot be replaced)"
+        )
+    identity = nn.Identity()
+    guard = norm.register_forward_hook(_pass_input)
+    done: list[tuple[nn.Module, str]] = []
+
+    def undo() -> None:
+        for parent, name in reversed(done):
+            setattr(parent, name, norm)
+        guard.remove()
+
+    try:
+        for parent, name in locations:
+            setattr(parent, name, identity)
+            done.append((parent, name))
+    except BaseException:
+        undo()
+        raise
+    return CallbackHandle(undo)
+
+
+def _pass_input(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    """Forward hook: a merged BatchNorm returns its input unchanged."""
+    return args[0]
+
+
+class MergeHandle:
+    """Undoes one merge: original Parameters and BatchNorm modules back in place.
+
+    Attributes
+    ----------
+    pairs
+        ``(layer_name, batchnorm_name)`` of every merged pair, in execution order.
+    """
+
+    def __init__(self, pairs: list[Pair], steps: list[Handle]) -> None:
+        self.pairs = pairs
+        self._steps = steps
+
+    def remove(self) -> None:
+        steps, self._steps = self._steps, []
+        undo_all(steps)
+
+
+def merge_pairs(model: nn.Module, pairs: Sequence[tuple[str, nn.Module, str, nn.Module]]) -> MergeHandle:
+    """Merge each ``(layer_name, layer, norm_name, norm)``; on any error nothing stays changed.
+
+    All new parameters are computed before anything is installed. A BatchNorm may follow several
+    layers (it is called once after each); each layer takes exactly one BatchNorm.
+    """
+    plans = [(layer, *_merged_for(layer, norm)) for _, layer, _, norm in pairs]
+    steps: list[Handle] = []
+    try:
+        for layer, weight, bias in plans:
+            steps.append(_install_parameters(layer, weight, bias))
+        norms = list({id(norm): norm for _, _, _, norm in pairs}.values())
+        for norm in norms:
+            steps.append(_swap_for_identity(model, norm))
+    except BaseException:
+        undo_all(steps)
+        raise
+    return MergeHandle([(layer_name, norm_name) for layer_name, _, norm_name, _ in pairs], steps)
+
+
+def _merged_for(layer: nn.Module, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    weight = layer._parameters["weight"]
+    assert weight is not None
+    return merged_parameters(weight, layer._parameters.get("bias"), norm)
+
+
+def _resolve(model: nn.Module, pairs: Sequence[Pair]) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """``(name, module)`` pairs for names; ``KeyError`` when a name does not exist."""
+    resolved = []
+    for layer_name, norm_name in pairs:
+        resolved.append((layer_name, _submodule(model, layer_name), norm_name, _submodule(model, norm_name)))
+    return resolved
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise KeyError(f"{type(model).__name__} has no submodule named {name!r}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# finding pairs: one probe forward that records the executed graph
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Output:
+    """One output tensor of a candidate layer and everything that used it."""
+
+    layer: nn.Module
+    tensor: Tensor  # kept so that its id() stays unique for the whole probe
+    users: list[Union[nn.Module, None]] = field(default_factory=list)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """Every tensor in ``value`` (nested tuples, lists and dict values)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _has_tensor(value: Any) -> bool:
+    return next(_tensors(value), None) is not None
+
+
+class _Recorder:
+    """What a probe forward saw: candidate layer outputs, their users, what each BatchNorm consumed."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, _Output] = {}
+        self.layer_outputs: dict[nn.Module, list[int]] = defaultdict(list)
+        self.consumed: dict[nn.Module, list[int | None]] = defaultdict(list)
+        self.active_norms: list[nn.Module] = []
+        self.unfit: set[nn.Module] = set()
+
+    def layer_hook(self, layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook on a candidate layer: remember its output (channels must be dim 1)."""
+        expected = 2 if isinstance(layer, nn.Linear) else len(layer.kernel_size) + 2  # type: ignore[arg-type]
+        if not isinstance(output, Tensor) or output.ndim != expected or id(output) in self.outputs:
+            self.unfit.add(layer)
+            return
+        self.outputs[id(output)] = _Output(layer, output)
+        self.layer_outputs[layer].append(id(output))
+
+    def norm_pre_hook(self, norm: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook on a BatchNorm: remember the tensor it consumes."""
+        self.active_norms.append(norm)
+        if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            self.consumed[norm].append(id(args[0]))
+        else:
+            self.unfit.add(norm)
+
+    def norm_hook(self, norm: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        """Forward hook on a BatchNorm (always called): it is no longer running."""
+        if self.active_norms and self.active_norms[-1] is norm:
+            self.active_norms.pop()
+
+    def note_use(self, value: Any) -> None:
+        """Record one use of every recorded tensor in ``value`` by the innermost running BatchNorm."""
+        user = self.active_norms[-1] if self.active_norms else None
+        for tensor in _tensors(value):
+            record = self.outputs.get(id(tensor))
+            if record is not None:
+                record.users.append(user)
+
+    def groups(self) -> list[tuple[list[nn.Module], nn.Module]]:
+        """``(layers, norm)``: every call of ``norm`` consumed an output of ``layers``, which had no other use."""
+        found = []
+        for norm, consumed in self.consumed.items():
+            layers = self._feeding_layers(norm, consumed)
+            if layers:
+                found.append((layers, norm))
+        return found
+
+    def _feeding_layers(self, norm: nn.Module, consumed: list[int | None]) -> list[nn.Module]:
+        if norm in self.unfit or any(key not in self.outputs for key in consumed):
+            return []
+        feeding = [self.outputs[key].layer for key in consumed if key is not None]
+        layers = list({id(layer): layer for layer in feeding}.values())
+        taken = set(consumed)
+        for layer in layers:
+            keys = self.layer_outputs[layer]
+            if layer in self.unfit or any(key not in taken or self.outputs[key].users != [norm] for key in keys):
+                return []
+        return layers
+
+
+class _UseCounter(TorchFunctionMode):
+    """Counts, per torch function call that returns a tensor, the recorded tensors among its arguments.
+
+    While ``__torch_function__`` runs, torch disables this mode, so calls made inside ``func`` (an
+    ``F.batch_norm`` calling ``torch.batch_norm``) are not seen: only the outermost call counts.
+    The depth counter keeps that true should anything re-enter the mode.
+    """
+
+    def __init__(self, recorder: _Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+        self.depth = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.depth += 1
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and _has_tensor(result):  # shape queries (.size(), .shape) do not count
+            self.recorder.note_use((args, kwargs))
+        return result
+
+
+def _hook_candidates(model: nn.Module, recorder: _Recorder) -> list[RemovableHandle]:
+    """Attach the recorder's hooks to every mergeable layer and BatchNorm of ``model``."""
+    handles: list[RemovableHandle] = []
+    try:
+        for module in model.modules():
+            if _layer_type_problem(module) is None:
+                # first of the layer's hooks: a later hook that reads the output is a use
+                handles.append(module.register_forward_hook(recorder.layer_hook, prepend=True))
+            elif _norm_type_problem(module) is None:
+                # last pre-hook (sees what the BatchNorm itself gets), first post-hook: the norm is
+                # "running" exactly while its own forward runs
+                handles.append(module.register_forward_pre_hook(recorder.norm_pre_hook, with_kwargs=True))
+                handles.append(
+                    module.register_forward_hook(
+                        recorder.norm_hook, with_kwargs=True, always_call=True, prepend=True
+                    )
+                )
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor cloned (the probe must not change the real inputs in place)."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_cloned(item) for item in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cloned(item) for item in value)
+    if isinstance(value, dict):
+        return type(value)((key, _cloned(item)) for key, item in value.items())
+    return value
+
+
+def find_batchnorm_pairs(model: nn.Module, *args: Any, **kwargs: Any) -> list[Pair]:
+    """Run ``model(*args, **kwargs)`` once and return the mergeable ``(layer, batchnorm)`` names.
+
+    The forward runs under ``torch.no_grad()`` with lrpkit's hooks suspended, on clones of the
+    inputs. A pair qualifies when every output of the layer was used by exactly one torch function
+    call, inside the BatchNorm, which consumed it as its input; and every call of the BatchNorm
+    consumed such an output. Pairs are listed in execution order of the BatchNorms.
+
+    Parameters
+    ----------
+    model
+        The model (in eval mode).
+    *args, **kwargs
+        Inputs of one forward call.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    recorder = _Recorder()
+    handles = _hook_candidates(model, recorder)
+    try:
+        with torch.no_grad(), hooks_suspended(), _UseCounter(recorder):
+            result = model(*_cloned(args), **_cloned(kwargs))
+        recorder.active_norms.clear()
+        recorder.note_use(result)  # a layer output returned by the model has a use outside
+        groups = recorder.groups()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [
+        (names[layer], names[norm])
+        for layers, norm in groups
+        for layer in layers
+        if norm in names and norm is not model and _merge_problem(layer, norm) is None
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# canonizers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _CacheEntry:
+    """Pairs found for a model, valid while its module tree is the same."""
+
+    signature: list[tuple[str, "weakref.ReferenceType[nn.Module]"]]
+    pairs: list[Pair]
+
+    def matches(self, model: nn.Module) -> bool:
+        current = list(model.named_modules(remove_duplicate=False))
+        return len(current) == len(self.signature) and all(
+            name == cached_name and module is ref()
+            for (name, module), (cached_name, ref) in zip(current, self.signature)
+        )
+
+
+def _signature(model: nn.Module) -> list[tuple[str, "weakref.ReferenceType[nn.Module]"]]:
+    return [(name, weakref.ref(module)) for name, module in model.named_modules(remove_duplicate=False)]
+
+
+class MergeBatchNorm(Canonizer):
+    """Merge every ``Conv{1,2,3}d``/``Linear -> BatchNorm`` pair the model actually executes.
+
+    ``apply`` refuses a model with a BatchNorm in training mode, then installs a forward pre-hook
+    on the model. The first forward call runs one probe forward (no grad, lrpkit hooks suspended,
+    same inputs) that records which layer outputs each BatchNorm consumes and what else used
+    them (see :func:`find_batchnorm_pairs`); pairs whose layer output has any other user (a
+    residual branch, an activation, the model's return value) are left alone. The pairs are then
+    merged and the real forward runs on the merged model. The pairs are cached per model (until
+    its module tree changes), so later ``apply`` calls merge at once, without a probe.
+
+    Parameters
+    ----------
+    cache
+        Reuse the pairs found for a model in earlier contexts. Turn off for models whose graph
+        depends on the input.
+
+    Notes
+    -----
+    * The probe is one extra no-grad forward at the first call of each model (one per context with
+      ``cache=False``), on clones of the inputs and with lrpkit's rule hooks suspended, so it
+      neither builds a graph nor takes decisions such as the first layer of ``FirstLayerChoice``.
+    * A BatchNorm called after several layers (or a layer called several times, each time followed
+      by the same BatchNorm) merges as long as every call fits the pattern.
+    * While merged, the BatchNorm is replaced by ``nn.Identity`` in every parent that registers it,
+      and a forward hook makes the BatchNorm object itself an identity for code that still calls
+      it through a reference of its own.
+    * The returned handle's ``pairs`` lists the merged ``(layer, batchnorm)`` names once the merge
+      happened (in execution order).
+    """
+
+    _cache: ClassVar["weakref.WeakKeyDictionary[nn.Module, _CacheEntry]"] = weakref.WeakKeyDictionary()
+
+    def __init__(self, cache: bool = True) -> None:
+        self.cache = cache
+
+    def apply(self, model: nn.Module) -> list[Handle]:
+        """Merge now (pairs known) or at the first forward call; the handle undoes either."""
+        check_eval(model, type(self).__name__)
+        pairs = self.cached_pairs(model)
+        if pairs is not None:
+            return [self._merge(model, pairs)]
+        return [_LazyMerge(self, model)]
+
+    def cached_pairs(self, model: nn.Module) -> list[Pair] | None:
+        """The pairs found for ``model`` before, if still valid (and caching is on)."""
+        entry = self._cache.get(model) if self.cache else None
+        return list(entry.pairs) if entry is not None and entry.matches(model) else None
+
+    def find_pairs(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Pair]:
+        """Probe ``model`` with ``args``/``kwargs`` (see :func:`find_batchnorm_pairs`) and cache the pairs."""
+        signature = _signature(model)
+        pairs = find_batchnorm_pairs(model, *args, **kwargs)
+        if self.cache:
+            self._cache[model] = _CacheEntry(signature, list(pairs))
+        return pairs
+
+    @classmethod
+    def forget(cls, model: nn.Module | None = None) -> None:
+        """Drop the cached pairs of ``model`` (of every model if ``None``)."""
+        if model is None:
+            cls._cache.clear()
+        else:
+            cls._cache.pop(model, None)
+
+    def _merge(self, model: nn.Module, pairs: list[Pair]) -> MergeHandle:
+        check_eval(model, type(self).__name__)
+        resolved = [pair for pair in _resolve(model, pairs) if _merge_problem(pair[1], pair[3]) is None]
+        return merge_pairs(model, resolved)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()" if self.cache else f"{type(self).__name__}(cache=False)"
+
+
+class _LazyMerge:
+    """The handle of a :class:`MergeBatchNorm` that merges at the model's first forward call."""
+
+    def __init__(self, canonizer: MergeBatchNorm, model: nn.Module) -> None:
+        self.canonizer = canonizer
+        self.model = model
+        self.merge: MergeHandle | None = None
+        self._pairs: list[Pair] = []
+        self._probing = False
+        self._hook: RemovableHandle | None = model.register_forward_pre_hook(
+            self._pre_hook, with_kwargs=True, prepend=True
+        )
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """The merged pairs (empty before the first forward call; kept after ``remove()``)."""
+        return list(self._pairs)
+
+    def _pre_hook(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._probing or self.merge is not None or hooks_are_suspended():
+            return None
+        self._probing = True
+        try:
+            pairs = self.canonizer.cached_pairs(model)
+            if pairs is None:
+                pairs = self.canonizer.find_pairs(model, args, kwargs)
+            self.merge = self.canonizer._merge(model, pairs)
+            self._pairs = list(self.merge.pairs)
+        finally:
+            self._probing = False
+        self._remove_hook()
+        return None
+
+    def _remove_hook(self) -> None:
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook.remove()
+
+    def remove(self) -> None:
+        """Remove the pre-hook and undo the merge if it happened."""
+        self._remove_hook()
+        merge, self.merge = self.merge, None
+        if merge is not None:
+            merge.remove()
+
+
+class NamedMergeBatchNorm(Canonizer):
+    """Merge the BatchNorms named in ``pairs`` into the layers named with them, at ``apply`` time.
+
+    Parameters
+    ----------
+    pairs
+        ``[(layer_name, batchnorm_name), ...]``: qualified module names as in
+        ``model.named_modules()``. A layer takes at most one BatchNorm; a BatchNorm may be named
+        with several layers (it must then follow each of them, and only them).
+
+    Raises
+    ------
+    KeyError
+        (from ``apply``) If a name is not a submodule of the model.
+    TypeError
+        (from ``apply``) If a layer is not a ``Conv{1,2,3}d``/``Linear`` or a BatchNorm is not one.
+    ValueError
+        (from ``apply``) If a BatchNorm is in training mode, has no running statistics or its
+        channels do not match the layer's, or a layer is named twice.
+    """
+
+    def __init__(self, pairs: PairSpec) -> None:
+        self.pairs: list[Pair] = []
+        for pair in pairs:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(n, str) for n in pair)):
+                raise TypeError(
+                    f"{type(self).__name__}: each pair must be a (layer_name, batchnorm_name) tuple of "
+                    f"two strings, got {pair!r}"
+                )
+            self.pairs.append((pair[0], pair[1]))
+
+    def apply(self, model: nn.Module) -> list[Handle]:
+        """Validate every pair, then merge them all (nothing is changed if one is wrong)."""
+        resolved = _resolve(model, self.pairs)
+        self._validate(resolved)
+        return [merge_pairs(model, resolved)]
+
+    def _validate(self, resolved: list[tuple[str, nn.Module, str, nn.Module]]) -> None:
+        who = type(self).__name__
+        layers: dict[int, str] = {}
+        for layer_name, layer, norm_name, norm in resolved:
+            if id(layer) in layers:
+                raise ValueError(f"{who}: layer {layer_name!r} is named in more than one pair")
+            layers[id(layer)] = layer_name
+            for name, module, problem in (
+                (layer_name, layer, _layer_type_problem(layer)),
+                (norm_name, norm, _norm_type_problem(norm)),
+            ):
+                if problem is not None:
+                    raise TypeError(f"{who}: module {name!r} {problem}")
+            if isinstance(norm, _BatchNorm) and norm.training:
+                raise ValueError(
+                    f"{who}: module {norm_name!r} ({type(norm).__name__}) is in training mode; call "
+                    "model.eval() first"
+                )
+            problem = _pair_state_problem(layer, norm)
+            if problem is not None:
+                raise ValueError(f"{who}: cannot merge {norm_name!r} into {layer_name!r}: {problem}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pairs!r})"
+
+
+__all__ = [
+    "MERGEABLE_LAYERS",
+    "MergeBatchNorm",
+    "MergeHandle",
+    "NamedMergeBatchNorm",
+    "batchnorm_affine",
+    "check_eval",
+    "find_batchnorm_pairs",
+    "merge_pairs",
+    "merged_parameters",
+]

@@ -1,0 +1,692 @@
+"""MergeBatchNorm / NamedMergeBatchNorm: exact merges, executed-graph pairing, full undo.
+
+Every model is float64 and in eval mode, with random running statistics and affine parameters
+(a merge that ignored any of them would change the output). "Exact" means ``atol=1e-10``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from lrpkit import composites, rules
+from lrpkit.attribution import Gradient
+from lrpkit.canonizers import (
+    MergeBatchNorm,
+    NamedMergeBatchNorm,
+    default_canonizers,
+    find_batchnorm_pairs,
+)
+from lrpkit.composites import LayerMapComposite
+from lrpkit.core import LayerCall, Rule
+
+pytestmark = pytest.mark.filterwarnings("ignore::lrpkit.composites.maps.UncoveredModuleWarning")
+
+ATOL = 1e-10
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` in float64 eval mode with random weights, running statistics and affine parameters."""
+    generator = torch.Generator().manual_seed(seed)
+    model = model.double().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.5)
+        for module in model.modules():
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
+                module.running_mean.uniform_(-0.5, 0.5, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+                if module.weight is not None:
+                    module.weight.uniform_(0.5, 1.5, generator=generator)
+                    module.bias.uniform_(-0.5, 0.5, generator=generator)
+    return model
+
+
+def sample(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class Snapshot:
+    """State, parameter objects, module objects and attributes that a canonizer must restore."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.state = {key: value.clone() for key, value in model.state_dict().items()}
+        self.parameters = [(name, param, param._version) for name, param in model.named_parameters()]
+        self.modules = list(model.named_modules(remove_duplicate=False))
+        self.attributes = {id(module): dict(vars(module)) for _, module in self.modules}
+        self.biases = {name: module.bias for name, module in self.modules if hasattr(module, "bias")}
+
+    def assert_restored(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        assert list(state) == list(self.state)
+        for key, before in self.state.items():
+            assert state[key].dtype == before.dtype and torch.equal(state[key], before), key
+        after = list(model.named_parameters())
+        assert [name for name, _ in after] == [name for name, _, _ in self.parameters]
+        for (_, param), (name, original, version) in zip(after, self.parameters):
+            assert param is original and param._version == version, name
+        assert [(name, id(module)) for name, module in model.named_modules(remove_duplicate=False)] == [
+            (name, id(module)) for name, module in self.modules
+        ]
+        for name, module in self.modules:
+            for kind in HOOK_DICTS:
+                assert len(getattr(module, kind)) == 0, (name, kind)
+            assert set(vars(module)) == set(self.attributes[id(module)]), name
+        for name, bias in self.biases.items():
+            assert model.get_submodule(name).bias is bias, name
+
+
+def merge_only(canonizer=None) -> LayerMapComposite:
+    """A composite without rules that only merges."""
+    return LayerMapComposite([], canonizers=[canonizer or MergeBatchNorm(cache=False)])
+
+
+def output_inside(model: nn.Module, x: torch.Tensor, composite=None) -> tuple[torch.Tensor, list[type]]:
+    """The model's output inside the composite's context and the module types seen there."""
+    with (composite or merge_only()).context(model), torch.no_grad():
+        output = model(x)
+        seen = [type(module) for module in model.modules()]
+    return output, seen
+
+
+def norm_types() -> tuple[type, ...]:
+    return (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+
+
+def has_norm(types: list[type]) -> bool:
+    return any(issubclass(kind, norm_types()) for kind in types)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+
+
+def chain(layer: nn.Module, norm: nn.Module) -> nn.Module:
+    return randomized(nn.Sequential(layer, norm, nn.ReLU()))
+
+
+SIMPLE_CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "conv2d-bn2d": (lambda: chain(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)), (2, 2, 5, 5)),
+    "conv1d-bn1d": (lambda: chain(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3)), (2, 2, 7)),
+    "conv3d-bn3d": (lambda: chain(nn.Conv3d(2, 3, 2), nn.BatchNorm3d(3)), (2, 2, 3, 4, 4)),
+    "linear-bn1d": (lambda: chain(nn.Linear(4, 5), nn.BatchNorm1d(5)), (3, 4)),
+    "conv-without-bias": (lambda: chain(nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3)), (2, 2, 5, 5)),
+    "linear-without-bias": (lambda: chain(nn.Linear(4, 5, bias=False), nn.BatchNorm1d(5)), (3, 4)),
+    "bn-without-affine": (lambda: chain(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=False)), (2, 2, 5, 5)),
+    "grouped-strided-conv": (
+        lambda: chain(nn.Conv2d(4, 6, 3, stride=2, groups=2, padding=1), nn.BatchNorm2d(6)),
+        (2, 4, 6, 6),
+    ),
+    "frozen-bn2d": (lambda: chain(nn.Conv2d(2, 3, 3), FrozenBatchNorm2d(3)), (2, 2, 5, 5)),
+}
+
+
+class RegisteredBackwards(nn.Module):
+    """Registers ``bn`` before ``conv`` but runs ``conv -> bn``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.act = nn.ReLU()
+        self.conv = nn.Conv2d(2, 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class Residual(nn.Module):
+    """The conv output feeds both the BatchNorm and a residual addition: no merge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        return torch.relu(self.bn(z) + z)
+
+
+class ShapeQueries(nn.Module):
+    """Reads the conv output's shape before the BatchNorm: shape queries are no use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        assert z.shape[1] == z.size(1) == 3 and z.dim() == 4 and z.numel() > 0
+        return self.bn(z).flatten(1)
+
+
+class ConvReluNorm(nn.Module):
+    """conv -> relu -> bn: the BatchNorm does not follow the conv directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.relu(self.conv(x)))
+
+
+class InplaceBeforeNorm(nn.Module):
+    """conv -> relu_ (same tensor object) -> bn: the in-place call is a use, no merge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x).relu_())
+
+
+class ReturnsConvOutput(nn.Module):
+    """Returns the conv output besides the normalized one: a use outside, no merge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.conv(x)
+        return self.bn(z), z
+
+
+class SharedNorm(nn.Module):
+    """One BatchNorm called after each of two convs: both merge, the norm becomes an identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(2, 3, 3)
+        self.conv_b = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv_a(x)) * self.bn(self.conv_b(x))
+
+
+class SharedConv(nn.Module):
+    """One conv called twice, each time followed by the same BatchNorm: merges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(torch.relu(self.bn(self.conv(x)))))
+
+
+class SharedConvOtherUse(nn.Module):
+    """One conv called twice, only the first call followed by the BatchNorm: no merge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.bn(self.conv(x))))
+
+
+class AliasedNorm(nn.Module):
+    """The same BatchNorm registered under two names (and two parents)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.block = nn.Sequential(nn.ReLU())
+        self.block.add_module("norm", self.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block[0](self.bn(self.conv(x)))
+
+
+class SequenceLinear(nn.Module):
+    """Linear on (N, L, F): BatchNorm1d(L) normalizes dim 1, not the features -- no merge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x))
+
+
+class ScaledConv(nn.Conv2d):
+    """A conv subclass with its own forward: a merged weight would be scaled twice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0
+
+
+class CustomForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = ScaledConv(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class KeywordModel(nn.Module):
+    """Takes a keyword argument, which the probe must pass on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x * scale))
+
+
+class Nested(nn.Module):
+    """A BatchNorm under a dotted name, for the error message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3)
+        self.layer1 = nn.Sequential(nn.Sequential(nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer1(self.stem(x))
+
+
+class Boom(Rule):
+    """A rule whose backward raises."""
+
+    def relevance(self, call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        raise RuntimeError("boom in backward")
+
+
+# --------------------------------------------------------------------------------------------
+# exact merges
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(SIMPLE_CASES))
+def test_merge_is_exact_and_undone(case):
+    factory, shape = SIMPLE_CASES[case]
+    model, x = factory(), sample(*shape)
+    with torch.no_grad():
+        expected = model(x)
+    snapshot = Snapshot(model)
+    output, seen = output_inside(model, x)
+    assert not has_norm(seen), "the BatchNorm was not merged"
+    assert nn.Identity in seen
+    torch.testing.assert_close(output, expected, rtol=0.0, atol=ATOL)
+    snapshot.assert_restored(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("case", ["conv2d-bn2d", "linear-without-bias", "frozen-bn2d"])
+def test_apply_and_remove_directly(case):
+    factory, shape = SIMPLE_CASES[case]
+    model, x = factory(), sample(*shape)
+    with torch.no_grad():
+        expected = model(x)
+    snapshot = Snapshot(model)
+    (handle,) = MergeBatchNorm(cache=False).apply(model)
+    assert handle.pairs == []  # nothing merged before the first forward call
+    with torch.no_grad():
+        output = model(x)
+    assert handle.pairs == [("0", "1")]
+    assert isinstance(model[1], nn.Identity)
+    assert model[0].weight is not snapshot.parameters[0][1]
+    assert model[0].bias is not None
+    torch.testing.assert_close(output, expected, rtol=0.0, atol=ATOL)
+    with torch.no_grad():  # the pre-hook is gone: a second forward does not merge again
+        torch.testing.assert_close(model(x), expected, rtol=0.0, atol=ATOL)
+    handle.remove()
+    handle.remove()  # idempotent
+    snapshot.assert_restored(model)
+
+
+def test_merged_parameters_keep_requires_grad_and_originals_untouched():
+    model = chain(nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3))
+    model[0].weight.requires_grad_(False)
+    snapshot = Snapshot(model)
+    with merge_only().context(model):
+        model(sample(1, 2, 5, 5))
+        assert isinstance(model[0].weight, nn.Parameter) and not model[0].weight.requires_grad
+        assert isinstance(model[0].bias, nn.Parameter) and not model[0].bias.requires_grad
+    snapshot.assert_restored(model)
+    assert model[0].bias is None
+
+
+def test_merge_formula_matches_batchnorm_definition():
+    model = chain(nn.Linear(4, 5), nn.BatchNorm1d(5, eps=0.1))
+    fc, bn = model[0], model[1]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    expected_weight = fc.weight * scale[:, None]
+    expected_bias = (fc.bias - bn.running_mean) * scale + bn.bias
+    with merge_only().context(model):
+        model(sample(2, 4))
+        torch.testing.assert_close(fc.weight, expected_weight, rtol=1e-14, atol=0.0)
+        torch.testing.assert_close(fc.bias, expected_bias, rtol=1e-14, atol=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the executed graph decides
+# --------------------------------------------------------------------------------------------
+
+GRAPH_CASES = {
+    # name: (factory, input shape, expected pairs)
+    "registered-backwards": (RegisteredBackwards, (2, 2, 5, 5), [("conv", "bn")]),
+    "residual": (Residual, (2, 3, 5, 5), []),
+    "shape-queries": (ShapeQueries, (2, 2, 5, 5), [("conv", "bn")]),
+    "conv-relu-bn": (ConvReluNorm, (2, 2, 5, 5), []),
+    "inplace-before-bn": (InplaceBeforeNorm, (2, 2, 5, 5), []),
+    "returns-conv-output": (ReturnsConvOutput, (2, 2, 5, 5), []),
+    "shared-bn": (SharedNorm, (2, 2, 5, 5), [("conv_a", "bn"), ("conv_b", "bn")]),
+    "shared-conv": (SharedConv, (2, 3, 5, 5), [("conv", "bn")]),
+    "shared-conv-other-use": (SharedConvOtherUse, (2, 3, 5, 5), []),
+    "aliased-bn": (AliasedNorm, (2, 2, 5, 5), [("conv", "bn")]),
+    "linear-on-sequence": (SequenceLinear, (2, 6, 4), []),
+    "conv-with-own-forward": (CustomForward, (2, 2, 5, 5), []),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAPH_CASES))
+def test_pairs_come_from_the_executed_graph(case):
+    factory, shape, pairs = GRAPH_CASES[case]
+    model, x = randomized(factory()), sample(*shape)
+    assert find_batchnorm_pairs(model, x) == pairs
+    with torch.no_grad():
+        expected = model(x)
+    snapshot = Snapshot(model)
+    (handle,) = MergeBatchNorm(cache=False).apply(model)
+    try:
+        with torch.no_grad():
+            output = model(x)
+        assert handle.pairs == pairs
+        merged = not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+        assert merged == bool(pairs)
+        if not pairs:
+            assert isinstance(model.bn, nn.modules.batchnorm._BatchNorm)  # still active
+        torch.testing.assert_close(output, expected, rtol=0.0, atol=ATOL)
+    finally:
+        handle.remove()
+    snapshot.assert_restored(model)
+
+
+@pytest.mark.parametrize("where", ["conv-hook-reads-output", "bn-pre-hook-changes-input"])
+def test_other_hooks_on_the_pair_prevent_the_merge(where):
+    model, x = randomized(RegisteredBackwards()), sample(2, 2, 5, 5)
+    if where == "conv-hook-reads-output":
+        seen = []
+        hook = model.conv.register_forward_hook(lambda module, args, output: seen.append(output.mean()))
+    else:
+        hook = model.bn.register_forward_pre_hook(lambda module, args: (args[0] + 1.0,))
+    try:
+        assert find_batchnorm_pairs(model, x) == []
+        with torch.no_grad():
+            expected = model(x)
+        with merge_only().context(model), torch.no_grad():
+            output = model(x)
+            assert isinstance(model.bn, nn.BatchNorm2d)
+        torch.testing.assert_close(output, expected, rtol=0.0, atol=ATOL)
+    finally:
+        hook.remove()
+
+
+def test_aliased_batchnorm_is_swapped_under_every_name():
+    model, x = randomized(AliasedNorm()), sample(2, 2, 5, 5)
+    bn = model.bn
+    with merge_only().context(model):
+        model(x)
+        assert isinstance(model.bn, nn.Identity) and isinstance(model.block.norm, nn.Identity)
+        # a reference kept outside the module tree also acts as an identity while merged
+        z = sample(2, 3, 4, 4)
+        assert torch.equal(bn(z), z)
+    assert model.bn is bn and model.block.norm is bn
+
+
+def test_probe_passes_keyword_arguments():
+    model, x = randomized(KeywordModel()), sample(2, 2, 5, 5)
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x, scale=scale)
+    with merge_only().context(model), torch.no_grad():
+        output = model(x, scale=scale)
+        assert isinstance(model.bn, nn.Identity)
+    torch.testing.assert_close(output, expected, rtol=0.0, atol=ATOL)
+
+
+def test_probe_does_not_change_the_inputs():
+    class Inplace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x.mul_(2.0)))
+
+    model, x = randomized(Inplace()), sample(1, 2, 5, 5)
+    with torch.no_grad():
+        expected = model(x.clone())
+    with merge_only().context(model), torch.no_grad():
+        output = model(x.clone())
+    torch.testing.assert_close(output, expected, rtol=0.0, atol=ATOL)
+
+
+# --------------------------------------------------------------------------------------------
+# cache
+# --------------------------------------------------------------------------------------------
+
+
+def test_pairs_are_cached_per_model_until_its_modules_change():
+    factory, shape = SIMPLE_CASES["conv2d-bn2d"]
+    model, x = factory(), sample(*shape)
+    MergeBatchNorm.forget(model)
+    canonizer = MergeBatchNorm()
+    (handle,) = canonizer.apply(model)
+    assert isinstance(model[1], nn.BatchNorm2d)  # first time: merged lazily, at the forward
+    with torch.no_grad():
+        model(x)
+    assert isinstance(model[1], nn.Identity)
+    handle.remove()
+
+    snapshot = Snapshot(model)
+    (handle,) = MergeBatchNorm().apply(model)  # any instance: the cache is per model
+    assert isinstance(model[1], nn.Identity) and handle.pairs == [("0", "1")]  # merged at once
+    handle.remove()
+    snapshot.assert_restored(model)
+
+    model.add_module("3", nn.Identity())  # the module tree changed: probe again
+    (handle,) = MergeBatchNorm().apply(model)
+    assert isinstance(model[1], nn.BatchNorm2d)
+    handle.remove()
+
+    (handle,) = MergeBatchNorm(cache=False).apply(model)
+    assert isinstance(model[1], nn.BatchNorm2d)
+    handle.remove()
+
+
+def test_lazy_and_named_merges_give_the_same_relevance():
+    """The probe leaves the composite alone: the first layer (Flat) is still chosen right."""
+    model = randomized(
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Flatten(), nn.Linear(4, 3),
+        )
+    )
+    x = sample(2, 2, 5, 5).abs()
+    target = [0, 2]
+    named = NamedMergeBatchNorm([("0", "1"), ("3", "4")])
+    _, reference = Gradient(model, composites.EpsilonPlusFlat(canonizers=[named]))(x, target=target)
+    MergeBatchNorm.forget(model)
+    for canonizer in (MergeBatchNorm(), MergeBatchNorm(), MergeBatchNorm(cache=False)):  # probe, cache, probe
+        output, relevance = Gradient(model, composites.EpsilonPlusFlat(canonizers=[canonizer]))(x, target=target)
+        torch.testing.assert_close(relevance, reference, rtol=1e-12, atol=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(output, model(x), rtol=0.0, atol=ATOL)
+
+
+# --------------------------------------------------------------------------------------------
+# refusal and restoration
+# --------------------------------------------------------------------------------------------
+
+
+def test_training_mode_is_refused_with_the_module_name():
+    model = randomized(Nested()).train()
+    snapshot = Snapshot(model)
+    message = "MergeBatchNorm: module 'layer1.0.1' (BatchNorm2d) is in training mode; call model.eval() first"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MergeBatchNorm().apply(model)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        with merge_only().context(model):
+            pass
+    snapshot.assert_restored(model)
+
+
+def test_exception_in_the_body_restores_the_model():
+    model = randomized(Nested())
+    snapshot = Snapshot(model)
+    with pytest.raises(KeyError, match="in the body"):
+        with merge_only().context(model):
+            model(sample(1, 2, 7, 7))
+            assert isinstance(model.layer1[0][1], nn.Identity)
+            raise KeyError("in the body")
+    snapshot.assert_restored(model)
+
+
+def test_exception_in_backward_restores_the_model():
+    factory, shape = SIMPLE_CASES["conv-without-bias"]
+    model = factory()
+    snapshot = Snapshot(model)
+    composite = LayerMapComposite([(nn.Conv2d, Boom())], canonizers=[MergeBatchNorm(cache=False)])
+    with pytest.raises(RuntimeError, match="boom in backward"):
+        with composite.context(model):
+            x = sample(*shape).requires_grad_(True)
+            model(x).sum().backward()
+    snapshot.assert_restored(model)
+    assert model[0].bias is None
+
+
+def test_exception_in_the_probe_restores_the_model():
+    factory, _ = SIMPLE_CASES["conv2d-bn2d"]
+    model = factory()
+    snapshot = Snapshot(model)
+    with pytest.raises(RuntimeError):
+        with merge_only().context(model):
+            model(sample(1, 5, 5, 5))  # wrong number of channels
+    snapshot.assert_restored(model)
+
+
+def test_failure_while_merging_undoes_the_partial_merge(monkeypatch):
+    from lrpkit.canonizers import batchnorm
+
+    model = randomized(SharedNorm())
+    snapshot = Snapshot(model)
+
+    def failing_swap(model: nn.Module, norm: nn.Module):
+        raise RuntimeError("swap failed")
+
+    monkeypatch.setattr(batchnorm, "_swap_for_identity", failing_swap)
+    with pytest.raises(RuntimeError, match="swap failed"):
+        NamedMergeBatchNorm([("conv_a", "bn"), ("conv_b", "bn")]).apply(model)
+    snapshot.assert_restored(model)
+
+
+# --------------------------------------------------------------------------------------------
+# NamedMergeBatchNorm
+# --------------------------------------------------------------------------------------------
+
+
+def test_named_merge_is_exact_and_immediate():
+    model, x = randomized(RegisteredBackwards()), sample(2, 2, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+    snapshot = Snapshot(model)
+    (handle,) = NamedMergeBatchNorm([("conv", "bn")]).apply(model)
+    assert isinstance(model.bn, nn.Identity) and handle.pairs == [("conv", "bn")]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0.0, atol=ATOL)
+    handle.remove()
+    snapshot.assert_restored(model)
+
+
+@pytest.mark.parametrize(
+    "pairs, error, pattern",
+    [
+        ([("conv", "nope")], KeyError, "'nope'"),
+        ([("missing.conv", "bn")], KeyError, "'missing.conv'"),
+        ([("bn", "conv")], TypeError, "module 'bn' is a BatchNorm2d, not one of Conv1d"),
+        ([("conv", "act")], TypeError, "module 'act' is a ReLU, not a BatchNorm"),
+        ([("conv", "bn"), ("conv", "bn")], ValueError, "layer 'conv' is named in more than one pair"),
+    ],
+)
+def test_named_merge_errors_name_the_module(pairs, error, pattern):
+    model = randomized(RegisteredBackwards())
+    snapshot = Snapshot(model)
+    with pytest.raises(error, match=re.escape(pattern)):
+        NamedMergeBatchNorm(pairs).apply(model)
+    snapshot.assert_restored(model)
+
+
+def test_named_merge_refuses_transposed_convs_wrong_channels_and_training():
+    model = randomized(
+        nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    )
+    snapshot = Snapshot(model)
+    with pytest.raises(TypeError, match=re.escape("module '0' is a ConvTranspose2d")):
+        NamedMergeBatchNorm([("0", "1")]).apply(model)
+    with pytest.raises(ValueError, match="4 output channels but the BatchNorm normalizes 3"):
+        NamedMergeBatchNorm([("2", "1")]).apply(model)
+    model[3].train()
+    with pytest.raises(ValueError, match=re.escape("module '3' (BatchNorm2d) is in training mode")):
+        NamedMergeBatchNorm([("2", "3")]).apply(model)
+    model.eval()
+    snapshot.assert_restored(model)
+
+
+def test_named_merge_wants_pairs_of_names():
+    with pytest.raises(TypeError, match="tuple of two strings"):
+        NamedMergeBatchNorm([(["conv"], "bn")])
+
+
+def test_named_merge_is_all_or_nothing():
+    model = randomized(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(3)))
+    snapshot = Snapshot(model)
+    with pytest.raises(ValueError):
+        NamedMergeBatchNorm([("0", "1"), ("2", "3")]).apply(model)
+    snapshot.assert_restored(model)
+
+
+def test_default_canonizers_merge_batchnorm():
+    canonizers = default_canonizers()
+    assert len(canonizers) == 1 and isinstance(canonizers[0], MergeBatchNorm)
+    assert repr(canonizers[0]) == "MergeBatchNorm()"
