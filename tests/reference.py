@@ -184,21 +184,26 @@ def _bias(layer: DenseLayer, zero_params) -> Tensor:
     return torch.zeros_like(layer.bias) if zero_bias_requested(zero_params) else layer.bias
 
 
-def _masked(den: Tensor, mask: Tensor | None = None, magnitude: Tensor | None = None) -> Tensor:
+def _masked(
+    den: Tensor, mask: Tensor | None = None, magnitude: Tensor | None = None, terms: Tensor | None = None
+) -> Tensor:
     """Conditioning of a denominator where it matters, ``inf`` elsewhere.
 
     Returns ``|den| / magnitude`` with ``magnitude`` the sum of the absolute values of the
-    terms that add up to ``den``; rounding changes ``den`` by about ``1e-16 * magnitude``, so
-    this ratio bounds the relative rounding error of ``R / den`` (and decides whether the sign
-    of ``den`` is reliable). ``mask`` selects where the denominator is used. Where every term
-    is exactly zero (``magnitude == 0``, e.g. an all-zero receptive field) ``den`` is exactly
-    zero in every implementation and all contributions through it are exactly zero, so it is
-    harmless (``stab(0) = eps``) and reported as ``inf``.
+    terms that add up to ``den`` (plus any value an implementation may reasonably add and
+    subtract again, e.g. the real bias when it computes ``z - b``); rounding changes ``den`` by
+    about ``1e-16 * magnitude``, so this ratio bounds the relative rounding error of ``R / den``
+    (and decides whether the sign of ``den`` is reliable). ``mask`` selects where the
+    denominator is used. Where every term is exactly zero (``terms == 0``, default
+    ``magnitude``; e.g. an all-zero receptive field) every contribution through ``den`` is
+    exactly zero whatever ``den`` is, so it is harmless and reported as ``inf``.
     """
     keep = torch.ones_like(den, dtype=torch.bool) if mask is None else mask.clone()
     if magnitude is None:
         magnitude = torch.ones_like(den)
-    keep &= magnitude != 0
+    if terms is None:
+        terms = magnitude
+    keep &= terms != 0
     ratio = den.abs() / torch.where(magnitude != 0, magnitude, torch.ones_like(magnitude))
     return torch.where(keep, ratio, torch.full_like(den, math.inf))
 
@@ -225,7 +230,10 @@ def epsilon(layer: DenseLayer, a: Tensor, R: Tensor, epsilon: float = 1e-6, zero
     W, b = layer.weight, _bias(layer, zero_params)
     z = a @ W.T + b
     s = R / stab(z, epsilon)
-    return ReferenceResult(a * _vjp(layer, s, W), [_masked(z, magnitude=_magnitude((a, W), bias=b))])
+    terms = _magnitude((a, W), bias=b)
+    # an implementation may get the bias-free z as (real output) - b: budget |b_real| for it
+    risky = _masked(z, magnitude=terms + layer.bias.abs(), terms=terms)
+    return ReferenceResult(a * _vjp(layer, s, W), [risky])
 
 
 def zplus(layer: DenseLayer, a: Tensor, R: Tensor, stabilizer: float = 1e-6, zero_params=None) -> ReferenceResult:

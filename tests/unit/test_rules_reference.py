@@ -130,7 +130,7 @@ LAYER_CASES = [
     LayerCase("conv2d-depthwise-x2-nobias", lambda: nn.Conv2d(3, 6, 3, groups=3, bias=False), (3, 5, 5)),
     # non-zero padding modes and string padding take lrpkit's generic (vjp) path
     LayerCase("conv2d-circular-p1", lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), (3, 5, 5)),
-    LayerCase("conv1d-same-nobias", lambda: nn.Conv1d(2, 3, 4, padding="same", bias=False), (2, 7)),
+    LayerCase("conv1d-same-dil2-nobias", lambda: nn.Conv1d(2, 3, 3, padding="same", dilation=2, bias=False), (2, 7)),
     LayerCase("conv3d", lambda: nn.Conv3d(2, 3, 2), (2, 4, 4, 4)),
     LayerCase("conv3d-s2p1-nobias", lambda: nn.Conv3d(2, 3, 3, stride=2, padding=1, bias=False), (2, 5, 5, 5)),
     LayerCase("convT1d", lambda: nn.ConvTranspose1d(3, 4, 3), (3, 5)),
@@ -159,6 +159,10 @@ class RuleCase:
             shape = layer_case.channel_shape()
             kwargs["low"] = (-4.0 - torch.linspace(0.0, 1.0, n, dtype=DTYPE)).reshape(shape)
             kwargs["high"] = (4.0 + torch.linspace(0.0, 2.0, n, dtype=DTYPE)).reshape(shape)
+        elif kwargs.get("low") == "element":  # one bound per input element of a sample
+            n = math.prod(layer_case.in_shape)
+            kwargs["low"] = (-5.0 + torch.linspace(0.0, 1.0, n, dtype=DTYPE)).reshape(layer_case.in_shape)
+            kwargs["high"] = (4.0 + torch.linspace(0.0, 2.0, n, dtype=DTYPE)).reshape(layer_case.in_shape)
         return kwargs
 
 
@@ -184,6 +188,7 @@ EXTRA_RULE_CASES = [
     RuleCase("alpha2beta1-stab0.1", "AlphaBeta", {"alpha": 2, "beta": 1, "stabilizer": 0.1}),
     RuleCase("gamma0.25-stab0.1", "Gamma", {"gamma": 0.25, "stabilizer": 0.1}),
     RuleCase("zbox-0-3", "ZBox", {"low": 0.0, "high": 3.0}),
+    RuleCase("zbox-element", "ZBox", {"low": "element", "high": "element"}),
     RuleCase("flat-stab0.1", "Flat", {"stabilizer": 0.1}),
 ]
 EXTRA_LAYER_IDS = ["linear", "linear-3d", "conv1d-s2p1-nobias", "conv2d-groups2-s2p1", "conv3d", "convT2d"]
