@@ -222,7 +222,7 @@ def run_demo(
     lrpkit demo: wrote .../demo.png
     ...
     """
-    from lrpkit.digits import load_digits_tensors, pretrained_cnn
+    from lrpkit.digits import cpu_threads, load_digits_tensors, pretrained_cnn
 
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}")
@@ -230,7 +230,8 @@ def run_demo(
     _, _, x_test, y_test = load_digits_tensors()
     x, labels = x_test[:n_samples], y_test[:n_samples]
 
-    explanations = explain_all(model, x)
+    with cpu_threads(1):  # tiny tensors: one thread is fastest, and robust on a busy CPU
+        explanations = explain_all(model, x)
     path = Path(out_path if out_path is not None else DEFAULT_OUT).expanduser().resolve()
     save_png(render(x, labels, explanations), path)
     _report(path, explanations, stream if stream is not None else sys.stdout)

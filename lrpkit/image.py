@@ -195,7 +195,8 @@ def normalize(relevance: ArrayLike, symmetric: bool = True) -> np.ndarray:
     Returns
     -------
     np.ndarray
-        Float64 values in [0, 1]. A constant map gives 0.5 (symmetric with all zeros) or 0.
+        Float64 values in [0, 1]. An all-zero map, and in absolute mode any constant map,
+        gives 0.5 everywhere (the neutral centre), never NaN.
 
     Examples
     --------
@@ -212,8 +213,8 @@ def normalize(relevance: ArrayLike, symmetric: bool = True) -> np.ndarray:
         scaled = values / bound if bound > 0 else np.zeros_like(values)
         return (scaled + 1.0) / 2.0
     low, high = values.min(initial=np.inf), values.max(initial=-np.inf)
-    if not high > low:
-        return np.zeros_like(values) if values.size == 0 or low != 0 else np.full_like(values, 0.5)
+    if not high > low:  # constant (or empty): the neutral centre of the map
+        return np.full_like(values, 0.5)
     return (values - low) / (high - low)
 
 

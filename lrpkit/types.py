@@ -32,7 +32,7 @@ Linear: tuple[type[nn.Module], ...] = (nn.Linear,)
 #: Every layer of the form ``z = W a + b``: dense layers and convolutions.
 AnyLinear: tuple[type[nn.Module], ...] = Linear + Convolution
 #: Batch normalisation layers.
-BatchNorm: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BatchNorm: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 #: Average (sum-like) pooling layers.
 AvgPool: tuple[type[nn.Module], ...] = (
     nn.AvgPool1d,
