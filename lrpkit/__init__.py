@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import attribution, canonizers, composites, rules, types
+from . import attribution, captured, canonizers, composites, rules, types
 from .attribution import Attribution, Gradient, Target
 from .composites import Composite
+from .report import Description, describe
 
 __version__ = "0.1.0"
 
@@ -61,10 +62,13 @@ def explain(
 __all__ = [
     "Attribution",
     "Composite",
+    "Description",
     "Gradient",
     "attribution",
     "canonizers",
+    "captured",
     "composites",
+    "describe",
     "explain",
     "rules",
     "types",

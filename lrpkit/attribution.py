@@ -205,7 +205,7 @@ class Gradient:
     --------
     >>> import torch
     >>> from lrpkit import composites
-    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False))
     >>> result = Gradient(model, composites.EpsilonPlus())(torch.rand(1, 3), target=1)
     >>> torch.allclose(result.relevance.sum(), result.output[0, 1], atol=1e-4)
     True

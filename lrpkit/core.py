@@ -15,14 +15,14 @@ in-place change of a saved tensor raises instead of giving silently wrong number
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .ops import LayerOps, Params, hooks_are_suspended, layer_ops
+from .ops import LayerOps, Params, hooks_are_suspended, hooks_suspended, layer_ops
 
 
 @dataclass
@@ -100,10 +100,11 @@ class Session:
 
 
 RuleChoice = Callable[[nn.Module], "Rule | None"]
+OpsFactory = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], tuple[int, ...]], LayerOps]
 
 
 @dataclass
-class _PendingCall:
+class PendingCall:
     """What the forward hook hands to the autograd Function for one call."""
 
     name: str
@@ -114,14 +115,14 @@ class _PendingCall:
     kwargs: dict[str, Any]
     input_positions: tuple[int, ...]
     output: Tensor | None = None
-    shapes: list[torch.Size] = field(default_factory=list)
+    ops_factory: OpsFactory = layer_ops
 
 
 class _RelevanceFunction(torch.autograd.Function):
     """Hands a module's output through; its backward is the rule."""
 
     @staticmethod
-    def forward(ctx: Any, pending: _PendingCall, *inputs: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, pending: PendingCall, *inputs: Tensor) -> Tensor:  # type: ignore[override]
         output = pending.output
         assert output is not None
         pending.output = None  # the autograd node below holds it from here on
@@ -132,7 +133,7 @@ class _RelevanceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        pending: _PendingCall = ctx.pending
+        pending: PendingCall = ctx.pending
         where = f"'{pending.name}' ({type(pending.module).__name__})"
         pending.session.require_active(where)
         saved = ctx.saved_tensors
@@ -147,7 +148,7 @@ class _RelevanceFunction(torch.autograd.Function):
             module=pending.module,
             inputs=inputs,
             output=output,
-            ops=layer_ops(pending.module, tuple(args), pending.kwargs, pending.input_positions),
+            ops=pending.ops_factory(pending.module, tuple(args), pending.kwargs, pending.input_positions),
         )
         with torch.no_grad():
             result = pending.rule.relevance(call, relevance)
@@ -213,17 +214,23 @@ class RuleHook:
                 "module with a single tensor output. Map this module to no rule (None) and put "
                 "rules on its children instead."
             )
-        pending = _PendingCall(
-            name=self.name,
-            module=module,
-            rule=rule,
-            session=self.session,
-            args=tuple(arg.detach() if isinstance(arg, Tensor) else arg for arg in args),
-            kwargs=kwargs,
-            input_positions=positions,
-            output=output.detach(),
-        )
-        return _RelevanceFunction.apply(pending, *(args[index] for index in positions))
+        with hooks_suspended():  # nothing below is part of the model's computation
+            pending = PendingCall(
+                name=self.name,
+                module=module,
+                rule=rule,
+                session=self.session,
+                args=tuple(arg.detach() if isinstance(arg, Tensor) else arg for arg in args),
+                kwargs=kwargs,
+                input_positions=positions,
+                output=output.detach(),
+            )
+            return route(pending, tuple(args[index] for index in positions))
+
+
+def route(pending: PendingCall, inputs: tuple[Tensor, ...]) -> Tensor:
+    """Hand ``pending.output`` on as a tensor whose backward applies ``pending.rule`` to ``inputs``."""
+    return _RelevanceFunction.apply(pending, *inputs)
 
 
 def attach(module: nn.Module, hook: RuleHook) -> RemovableHandle:

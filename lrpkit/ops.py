@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 Params = dict[str, Tensor]
@@ -98,16 +99,25 @@ def _generic_linearize(
     ops: LayerOps, inputs: Sequence[Tensor], params: Params
 ) -> tuple[Tensor, Transpose]:
     """Re-run the module with modified parameters and take input gradients with autograd."""
-    leaves = [tensor.detach().requires_grad_(True) for tensor in inputs]
+    leaves = _leaves(inputs)
     args = list(ops.args)
     for position, leaf in zip(ops.input_positions, leaves):
         args[position] = leaf
     with torch.enable_grad(), hooks_suspended():
         output = torch.func.functional_call(ops.module, params, tuple(args), ops.kwargs)
+    return _autograd_linearization(output, leaves, type(ops.module).__name__)
+
+
+def _leaves(inputs: Sequence[Tensor]) -> list[Tensor]:
+    return [tensor.detach().requires_grad_(True) for tensor in inputs]
+
+
+def _autograd_linearization(output: Any, leaves: list[Tensor], what: str) -> tuple[Tensor, Transpose]:
+    """``output`` (detached) and the transposed product ``grad -> J^T grad`` for ``leaves``."""
     if not isinstance(output, Tensor):
         raise TypeError(
-            f"{type(ops.module).__name__} returned {type(output).__name__}; LRP rules need a "
-            "module with a single tensor output"
+            f"{what} returned {type(output).__name__}; LRP rules need a module with a single "
+            "tensor output"
         )
 
     def transpose(grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -119,6 +129,49 @@ def _generic_linearize(
         )
 
     return output.detach(), transpose
+
+
+class FunctionalOps(LayerOps):
+    """Forward and transposed product of one captured functional call (no parameters).
+
+    ``args`` are the call's flattened arguments (``torch.utils._pytree`` leaves of
+    ``(args, kwargs)``), ``input_positions`` index the leaves that receive relevance, and
+    ``spec`` rebuilds the call. Every other tensor argument (parameters, gates, divisors) is a
+    constant of the linearisation.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        input_positions: tuple[int, ...],
+        func: Callable[..., Any],
+        spec: pytree.TreeSpec,
+    ) -> None:
+        super().__init__(module, args, kwargs, input_positions)
+        self.func = func
+        self.spec = spec
+
+    def params(self) -> Params:
+        return {}
+
+    def arguments(self, inputs: Sequence[Tensor] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's ``(args, kwargs)``, with ``inputs`` in place of the relevance inputs if given."""
+        leaves = list(self.args)
+        for position, tensor in zip(self.input_positions, inputs or ()):
+            leaves[position] = tensor
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return tuple(args), dict(kwargs)
+
+    def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
+        leaves = _leaves(inputs)
+        args, kwargs = self.arguments(leaves)
+        with torch.enable_grad(), hooks_suspended():
+            output = self.func(*args, **kwargs)
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            output = output[0]
+        return _autograd_linearization(output, leaves, f"captured call {getattr(self.module, 'name', '')!r}")
 
 
 class DenseOps(LayerOps):

@@ -29,13 +29,16 @@ torch.Size([1, 4])
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .core import LayerCall, Rule
-from .ops import Params
+from .ops import FunctionalOps, Params, hooks_suspended
 
 Relevances = tuple[Tensor | None, ...]
 ZeroParams = str | Sequence[str] | None
@@ -450,6 +453,224 @@ class Norm(Rule):
         return tuple(_times(call.inputs, call.ops.transpose(call.inputs, params, scaled)))
 
 
+class Product(Rule):
+    """Relevance of a product split equally among the factors that carry it.
+
+    ``R_k = a_k J_k^T (R / stab(z)) / n`` for the ``n`` factors that receive relevance, ``z`` the
+    real output. For a product that is linear in each factor (``x * y``, ``A @ V``) every term
+    ``a_k J_k^T`` reproduces ``z``, so the split conserves relevance: this is the uniform rule
+    for multiplications of AttnLRP (Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise
+    Relevance Propagation for Transformers", ICML 2024). With one factor (the others being
+    gates, parameters or divisors, held constant by the capture) it is the epsilon rule of the
+    resulting linear map, and all relevance goes to the signal.
+
+    Parameters
+    ----------
+    stabilizer
+        Added to the denominator with its sign; must be ``>= 0``.
+    """
+
+    needs_output = True
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        _check_nonnegative("stabilizer", stabilizer)
+        self.stabilizer = float(stabilizer)
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        assert call.output is not None
+        scaled = divide(relevance, call.output, self.stabilizer)
+        shares = _times(call.inputs, call.ops.transpose(call.inputs, call.params(), scaled))
+        return tuple(share / len(shares) for share in shares)
+
+
+class LayerNormConstant(Rule):
+    """Layer normalisation with its standard deviation held constant (CP-LRP).
+
+    ``y = gamma (x - mean(x)) / sigma + beta`` is linear in ``x`` once ``sigma`` is a constant;
+    the epsilon rule of that linear map gives ``R_x = x (g - mean(g))`` with
+    ``g = gamma R / (sigma stab(y))``, which conserves relevance when ``beta = 0`` (Ali et al.,
+    "XAI for Transformers: Better Explanations through Conservative Propagation", ICML 2022;
+    used by AttnLRP, Achtibat et al. 2024).
+
+    Works on a captured ``F.layer_norm`` call (the default for it) and on an ``nn.LayerNorm``
+    module.
+
+    Parameters
+    ----------
+    stabilizer
+        Added to the denominator with its sign; must be ``>= 0``.
+    """
+
+    needs_output = True
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        _check_nonnegative("stabilizer", stabilizer)
+        self.stabilizer = float(stabilizer)
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        assert call.output is not None
+        shape, weight, eps = _layer_norm_setup(call)
+        (x,) = call.inputs
+        dims = tuple(range(-len(shape), 0))
+        sigma = torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+        scaled = divide(relevance, call.output, self.stabilizer) / sigma
+        if weight is not None:
+            scaled = scaled * weight
+        return (x * (scaled - scaled.mean(dims, keepdim=True)),)
+
+
+def _layer_norm_setup(call: LayerCall) -> tuple[tuple[int, ...], Tensor | None, float]:
+    """``(normalized_shape, weight, eps)`` of a captured ``layer_norm`` call or an ``nn.LayerNorm``."""
+    if type(call.module) is torch.nn.LayerNorm and len(call.inputs) == 1:
+        norm = call.module
+        weight = None if norm.weight is None else norm.weight.detach()
+        return tuple(norm.normalized_shape), weight, float(norm.eps)
+    if isinstance(call.ops, FunctionalOps) and getattr(call.module, "op", None) == "layer_norm":
+        bound = _bind(torch.nn.functional.layer_norm, call.ops.arguments(call.inputs))
+        shape = bound.get("normalized_shape")
+        weight = bound.get("weight")
+        return tuple(shape), weight, float(bound.get("eps", 1e-5))
+    raise TypeError(
+        f"LayerNormConstant explains a captured F.layer_norm call or an nn.LayerNorm module; "
+        f"{call.describe()} is neither. Leave the module without a rule: FunctionalCapture then "
+        "captures the layer_norm call inside it"
+    )
+
+
+def _bind(func: Callable[..., object], arguments: tuple[tuple[object, ...], dict[str, object]]) -> dict[str, Any]:
+    """The call's arguments by parameter name (defaults filled in)."""
+    args, kwargs = arguments
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+class AttentionValue(Rule):
+    """Attention explained through its value path, the attention weights held constant (CP-LRP).
+
+    With the softmax output ``A`` fixed, ``out = W_o (A (W_v v + b_v)) + b_o`` is linear in the
+    value input, and the epsilon rule of that map gives the value's relevance; queries and keys
+    receive none (Ali et al., "XAI for Transformers: Better Explanations through Conservative
+    Propagation", ICML 2022). Conserves relevance when the projection biases are zero.
+
+    Works on captured ``F.scaled_dot_product_attention`` and ``F.multi_head_attention_forward``
+    calls (what ``nn.MultiheadAttention`` runs); their value input is the only relevance input.
+
+    Parameters
+    ----------
+    stabilizer
+        Added to the denominator with its sign; must be ``>= 0``.
+    """
+
+    needs_output = True
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        _check_nonnegative("stabilizer", stabilizer)
+        self.stabilizer = float(stabilizer)
+
+    def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
+        assert call.output is not None
+        value_map = _value_map(call)
+        (value,) = call.inputs
+        leaf = value.detach().requires_grad_(True)
+        with torch.enable_grad():
+            output = value_map(leaf)
+        scaled = divide(relevance, call.output, self.stabilizer)
+        (gradient,) = torch.autograd.grad(output, leaf, scaled)
+        return (value * gradient,)
+
+
+def _value_map(call: LayerCall) -> Callable[[Tensor], Tensor]:
+    """The attention call as a function of its value input, the attention weights fixed."""
+    op = getattr(call.module, "op", None)
+    if not isinstance(call.ops, FunctionalOps) or len(call.inputs) != 1:
+        op = None
+    if op == "scaled_dot_product_attention":
+        return _sdpa_value_map(_bind(_sdpa_signature, call.ops.arguments()))
+    if op == "multi_head_attention_forward":
+        return _mha_value_map(_bind(torch.nn.functional.multi_head_attention_forward, call.ops.arguments()), call)
+    raise TypeError(
+        f"AttentionValue explains captured scaled_dot_product_attention and "
+        f"multi_head_attention_forward calls; {call.describe()} is neither"
+    )
+
+def _sdpa_signature(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> None:
+    """The signature of ``F.scaled_dot_product_attention`` (a builtin, not inspectable)."""
+
+
+def _attention_weights(query: Tensor, key: Tensor, mask: Tensor | None, causal: bool, scale: float | None) -> Tensor:
+    """``softmax(q k^T * scale + mask)`` as ``F.scaled_dot_product_attention`` computes it."""
+    factor = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = query @ key.transpose(-2, -1) * factor
+    if causal:
+        length, source = scores.shape[-2:]
+        allowed = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.softmax(scores, dim=-1)
+
+
+def _sdpa_value_map(bound: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    if bound["dropout_p"] or bound["enable_gqa"]:
+        raise NotImplementedError(
+            "AttentionValue needs scaled_dot_product_attention without dropout and without "
+            "enable_gqa; call the model in eval() mode"
+        )
+    weights = _attention_weights(
+        bound["query"], bound["key"], bound["attn_mask"], bound["is_causal"], bound["scale"]
+    )
+    return lambda value: weights @ value
+
+
+def _mha_value_map(bound: dict[str, Any], call: LayerCall) -> Callable[[Tensor], Tensor]:
+    """``multi_head_attention_forward`` as an affine map of ``value`` (sequence-first layout)."""
+    unsupported = [
+        name
+        for name in ("bias_k", "bias_v", "static_k", "static_v")
+        if bound.get(name) is not None
+    ] + [name for name in ("add_zero_attn",) if bound.get(name)]
+    if unsupported or (bound["training"] and bound["dropout_p"]):
+        raise NotImplementedError(
+            f"AttentionValue does not support {', '.join(unsupported) or 'dropout in training mode'} "
+            f"in {call.describe()}; map that call to None (plain gradient) or call model.eval()"
+        )
+    query = bound["query"]
+    batched = query.dim() == 3
+    heads = int(bound["num_heads"])
+    with torch.no_grad(), hooks_suspended():
+        arguments = {**bound, "need_weights": True, "average_attn_weights": False, "training": False}
+        _, weights = torch.nn.functional.multi_head_attention_forward(**arguments)
+    embed = query.shape[-1]
+    if bound["use_separate_proj_weight"]:
+        weight = bound["v_proj_weight"]
+    else:
+        weight = bound["in_proj_weight"][2 * embed :]
+    bias = None if bound["in_proj_bias"] is None else bound["in_proj_bias"][2 * embed :]
+    out_weight, out_bias = bound["out_proj_weight"], bound["out_proj_bias"]
+
+    def value_map(value_input: Tensor) -> Tensor:
+        values = value_input if batched else value_input.unsqueeze(1)
+        source, batch = values.shape[:2]
+        projected = torch.nn.functional.linear(values, weight, bias)
+        per_head = projected.reshape(source, batch * heads, -1).transpose(0, 1)
+        mixed = weights.reshape(batch * heads, -1, source) @ per_head
+        merged = mixed.transpose(0, 1).reshape(-1, batch, embed)
+        output = torch.nn.functional.linear(merged, out_weight, out_bias)
+        return output if batched else output.squeeze(1)
+
+    return value_map
+
+
 class _ElementwiseRule(Rule):
     """Rules for element-wise modules: one input of the output's shape."""
 
@@ -496,13 +717,16 @@ class Deconvnet(_ElementwiseRule):
 
 __all__ = [
     "AlphaBeta",
+    "AttentionValue",
     "Deconvnet",
     "Epsilon",
     "Flat",
     "Gamma",
     "GuidedBackprop",
+    "LayerNormConstant",
     "Norm",
     "Pass",
+    "Product",
     "Rule",
     "WSquare",
     "ZBox",

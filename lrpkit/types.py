@@ -1,7 +1,8 @@
 """Abstract module groups used by composites to choose a rule per module type.
 
 Each group is a tuple of ``torch.nn`` classes, so ``isinstance(module, group)`` works directly,
-and groups can be combined with ``+``.
+and groups can be combined with ``+``. Groups include the matching kinds of captured functional
+calls (:mod:`lrpkit.captured`), so a rule mapped to ``types.Activation`` also reaches ``F.relu``.
 
 Examples
 --------
@@ -16,6 +17,8 @@ True
 from __future__ import annotations
 
 from torch import nn
+
+from . import captured
 
 #: Standard (forward) convolutions.
 ConvolutionStandard: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,7 +36,7 @@ Linear: tuple[type[nn.Module], ...] = (nn.Linear,)
 AnyLinear: tuple[type[nn.Module], ...] = Linear + Convolution
 #: Batch normalisation layers.
 BatchNorm: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-#: Average (sum-like) pooling layers.
+#: Average (sum-like) pooling layers, and captured sums and means.
 AvgPool: tuple[type[nn.Module], ...] = (
     nn.AvgPool1d,
     nn.AvgPool2d,
@@ -41,8 +44,9 @@ AvgPool: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,
+    captured.Pool,
 )
-#: Max pooling layers (explained by their gradient: relevance goes to the winner).
+#: Max pooling layers and captured maxima (explained by their gradient: relevance goes to the winner).
 MaxPool: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d,
     nn.MaxPool2d,
@@ -50,8 +54,9 @@ MaxPool: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
+    captured.MaxPool,
 )
-#: Element-wise activation modules.
+#: Element-wise activation modules, and captured activation calls (``F.relu``, ``torch.tanh``, ...).
 Activation: tuple[type[nn.Module], ...] = (
     nn.CELU,
     nn.ELU,
@@ -76,7 +81,10 @@ Activation: tuple[type[nn.Module], ...] = (
     nn.Tanh,
     nn.Tanhshrink,
     nn.Threshold,
+    captured.Activation,
 )
+#: Additions of tensors: captured ``x + y``, ``x - y`` and ``torch.add`` calls.
+Sum: tuple[type[nn.Module], ...] = (captured.Add,)
 
 __all__ = [
     "Activation",
@@ -88,4 +96,5 @@ __all__ = [
     "ConvolutionTranspose",
     "Linear",
     "MaxPool",
+    "Sum",
 ]

@@ -9,28 +9,33 @@ Examples
 
 from __future__ import annotations
 
-from .base import CallbackHandle, Canonizer, CompositeCanonizer, Handle, undo_all
+from .base import CallbackHandle, Canonizer, CompositeCanonizer, Handle, RuleBinding, undo_all
 from .batchnorm import MergeBatchNorm, MergeHandle, NamedMergeBatchNorm, find_batchnorm_pairs
+from .functional import FunctionalCapture, default_op_rules
 
 
 def default_canonizers() -> list[Canonizer]:
     """The canonizers every composite uses when ``canonizers`` is not given.
 
-    :class:`MergeBatchNorm`: every ``Conv/Linear -> BatchNorm`` pair the model executes is merged
-    (``FunctionalCapture`` joins it later).
+    :class:`MergeBatchNorm` merges every ``Conv/Linear -> BatchNorm`` pair the model executes;
+    :class:`FunctionalCapture` names the functional calls (``x + y``, ``torch.relu``, ...) and
+    gives them rules.
     """
-    return [MergeBatchNorm()]
+    return [MergeBatchNorm(), FunctionalCapture()]
 
 
 __all__ = [
     "CallbackHandle",
     "Canonizer",
     "CompositeCanonizer",
+    "FunctionalCapture",
     "Handle",
     "MergeBatchNorm",
     "MergeHandle",
     "NamedMergeBatchNorm",
+    "RuleBinding",
     "default_canonizers",
+    "default_op_rules",
     "find_batchnorm_pairs",
     "undo_all",
 ]

@@ -8,9 +8,12 @@ handle on an undo stack as soon as it exists, so a failure anywhere restores the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from torch import nn
+
+from ..core import Rule, Session
 
 
 @runtime_checkable
@@ -33,6 +36,25 @@ class CallbackHandle:
             undo()
 
 
+@dataclass
+class RuleBinding:
+    """What a composite tells the canonizers that place rules themselves (functional capture).
+
+    Attributes
+    ----------
+    rule_for
+        ``(name, module) -> Rule | None``: the composite's choice for a name and a (pseudo-)module.
+    hooked
+        The modules that carry a rule hook (their inner calls belong to their rule).
+    session
+        The composite's registration (to refuse a backward after the context closed).
+    """
+
+    rule_for: Callable[[str, nn.Module], Rule | None]
+    hooked: "set[int]"
+    session: Session
+
+
 class Canonizer:
     """Base class of canonizers: ``apply(model)`` changes the model and returns undo handles.
 
@@ -41,6 +63,14 @@ class Canonizer:
 
     def apply(self, model: nn.Module) -> list[Handle]:
         raise NotImplementedError
+
+    def bind(self, model: nn.Module, binding: RuleBinding) -> list[Handle]:
+        """Learn the composite's rules after they are attached (for canonizers that place rules)."""
+        return []
+
+    def explains(self, module: nn.Module) -> bool:
+        """Whether this canonizer gives ``module``'s computation rules, so it needs no rule of its own."""
+        return False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -79,6 +109,19 @@ class CompositeCanonizer(Canonizer):
             undo_all(handles)
             raise
         return handles
+
+    def bind(self, model: nn.Module, binding: RuleBinding) -> list[Handle]:
+        handles: list[Handle] = []
+        try:
+            for canonizer in self.canonizers:
+                handles.extend(canonizer.bind(model, binding))
+        except BaseException:
+            undo_all(handles)
+            raise
+        return handles
+
+    def explains(self, module: nn.Module) -> bool:
+        return any(canonizer.explains(module) for canonizer in self.canonizers)
 
     def __repr__(self) -> str:
         return f"CompositeCanonizer({self.canonizers!r})"

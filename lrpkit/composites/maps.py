@@ -28,7 +28,7 @@ from typing import Any, Union
 
 from torch import nn
 
-from ..canonizers import Canonizer, CompositeCanonizer, default_canonizers
+from ..canonizers import Canonizer, CompositeCanonizer, RuleBinding, default_canonizers
 from ..core import Rule, RuleChoice, RuleHook, Session, attach
 
 Ctx = dict[str, Any]
@@ -93,6 +93,7 @@ class Composite:
         self.canonizers = default_canonizers() if canonizers is None else list(canonizers)
         self.strict = strict
         self._registration: tuple[ExitStack, Session] | None = None
+        self._choices: dict[int, RuleChoice] = {}
 
     def module_map(self, ctx: Ctx, name: str, module: nn.Module) -> Choice:
         """The rule for ``module`` called ``name`` (``None``: plain gradient)."""
@@ -132,10 +133,18 @@ class Composite:
         session = Session()
         try:
             self._claim(model, stack, session)
-            handles = CompositeCanonizer(self.canonizers).apply(model)
-            for handle in handles:
+            canonizer = CompositeCanonizer(self.canonizers)
+            for handle in canonizer.apply(model):
                 stack.callback(handle.remove)
-            self._attach_rules(model, stack, session)
+            ctx: Ctx = {}
+            self._attach_rules(model, ctx, canonizer, stack, session)
+            binding = RuleBinding(
+                rule_for=lambda name, op: _resolve(self.module_map(ctx, name, op), op),
+                hooked=set(self._choices),
+                session=session,
+            )
+            for handle in canonizer.bind(model, binding):
+                stack.callback(handle.remove)
             _disable_inplace(model, stack)
         except BaseException:
             stack.close()
@@ -154,16 +163,25 @@ class Composite:
         _MODULES_IN_CONTEXT.update(modules)
         stack.callback(_release, modules, session)
 
-    def _attach_rules(self, model: nn.Module, stack: ExitStack, session: Session) -> None:
-        ctx: Ctx = {}
+    def rule_of(self, module: nn.Module) -> Rule | None:
+        """The rule the registered composite gives ``module`` (``None``: no rule hook)."""
+        choose = self._choices.get(id(module))
+        return None if choose is None else choose(module)
+
+    def _attach_rules(
+        self, model: nn.Module, ctx: Ctx, canonizer: Canonizer, stack: ExitStack, session: Session
+    ) -> None:
         uncovered = []
+        self._choices = {}
+        stack.callback(self._choices.clear)
         for name, module in model.named_modules():
             choice = self.module_map(ctx, name, module)
             if choice is None:
-                if _has_own_parameters(module):
+                if _has_own_parameters(module) and not canonizer.explains(module):
                     uncovered.append(f"'{name}' ({type(module).__name__})")
                 continue
             choose: RuleChoice = choice if isinstance(choice, FirstLayerChoice) else _constant(choice)
+            self._choices[id(module)] = choose
             stack.callback(attach(module, RuleHook(name, choose, session)).remove)
         if uncovered and self.warn_uncovered:
             message = (
@@ -176,6 +194,10 @@ class Composite:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _resolve(choice: Choice, module: nn.Module) -> Rule | None:
+    return choice(module) if isinstance(choice, FirstLayerChoice) else choice
 
 
 def _constant(rule: Rule) -> RuleChoice:

@@ -63,9 +63,10 @@ def get(name: str, **kwargs: Any) -> Composite:
 
 
 def layer_map_base(stabilizer: float = 1e-6) -> list[tuple[Any, Any]]:
-    """The rules every preset shares: activations pass, average pools split proportionally."""
+    """The rules every preset shares: activations pass, sums and average pools split proportionally."""
     return [
         (types.Activation, Pass()),
+        (types.Sum, Norm(stabilizer=stabilizer)),
         (types.AvgPool, Norm(stabilizer=stabilizer)),
         (types.BatchNorm, Pass()),
     ]

@@ -686,7 +686,7 @@ def test_named_merge_is_all_or_nothing():
     snapshot.assert_restored(model)
 
 
-def test_default_canonizers_merge_batchnorm():
+def test_default_canonizers_merge_batchnorm_then_capture():
     canonizers = default_canonizers()
-    assert len(canonizers) == 1 and isinstance(canonizers[0], MergeBatchNorm)
+    assert [type(canonizer).__name__ for canonizer in canonizers] == ["MergeBatchNorm", "FunctionalCapture"]
     assert repr(canonizers[0]) == "MergeBatchNorm()"

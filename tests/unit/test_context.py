@@ -12,6 +12,7 @@ import lrpkit
 from lrpkit import composites, rules
 from lrpkit.attribution import Gradient
 from lrpkit.canonizers import CallbackHandle, Canonizer
+from lrpkit.core import RuleHook
 
 
 def small_cnn() -> nn.Module:
@@ -135,7 +136,8 @@ def test_register_and_remove() -> None:
     before, attributes = snapshot(model), attributes_of(model)
     composite = composites.EpsilonPlus()
     composite.register(model)
-    assert len(model[0]._forward_hooks) == 1
+    hooks = list(model[0]._forward_hooks.values())
+    assert sum(isinstance(hook, RuleHook) for hook in hooks) == 1
     composite.remove()
     composite.remove()  # idempotent
     assert_pristine(model, before, attributes)
@@ -164,11 +166,11 @@ def test_backward_outside_context_raises() -> None:
 
 
 def test_module_without_rule_warns_and_strict_raises() -> None:
-    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)).double()
-    with pytest.warns(composites.UncoveredModuleWarning, match=r"'1' \(LayerNorm\)"):
+    model = nn.Sequential(nn.Linear(3, 3), nn.GroupNorm(1, 3), nn.Linear(3, 2)).double()
+    with pytest.warns(composites.UncoveredModuleWarning, match=r"'1' \(GroupNorm\)"):
         with composites.EpsilonPlus().context(model):
             pass
-    with pytest.raises(ValueError, match=r"'1' \(LayerNorm\)"):
+    with pytest.raises(ValueError, match=r"'1' \(GroupNorm\)"):
         with composites.EpsilonPlus(strict=True).context(model):
             pass
     assert len(model[0]._forward_hooks) == 0

@@ -1,0 +1,455 @@
+"""Capture functional calls (``x + y``, ``torch.relu``, ``torch.cat``, ...) so rules can reach them.
+
+LRP attaches rules to modules, but models compute much of their graph with plain function
+calls: the residual ``out += identity`` of a ResNet, ``F.relu`` and ``torch.flatten`` in a
+``forward``, the gate of a squeeze-and-excitation block, attention. Left alone, relevance flows
+through those calls as a plain gradient, which for an addition ``h + f(h)`` sends the full
+relevance down *both* branches and doubles it. :class:`FunctionalCapture` sees every such call
+while the model runs and gives it a rule:
+
+* a ``torch.overrides.TorchFunctionMode`` is active during the model's forward pass, and module
+  pre/post hooks keep the path of the module currently running;
+* calls made inside a module that carries a rule belong to that rule and are left alone; every
+  other call on activations gets a stable name (``layer1.0.add``, ``features.relu_2``; see
+  :mod:`lrpkit.captured`) and a pseudo-module of its kind, which composites match like modules;
+* the composite's rule for that name wins, otherwise the default of the kind applies:
+  additions and sums -> :class:`~lrpkit.rules.Norm`, activations -> :class:`~lrpkit.rules.Pass`,
+  averages -> ``Norm``, products -> :class:`~lrpkit.rules.Product` with gates (sigmoid, hard
+  sigmoid or softmax outputs), parameters and divisors held constant, ``layer_norm`` ->
+  :class:`~lrpkit.rules.LayerNormConstant`, attention -> :class:`~lrpkit.rules.AttentionValue`;
+  reshapes, concatenation, indexing, max pooling, softmax and unknown calls keep their gradient.
+
+In-place forms are made out-of-place while captured, so that no saved tensor is overwritten:
+augmented assignments (``out += identity``, recognised from the calling bytecode, where Python
+rebinds the name) and ``inplace=True`` arguments (``F.relu(x, inplace=True)``). An in-place
+*method* called for its side effect (``x.relu_()`` as a statement) is left in place and not
+captured; if it overwrites a tensor a rule saved, autograd raises instead of giving wrong numbers.
+
+Only calls made while the root module runs are captured, and nothing is added to the model.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> from lrpkit import composites
+>>> from lrpkit.attribution import Gradient
+>>> class Residual(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.linear = nn.Linear(4, 4, bias=False)
+...     def forward(self, x):
+...         return x + torch.relu(self.linear(x))
+>>> model = Residual()
+>>> x = torch.rand(1, 4)
+>>> output, relevance = Gradient(model, composites.EpsilonPlus())(x, target=0)
+>>> bool(torch.isclose(relevance.sum(), output[0, 0], rtol=1e-4))
+True
+"""
+
+from __future__ import annotations
+
+import dis
+import sys
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Literal
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from .. import captured
+from ..core import PendingCall, Rule, Session, route
+from ..ops import FunctionalOps, hooks_are_suspended, hooks_suspended
+from ..rules import AttentionValue, LayerNormConstant, Norm, Pass, Product
+from .base import CallbackHandle, Canonizer, Handle, RuleBinding, undo_all
+
+#: ``[(captured kinds, rule), ...]`` as in a layer map.
+OpRules = Sequence[tuple[Any, "Rule | None"]]
+Gate = Literal["signal", "uniform"]
+#: Observer of captured calls: ``(name, op, rule, output)``.
+Observer = Callable[[str, captured.CapturedOp, "Rule | None", Any], None]
+
+
+def default_op_rules(stabilizer: float = 1e-6) -> list[tuple[Any, Rule | None]]:
+    """The rules captured calls get when the composite gives them none."""
+    return [
+        (captured.Add, Norm(stabilizer)),
+        (captured.Pool, Norm(stabilizer)),
+        (captured.Activation, Pass()),
+        (captured.Product, Product(stabilizer)),
+        (captured.LayerNorm, LayerNormConstant(stabilizer)),
+        (captured.Attention, AttentionValue(stabilizer)),
+    ]
+
+
+#: Modules whose whole computation is explained by the rules of the calls they make.
+EXPLAINED_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.MultiheadAttention)
+
+
+class FunctionalCapture(Canonizer):
+    """Name every functional call on activations and give it a rule (see the module docstring).
+
+    Parameters
+    ----------
+    rules
+        ``[(kinds, rule), ...]`` tried before :func:`default_op_rules`, e.g.
+        ``[(captured.Product, None)]`` to keep the plain gradient through products. The
+        composite's own choice for a call (by name or type) comes first.
+    gate
+        How a product of several activations splits relevance: ``"signal"`` (default) holds a
+        factor produced by a sigmoid, hard sigmoid or softmax (or, failing that, the one factor
+        that is broadcast) constant, so the signal receives all relevance; ``"uniform"`` splits
+        it equally among all factors (AttnLRP's uniform rule).
+    """
+
+    def __init__(self, rules: OpRules | None = None, gate: Gate = "signal") -> None:
+        if gate not in ("signal", "uniform"):
+            raise ValueError(f"gate must be 'signal' or 'uniform', got {gate!r}")
+        self.rules = [*(rules or []), *default_op_rules()]
+        self.gate = gate
+        self._captures: weakref.WeakKeyDictionary[nn.Module, _Capture] = weakref.WeakKeyDictionary()
+
+    def apply(self, model: nn.Module) -> list[Handle]:
+        if model in self._captures:
+            raise RuntimeError(f"FunctionalCapture is already applied to {type(model).__name__}; remove it first")
+        capture = _Capture(self, model)
+        handles: list[Handle] = []
+        try:
+            handles.extend(capture.install())
+            self._captures[model] = capture
+            handles.append(CallbackHandle(lambda: self._captures.pop(model, None)))
+        except BaseException:
+            undo_all(handles)
+            raise
+        return handles
+
+    def bind(self, model: nn.Module, binding: RuleBinding) -> list[Handle]:
+        capture = self._captures.get(model)
+        if capture is None:
+            return []
+        capture.binding = binding
+        capture.rules.clear()
+        return [CallbackHandle(lambda: setattr(capture, "binding", None))]
+
+    def explains(self, module: nn.Module) -> bool:
+        """LayerNorm and MultiheadAttention modules, and containers: their calls are captured."""
+        return isinstance(module, EXPLAINED_MODULES) or any(True for _ in module.children())
+
+    def observe(self, model: nn.Module, observer: Observer) -> Handle:
+        """Call ``observer(name, op, rule, output)`` for every call captured on ``model``."""
+        capture = self._captures.get(model)
+        if capture is None:
+            raise RuntimeError("FunctionalCapture is not applied to this model; enter the composite's context first")
+        capture.observers.append(observer)
+        return CallbackHandle(lambda: capture.observers.remove(observer))
+
+    def ops(self, model: nn.Module) -> dict[str, captured.CapturedOp]:
+        """The calls captured on ``model`` so far, by name, in first-call order."""
+        capture = self._captures.get(model)
+        return dict(capture.ops) if capture is not None else {}
+
+    def __repr__(self) -> str:
+        return f"FunctionalCapture(gate={self.gate!r})"
+
+
+@dataclass
+class _Frame:
+    """A module that is running: its path, and whether a rule owns its inner calls."""
+
+    path: str
+    hooked: bool
+
+
+@dataclass
+class _Capture:
+    """The capture state of one model inside one context."""
+
+    owner: FunctionalCapture
+    model: nn.Module
+    binding: RuleBinding | None = None
+    ops: dict[str, captured.CapturedOp] = field(default_factory=dict)
+    rules: dict[str, Rule | None] = field(default_factory=dict)
+    observers: list[Observer] = field(default_factory=list)
+    frames: list[_Frame] = field(default_factory=list)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    entered: list[bool] = field(default_factory=list)
+    session: Session = field(default_factory=Session)
+
+    def __post_init__(self) -> None:
+        self.mode = _CaptureMode(self)
+        self.paths = {module: name for name, module in reversed(list(self.model.named_modules()))}
+
+    # -- hooks --------------------------------------------------------------------------------
+    def install(self) -> list[Handle]:
+        handles: list[RemovableHandle] = [
+            self.model.register_forward_pre_hook(self._enter_root),
+            self.model.register_forward_hook(self._leave_root, always_call=True),
+        ]
+        for module in self.paths:
+            handles.append(module.register_forward_pre_hook(self._push))
+            handles.append(module.register_forward_hook(self._pop, always_call=True))
+        return [*handles, CallbackHandle(self._close)]
+
+    def _close(self) -> None:
+        self.session.active = False
+        while self.entered:
+            if self.entered.pop():
+                self.mode.__exit__(None, None, None)
+
+    def _enter_root(self, module: nn.Module, args: Any) -> None:
+        enter = not hooks_are_suspended() and not any(self.entered)
+        if enter:
+            self.frames.clear()
+            self.counts.clear()
+            self.mode.__enter__()
+        self.entered.append(enter)
+
+    def _leave_root(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.entered and self.entered.pop():
+            self.mode.__exit__(None, None, None)
+
+    def _push(self, module: nn.Module, args: Any) -> None:
+        binding = self.binding
+        inside_rule = bool(self.frames) and self.frames[-1].hooked
+        hooked = inside_rule or (binding is not None and id(module) in binding.hooked)
+        self.frames.append(_Frame(self.paths.get(module, ""), hooked))
+
+    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.frames:
+            self.frames.pop()
+
+    # -- calls --------------------------------------------------------------------------------
+    def capturing(self) -> bool:
+        return bool(self.frames) and not self.frames[-1].hooked and not hooks_are_suspended()
+
+    def name(self, op: str) -> str:
+        path = self.frames[-1].path
+        count = self.counts.get((path, op), 0)
+        self.counts[(path, op)] = count + 1
+        base = f"{path}.{op}" if path else op
+        return base if count == 0 else f"{base}_{count}"
+
+    def op(self, name: str, op: str, func: Callable[..., Any]) -> captured.CapturedOp:
+        known = self.ops.get(name)
+        if known is None:
+            known = self.ops[name] = captured.kind_of(op)(name, op, func)
+        return known
+
+    def rule(self, name: str, op: captured.CapturedOp) -> Rule | None:
+        if name not in self.rules:
+            chosen = self.binding.rule_for(name, op) if self.binding is not None else None
+            if chosen is None:
+                chosen = next((rule for kinds, rule in self.owner.rules if isinstance(op, kinds)), None)
+            self.rules[name] = chosen
+        return self.rules[name]
+
+    def call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], caller: FrameType | None) -> Any:
+        op = _op_name(func)
+        if op is None:
+            return func(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        activations = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
+        if not activations:
+            return func(*args, **kwargs)
+        if op.endswith("_") and not op.endswith("__"):
+            if not _is_augmented_assignment(caller):
+                return func(*args, **kwargs)
+            op = op[:-1]
+            func = getattr(torch.Tensor, op)
+        if kwargs.get("inplace") is True:
+            kwargs = {**kwargs, "inplace": False}
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+        output = func(*args, **kwargs)
+        if not _carries_grad(output):
+            return output
+        name = self.name(op)
+        pseudo = self.op(name, op, func)
+        rule = self.rule(name, pseudo) if torch.is_grad_enabled() else None
+        if rule is not None:
+            output = self.attach(rule, pseudo, func, leaves, spec, activations, output)
+        for observer in self.observers:
+            observer(name, pseudo, rule, output)
+        return output
+
+    def attach(
+        self,
+        rule: Rule,
+        op: captured.CapturedOp,
+        func: Callable[..., Any],
+        leaves: list[Any],
+        spec: pytree.TreeSpec,
+        activations: list[int],
+        output: Any,
+    ) -> Any:
+        """Route ``output`` through ``rule``'s backward for the relevance inputs of the call."""
+        relevant = _relevant_output(output)
+        if relevant is None:
+            raise TypeError(
+                f"lrpkit: rule {rule!r} is mapped to the captured call '{op.name}' ({op.op}), which "
+                f"returns {type(output).__name__}; rules need a single tensor output. Map it to None"
+            )
+        positions = tuple(self.relevance_inputs(op, leaves, activations, relevant))
+        if not positions:
+            return output
+        session = self.binding.session if self.binding is not None else self.session
+        with hooks_suspended():
+            pending = PendingCall(
+                name=op.name,
+                module=op,
+                rule=rule,
+                session=session,
+                args=tuple(leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in leaves),
+                kwargs={},
+                input_positions=positions,
+                output=relevant.detach(),
+                ops_factory=lambda module, flat, kwargs, inputs: FunctionalOps(module, flat, kwargs, inputs, func, spec),
+            )
+            routed = route(pending, tuple(leaves[index] for index in positions))
+        if isinstance(output, Tensor):
+            return routed
+        return type(output)((routed, *output[1:])) if isinstance(output, tuple) else [routed, *output[1:]]
+
+    def relevance_inputs(
+        self, op: captured.CapturedOp, leaves: list[Any], activations: list[int], output: Tensor
+    ) -> list[int]:
+        """The leaves that receive relevance: gates, divisors and attention's queries/keys do not."""
+        if isinstance(op, captured.Attention):
+            return [2] if 2 in activations else []
+        if op.op == "div":
+            return [index for index in activations if index == 0]
+        if isinstance(op, captured.Product) and len(activations) > 1 and self.owner.gate == "signal":
+            gates = [index for index in activations if _is_gate(leaves[index])]
+            if not gates and op.op == "mul":
+                smaller = [index for index in activations if leaves[index].numel() < output.numel()]
+                gates = smaller if len(smaller) == 1 else []
+            signals = [index for index in activations if index not in gates]
+            return signals or activations
+        return activations
+
+
+class _CaptureMode(TorchFunctionMode):
+    """Sends every torch call made during the forward to :meth:`_Capture.call`."""
+
+    def __init__(self, capture: _Capture) -> None:
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if not self.capture.capturing():
+            return func(*args, **kwargs)
+        return self.capture.call(func, args, kwargs, sys._getframe(1))
+
+
+# -- helpers -----------------------------------------------------------------------------------
+_REFLECTED = {"radd": "add", "rmul": "mul", "rmatmul": "matmul", "truediv": "div", "itruediv": "div_"}
+_IGNORED = frozenset({"detach", "data", "grad", "requires_grad_", "retain_grad"})
+
+
+def _op_name(func: Any) -> str | None:
+    """The normalised name of a torch function (``None`` for calls never captured)."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    if name.startswith("__") and name.endswith("__") and len(name) > 4:
+        name = name[2:-2]
+        name = _REFLECTED.get(name, name)
+    if not name or name in _IGNORED:
+        return None
+    return name
+
+
+def _is_activation(leaf: Any) -> bool:
+    """A floating tensor that requires grad and is not (a view of) a parameter."""
+    if not isinstance(leaf, Tensor) or not leaf.requires_grad or not leaf.is_floating_point():
+        return False
+    if isinstance(leaf, nn.Parameter):
+        return False
+    node = _source_node(leaf)
+    return not (node is not None and isinstance(getattr(node, "variable", None), nn.Parameter))
+
+
+_PASSTHROUGH_NODES = frozenset(
+    {"View", "Expand", "Unsqueeze", "Squeeze", "Reshape", "ReshapeAlias", "Transpose", "Permute",
+     "UnsafeView", "Clone", "T", "AsStrided", "ToCopy", "Select", "Slice"}
+)
+
+
+def _source_node(tensor: Tensor) -> Any:
+    """The autograd node that produced ``tensor``, looking through views, copies and reshapes."""
+    node = tensor.grad_fn
+    while node is not None and type(node).__name__.rstrip("0123456789").removesuffix("Backward") in _PASSTHROUGH_NODES:
+        parents = [parent for parent, _ in node.next_functions if parent is not None]
+        if len(parents) != 1:
+            break
+        node = parents[0]
+    return node
+
+
+_GATE_NODES = frozenset({"Sigmoid", "Hardsigmoid", "Softmax"})
+_GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+
+
+def _is_gate(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is the output of a sigmoid, hard sigmoid or softmax (call or module)."""
+    node = _source_node(tensor)
+    if node is None:
+        return False
+    if type(node).__name__.rstrip("0123456789").removesuffix("Backward") in _GATE_NODES:
+        return True
+    pending = getattr(node, "pending", None)
+    module = getattr(pending, "module", None)
+    if isinstance(module, _GATE_MODULES):
+        return True
+    return isinstance(module, captured.CapturedOp) and module.op in captured.GATE_OPS
+
+
+def _carries_grad(output: Any) -> bool:
+    if isinstance(output, Tensor):
+        return output.requires_grad
+    if isinstance(output, (tuple, list)):
+        return any(isinstance(item, Tensor) and item.requires_grad for item in output)
+    return False
+
+
+def _relevant_output(output: Any) -> Tensor | None:
+    """The tensor a rule explains: the output, or the first element of an attention tuple."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        rest = output[1:]
+        if all(item is None or (isinstance(item, Tensor) and not item.requires_grad) for item in rest):
+            return output[0]
+    return None
+
+
+_INPLACE_OPS = frozenset(
+    name for name in dis.opname if name.startswith("INPLACE_")
+)
+_BINARY_OP = dis.opmap.get("BINARY_OP")
+#: ``BINARY_OP`` arguments of the augmented assignments (``NB_INPLACE_ADD`` and after).
+_FIRST_INPLACE_ARG = 13
+
+
+def _is_augmented_assignment(frame: FrameType | None) -> bool:
+    """Whether ``frame`` is executing an augmented assignment (``x += y``): Python rebinds the name."""
+    if frame is None:
+        return False
+    code = frame.f_code.co_code
+    index = frame.f_lasti
+    if index < 0 or index + 1 >= len(code):
+        return False
+    opcode = code[index]
+    if _BINARY_OP is not None and opcode == _BINARY_OP:
+        return code[index + 1] >= _FIRST_INPLACE_ARG
+    return dis.opname[opcode] in _INPLACE_OPS
+
+
+__all__ = ["EXPLAINED_MODULES", "FunctionalCapture", "default_op_rules"]

@@ -1,0 +1,230 @@
+"""Functional calls captured during a forward pass, presented to composites as modules.
+
+:class:`lrpkit.canonizers.FunctionalCapture` sees every functional call a model makes outside
+the modules that carry a rule (``x + y``, ``torch.relu``, ``torch.flatten``, ``torch.cat``,
+``F.layer_norm``, ``F.scaled_dot_product_attention``, ...). Each call site gets a stable name
+and one object of the classes below, chosen by the operation's *kind*. The classes are
+``nn.Module`` subclasses, so composites match them exactly like modules: by name (exact, glob
+or callable, see :class:`lrpkit.composites.NameMapComposite`) or by type (these classes, or the
+groups in :mod:`lrpkit.types` that include them). The objects are never added to the model.
+
+Names are ``<enclosing module path>.<op>`` with ``_1``, ``_2``, ... for the second, third, ...
+call of the same op in the same module during one forward pass, e.g. ``layer1.0.add`` (the
+residual addition of a torchvision ResNet block) or ``relu_2`` (the third functional ReLU
+called by the root module). They are the same on every forward pass of the same code path.
+
+Examples
+--------
+>>> from lrpkit import captured
+>>> captured.kind_of("add"), captured.kind_of("flatten"), captured.kind_of("gelu")
+(<class 'lrpkit.captured.Add'>, <class 'lrpkit.captured.Reshape'>, <class 'lrpkit.captured.Activation'>)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+
+class CapturedOp(nn.Module):
+    """One captured call site: its stable ``name``, the ``op`` it calls and the function.
+
+    Parameters
+    ----------
+    name
+        The stable name, e.g. ``"layer1.0.add"``.
+    op
+        The normalised operation name, e.g. ``"add"`` for ``x + y``, ``x += y`` and ``torch.add``.
+    func
+        The function that was called (for re-running it in a rule's backward).
+    """
+
+    def __init__(self, name: str, op: str, func: Callable[..., Any]) -> None:
+        super().__init__()
+        self.name = name
+        self.op = op
+        self.func = func
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the captured function again."""
+        return self.func(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, op={self.op!r}"
+
+
+class Add(CapturedOp):
+    """Additions and subtractions of tensors (``x + y``, ``x - y``, ``torch.add``): default ``Norm``."""
+
+
+class Pool(CapturedOp):
+    """Sums and averages (``sum``, ``mean``, ``avg_pool*``, ``adaptive_avg_pool*``): default ``Norm``."""
+
+
+class MaxPool(CapturedOp):
+    """Maxima (``max_pool*``, ``adaptive_max_pool*``, ``amax``, ``max``): the gradient (winner takes all)."""
+
+
+class Activation(CapturedOp):
+    """Element-wise activations (``relu``, ``gelu``, ``silu``, ``sigmoid``, ...): default ``Pass``."""
+
+
+class Reshape(CapturedOp):
+    """Calls that move or copy values (reshape, permute, cat, split, pad, indexing, dropout): the gradient."""
+
+
+class Product(CapturedOp):
+    """Products and divisions (``x * y``, ``matmul``, ``bmm``, ``einsum``, ``x / y``): default ``Product``.
+
+    A factor that is a gate (the output of a sigmoid, hard sigmoid or softmax), a parameter, or a
+    divisor is treated as a constant and receives no relevance.
+    """
+
+
+class LayerNorm(CapturedOp):
+    """``layer_norm``: default ``LayerNormConstant`` (the normalisation treated as constant)."""
+
+
+class Softmax(CapturedOp):
+    """``softmax`` and ``log_softmax``: the gradient (in attention, softmax outputs are gates)."""
+
+
+class Attention(CapturedOp):
+    """``scaled_dot_product_attention`` and ``multi_head_attention_forward``: default ``AttentionValue``."""
+
+
+class Other(CapturedOp):
+    """Any other call on activations (``exp``, ``pow``, ``F.linear`` with a tensor weight, ...): the gradient."""
+
+
+_KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
+    Add: ("add", "sub", "rsub"),
+    Pool: (
+        "sum",
+        "mean",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d",
+    ),
+    MaxPool: (
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "max_pool1d_with_indices",
+        "max_pool2d_with_indices",
+        "max_pool3d_with_indices",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "adaptive_max_pool3d",
+        "amax",
+        "max",
+    ),
+    Activation: (
+        "relu",
+        "relu6",
+        "leaky_relu",
+        "gelu",
+        "silu",
+        "hardswish",
+        "hardsigmoid",
+        "hardtanh",
+        "elu",
+        "selu",
+        "celu",
+        "mish",
+        "softplus",
+        "tanh",
+        "sigmoid",
+        "logsigmoid",
+        "softsign",
+        "threshold",
+        "prelu",
+    ),
+    Reshape: (
+        "view",
+        "view_as",
+        "reshape",
+        "reshape_as",
+        "flatten",
+        "unflatten",
+        "permute",
+        "transpose",
+        "swapaxes",
+        "movedim",
+        "t",
+        "T",
+        "mT",
+        "contiguous",
+        "squeeze",
+        "unsqueeze",
+        "expand",
+        "expand_as",
+        "repeat",
+        "cat",
+        "concat",
+        "concatenate",
+        "stack",
+        "split",
+        "chunk",
+        "unbind",
+        "tensor_split",
+        "narrow",
+        "select",
+        "getitem",
+        "pad",
+        "flip",
+        "roll",
+        "clone",
+        "to",
+        "float",
+        "double",
+        "half",
+        "type",
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+        "channel_shuffle",
+        "pixel_shuffle",
+        "pixel_unshuffle",
+    ),
+    Product: ("mul", "matmul", "bmm", "mm", "einsum", "div"),
+    LayerNorm: ("layer_norm",),
+    Softmax: ("softmax", "log_softmax"),
+    Attention: ("scaled_dot_product_attention", "multi_head_attention_forward"),
+}
+
+_KIND_OF: dict[str, type[CapturedOp]] = {op: kind for kind, ops in _KINDS.items() for op in ops}
+
+
+def kind_of(op: str) -> type[CapturedOp]:
+    """The class for the normalised operation name ``op`` (:class:`Other` when unknown)."""
+    return _KIND_OF.get(op, Other)
+
+
+#: Ops whose output gates another tensor when it is one factor of a product.
+GATE_OPS = frozenset({"sigmoid", "hardsigmoid", "softmax"})
+
+
+__all__ = [
+    "Activation",
+    "Add",
+    "Attention",
+    "CapturedOp",
+    "GATE_OPS",
+    "LayerNorm",
+    "MaxPool",
+    "Other",
+    "Pool",
+    "Product",
+    "Reshape",
+    "Softmax",
+    "kind_of",
+]

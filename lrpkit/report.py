@@ -1,0 +1,200 @@
+"""``lrpkit.describe``: every module and captured call, its rule, and the relevance reaching it.
+
+Examples
+--------
+>>> import torch, lrpkit
+>>> class Residual(torch.nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.linear = torch.nn.Linear(4, 4)
+...     def forward(self, x):
+...         return torch.flatten(x + torch.relu(self.linear(x)), 1)
+>>> table = lrpkit.describe(Residual(), torch.rand(1, 4), composite="epsilon_plus")
+>>> [row.name for row in table.rows]
+['', 'linear', 'relu', 'add', 'flatten']
+>>> table.rows[3].rule
+'Norm(stabilizer=1e-06)'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .attribution import Target, check_input, initial_relevance, select_output
+from .canonizers import FunctionalCapture
+from .captured import CapturedOp
+from .composites import Composite
+from .composites import get as get_composite
+from .ops import hooks_are_suspended
+
+
+@dataclass
+class Row:
+    """One module call or captured call, in execution order.
+
+    Attributes
+    ----------
+    name
+        Module path or captured name (``""`` is the root module).
+    kind
+        The module's class name, or the kind of the captured call with its op (``Add: add``).
+    rule
+        The rule's ``repr``, ``"gradient"`` for a call without rule, or ``"-"`` for a container.
+    relevance
+        Sum of the relevance that reached the output (over the batch and all calls of it);
+        ``None`` when no relevance reached it.
+    shape
+        Shape of the output (of its first call).
+    """
+
+    name: str
+    kind: str
+    rule: str
+    relevance: float | None = None
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class Description:
+    """The table :func:`describe` returns; ``str()`` renders it."""
+
+    rows: list[Row] = field(default_factory=list)
+    output: Tensor | None = None
+    relevance: Tensor | None = None
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.rows)
+
+    def __str__(self) -> str:
+        header = ("#", "name", "kind", "rule", "output shape", "relevance sum")
+        lines = [
+            (
+                str(index),
+                row.name or "(root)",
+                row.kind,
+                row.rule,
+                "x".join(map(str, row.shape)) if row.shape else "",
+                "" if row.relevance is None else f"{row.relevance:.6g}",
+            )
+            for index, row in enumerate(self.rows)
+        ]
+        widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+        render = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in (header, *lines)]
+        return "\n".join(render)
+
+
+def describe(
+    model: nn.Module,
+    x: Tensor,
+    composite: str | Composite = "epsilon_plus_flat",
+    target: Target = None,
+) -> Description:
+    """Run one explanation of ``x`` and tabulate every module and captured call in execution order.
+
+    For each row: the module or captured call, the rule it gets, the shape of its output and the
+    sum of the relevance that reached that output. Use it to check which rule each part of a
+    model gets, to find the names to put in a :class:`~lrpkit.composites.NameMapComposite`, and
+    to see where relevance is lost (the sums of a conservative composite stay equal along the
+    chain).
+
+    Parameters
+    ----------
+    model
+        The model (in ``eval()`` mode).
+    x
+        An input batch.
+    composite
+        A preset name or a composite. For ``"epsilon_gamma_box"`` the bounds are ``x``'s min/max.
+    target
+        What to explain; see :mod:`lrpkit.attribution`.
+
+    Returns
+    -------
+    Description
+        ``.rows`` (a list of :class:`Row`), ``.output``, ``.relevance``; ``print()`` it for a table.
+    """
+    check_input(x)
+    if isinstance(composite, str):
+        bounded = {"low": float(x.min()), "high": float(x.max())} if composite == "epsilon_gamma_box" else {}
+        composite = get_composite(composite, **bounded)
+    table = Description()
+    with composite.context(model), ExitStack() as stack, torch.enable_grad():
+        _watch_modules(model, composite, table, stack)
+        for capture in (c for c in composite.canonizers if isinstance(c, FunctionalCapture)):
+            stack.callback(capture.observe(model, _op_observer(table)).remove)
+        inputs = x.detach().requires_grad_(True)
+        output = select_output(model(inputs), None)
+        (relevance,) = torch.autograd.grad(output, inputs, initial_relevance(output, target), allow_unused=True)
+    table.output = output.detach()
+    table.relevance = torch.zeros_like(inputs) if relevance is None else relevance.detach()
+    return table
+
+
+def _watch_modules(model: nn.Module, composite: Composite, table: Description, stack: ExitStack) -> None:
+    rows: dict[int, Row] = {}
+    for name, module in model.named_modules():
+        stack.callback(module.register_forward_pre_hook(_start(table, rows, name)).remove)
+        stack.callback(module.register_forward_hook(_finish(rows, composite)).remove)
+
+
+def _start(table: Description, rows: dict[int, Row], name: str) -> Any:
+    def hook(module: nn.Module, args: Any) -> None:
+        if id(module) not in rows and not hooks_are_suspended():
+            rows[id(module)] = row = Row(name=name, kind=type(module).__name__, rule="")
+            table.rows.append(row)
+
+    return hook
+
+
+def _finish(rows: dict[int, Row], composite: Composite) -> Any:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        row = rows.get(id(module))
+        if row is None or row.shape is not None or hooks_are_suspended():
+            return
+        rule = composite.rule_of(module)
+        if rule is not None:
+            row.rule = repr(rule)
+        else:
+            row.rule = "-" if any(True for _ in module.children()) else "gradient"
+        _watch_output(row, output)
+
+    return hook
+
+
+def _op_observer(table: Description) -> Any:
+    rows: dict[str, Row] = {}
+
+    def observe(name: str, op: CapturedOp, rule: Any, output: Any) -> None:
+        if name in rows:
+            return
+        rows[name] = row = Row(
+            name=name, kind=f"{type(op).__name__}: {op.op}", rule="gradient" if rule is None else repr(rule)
+        )
+        table.rows.append(row)
+        _watch_output(row, output)
+
+    return observe
+
+
+def _watch_output(row: Row, output: Any) -> None:
+    tensor = output
+    if isinstance(output, (tuple, list)):
+        tensor = next((item for item in output if isinstance(item, Tensor)), None)
+    if not isinstance(tensor, Tensor):
+        return
+    row.shape = tuple(tensor.shape)
+    if tensor.requires_grad:
+        tensor.register_hook(lambda grad: _accumulate(row, grad))
+
+
+def _accumulate(row: Row, grad: Tensor) -> None:
+    row.relevance = (row.relevance or 0.0) + float(grad.sum())
+
+
+__all__ = ["Description", "Row", "describe"]
