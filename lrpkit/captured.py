@@ -71,6 +71,10 @@ class Activation(CapturedOp):
     """Element-wise activations (``relu``, ``gelu``, ``silu``, ``sigmoid``, ...): default ``Pass``."""
 
 
+class ReLU(Activation):
+    """``relu`` (``F.relu``, ``torch.relu``, ``x.relu()``): an activation, and what the gradient presets rectify."""
+
+
 class Reshape(CapturedOp):
     """Calls that move or copy values (reshape, permute, cat, split, pad, indexing, dropout): the gradient."""
 
@@ -124,8 +128,8 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
         "amax",
         "max",
     ),
+    ReLU: ("relu",),
     Activation: (
-        "relu",
         "relu6",
         "leaky_relu",
         "gelu",
@@ -224,6 +228,7 @@ __all__ = [
     "Other",
     "Pool",
     "Product",
+    "ReLU",
     "Reshape",
     "Softmax",
     "kind_of",

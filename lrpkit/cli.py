@@ -51,11 +51,65 @@ def _demo_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- describe
+
+
+def _describe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="'digits-cnn' (the demo's trained CNN, explained on a test digit) or a "
+                             "torchvision model name such as resnet18 (weights=None, explained on a "
+                             "random image unless --weights is given)")
+    parser.add_argument("--composite", default="epsilon_plus_flat",
+                        help="preset name (default: epsilon_plus_flat)")
+    parser.add_argument("--weights", metavar="PATH", default=None,
+                        help="a state_dict file to load into the torchvision model")
+    parser.add_argument("--size", metavar="PIXELS", type=int, default=64,
+                        help="input height and width for torchvision models (default: 64)")
+    parser.add_argument("--target", metavar="CLASS", type=int, default=None,
+                        help="class to explain (default: the predicted class)")
+
+
+def _describe_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import lrpkit
+    from lrpkit.composites import names
+
+    if args.composite not in names():
+        print(f"lrpkit describe: unknown composite {args.composite!r}; known: {', '.join(names())}",
+              file=sys.stderr)
+        return 2
+    if args.model == "digits-cnn":
+        from lrpkit.digits import load_digits_tensors, pretrained_cnn
+
+        model: torch.nn.Module = pretrained_cnn()
+        x = load_digits_tensors()[2][:1]
+    else:
+        import torchvision
+
+        factory = getattr(torchvision.models, args.model, None)
+        if not callable(factory) or args.model.startswith("_"):
+            print(f"lrpkit describe: torchvision has no model {args.model!r}", file=sys.stderr)
+            return 2
+        extra = {"image_size": args.size} if args.model.startswith("vit_") else {}
+        model = factory(weights=None, **extra)
+        if args.weights is not None:
+            model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+        x = torch.rand(1, 3, args.size, args.size)
+    print(lrpkit.describe(model.eval(), x, composite=args.composite, target=args.target))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         help="explain 8x8 digits with three LRP composites and the gradient, write a PNG",
         add_arguments=_demo_arguments,
         run=_demo_run,
+    ),
+    "describe": Command(
+        help="print every module and captured call of a model with its rule and relevance",
+        add_arguments=_describe_arguments,
+        run=_describe_run,
     ),
 }
 """Subcommands by name, in the order ``--help`` lists them."""

@@ -48,12 +48,16 @@ True
 
 from __future__ import annotations
 
+import bisect
 import dis
+import functools
+import os
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, Literal
 
 import torch
@@ -105,12 +109,14 @@ class FunctionalCapture(Canonizer):
         factor produced by a sigmoid, hard sigmoid or softmax (or, failing that, the one factor
         that is broadcast) constant, so the signal receives all relevance; ``"uniform"`` splits
         it equally among all factors (AttnLRP's uniform rule).
+    stabilizer
+        The stabiliser of the default rules.
     """
 
-    def __init__(self, rules: OpRules | None = None, gate: Gate = "signal") -> None:
+    def __init__(self, rules: OpRules | None = None, gate: Gate = "signal", stabilizer: float = 1e-6) -> None:
         if gate not in ("signal", "uniform"):
             raise ValueError(f"gate must be 'signal' or 'uniform', got {gate!r}")
-        self.rules = [*(rules or []), *default_op_rules()]
+        self.rules = [*(rules or []), *default_op_rules(stabilizer)]
         self.gate = gate
         self._captures: weakref.WeakKeyDictionary[nn.Module, _Capture] = weakref.WeakKeyDictionary()
 
@@ -248,7 +254,9 @@ class _Capture:
             self.rules[name] = chosen
         return self.rules[name]
 
-    def call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], caller: FrameType | None) -> Any:
+    def call(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], caller: FrameType | None, references: int
+    ) -> Any:
         op = _op_name(func)
         if op is None:
             return func(*args, **kwargs)
@@ -259,9 +267,15 @@ class _Capture:
         if op.endswith("_") and not op.endswith("__"):
             if not _is_augmented_assignment(caller):
                 return func(*args, **kwargs)
+            if references > _BASELINES["augmented"]:
+                _warn_in_place(op, caller)
+                return func(*args, **kwargs)
             op = op[:-1]
             func = getattr(torch.Tensor, op)
         if kwargs.get("inplace") is True:
+            if references > _BASELINES["inplace_argument"] or _result_discarded(caller):
+                _warn_in_place(op, caller)
+                return func(*args, **kwargs)
             kwargs = {**kwargs, "inplace": False}
             leaves, spec = pytree.tree_flatten((args, kwargs))
         output = func(*args, **kwargs)
@@ -287,7 +301,7 @@ class _Capture:
         output: Any,
     ) -> Any:
         """Route ``output`` through ``rule``'s backward for the relevance inputs of the call."""
-        relevant = _relevant_output(output)
+        relevant = _relevant_output(output, isinstance(op, captured.Attention))
         if relevant is None:
             raise TypeError(
                 f"lrpkit: rule {rule!r} is mapped to the captured call '{op.name}' ({op.op}), which "
@@ -345,7 +359,7 @@ class _CaptureMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.capture.capturing():
             return func(*args, **kwargs)
-        return self.capture.call(func, args, kwargs, sys._getframe(1))
+        return self.capture.call(func, args, kwargs, sys._getframe(1), _references(args))
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -419,13 +433,16 @@ def _carries_grad(output: Any) -> bool:
     return False
 
 
-def _relevant_output(output: Any) -> Tensor | None:
-    """The tensor a rule explains: the output, or the first element of an attention tuple."""
+def _relevant_output(output: Any, attention: bool) -> Tensor | None:
+    """The tensor a rule explains: the output, or the first element of an attention tuple.
+
+    Attention calls return ``(output, weights)``; the weights are handed on untouched.
+    """
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         rest = output[1:]
-        if all(item is None or (isinstance(item, Tensor) and not item.requires_grad) for item in rest):
+        if attention or all(item is None or (isinstance(item, Tensor) and not item.requires_grad) for item in rest):
             return output[0]
     return None
 
@@ -452,4 +469,94 @@ def _is_augmented_assignment(frame: FrameType | None) -> bool:
     return dis.opname[opcode] in _INPLACE_OPS
 
 
-__all__ = ["EXPLAINED_MODULES", "FunctionalCapture", "default_op_rules"]
+class InPlaceWarning(UserWarning):
+    """An in-place call could not be made out-of-place safely, so it is not captured."""
+
+
+def _warn_in_place(op: str, caller: FrameType | None) -> None:
+    frame = _user_frame(caller)
+    where = f" at {frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else ""
+    warnings.warn(
+        f"lrpkit: the in-place call {op!r}{where} changes a tensor that is still used under another "
+        "name (or whose result is discarded); it runs in place and is not captured, so relevance "
+        "flows through it as a plain gradient. Write it out-of-place, e.g. `a = a + b` or "
+        "`x = F.relu(x)`.",
+        InPlaceWarning,
+        stacklevel=2,
+    )
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _user_frame(frame: FrameType | None) -> FrameType | None:
+    """The first frame outside torch's own Python code (the model's code)."""
+    while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
+        frame = frame.f_back
+    return frame
+
+
+@functools.lru_cache(maxsize=1024)
+def _instructions(code: CodeType) -> tuple[list[int], list[str]]:
+    """Offsets and names of ``code``'s instructions (inline caches left out)."""
+    instructions = list(dis.get_instructions(code))
+    return [item.offset for item in instructions], [item.opname for item in instructions]
+
+
+def _result_discarded(caller: FrameType | None) -> bool:
+    """Whether the model's code throws the call's result away (``F.relu(x, inplace=True)`` as a statement).
+
+    ``f_lasti`` points into the call instruction (or its inline caches); the instruction after it
+    is ``POP_TOP`` when the result is not used.
+    """
+    frame = _user_frame(caller)
+    if frame is None:
+        return False
+    offsets, names = _instructions(frame.f_code)
+    following = bisect.bisect_right(offsets, frame.f_lasti)
+    return following < len(names) and names[following] == "POP_TOP"
+
+
+def _references(args: tuple[Any, ...]) -> int:
+    """Python references to the first argument, as seen from ``__torch_function__``."""
+    return sys.getrefcount(args[0]) if args else 0
+
+
+class _ReferenceProbe(TorchFunctionMode):
+    """Measures :func:`_references` for an in-place call on a tensor nothing else refers to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: int | None = None
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if self.seen is None and (getattr(func, "__name__", "") == "add_" or (kwargs or {}).get("inplace")):
+            self.seen = _references(args)
+        return func(*args, **(kwargs or {}))
+
+
+def _augmented_probe() -> None:
+    tensor = torch.zeros(1)
+    tensor += 1
+
+
+def _inplace_argument_probe() -> None:
+    tensor = torch.zeros(1)
+    tensor = torch.nn.functional.relu(tensor, inplace=True)
+
+
+def _baseline(probe: Callable[[], None]) -> int:
+    mode = _ReferenceProbe()
+    with mode:
+        probe()
+    return mode.seen if mode.seen is not None else 0
+
+
+#: References an unshared tensor has in an augmented assignment / an ``inplace=True`` call
+#: (measured once: they depend on the Python and PyTorch versions, not on the model).
+_BASELINES = {"augmented": _baseline(_augmented_probe), "inplace_argument": _baseline(_inplace_argument_probe)}
+
+
+__all__ = ["EXPLAINED_MODULES", "FunctionalCapture", "InPlaceWarning", "default_op_rules"]

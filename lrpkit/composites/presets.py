@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .. import types
-from ..canonizers import Canonizer
+from .. import captured, types
+from ..canonizers import Canonizer, FunctionalCapture, MergeBatchNorm
 from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZeroParams, ZPlus
 from ..rules import Deconvnet as Deconvnet_rule
 from ..rules import GuidedBackprop as GuidedBackprop_rule
@@ -212,6 +212,19 @@ class ExcitationBackprop(LayerMapComposite):
         super().__init__(layer_map, canonizers=canonizers, strict=strict)
 
 
+#: The ReLUs the gradient presets rectify: modules and captured ``F.relu`` calls.
+_RELUS = (nn.ReLU, captured.ReLU)
+
+
+def gradient_canonizers() -> list[Canonizer]:
+    """Canonizers of the gradient presets: merge BatchNorm, capture calls but keep their gradient.
+
+    Captured calls get no default rule (an addition stays a plain gradient); only the preset's
+    own rule for ReLUs reaches captured ``F.relu`` calls.
+    """
+    return [MergeBatchNorm(), FunctionalCapture(rules=[(captured.CapturedOp, None)])]
+
+
 @register("guided_backprop")
 class GuidedBackprop(LayerMapComposite):
     """Guided backpropagation (Springenberg et al. 2015): rectified gradients through ReLUs."""
@@ -224,8 +237,8 @@ class GuidedBackprop(LayerMapComposite):
         canonizers: Sequence[Canonizer] | None = None,
         strict: bool = False,
     ) -> None:
-        layer_map = _prepend(layer_map) + [(nn.ReLU, GuidedBackprop_rule())]
-        super().__init__(layer_map, canonizers=canonizers, strict=strict)
+        layer_map = _prepend(layer_map) + [(_RELUS, GuidedBackprop_rule())]
+        super().__init__(layer_map, canonizers=_gradient_default(canonizers), strict=strict)
 
 
 @register("deconvnet")
@@ -240,5 +253,9 @@ class Deconvnet(LayerMapComposite):
         canonizers: Sequence[Canonizer] | None = None,
         strict: bool = False,
     ) -> None:
-        layer_map = _prepend(layer_map) + [(nn.ReLU, Deconvnet_rule())]
-        super().__init__(layer_map, canonizers=canonizers, strict=strict)
+        layer_map = _prepend(layer_map) + [(_RELUS, Deconvnet_rule())]
+        super().__init__(layer_map, canonizers=_gradient_default(canonizers), strict=strict)
+
+
+def _gradient_default(canonizers: Sequence[Canonizer] | None) -> list[Canonizer]:
+    return gradient_canonizers() if canonizers is None else list(canonizers)

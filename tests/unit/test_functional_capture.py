@@ -1,0 +1,1107 @@
+"""FunctionalCapture: functional calls (``x + y``, ``F.relu``, ``torch.cat``, gates, attention) get rules.
+
+Everything here runs in float64 on tiny shapes. The conservation tests use ``bias=False``
+everywhere. z+ loses relevance at an output whose positive contributions are all zero (while the
+output itself is negative and still receives relevance); layers whose output is not followed by
+a ReLU (the stem feeding a residual addition, the last convolution of a branch) therefore get
+non-negative weights, so that every rule of ``EpsilonPlus`` and ``EpsilonGammaBox`` is
+conservative up to its stabilisers. The weights are scaled up (``gain``) so that activations are
+large compared with the stabilisers (``1e-6``), which keeps the total error below ``1e-6``
+relative; the same models are also checked with negligible stabilisers (exact to rounding).
+
+In-place calls that cannot be made out-of-place safely (an aliased ``+=``, ``F.relu(x,
+inplace=True)`` as a statement) run in place with an ``InPlaceWarning``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lrpkit
+from lrpkit import captured, composites, rules, types
+from lrpkit.attribution import Gradient
+from lrpkit.canonizers import FunctionalCapture
+from lrpkit.canonizers.functional import InPlaceWarning
+
+DTYPE = torch.float64
+RTOL = 1e-6
+STAB = 1e-6  # the default stabiliser of every rule
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def conv3(channels_in: int, channels_out: int) -> nn.Conv2d:
+    return nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False)
+
+
+def init_weights(model: nn.Module, positive: tuple[str, ...] = (), gain: float = 8.0, seed: int = 0) -> nn.Module:
+    """Deterministic weights: ``gain * N(0, 1/fan_in)``, absolute values for the names in ``positive``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter) and isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = weight[0].numel()
+                values = torch.randn(weight.shape, generator=generator, dtype=DTYPE) * gain / math.sqrt(fan_in)
+                weight.copy_(values.abs() if name in positive else values)
+    return model.to(DTYPE).eval()
+
+
+def images(batch: int = 3, size: int = 5, channels: int = 1, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, channels, size, size, generator=generator, dtype=DTYPE)
+
+
+def assert_conserved(output: torch.Tensor, relevance: torch.Tensor, factor: float = 1.0, rtol: float = RTOL) -> None:
+    """``relevance.sum() == factor * output[argmax]`` per sample, to ``rtol`` relative."""
+    logits = output.max(dim=1).values
+    sums = relevance.flatten(1).sum(dim=1)
+    assert (logits.abs() > 1e-3).all(), logits
+    error = ((sums - factor * logits) / logits).abs().max().item()
+    assert error < rtol, (sums, logits, error)
+
+
+def stabilize(value: torch.Tensor) -> torch.Tensor:
+    """``z + eps * sign(z)`` with ``sign(0) = +1``, as the design fixes it."""
+    return value + STAB * torch.where(value >= 0, 1.0, -1.0).to(value)
+
+
+def function_mode_stack() -> list:
+    return list(torch.overrides._get_current_function_mode_stack())
+
+
+def hooks_left(model: nn.Module) -> list[tuple[str, str]]:
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_backward_hooks",
+             "_backward_pre_hooks", "_forward_hooks_always_called")
+    return [(name, kind) for name, module in model.named_modules() for kind in kinds if len(getattr(module, kind, {}))]
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def assert_restored(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert hooks_left(model) == []
+    assert function_mode_stack() == []
+
+
+def one_hot_times_output(output: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(output.argmax(dim=1), output.shape[1]).to(output) * output
+
+
+class Recording(rules.Rule):
+    """Wraps a rule and records the names of the calls it explains."""
+
+    def __init__(self, inner: rules.Rule) -> None:
+        self.inner = inner
+        self.needs_output = inner.needs_output
+        self.names: list[str] = []
+
+    def relevance(self, call, relevance):
+        self.names.append(call.name)
+        return self.inner.relevance(call, relevance)
+
+
+class Exploding(rules.Rule):
+    def relevance(self, call, relevance):
+        raise ArithmeticError("exploding rule")
+
+
+ignore_uncovered = pytest.mark.filterwarnings("ignore:.*no rule for the module")
+
+TINY = 1e-14
+
+
+def tiny_capture() -> FunctionalCapture:
+    """A capture whose default rules use a negligible stabiliser (to check exactness)."""
+    return FunctionalCapture(
+        rules=[(captured.Add, rules.Norm(TINY)), (captured.Pool, rules.Norm(TINY)), (captured.Product, rules.Product(TINY))]
+    )
+
+
+#: name -> (factory, relative tolerance of conservation)
+CONSERVATIVE_COMPOSITES = {
+    "EpsilonPlus": (lambda: composites.EpsilonPlus(), RTOL),
+    "EpsilonGammaBox": (lambda: composites.EpsilonGammaBox(low=0.0, high=1.0), RTOL),
+    # the same rules with negligible stabilisers: conservation is then exact to rounding
+    "EpsilonPlus-tiny": (
+        lambda: composites.EpsilonPlus(epsilon=TINY, stabilizer=TINY, canonizers=[tiny_capture()]),
+        1e-11,
+    ),
+    "EpsilonGammaBox-tiny": (
+        lambda: composites.EpsilonGammaBox(low=0.0, high=1.0, epsilon=TINY, stabilizer=TINY, canonizers=[tiny_capture()]),
+        1e-11,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# models made of functional calls
+# ---------------------------------------------------------------------------------------------
+
+
+class Residual(nn.Module):
+    """``h + f(h)`` with ``f = conv -> F.relu -> conv``, no Sum module."""
+
+    positive = ("stem", "conv2")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv1, self.conv2 = conv3(1, 4), conv3(4, 4), conv3(4, 4)
+        self.fc = nn.Linear(4 * 5 * 5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.conv2(F.relu(self.conv1(h)))
+        return self.fc(torch.flatten(h, 1))
+
+
+class Branches(nn.Module):
+    """Two branches joined by ``torch.cat``, then a convolution."""
+
+    positive = ("merge",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right, self.merge = conv3(1, 3), conv3(1, 2), conv3(5, 4)
+        self.fc = nn.Linear(4 * 5 * 5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        joined = torch.cat([F.relu(self.left(x)), F.relu(self.right(x))], dim=1)
+        return self.fc(torch.flatten(self.merge(joined), 1))
+
+
+class FlattenHead(nn.Module):
+    """``F.relu`` and ``torch.flatten`` before a Linear."""
+
+    positive = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = conv3(1, 4)
+        self.fc1 = nn.Linear(4 * 5 * 5, 8, bias=False)
+        self.fc2 = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.flatten(F.relu(self.conv(x)), 1)
+        return self.fc2(F.relu(self.fc1(h)))
+
+
+class Shared(nn.Module):
+    """One block called twice in one forward."""
+
+    positive = ("stem",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = conv3(1, 4), conv3(4, 4)
+        self.fc = nn.Linear(4 * 5 * 5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem(x))
+        h = F.relu(self.block(h))
+        h = F.relu(self.block(h))
+        return self.fc(h.flatten(1))
+
+
+class SqueezeExcite(nn.Module):
+    """``x * sigmoid(fc(mean(x)))``; the gate is ``torch.sigmoid`` or an ``nn.Sigmoid`` module."""
+
+    positive = ("stem",)
+
+    def __init__(self, module_gate: bool = False) -> None:
+        super().__init__()
+        self.stem = conv3(1, 4)
+        self.squeeze = nn.Linear(4, 4, bias=False)
+        self.gate = nn.Sigmoid() if module_gate else None
+        self.fc = nn.Linear(4 * 5 * 5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        scores = self.squeeze(h.mean(dim=(2, 3)))
+        gate = self.gate(scores) if self.gate is not None else torch.sigmoid(scores)
+        gated = h * gate[:, :, None, None]
+        return self.fc(torch.flatten(gated, 1))
+
+
+class InplaceBlock(nn.Module):
+    """A ResNet-style block: ``F.relu(x, inplace=True)`` and ``out += identity``."""
+
+    positive = ("stem", "conv2")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv1, self.conv2 = conv3(1, 4), conv3(4, 4), conv3(4, 4)
+        self.fc = nn.Linear(4 * 5 * 5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.stem(x)
+        out = self.conv1(identity)
+        out = F.relu(out, inplace=True)
+        out = self.conv2(out)
+        out += identity
+        out = F.relu(out, inplace=True)
+        return self.fc(torch.flatten(out, 1))
+
+
+FUNCTIONAL_MODELS = {
+    "residual": Residual,
+    "cat_branches": Branches,
+    "relu_flatten_linear": FlattenHead,
+    "shared_block": Shared,
+    "se_gate_function": lambda: SqueezeExcite(module_gate=False),
+    "se_gate_module": lambda: SqueezeExcite(module_gate=True),
+    "inplace_block": InplaceBlock,
+}
+
+
+def build(factory) -> nn.Module:
+    model = factory()
+    return init_weights(model, positive=type(model).positive)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. conservation on functional models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("composite", list(CONSERVATIVE_COMPOSITES))
+@pytest.mark.parametrize("model_name", list(FUNCTIONAL_MODELS))
+def test_functional_models_conserve_relevance(model_name: str, composite: str) -> None:
+    model = build(FUNCTIONAL_MODELS[model_name])
+    x = images()
+    factory, rtol = CONSERVATIVE_COMPOSITES[composite]
+    output, relevance = Gradient(model, factory())(x)
+    assert_conserved(output, relevance, rtol=rtol)
+
+
+def test_without_capture_the_residual_doubles() -> None:
+    """The control: the same model with ``canonizers=[]`` is not conservative (gradient through add)."""
+    model = build(Residual)
+    output, relevance = Gradient(model, composites.EpsilonPlus(canonizers=[]))(images())
+    assert_conserved(output, relevance, factor=2.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("module_gate", [False, True], ids=["torch.sigmoid", "nn.Sigmoid"])
+def test_se_gate_gets_no_relevance_and_the_signal_all(module_gate: bool) -> None:
+    model = build(lambda: SqueezeExcite(module_gate=module_gate))
+    x = images()
+    table = lrpkit.describe(model, x, composite=composites.EpsilonPlus())
+    rows = {row.name: row for row in table.rows}
+    logits = table.output.max(dim=1).values.sum().item()
+    # the gate branch: mean -> squeeze -> sigmoid receives nothing
+    gate_names = ["mean", "squeeze", "gate" if module_gate else "sigmoid"]
+    for name in gate_names:
+        assert name in rows, [row.name for row in table.rows]
+        assert rows[name].relevance in (None, 0.0), (name, rows[name])
+    # the signal: product and stem output carry all of it, and so does the input
+    assert rows["mul"].relevance == pytest.approx(logits, rel=RTOL)
+    assert rows["stem"].relevance == pytest.approx(logits, rel=RTOL)
+    assert table.relevance.sum().item() == pytest.approx(logits, rel=RTOL)
+    assert rows["mul"].rule.startswith("Product(")
+
+
+class SpatialGate(nn.Module):
+    """``h * sigmoid(conv(h))`` with both factors of the same shape: no broadcast to tell the gate."""
+
+    positive = ("stem",)
+
+    def __init__(self, module_gate: bool) -> None:
+        super().__init__()
+        self.stem, self.scores = conv3(1, 4), conv3(4, 4)
+        self.gate = nn.Sigmoid() if module_gate else None
+        self.fc = nn.Linear(4 * 5 * 5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        scores = self.scores(h)
+        gate = self.gate(scores) if self.gate is not None else torch.sigmoid(scores)
+        return self.fc(torch.flatten(gate * h, 1))
+
+
+@pytest.mark.parametrize("module_gate", [False, True], ids=["torch.sigmoid", "nn.Sigmoid"])
+def test_same_shape_gate_is_recognised_by_its_sigmoid(module_gate: bool) -> None:
+    model = build(lambda: SpatialGate(module_gate))
+    table = lrpkit.describe(model, images(), composite=composites.EpsilonPlus())
+    rows = {row.name: row for row in table.rows}
+    logits = table.output.max(dim=1).values.sum().item()
+    assert rows["scores"].relevance in (None, 0.0)
+    assert rows["stem"].relevance == pytest.approx(logits, rel=RTOL)
+    assert table.relevance.sum().item() == pytest.approx(logits, rel=RTOL)
+
+
+def test_se_gate_uniform_gives_the_gate_half() -> None:
+    """Control for the test above: with ``gate='uniform'`` the gate branch is explained too."""
+    model = build(SqueezeExcite)
+    composite = composites.EpsilonPlus(canonizers=[FunctionalCapture(gate="uniform")])
+    table = lrpkit.describe(model, images(), composite=composite)
+    rows = {row.name: row for row in table.rows}
+    total = rows["mul"].relevance
+    assert rows["sigmoid"].relevance == pytest.approx(total / 2, rel=1e-5)
+
+
+def test_inplace_forms_give_the_exact_forward_output() -> None:
+    model = build(InplaceBlock)
+    x = images()
+    reference = model(x)
+    attribution = Gradient(model, composites.EpsilonPlus())(x)
+    assert torch.equal(attribution.output, reference.detach())
+    with composites.EpsilonPlus().context(model), warnings.catch_warnings():
+        warnings.simplefilter("error", InPlaceWarning)  # these forms are captured, not left in place
+        inside = model(x.clone().requires_grad_(True))
+    assert torch.equal(inside.detach(), reference.detach())
+
+
+def test_inplace_forms_are_captured_under_their_out_of_place_names() -> None:
+    model = build(InplaceBlock)
+    capture = FunctionalCapture()
+    with composites.EpsilonPlus(canonizers=[capture]).context(model):
+        model(images().requires_grad_(True))
+        ops = capture.ops(model)
+    assert list(ops) == ["relu", "add", "relu_1", "flatten"]
+    assert isinstance(ops["add"], captured.Add) and ops["add"].op == "add"
+    assert isinstance(ops["relu"], captured.Activation)
+
+
+def test_inplace_relu_and_augmented_add_in_a_dense_model() -> None:
+    """``F.relu(h, inplace=True)`` then ``h += ...``: same forward, conservative."""
+
+    class InplaceDense(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            h = F.relu(h, inplace=True)
+            h += self.fc(x)
+            return h
+
+    model = init_weights(InplaceDense())
+    x = torch.rand(4, 6, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
+    output, relevance = Gradient(model, composites.EpsilonPlus())(x)
+    assert torch.equal(output, model(x).detach())
+    assert_conserved(output, relevance, rtol=1e-5)
+    composite = composites.EpsilonPlus(epsilon=TINY, stabilizer=TINY, canonizers=[tiny_capture()])
+    output, relevance = Gradient(model, composite)(x)
+    assert_conserved(output, relevance, rtol=1e-11)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. zennit 0.5.1 doubles the residual, lrpkit does not
+# ---------------------------------------------------------------------------------------------
+
+
+def test_residual_against_zennit() -> None:
+    zcomposites = pytest.importorskip("zennit.composites")
+    from zennit.attribution import Gradient as ZennitGradient
+
+    model = build(Residual)
+    x = images()
+    with ZennitGradient(copy.deepcopy(model), zcomposites.EpsilonPlus()) as attributor:
+        z_output, z_relevance = attributor(x, one_hot_times_output)
+    output, relevance = Gradient(model, composites.EpsilonPlus())(x)
+    assert torch.equal(output, z_output.detach())
+    logits = output.max(dim=1).values
+    z_ratio = z_relevance.flatten(1).sum(1) / logits
+    ratio = relevance.flatten(1).sum(1) / logits
+    assert torch.allclose(z_ratio, torch.full_like(z_ratio, 2.0), rtol=1e-5), z_ratio  # zennit doubles
+    assert torch.allclose(ratio, torch.ones_like(ratio), rtol=RTOL), ratio  # lrpkit conserves
+    # without capture lrpkit computes exactly what zennit computes
+    _, plain = Gradient(model, composites.EpsilonPlus(canonizers=[]))(x, target=one_hot_times_output(output))
+    assert torch.allclose(plain, z_relevance, rtol=1e-9, atol=1e-9 * z_relevance.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. names, composites and the capture's own options
+# ---------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.relu(self.lin(x))
+
+
+class Named(nn.Module):
+    """Root calls, a block called twice, and blocks nested in a Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4, bias=False)
+        self.block = Block()
+        self.layers = nn.Sequential(Block(), Block())
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.pre(x))
+        h = self.block(h)
+        h = self.block(h)
+        h = torch.relu(h)
+        h = self.layers(h)
+        return self.head(torch.flatten(h, 1))
+
+
+NAMED_OPS = [
+    "relu",
+    "block.relu",
+    "block.add",
+    "block.relu_1",
+    "block.add_1",
+    "relu_1",
+    "layers.0.relu",
+    "layers.0.add",
+    "layers.1.relu",
+    "layers.1.add",
+    "flatten",
+]
+
+
+def named_model() -> nn.Module:
+    model = init_weights(Named(), positive=("pre", "block.lin", "layers.0.lin", "layers.1.lin"), gain=2.0)
+    return model
+
+
+def vectors(batch: int = 3, seed: int = 2) -> torch.Tensor:
+    return torch.rand(batch, 4, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+def test_names_follow_the_documented_scheme_and_are_stable() -> None:
+    model = named_model()
+    capture = FunctionalCapture()
+    seen: list[list[str]] = []
+    with composites.EpsilonPlus(canonizers=[capture]).context(model):
+        handle = capture.observe(model, lambda name, op, rule, output: seen[-1].append(name))
+        for _ in range(2):
+            seen.append([])
+            model(vectors().requires_grad_(True))
+        handle.remove()
+        ops = capture.ops(model)
+    assert seen == [NAMED_OPS, NAMED_OPS]
+    assert list(ops) == NAMED_OPS
+    assert all(op.name == name for name, op in ops.items())
+    # a second context captures the same names again
+    capture = FunctionalCapture()
+    with composites.EpsilonPlus(canonizers=[capture]).context(model):
+        model(vectors(seed=5).requires_grad_(True))
+        assert list(capture.ops(model)) == NAMED_OPS
+    assert isinstance(ops["block.add_1"], captured.Add)
+    assert isinstance(ops["relu_1"], captured.Activation) and ops["relu_1"].op == "relu"
+    assert isinstance(ops["flatten"], captured.Reshape)
+
+
+def _linear_epsilon(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+@pytest.mark.parametrize(
+    "pattern, expected",
+    [
+        ("block.add_1", "block.add_1"),  # exact name
+        ("layers.1.r*", "layers.1.relu"),  # glob
+        (lambda name, module: isinstance(module, captured.Add) and name.startswith("layers.0"), "layers.0.add"),
+    ],
+    ids=["exact", "glob", "callable"],
+)
+def test_name_map_puts_a_rule_on_exactly_one_captured_op(pattern, expected: str) -> None:
+    model = named_model()
+    recorder = Recording(rules.Pass() if "relu" in expected else rules.Norm())
+    composite = composites.NameMapComposite([(pattern, recorder), (_linear_epsilon, rules.Epsilon())])
+    Gradient(model, composite)(vectors())
+    assert recorder.names == [expected]
+    # describe shows the rule on that row only
+    recorder.names.clear()
+    table = lrpkit.describe(model, vectors(), composite=composite)
+    with_recorder = [row.name for row in table.rows if row.rule.startswith("Recording(")]
+    assert with_recorder == [expected]
+    assert recorder.names == [expected]
+
+
+def test_name_map_on_a_captured_op_is_used_and_the_rest_keep_their_defaults() -> None:
+    """A rule named for one call reaches it (Pass on a two-input add is refused loudly)."""
+    model = named_model()
+    composite = composites.NameMapComposite([("block.add", rules.Pass()), (_linear_epsilon, rules.Epsilon())])
+    with pytest.raises(ValueError, match="element-wise"):
+        Gradient(model, composite)(vectors())  # Pass on a two-input add is refused, not silently wrong
+    table_rules = {}
+    composite = composites.NameMapComposite([(_linear_epsilon, rules.Epsilon())])
+    for row in lrpkit.describe(model, vectors(), composite=composite).rows:
+        table_rules[row.name] = row.rule
+    assert table_rules["block.add"].startswith("Norm(")
+    assert table_rules["flatten"] == "gradient"
+    assert table_rules["relu"] == "Pass()"
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 7, bias=False)
+        self.fc2 = nn.Linear(7, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def mlp_and_guided_reference(target: int = 1):
+    """The MLP, an input, the one-hot start and the guided-backprop / deconvnet / plain gradients."""
+    model = init_weights(Mlp(), gain=1.0)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(4), dtype=DTYPE)
+    start = torch.eye(3, dtype=DTYPE)[[target] * 4]
+    pre = x @ model.fc1.weight.detach().T
+    upstream = model.fc2.weight.detach()[target].expand(4, 7)
+    weight = model.fc1.weight.detach()
+    reference = {
+        "guided": (upstream.clamp(min=0) * (pre > 0)) @ weight,
+        "deconvnet": upstream.clamp(min=0) @ weight,
+        "gradient": (upstream * (pre > 0)) @ weight,
+    }
+    return model, x, start, reference
+
+
+@ignore_uncovered
+def test_layer_map_activation_group_reaches_functional_relu() -> None:
+    model, x, start, reference = mlp_and_guided_reference()
+    composite = composites.LayerMapComposite([(types.Activation, rules.GuidedBackprop())])
+    _, relevance = Gradient(model, composite)(x, target=start)
+    assert torch.allclose(relevance, reference["guided"], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(reference["gradient"], reference["guided"])  # the rule really acted
+    table = lrpkit.describe(model, x, composite=composite, target=start)
+    assert [(row.name, row.rule) for row in table.rows if row.name == "relu"] == [("relu", "GuidedBackprop()")]
+
+
+@pytest.mark.parametrize("preset, expected", [("guided_backprop", "guided"), ("deconvnet", "deconvnet")])
+def test_gradient_presets_reach_functional_relu(preset: str, expected: str) -> None:
+    model, x, start, reference = mlp_and_guided_reference()
+    _, relevance = Gradient(model, composites.get(preset))(x, target=start)
+    assert torch.allclose(relevance, reference[expected], rtol=1e-12, atol=1e-12)
+
+
+def test_composite_choice_wins_over_capture_rules() -> None:
+    """Documented precedence: a preset mapping types.Sum to Norm overrides ``rules=[(Add, None)]``."""
+    model = build(Residual)
+    composite = composites.EpsilonPlus(canonizers=[FunctionalCapture(rules=[(captured.Add, None)])])
+    rows = {row.name: row.rule for row in lrpkit.describe(model, images(), composite=composite).rows}
+    assert rows["add"].startswith("Norm(")
+
+
+def test_capture_rules_restore_the_gradient_for_additions() -> None:
+    model = build(Residual)
+    x = images()
+    layer_map = [(types.Convolution, rules.ZPlus()), (types.Linear, rules.Epsilon())]
+    default = composites.LayerMapComposite(layer_map)
+    plain_adds = composites.LayerMapComposite(layer_map, canonizers=[FunctionalCapture(rules=[(captured.Add, None)])])
+    output, relevance = Gradient(model, default)(x)
+    assert_conserved(output, relevance)
+    output, relevance = Gradient(model, plain_adds)(x)
+    assert_conserved(output, relevance, factor=2.0, rtol=1e-5)
+    rows = {row.name: row.rule for row in lrpkit.describe(model, x, composite=plain_adds).rows}
+    assert rows["add"] == "gradient"
+    assert rows["relu"] == "Pass()"  # the other defaults stay
+
+
+def test_empty_canonizers_turn_capture_off() -> None:
+    model = build(Residual)
+    x = images()
+    composite = composites.EpsilonPlus(canonizers=[])
+    table = lrpkit.describe(model, x, composite=composite)
+    assert [row.name for row in table.rows] == ["", "stem", "conv1", "conv2", "fc"]
+    assert all(":" not in row.kind for row in table.rows)  # captured rows read 'Add: add'
+    with composite.context(model):
+        assert function_mode_stack() == []
+        model(x.clone().requires_grad_(True))
+        assert function_mode_stack() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. rules of captured calls against independent references
+# ---------------------------------------------------------------------------------------------
+
+
+def epsilon_reference(function, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """``x * J^T (R / stab(function(x)))`` with ``J`` the full Jacobian of ``function`` at ``x``."""
+    output = function(x)
+    jacobian = torch.autograd.functional.jacobian(function, x).reshape(output.numel(), x.numel())
+    scaled = (relevance / stabilize(output)).reshape(-1)
+    return x * (jacobian.T @ scaled).reshape(x.shape)
+
+
+def layer_norm_reference(x: torch.Tensor, shape: tuple[int, ...], weight, bias, eps: float, relevance) -> torch.Tensor:
+    dims = tuple(range(-len(shape), 0))
+    sigma = torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + eps)  # a constant below
+
+    def linear_part(inputs: torch.Tensor) -> torch.Tensor:
+        centred = inputs - inputs.mean(dims, keepdim=True)
+        return centred / sigma * (1.0 if weight is None else weight)
+
+    real_output = F.layer_norm(x, shape, weight, bias, eps)
+    jacobian = torch.autograd.functional.jacobian(linear_part, x).reshape(x.numel(), x.numel())
+    scaled = (relevance / stabilize(real_output)).reshape(-1)
+    return x * (jacobian.T @ scaled).reshape(x.shape)
+
+
+class FunctionalLayerNorm(nn.Module):
+    def __init__(self, size: int, affine: bool) -> None:
+        super().__init__()
+        self.size = size
+        self.weight = nn.Parameter(torch.randn(size, dtype=DTYPE)) if affine else None
+        self.bias = nn.Parameter(torch.randn(size, dtype=DTYPE)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.size,), self.weight, self.bias, 1e-5)
+
+
+def _random(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+@ignore_uncovered  # the root's own weight is used by the captured call
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_constant_on_functional_layer_norm(affine: bool) -> None:
+    torch.manual_seed(0)
+    model = FunctionalLayerNorm(5, affine).eval()
+    x, relevance = _random(2, 3, 5, seed=1), _random(2, 3, 5, seed=2)
+    capture = FunctionalCapture()
+    composite = composites.EpsilonPlus(canonizers=[capture])
+    _, result = Gradient(model, composite)(x, target=relevance)
+    weight = None if model.weight is None else model.weight.detach()
+    bias = None if model.bias is None else model.bias.detach()
+    expected = layer_norm_reference(x, (5,), weight, bias, 1e-5, relevance)
+    assert torch.allclose(result, expected, rtol=1e-10, atol=1e-12)
+    if not affine:  # zero beta: conservative
+        assert result.sum().item() == pytest.approx(relevance.sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("how", ["module-rule", "captured-inside-module"])
+def test_layer_norm_constant_on_nn_layer_norm(how: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(6)).to(DTYPE).eval()
+    with torch.no_grad():
+        model[0].weight.normal_()
+        model[0].bias.normal_()
+    x, relevance = _random(2, 4, 6, seed=3), _random(2, 4, 6, seed=4)
+    if how == "module-rule":
+        composite = composites.LayerMapComposite([(nn.LayerNorm, rules.LayerNormConstant())], canonizers=[])
+    else:
+        composite = composites.EpsilonPlus()
+    table = lrpkit.describe(model, x, composite=composite, target=relevance)
+    rows = {row.name: row.rule for row in table.rows}
+    if how == "module-rule":
+        assert rows["0"].startswith("LayerNormConstant(")
+    else:
+        assert rows["0.layer_norm"].startswith("LayerNormConstant(")
+    norm = model[0]
+    expected = layer_norm_reference(x, (6,), norm.weight.detach(), norm.bias.detach(), norm.eps, relevance)
+    assert torch.allclose(table.relevance, expected, rtol=1e-10, atol=1e-12)
+
+
+class Attention(nn.Module):
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(6, 2, bias=True, batch_first=batch_first)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def attention_value_reference(mha: nn.MultiheadAttention, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """Self-attention by hand (sequence-first ``x``), attention weights fixed, epsilon on the value."""
+    length, batch, embed = x.shape
+    heads, width = mha.num_heads, mha.head_dim
+    w_q, w_k, w_v = mha.in_proj_weight.detach().chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.detach().chunk(3)
+    w_o, b_o = mha.out_proj.weight.detach(), mha.out_proj.bias.detach()
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # (L, B, E) -> (B, H, L, d)
+        return t.reshape(length, batch, heads, width).permute(1, 2, 0, 3)
+
+    query, key = split(x @ w_q.T + b_q), split(x @ w_k.T + b_k)
+    weights = torch.softmax(query @ key.transpose(-1, -2) / math.sqrt(width), dim=-1)
+
+    def value_path(v: torch.Tensor) -> torch.Tensor:
+        mixed = weights @ split(v @ w_v.T + b_v)  # (B, H, L, d)
+        merged = mixed.permute(2, 0, 1, 3).reshape(length, batch, embed)
+        return merged @ w_o.T + b_o
+
+    with torch.no_grad():
+        real, _ = mha(x, x, x, need_weights=False) if not mha.batch_first else (None, None)
+    if real is not None:
+        assert torch.allclose(value_path(x), real, atol=1e-12)  # the reference is the same function
+    return epsilon_reference(value_path, x, relevance)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_attention_value_on_multihead_attention(batch_first: bool) -> None:
+    torch.manual_seed(0)
+    model = Attention(batch_first).to(DTYPE).eval()
+    with torch.no_grad():
+        model.attention.in_proj_bias.normal_()
+        model.attention.out_proj.bias.normal_()
+    x, relevance = _random(4, 2, 6, seed=5), _random(4, 2, 6, seed=6)  # (L, B, E)
+    if batch_first:
+        inputs, target = x.transpose(0, 1).contiguous(), relevance.transpose(0, 1).contiguous()
+    else:
+        inputs, target = x, relevance
+    table = lrpkit.describe(model, inputs, composite=composites.EpsilonPlus(), target=target)
+    rule_rows = [(row.name, row.rule) for row in table.rows if row.rule.startswith("AttentionValue")]
+    assert rule_rows == [("attention.multi_head_attention_forward", "AttentionValue(stabilizer=1e-06)")]
+    expected = attention_value_reference(model.attention, x, relevance)
+    result = table.relevance.transpose(0, 1) if batch_first else table.relevance
+    assert torch.allclose(result, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_attention_value_with_default_need_weights() -> None:
+    class DefaultCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attention(x, x, x)[0]
+
+    torch.manual_seed(0)
+    model = DefaultCall().to(DTYPE).eval()
+    x, relevance = _random(4, 2, 6, seed=5), _random(4, 2, 6, seed=6)
+    _, result = Gradient(model, composites.EpsilonPlus())(x, target=relevance)
+    expected = attention_value_reference(model.attention, x, relevance)
+    assert torch.allclose(result, expected, rtol=1e-9, atol=1e-11)
+
+
+class Sdpa(nn.Module):
+    """``F.scaled_dot_product_attention`` with queries/keys computed from the input (or fixed)."""
+
+    def __init__(self, from_input: bool, causal: bool) -> None:
+        super().__init__()
+        self.from_input, self.causal = from_input, causal
+        self.w_q = nn.Parameter(_random(5, 5, seed=7))
+        self.w_k = nn.Parameter(_random(5, 5, seed=8))
+        self.q = nn.Parameter(_random(2, 2, 3, 5, seed=9))
+        self.k = nn.Parameter(_random(2, 2, 3, 5, seed=10))
+
+    def queries_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.from_input:
+            return x @ self.w_q, x @ self.w_k
+        return self.q, self.k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query, key = self.queries_keys(x)
+        return F.scaled_dot_product_attention(query, key, x, is_causal=self.causal)
+
+
+@ignore_uncovered
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("from_input", [False, True], ids=["fixed-qk", "qk-from-input"])
+def test_attention_value_on_scaled_dot_product_attention(from_input: bool, causal: bool) -> None:
+    model = Sdpa(from_input, causal).eval()
+    x, relevance = _random(2, 2, 3, 5, seed=11), _random(2, 2, 3, 5, seed=12)
+    _, result = Gradient(model, composites.EpsilonPlus())(x, target=relevance)
+    with torch.no_grad():
+        query, key = model.queries_keys(x)
+        scores = query @ key.transpose(-1, -2) / math.sqrt(5)
+        if causal:
+            scores = scores.masked_fill(~torch.ones(3, 3, dtype=torch.bool).tril(), float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        output = weights @ x
+        assert torch.allclose(output, model(x), atol=1e-12)
+        expected = x * (weights.transpose(-1, -2) @ (relevance / stabilize(output)))
+    assert torch.allclose(result, expected, rtol=1e-10, atol=1e-12)
+
+
+class Multiply(nn.Module):
+    """``a * b`` of two slices of the input; ``broadcast`` makes ``b`` one column."""
+
+    def __init__(self, broadcast: bool) -> None:
+        super().__init__()
+        self.broadcast = broadcast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x[:, :3]
+        b = x[:, 3:4] if self.broadcast else x[:, 3:]
+        return a * b
+
+
+@pytest.mark.parametrize("gate", ["signal", "uniform"])
+def test_product_of_two_signals_splits_relevance_in_half(gate: str) -> None:
+    model = Multiply(broadcast=False)
+    x, relevance = _random(4, 6, seed=13), _random(4, 3, seed=14)
+    composite = composites.EpsilonPlus(canonizers=[FunctionalCapture(gate=gate)])
+    _, result = Gradient(model, composite)(x, target=relevance)
+    product = x[:, :3] * x[:, 3:]
+    half = relevance / 2 * product / stabilize(product)
+    assert torch.allclose(result, torch.cat([half, half], dim=1), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("gate", ["signal", "uniform"])
+def test_product_with_a_broadcast_factor(gate: str) -> None:
+    """``signal``: the broadcast factor is a gate (no relevance); ``uniform``: half of it each."""
+    model = Multiply(broadcast=True)
+    x, relevance = _random(4, 6, seed=15), _random(4, 3, seed=16)
+    composite = composites.EpsilonPlus(canonizers=[FunctionalCapture(gate=gate)])
+    _, result = Gradient(model, composite)(x, target=relevance)
+    product = x[:, :3] * x[:, 3:4]
+    share = relevance * product / stabilize(product)
+    expected = torch.zeros_like(x)
+    if gate == "signal":
+        expected[:, :3] = share
+    else:
+        expected[:, :3] = share / 2
+        expected[:, 3] = share.sum(dim=1) / 2
+    assert torch.allclose(result, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_gate_argument_is_checked() -> None:
+    with pytest.raises(ValueError, match="gate"):
+        FunctionalCapture(gate="half")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. safety: exceptions, no_grad, backward after the context
+# ---------------------------------------------------------------------------------------------
+
+
+class Tripwire(nn.Module):
+    """Identity that raises when armed (an exception in the middle of the model's forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.modes: list[list[str]] = []  # the TorchFunctionModes active at each call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes.append([type(mode).__name__ for mode in function_mode_stack()])
+        if self.armed:
+            raise KeyError("tripwire")
+        return x
+
+
+class Fragile(nn.Module):
+    positive = ("lin",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4, bias=False)
+        self.trip = Tripwire()
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + F.relu(self.lin(x))
+        h = self.trip(h)
+        return self.head(torch.flatten(h, 1))
+
+
+def fragile() -> Fragile:
+    return init_weights(Fragile(), positive=Fragile.positive)
+
+
+def test_mode_is_active_only_during_the_forward() -> None:
+    model = fragile()
+    with composites.EpsilonPlus(canonizers=[FunctionalCapture()]).context(model):
+        assert function_mode_stack() == []
+        model(vectors().requires_grad_(True))
+        assert function_mode_stack() == []
+    with composites.EpsilonPlus(canonizers=[]).context(model):
+        model(vectors().requires_grad_(True))
+    assert model.trip.modes == [["_CaptureMode"], []]
+
+
+@pytest.mark.parametrize("canonizers", ["default", "capture-only"])
+def test_exception_in_forward_restores_everything(canonizers: str) -> None:
+    model = fragile()
+    before = snapshot(model)
+    make = {
+        "default": lambda: composites.EpsilonPlus(),
+        "capture-only": lambda: composites.EpsilonPlus(canonizers=[FunctionalCapture()]),
+    }[canonizers]
+    Gradient(model, make())(vectors())  # warm up: MergeBatchNorm's probe forward is cached now
+    model.trip.armed = True
+    model.trip.modes.clear()
+    composite = make()
+    with pytest.raises(KeyError, match="tripwire"):
+        with composite.context(model):
+            model(vectors().requires_grad_(True))
+    assert model.trip.modes == [["_CaptureMode"]]  # it raised inside the captured forward
+    assert_restored(model, before)
+    # inside one context: the failed forward leaves no mode behind and the next forward works
+    with composite.context(model):
+        with pytest.raises(KeyError, match="tripwire"):
+            model(vectors().requires_grad_(True))
+        assert function_mode_stack() == []
+        model.trip.armed = False
+        x = vectors().requires_grad_(True)
+        output = model(x)
+        target = one_hot_times_output(output.detach())
+        (relevance,) = torch.autograd.grad(output, x, target)
+        assert function_mode_stack() == []
+    assert_restored(model, before)
+    assert_conserved(output.detach(), relevance)
+    # and a fresh context afterwards
+    output, relevance = Gradient(model, composites.EpsilonPlus())(vectors())
+    assert_conserved(output, relevance)
+    assert_restored(model, before)
+
+
+def test_exception_in_backward_restores_everything() -> None:
+    model = fragile()
+    before = snapshot(model)
+    composite = composites.NameMapComposite([("add", Exploding()), (_linear_epsilon, rules.Epsilon())])
+    with pytest.raises(ArithmeticError, match="exploding rule"):
+        Gradient(model, composite)(vectors())
+    assert_restored(model, before)
+    output, relevance = Gradient(model, composites.EpsilonPlus())(vectors())
+    assert_conserved(output, relevance)
+    assert_restored(model, before)
+
+
+def test_forward_under_no_grad_inside_the_context() -> None:
+    model = build(SqueezeExcite)
+    x = images()
+    reference = model(x)
+    capture = FunctionalCapture()
+    with composites.EpsilonPlus(canonizers=[capture]).context(model):
+        with torch.no_grad():
+            output = model(x)
+        assert capture.ops(model) == {}  # nothing carries a gradient: nothing is captured
+        assert function_mode_stack() == []
+    assert torch.equal(output, reference.detach())
+    assert not output.requires_grad
+
+
+def test_part_of_the_forward_under_no_grad() -> None:
+    """A gate computed under ``torch.no_grad()`` is a constant: the signal gets all relevance."""
+
+    class DetachedGate(SqueezeExcite):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stem(x)
+            with torch.no_grad():
+                gate = torch.sigmoid(self.squeeze(h.mean(dim=(2, 3))))
+            return self.fc(torch.flatten(h * gate[:, :, None, None], 1))
+
+    model = build(DetachedGate)
+    x = images()
+    reference = model(x)
+    output, relevance = Gradient(model, composites.EpsilonPlus())(x)
+    assert torch.equal(output, reference.detach())
+    assert_conserved(output, relevance)
+
+
+def test_backward_after_the_context_closed_raises_at_a_captured_op() -> None:
+    class EndsInAdd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.lin(x)
+
+    model = init_weights(EndsInAdd())
+    x = vectors().requires_grad_(True)
+    with composites.EpsilonPlus().context(model):
+        output = model(x)
+    assert type(output.grad_fn).__name__ != "AddBackward0"  # routed through the add's rule
+    with pytest.raises(RuntimeError, match=r"'add' \(Add\) after its composite context was closed"):
+        output.sum().backward()
+    assert function_mode_stack() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# in-place forms that the out-of-place rewrite changes (library bugs, see reasons)
+# ---------------------------------------------------------------------------------------------
+
+
+class AliasedAugmentedAdd(nn.Module):
+    """``b`` aliases ``a``; ``a += x`` changes ``b`` too in plain PyTorch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lin(x)
+        b = a
+        a += x
+        return a * b
+
+
+class ReluStatement(nn.Module):
+    """``F.relu(a, inplace=True)`` used as a statement, for its side effect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lin(x)
+        F.relu(a, inplace=True)
+        return a
+
+
+def test_augmented_assignment_with_an_alias_keeps_the_forward() -> None:
+    model = init_weights(AliasedAugmentedAdd())
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(42), dtype=DTYPE)
+    reference = model(x)
+    with composites.EpsilonPlus().context(model), pytest.warns(InPlaceWarning, match="not captured"):
+        inside = model(x.clone().requires_grad_(True))
+    assert torch.equal(inside.detach(), reference.detach())
+
+
+def test_inplace_relu_statement_keeps_the_forward() -> None:
+    model = init_weights(ReluStatement())
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(42), dtype=DTYPE)
+    reference = model(x)
+    with composites.EpsilonPlus().context(model), pytest.warns(InPlaceWarning, match="not captured"):
+        inside = model(x.clone().requires_grad_(True))
+    assert torch.equal(inside.detach(), reference.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. lrpkit.describe
+# ---------------------------------------------------------------------------------------------
+
+
+def test_describe_a_residual_model() -> None:
+    model = build(Residual)
+    x = images()
+    table = lrpkit.describe(model, x, composite="epsilon_plus")
+    names = [row.name for row in table.rows]
+    assert names == ["", "stem", "conv1", "relu", "conv2", "add", "flatten", "fc"]
+    rows = {row.name: row for row in table.rows}
+    assert rows[""].rule == "-"
+    assert rows["stem"].rule.startswith("ZPlus(") and rows["fc"].rule.startswith("Epsilon(")
+    assert rows["relu"].rule == "Pass()" and rows["relu"].kind == "ReLU: relu"
+    assert rows["add"].rule == "Norm(stabilizer=1e-06)" and rows["add"].kind == "Add: add"
+    assert rows["flatten"].rule == "gradient" and rows["flatten"].kind == "Reshape: flatten"
+    assert rows["add"].shape == (3, 4, 5, 5) and rows["flatten"].shape == (3, 100)
+    logits = table.output.max(dim=1).values.sum().item()
+    # the conservative chain: root output, fc, flatten, add, stem output and the input
+    for name in ["", "fc", "flatten", "add", "stem"]:
+        assert rows[name].relevance == pytest.approx(logits, rel=RTOL), name
+    assert table.relevance.sum().item() == pytest.approx(logits, rel=RTOL)
+    # inside the residual branch: conv2 -> relu -> conv1 conserve its (smaller) share
+    share = rows["conv2"].relevance
+    assert share != pytest.approx(logits, rel=1e-3)  # a part, not all (all would mean doubling)
+    assert rows["relu"].relevance == pytest.approx(share, rel=RTOL)
+    assert rows["conv1"].relevance == pytest.approx(share, rel=RTOL)
+    # the table renders: a header and one line per row
+    text = str(table)
+    lines = text.splitlines()
+    assert len(lines) == len(table.rows) + 1
+    assert lines[0].split() == ["#", "name", "kind", "rule", "output", "shape", "relevance", "sum"]
+    assert "(root)" in lines[1]
+    assert "Norm(stabilizer=1e-06)" in text and "Add: add" in text and "3x4x5x5" in text
+    assert model is not None and hooks_left(model) == []
