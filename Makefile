@@ -21,5 +21,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lrpkit demo
 
+bench: $(STAMP)
+	$(BIN)/lrpkit bench rules --device cpu
+	$(BIN)/lrpkit bench models --device cpu
+
 clean:
 	rm -rf $(VENV) build *.egg-info

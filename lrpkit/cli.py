@@ -1,7 +1,8 @@
 """The ``lrpkit`` command line.
 
-Each subcommand is one ``(add_arguments, run)`` pair in :data:`COMMANDS`; adding ``explain``
-or ``bench`` later means writing those two functions and one registry entry.
+Each subcommand is one ``(add_arguments, run)`` pair in :data:`COMMANDS`; adding one means
+writing those two functions and one registry entry. ``bench`` runs the ``benchmarks`` package
+of a repository checkout (it is not installed with lrpkit).
 
 Examples
 --------
@@ -15,6 +16,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -100,6 +103,87 @@ def _describe_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ bench
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", choices=["models", "rules"],
+                        help="'models': whole torchvision models against gradient x input and "
+                             "zennit; 'rules': each rule's backward on single layers")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where to run (default: cpu)")
+    parser.add_argument("--models", nargs="+", metavar="NAME", default=None,
+                        help="models suite: torchvision model names or tiny-vgg / tiny-resnet "
+                             "(default: vgg16 resnet50; with --quick: tiny-vgg tiny-resnet)")
+    parser.add_argument("--batch", nargs="+", type=int, metavar="N", default=None,
+                        help="batch sizes (default: models 1 8 on the CPU, 1 8 32 on CUDA; rules 8; "
+                             "with --quick: 1 and 2)")
+    parser.add_argument("--repeats", type=int, metavar="N", default=None,
+                        help="timed repeats; the median is reported (default: models 5, rules 10; "
+                             "with --quick: 1)")
+    parser.add_argument("--warmup", type=int, metavar="N", default=None,
+                        help="untimed calls first, at least 1 (default: models 1, rules 2)")
+    parser.add_argument("--size", type=int, metavar="PIXELS", default=None,
+                        help="models suite: input height and width (default: 224; with --quick: 32)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="where to write <suite>.json and <suite>.md (default: benchmarks/results/ "
+                             "in the checkout)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny models, layers and sizes, one repeat: a smoke test, not a measurement")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="models suite: skip the peak-memory measurement")
+    parser.add_argument("--threads", type=int, metavar="N", default=None,
+                        help="torch.set_num_threads for the run (default: torch's default)")
+
+
+def _import_benchmarks() -> Any:
+    """The repository's ``benchmarks`` package, or ``None`` when this is not run from a checkout.
+
+    ``lrpkit`` is installed without it; from the root of a checkout it is importable (``python -m``
+    puts the working directory on ``sys.path``; the ``lrpkit`` script does not, so it is added).
+    """
+    import importlib
+
+    def ours(module: Any) -> bool:
+        return module is not None and hasattr(module, "run_suite") and hasattr(module, "BenchOptions")
+
+    try:
+        module = importlib.import_module("benchmarks")
+    except ImportError:
+        module = None
+    if ours(module):
+        return module
+    checkout = Path.cwd()
+    if not (checkout / "benchmarks" / "__init__.py").is_file():
+        return None
+    sys.path.insert(0, str(checkout))
+    sys.modules.pop("benchmarks", None)
+    importlib.invalidate_caches()
+    try:
+        module = importlib.import_module("benchmarks")
+    except ImportError:
+        return None
+    return module if ours(module) else None
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    for name in ("repeats", "warmup", "size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"lrpkit bench: --{name} must be at least 1", file=sys.stderr)
+            return 2
+    if args.batch is not None and min(args.batch) < 1:
+        print("lrpkit bench: --batch sizes must be at least 1", file=sys.stderr)
+        return 2
+    benchmarks = _import_benchmarks()
+    if benchmarks is None:
+        print("lrpkit bench: the benchmarks live in the lrpkit repository, not in the installed "
+              "package. Run `lrpkit bench ...` (or `python -m benchmarks ...`) from the root of a "
+              "checkout of lrpkit, the directory that contains benchmarks/.", file=sys.stderr)
+        return 1
+    return int(benchmarks.run_suite(benchmarks.BenchOptions.from_namespace(args)))
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         help="explain 8x8 digits with three LRP composites and the gradient, write a PNG",
@@ -110,6 +194,11 @@ COMMANDS: dict[str, Command] = {
         help="print every module and captured call of a model with its rule and relevance",
         add_arguments=_describe_arguments,
         run=_describe_run,
+    ),
+    "bench": Command(
+        help="time and measure lrpkit against gradient x input and zennit (run from a checkout)",
+        add_arguments=_bench_arguments,
+        run=_bench_run,
     ),
 }
 """Subcommands by name, in the order ``--help`` lists them."""

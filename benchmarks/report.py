@@ -1,0 +1,254 @@
+"""Machine description, markdown tables and the JSON/markdown files of a benchmark run."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import MEMORY_TARGETS, TIME_TARGETS
+
+#: Columns of the whole-model table: (header, row key, format).
+MODEL_COLUMNS = [
+    ("method", "method", "s"),
+    ("median ms", "median_ms", ".1f"),
+    ("x grad", "ratio_vs_gradient", ".2f"),
+    ("zennit/lrpkit", "zennit_over_lrpkit", ".2f"),
+    ("peak MiB", "peak_mib", ".0f"),
+    ("mem x grad", "memory_vs_gradient", ".2f"),
+    ("mem lrpkit/zennit", "memory_lrpkit_over_zennit", ".2f"),
+    ("rel. diff vs zennit", "max_rel_diff_vs_zennit", ".1e"),
+]
+
+#: Columns of the rule-cost table: (header, row key, format).
+RULE_COLUMNS = [
+    ("layer", "layer", "s"),
+    ("rule", "rule", "s"),
+    ("input", "input", "s"),
+    ("grad bwd ms", "gradient_ms", ".3f"),
+    ("rule bwd ms", "rule_ms", ".3f"),
+    ("x grad", "ratio_vs_gradient", ".2f"),
+    ("floor (layer products)", "floor_products", "d"),
+    ("x grad / floor", "ratio_over_floor", ".2f"),
+    ("algebraic min", "algebraic_min_products", "s"),
+    ("fwd x plain", "forward_ratio", ".2f"),
+]
+
+
+# ----------------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_features() -> list[str]:
+    """The vector extensions that matter for torch's CPU kernels (AVX2, AVX-512, AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return [flag for flag in wanted if flag in flags]
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}{' (with uncommitted changes)' if dirty else ''}"
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, threads, GPU, library versions, commit."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_features": _cpu_features(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "zennit": _version("zennit"),
+        "captum": _version("captum"),
+        "lrpkit_commit": _git_commit(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def command_line(options: dict[str, Any]) -> str:
+    """The ``lrpkit bench`` command that repeats the run (every option spelled out)."""
+    words = ["lrpkit", "bench", options["suite"], "--device", options["device"]]
+    if options["suite"] == "models":
+        words += ["--models", *options["models"], "--size", str(options["size"])]
+    words += ["--batch", *map(str, options["batches"]), "--repeats", str(options["repeats"]),
+              "--warmup", str(options["warmup"])]
+    if options["threads"] is not None:
+        words += ["--threads", str(options["threads"])]
+    if options["suite"] == "models" and not options["memory"]:
+        words.append("--no-memory")
+    if options["quick"]:
+        words.append("--quick")
+    return shlex.join(words)
+
+
+# ---------------------------------------------------------------------------------- markdown
+
+
+def format_value(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``; ``-`` for a missing value."""
+    if value is None:
+        return "-"
+    if spec == "s":
+        return str(value)
+    return format(value, spec)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def _header(title: str, payload: dict[str, Any]) -> list[str]:
+    machine = payload["machine"]
+    gpu = f", GPU {machine['gpu']} (CUDA {machine['cuda']})" if "gpu" in machine else ""
+    lines = [
+        f"# {title}",
+        "",
+        f"- machine: {machine['cpu']} ({', '.join(machine['cpu_features']) or 'no AVX2'}), "
+        f"{machine['logical_cores']} logical cores, torch threads {machine['torch_threads']}{gpu}",
+        f"- software: python {machine['python']}, torch {machine['torch']}, torchvision "
+        f"{machine['torchvision']}, zennit {machine['zennit']}, captum {machine['captum']}, "
+        f"lrpkit commit {machine['lrpkit_commit']}",
+        f"- date (UTC): {machine['date_utc']}",
+        f"- command: `{payload['command']}`",
+    ]
+    if "memory_method" in payload:
+        lines.append(f"- memory: {payload['memory_method']}")
+    lines += [f"- {note}" for note in payload["notes"]]
+    return lines
+
+
+def _check(value: float | None, limit: float | None, at_most: bool) -> str:
+    if value is None:
+        return "-"
+    if limit is None:
+        return f"{value:.2f}"
+    met = value <= limit if at_most else value >= limit
+    return f"{value:.2f} ({'ok' if met else 'miss'})"
+
+
+def targets_table(rows: Sequence[dict[str, Any]]) -> str:
+    """lrpkit against issue 4's targets, one line per (model, batch, composite)."""
+    memory_vs_gradient, memory_vs_zennit = MEMORY_TARGETS
+    lines = []
+    for row in rows:
+        if row["library"] != "lrpkit":
+            continue
+        time_limit, speedup = TIME_TARGETS.get(row["composite"], (None, None))
+        lines.append([
+            row["model"], str(row["batch"]), row["composite"],
+            _check(row["ratio_vs_gradient"], time_limit, at_most=True),
+            "-" if time_limit is None else f"<= {time_limit}",
+            _check(row["zennit_over_lrpkit"], speedup, at_most=False),
+            "-" if speedup is None else f">= {speedup}",
+            _check(row["memory_vs_gradient"], memory_vs_gradient, at_most=True),
+            _check(row["memory_lrpkit_over_zennit"], memory_vs_zennit, at_most=True),
+        ])
+    headers = ["model", "batch", "composite", "time x grad", "target", "zennit/lrpkit", "target",
+               f"mem x grad (<= {memory_vs_gradient})", f"mem lrpkit/zennit (<= {memory_vs_zennit})"]
+    return markdown_table(headers, lines)
+
+
+def models_markdown(payload: dict[str, Any]) -> str:
+    """The whole-model suite as markdown: one table per (model, batch), then the targets."""
+    lines = _header("lrpkit benchmarks: whole models", payload)
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in payload["rows"]:
+        groups.setdefault((row["model"], row["batch"]), []).append(row)
+    for (model, batch), rows in groups.items():
+        size, device = rows[0]["size"], rows[0]["device"]
+        lines += ["", f"## {model}, batch {batch}, {size}x{size}, {device}", ""]
+        table = [[format_value(row[key], spec) for _, key, spec in MODEL_COLUMNS] for row in rows]
+        lines.append(markdown_table([header for header, _, _ in MODEL_COLUMNS], table))
+        errors = [f"- {row['method']}: {row['error']}" for row in rows if row["error"]]
+        if errors:
+            lines += ["", "Errors:", *errors]
+    lines += ["", "## lrpkit against the targets of issue 4", "", targets_table(payload["rows"])]
+    return "\n".join(lines) + "\n"
+
+
+def rules_pivot(rows: Sequence[dict[str, Any]]) -> str:
+    """Rule backward / plain gradient backward: rules (and inputs) by layers, with the floor."""
+    layers = list(dict.fromkeys(row["layer"] for row in rows))
+    keys = list(dict.fromkeys((row["rule"], row["input"]) for row in rows))
+    cells = {(row["rule"], row["input"], row["layer"]): row for row in rows}
+    table = []
+    for rule, kind in keys:
+        first = cells[(rule, kind, layers[0])]
+        line = [rule, kind, str(first["floor_products"]), first["algebraic_min_products"]]
+        line += [format_value(cells.get((rule, kind, layer), {}).get("ratio_vs_gradient"), ".2f") for layer in layers]
+        table.append(line)
+    return markdown_table(["rule", "input", "floor (layer products)", "algebraic min", *layers], table)
+
+
+def rules_markdown(payload: dict[str, Any]) -> str:
+    """The rule-cost suite as markdown: a summary by rule and layer, the full table, the floors."""
+    lines = _header("lrpkit benchmarks: cost of each rule per layer", payload)
+    batches = list(dict.fromkeys(row["batch"] for row in payload["rows"]))
+    for batch in batches:
+        rows = [row for row in payload["rows"] if row["batch"] == batch]
+        lines += ["", f"## batch {batch}: rule backward / plain gradient backward", "", rules_pivot(rows)]
+        lines += ["", f"## batch {batch}: all measurements", ""]
+        table = [[format_value(row[key], spec) for _, key, spec in RULE_COLUMNS] for row in rows]
+        lines.append(markdown_table([header for header, _, _ in RULE_COLUMNS], table))
+    notes = dict.fromkeys(f"- {row['rule']} ({row['input']}): {row['floor_note']}" for row in payload["rows"])
+    lines += ["", "## Floors", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"models": models_markdown, "rules": rules_markdown}
+
+
+def write_outputs(out: Path, payload: dict[str, Any], markdown: str) -> list[Path]:
+    """Write ``<suite>.json`` and ``<suite>.md`` to ``out`` (created if needed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{payload['suite']}.json"
+    markdown_path = out / f"{payload['suite']}.md"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    markdown_path.write_text(markdown)
+    return [json_path, markdown_path]

@@ -1,0 +1,79 @@
+"""Wall-clock timing of one call on the CPU or on CUDA, and small helpers around it."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def elapsed_ms(call: Callable[[], Any], device: str) -> float:
+    """Milliseconds ``call()`` takes, including the work it queues on ``device``.
+
+    On CUDA the time is taken with a pair of ``torch.cuda.Event``s around the call, after a
+    synchronisation; on the CPU with :func:`time.perf_counter`. As in :mod:`timeit`, Python's
+    cyclic garbage collector is paused during the call, so that a collection triggered by earlier
+    work is not charged to whichever call happens to be running; pending collections run after
+    the call, untimed.
+    """
+    gc.disable()
+    try:
+        return _elapsed_ms(call, device)
+    finally:
+        gc.enable()
+
+
+def _elapsed_ms(call: Callable[[], Any], device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize(device)
+        return float(start.elapsed_time(end))
+    begin = time.perf_counter()
+    call()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def median(values: Sequence[float]) -> float | None:
+    """The median of ``values``, or ``None`` for no values."""
+    return float(statistics.median(values)) if values else None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """``numerator / denominator``, or ``None`` when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """``requires_grad_(False)`` on every parameter of ``model``, restored on exit.
+
+    The plain gradient then builds no graph for parameter gradients; every method is timed on
+    the frozen model so that the comparison is the same for all of them.
+    """
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply ``torch.set_num_threads(threads)`` when given; return the number in use."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

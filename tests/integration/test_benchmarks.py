@@ -1,0 +1,95 @@
+"""Smoke test of ``lrpkit bench``: both suites with ``--quick`` through the CLI's ``main()``.
+
+Tiny models, layers and sizes with one repeat, so this checks that the benchmarks run and write
+what they promise (JSON rows with their columns, markdown tables), never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lrpkit.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+MODEL_KEYS = {
+    "model", "batch", "size", "device", "method", "library", "composite", "median_ms", "times_ms",
+    "ratio_vs_gradient", "zennit_over_lrpkit", "peak_mib", "memory_vs_gradient",
+    "memory_lrpkit_over_zennit", "max_rel_diff_vs_zennit", "error",
+}
+RULE_KEYS = {
+    "layer", "batch", "rule", "input", "gradient_ms", "rule_ms", "ratio_vs_gradient", "floor_products",
+    "ratio_over_floor", "algebraic_min_products", "forward_ratio", "floor_note", "times_ms",
+    "gradient_times_ms",
+}
+COMPOSITES = {"Epsilon", "EpsilonPlus", "EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1"}
+
+
+@pytest.fixture
+def checkout(monkeypatch) -> Path:
+    """Run as from the root of a checkout: ``benchmarks`` importable, as ``python -m`` makes it."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    monkeypatch.chdir(REPO_ROOT)
+    return REPO_ROOT
+
+
+def _load(out: Path, suite: str) -> tuple[dict, str]:
+    payload = json.loads((out / f"{suite}.json").read_text())
+    markdown = (out / f"{suite}.md").read_text()
+    assert payload["suite"] == suite
+    assert payload["command"].startswith(f"lrpkit bench {suite} ")
+    assert {"cpu", "logical_cores", "torch", "zennit"} <= set(payload["machine"])
+    return payload, markdown
+
+
+def test_bench_rules_quick(checkout, tmp_path, capsys):
+    assert main(["bench", "rules", "--quick", "--threads", "2", "--out", str(tmp_path)]) == 0
+    payload, markdown = _load(tmp_path, "rules")
+    rows = payload["rows"]
+    assert rows and all(set(row) == RULE_KEYS for row in rows)
+    assert {row["rule"] for row in rows} == {"Epsilon", "ZPlus", "Gamma", "AlphaBeta", "ZBox", "Flat", "WSquare"}
+    assert len({row["layer"] for row in rows}) == 5
+    assert {(row["rule"], row["input"]) for row in rows if row["input"] == "signed"} == {
+        ("ZPlus", "signed"), ("Gamma", "signed"), ("AlphaBeta", "signed")}
+    assert all(row["rule_ms"] > 0 and row["gradient_ms"] > 0 and row["floor_products"] >= 1 for row in rows)
+    assert "| layer | rule | input | grad bwd ms | rule bwd ms | x grad | floor (layer products) |" in markdown
+    assert "## Floors" in markdown
+    assert markdown in capsys.readouterr().out
+
+
+def test_bench_models_quick(checkout, tmp_path, capsys):
+    assert main(["bench", "models", "--quick", "--threads", "2", "--out", str(tmp_path)]) == 0
+    payload, markdown = _load(tmp_path, "models")
+    rows = payload["rows"]
+    assert "peak RSS" in payload["memory_method"]
+    assert all(set(row) == MODEL_KEYS for row in rows)
+    assert all(row["error"] is None for row in rows), [row["error"] for row in rows]
+    for model in ("tiny-vgg", "tiny-resnet"):
+        methods = {row["method"] for row in rows if row["model"] == model}
+        assert "gradient x input" in methods
+        assert {f"lrpkit {name}" for name in COMPOSITES} <= methods
+        assert {f"zennit {name}" for name in COMPOSITES} <= methods
+    for row in rows:
+        assert row["median_ms"] > 0 and row["peak_mib"] is not None and row["ratio_vs_gradient"] > 0
+        if row["library"] == "lrpkit":
+            assert row["zennit_over_lrpkit"] > 0 and row["memory_lrpkit_over_zennit"] is not None
+            # both libraries did the same work: float32 round-off apart
+            assert row["max_rel_diff_vs_zennit"] < 1e-3
+    assert "| method | median ms | x grad | zennit/lrpkit | peak MiB | mem x grad |" in markdown
+    assert "## lrpkit against the targets of issue 4" in markdown
+    assert markdown in capsys.readouterr().out
+
+
+def test_bench_outside_a_checkout_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "benchmarks", None)  # import benchmarks fails
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "rules", "--quick"]) == 1
+    assert "from the root of a checkout" in capsys.readouterr().err
+
+
+def test_bench_rejects_bad_numbers(capsys):
+    assert main(["bench", "models", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
