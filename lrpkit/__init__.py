@@ -24,9 +24,6 @@ from .report import Description, describe
 
 __version__ = "0.1.0"
 
-#: Presets whose first-layer rule needs the bounds of the input domain.
-_BOUNDED_PRESETS = {"epsilon_gamma_box"}
-
 
 def explain(
     model: nn.Module,
@@ -54,8 +51,7 @@ def explain(
         Unpacks as ``output, relevance``.
     """
     if isinstance(composite, str):
-        kwargs = {"low": float(x.min()), "high": float(x.max())} if composite in _BOUNDED_PRESETS else {}
-        composite = composites.get(composite, **kwargs)
+        composite = composites.get_for_input(composite, x)
     return Gradient(model, composite=composite)(x, target=target)
 
 

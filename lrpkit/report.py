@@ -30,7 +30,7 @@ from .attribution import Target, check_input, initial_relevance, select_output
 from .canonizers import FunctionalCapture
 from .captured import CapturedOp
 from .composites import Composite
-from .composites import get as get_composite
+from .composites import get_for_input
 from .ops import hooks_are_suspended
 
 
@@ -121,8 +121,7 @@ def describe(
     """
     check_input(x)
     if isinstance(composite, str):
-        bounded = {"low": float(x.min()), "high": float(x.max())} if composite == "epsilon_gamma_box" else {}
-        composite = get_composite(composite, **bounded)
+        composite = get_for_input(composite, x)
     table = Description()
     with composite.context(model), ExitStack() as stack, torch.enable_grad():
         _watch_modules(model, composite, table, stack)

@@ -428,7 +428,17 @@ class WSquare(_UniformInputRule):
         return {key: value if key == "bias" else value * value for key, value in params.items()}
 
 
-class Norm(Rule):
+class _StabilizedRule(Rule):
+    """Shared constructor of the parameter-free rules that only take a stabiliser."""
+
+    needs_output = True
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        _check_nonnegative("stabilizer", stabilizer)
+        self.stabilizer = float(stabilizer)
+
+
+class Norm(_StabilizedRule):
     """Proportional split for parameter-free linear maps (sum/average pooling, additions).
 
     ``R_i = a_i J^T (R / stab(z))`` with ``z`` the layer's real output: each input receives its
@@ -440,20 +450,13 @@ class Norm(Rule):
         Added to the denominator with its sign; must be ``>= 0``.
     """
 
-    needs_output = True
-
-    def __init__(self, stabilizer: float = 1e-6) -> None:
-        _check_nonnegative("stabilizer", stabilizer)
-        self.stabilizer = float(stabilizer)
-
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
         scaled = divide(relevance, call.output, self.stabilizer)
-        params = call.params()
-        return tuple(_times(call.inputs, call.ops.transpose(call.inputs, params, scaled)))
+        return tuple(_times(call.inputs, call.ops.transpose(call.inputs, call.params(), scaled)))
 
 
-class Product(Rule):
+class Product(Norm):
     """Relevance of a product split equally among the factors that carry it.
 
     ``R_k = a_k J_k^T (R / stab(z)) / n`` for the ``n`` factors that receive relevance, ``z`` the
@@ -470,20 +473,12 @@ class Product(Rule):
         Added to the denominator with its sign; must be ``>= 0``.
     """
 
-    needs_output = True
-
-    def __init__(self, stabilizer: float = 1e-6) -> None:
-        _check_nonnegative("stabilizer", stabilizer)
-        self.stabilizer = float(stabilizer)
-
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
-        assert call.output is not None
-        scaled = divide(relevance, call.output, self.stabilizer)
-        shares = _times(call.inputs, call.ops.transpose(call.inputs, call.params(), scaled))
-        return tuple(share / len(shares) for share in shares)
+        shares = super().relevance(call, relevance)
+        return tuple(None if share is None else share / len(shares) for share in shares)
 
 
-class LayerNormConstant(Rule):
+class LayerNormConstant(_StabilizedRule):
     """Layer normalisation with its standard deviation held constant (CP-LRP).
 
     ``y = gamma (x - mean(x)) / sigma + beta`` is linear in ``x`` once ``sigma`` is a constant;
@@ -500,12 +495,6 @@ class LayerNormConstant(Rule):
     stabilizer
         Added to the denominator with its sign; must be ``>= 0``.
     """
-
-    needs_output = True
-
-    def __init__(self, stabilizer: float = 1e-6) -> None:
-        _check_nonnegative("stabilizer", stabilizer)
-        self.stabilizer = float(stabilizer)
 
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
@@ -545,7 +534,7 @@ def _bind(func: Callable[..., object], arguments: tuple[tuple[object, ...], dict
     return dict(bound.arguments)
 
 
-class AttentionValue(Rule):
+class AttentionValue(_StabilizedRule):
     """Attention explained through its value path, the attention weights held constant (CP-LRP).
 
     With the softmax output ``A`` fixed, ``out = W_o (A (W_v v + b_v)) + b_o`` is linear in the
@@ -561,12 +550,6 @@ class AttentionValue(Rule):
     stabilizer
         Added to the denominator with its sign; must be ``>= 0``.
     """
-
-    needs_output = True
-
-    def __init__(self, stabilizer: float = 1e-6) -> None:
-        _check_nonnegative("stabilizer", stabilizer)
-        self.stabilizer = float(stabilizer)
 
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None

@@ -62,6 +62,16 @@ def get(name: str, **kwargs: Any) -> Composite:
     return cls(**kwargs)
 
 
+#: Presets whose first-layer rule needs the bounds of the input domain.
+_BOUNDED = {"epsilon_gamma_box"}
+
+
+def get_for_input(name: str, x: torch.Tensor) -> Composite:
+    """The preset ``name``; one that needs input bounds (``epsilon_gamma_box``) gets ``x``'s min and max."""
+    bounds = {"low": float(x.min()), "high": float(x.max())} if name in _BOUNDED else {}
+    return get(name, **bounds)
+
+
 def layer_map_base(stabilizer: float = 1e-6) -> list[tuple[Any, Any]]:
     """The rules every preset shares: activations pass, sums and average pools split proportionally."""
     return [

@@ -7,8 +7,7 @@ two 64x64 inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,21 +17,12 @@ from zennit import composites as zcomposites
 from zennit.attribution import Gradient as ZennitGradient
 from zennit.canonizers import SequentialMergeBatchNorm
 
+from helpers import hooks_left, zero_batchnorm_eps
 from lrpkit import composites
 from lrpkit.attribution import Gradient
 from lrpkit.canonizers import MergeBatchNorm
 
 ATOL = 1e-10
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
 def build(factory: Callable[..., nn.Module], seed: int) -> nn.Module:
     """``factory(weights=None)`` with seeded random weights and BatchNorm statistics, float64, eval."""
     with torch.random.fork_rng(devices=[]):
@@ -75,9 +65,7 @@ def assert_restored(model: nn.Module, before: tuple[dict[str, torch.Tensor], lis
     assert list(after) == list(state)
     assert all(torch.equal(after[key], value) for key, value in state.items())
     assert [(name, id(module)) for name, module in model.named_modules(remove_duplicate=False)] == modules
-    for name, module in model.named_modules():
-        for kind in HOOK_DICTS:
-            assert len(getattr(module, kind)) == 0, (name, kind)
+    assert hooks_left(model) == []
 
 
 def conv_bn_names(model: nn.Module) -> list[tuple[str, str]]:
@@ -124,28 +112,8 @@ def test_resnet18_with_default_canonizers(resnet18, images):
     assert_restored(resnet18, before)
 
 
-@contextmanager
-def zero_eps(model: nn.Module) -> Iterator[None]:
-    """Set every BatchNorm's ``eps`` to 0 for the block.
-
-    zennit 0.5.1's merge turns a BatchNorm into ``(x - 0) / sqrt(1 + eps) * 1 + 0``: it keeps
-    ``eps``, so with the default eps its merged VGG16-bn is not the original model (output off
-    by ~3e-5 relative, relevance by ~7e-5). With ``eps = 0`` zennit's merge is exact, and both
-    libraries explain the same function.
-    """
-    norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
-    saved = [norm.eps for norm in norms]
-    for norm in norms:
-        norm.eps = 0.0
-    try:
-        yield
-    finally:
-        for norm, eps in zip(norms, saved):
-            norm.eps = eps
-
-
 def test_vgg16_bn_relevance_matches_zennit(vgg16_bn, images):
-    with zero_eps(vgg16_bn):
+    with zero_batchnorm_eps(vgg16_bn):
         with torch.no_grad():
             output = vgg16_bn(images)
         target = nn.functional.one_hot(output.argmax(dim=1), output.shape[1]).to(output) * output

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from zennit import composites as zcomposites
 from zennit.attribution import Gradient as ZennitGradient
 from zennit.torchvision import ResNetCanonizer
 
+from helpers import hooks_left, zero_batchnorm_eps
 from lrpkit import composites, rules, types
 from lrpkit.attribution import Gradient
 from lrpkit.canonizers import FunctionalCapture
@@ -103,21 +103,6 @@ COMPOSITES: dict[str, Callable[[], composites.Composite]] = {
     EPSILON_PLUS_FLAT: lambda: composites.EpsilonPlusFlat(),
     EPSILON_GAMMA_BOX: lambda: composites.EpsilonGammaBox(low=0.0, high=1.0),
 }
-
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-# --------------------------------------------------------------------------------------------
-# models, built once per module
-# --------------------------------------------------------------------------------------------
-
 
 def build(name: str) -> nn.Module:
     """``MODELS[name]()`` with seeded random weights, made informative; float64, eval mode.
@@ -229,9 +214,7 @@ def assert_restored(model: nn.Module, before: tuple[dict[str, torch.Tensor], lis
     assert [(name, type(module), id(module)) for name, module in model.named_modules(remove_duplicate=False)] == modules
     assert repr(model) == structure  # module types and flags such as ReLU(inplace=True)
     assert not any(module.training for module in model.modules())
-    for name, module in model.named_modules():
-        for kind in HOOK_DICTS:
-            assert len(getattr(module, kind, None) or {}) == 0, f"hook left in {name!r}.{kind}"
+    assert hooks_left(model) == []
 
 
 def relative_conservation_error(output: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
@@ -310,25 +293,6 @@ def test_zplus_loss_is_at_negative_units(cache, images, name):
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def zero_eps(model: nn.Module) -> Iterator[None]:
-    """Every BatchNorm's ``eps`` set to 0 for the block (restored after).
-
-    zennit 0.5.1's merge keeps ``eps`` in the identity BatchNorm it leaves behind
-    (``(x - 0) / sqrt(1 + eps) * 1 + 0``), so with the default eps its merged model is not the
-    original one; with ``eps = 0`` both libraries explain the same function.
-    """
-    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    saved = [norm.eps for norm in norms]
-    for norm in norms:
-        norm.eps = 0.0
-    try:
-        yield
-    finally:
-        for norm, eps in zip(norms, saved):
-            norm.eps = eps
-
-
 ZENNIT_CASES = {
     EPSILON_PLUS_FLAT: (
         lambda: composites.EpsilonPlusFlat(),
@@ -346,7 +310,7 @@ ZENNIT_CASES = {
 def test_resnet_matches_zennit(cache, images, name, composite_name):
     model = cache.model(name)
     make_ours, make_theirs = ZENNIT_CASES[composite_name]
-    with zero_eps(model):
+    with zero_batchnorm_eps(model):
         with torch.no_grad():
             output = model(images)
         start = nn.functional.one_hot(output.argmax(dim=1), output.shape[1]).to(output) * output

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import hooks_left
 import lrpkit
 from lrpkit import captured, composites, rules, types
 from lrpkit.attribution import Gradient
@@ -78,12 +79,6 @@ def stabilize(value: torch.Tensor) -> torch.Tensor:
 
 def function_mode_stack() -> list:
     return list(torch.overrides._get_current_function_mode_stack())
-
-
-def hooks_left(model: nn.Module) -> list[tuple[str, str]]:
-    kinds = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_backward_hooks",
-             "_backward_pre_hooks", "_forward_hooks_always_called")
-    return [(name, kind) for name, module in model.named_modules() for kind in kinds if len(getattr(module, kind, {}))]
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
