@@ -41,6 +41,9 @@ class LayerCall:
         The module's real output (detached), or ``None`` when the rule said it does not need it.
     ops
         Modified forward and transposed product for this call (closed form where possible).
+    known_nonnegative
+        Per input: ``True`` when the forward graph guarantees it is ``>= 0`` (it comes from a
+        ReLU, or a pooling or reshape of one); see :func:`produced_nonnegative`.
     """
 
     name: str
@@ -48,6 +51,7 @@ class LayerCall:
     inputs: tuple[Tensor, ...]
     output: Tensor | None
     ops: LayerOps
+    known_nonnegative: tuple[bool, ...] = ()
 
     def params(self, zero: tuple[str, ...] = ()) -> Params:
         """The module's parameters, with those named in ``zero`` replaced by zeros."""
@@ -55,12 +59,75 @@ class LayerCall:
         return {key: torch.zeros_like(value) if key in zero else value for key, value in params.items()}
 
     def inputs_nonnegative(self) -> bool:
-        """Whether every input is ``>= 0`` (the single-path shortcut of z+/gamma/alpha-beta)."""
-        return all(not bool((tensor < 0).any()) for tensor in self.inputs)
+        """Whether every input is ``>= 0`` (the single-path shortcut of z+/gamma/alpha-beta).
+
+        Inputs produced by a ReLU (or a pooling or reshaping of one) are known to be
+        non-negative from the forward graph; the others are checked with one reduction each.
+        """
+        known = self.known_nonnegative or (False,) * len(self.inputs)
+        return all(flag or _nonnegative(tensor) for flag, tensor in zip(known, self.inputs))
 
     def describe(self) -> str:
         """``'name' (Type)`` for error messages."""
         return f"'{self.name}' ({type(self.module).__name__})"
+
+
+def _nonnegative(tensor: Tensor) -> bool:
+    """``tensor >= 0`` everywhere (one min-reduction, cheaper than a comparison and ``any``)."""
+    if tensor.numel() == 0:
+        return True
+    return bool(tensor.min() >= 0)
+
+
+#: Autograd nodes whose output is never negative.
+_NONNEGATIVE_NODES = frozenset({"ReluBackward0", "SigmoidBackward0", "SoftmaxBackward0", "ExpBackward0"})
+#: Autograd nodes that keep the sign of their (first) input: non-negative in, non-negative out.
+_SIGN_KEEPING_NODES = frozenset(
+    {
+        "MaxPool1DWithIndicesBackward0", "MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0",
+        "AvgPool1DBackward0", "AvgPool2DBackward0", "AvgPool3DBackward0",
+        "AdaptiveAvgPool1DBackward0", "AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool3DBackward0",
+        "AdaptiveMaxPool2DBackward0", "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0",
+        "CloneBackward0", "ExpandBackward0", "PermuteBackward0", "TransposeBackward0",
+    }
+)
+#: Modules (or captured calls, by ``op``) whose output is never negative.
+_NONNEGATIVE_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.Sigmoid, nn.Softmax)
+_NONNEGATIVE_OPS = frozenset({"relu", "sigmoid", "softmax"})
+_SIGN_KEEPING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Identity,
+)
+
+
+def produced_nonnegative(tensor: Tensor, depth: int = 8) -> bool:
+    """Whether the forward graph guarantees ``tensor >= 0`` (it comes from a ReLU, ...).
+
+    Follows the autograd graph back through sign-keeping steps (pooling, reshapes, lrpkit's own
+    rule nodes of pooling modules) to a node that cannot produce negative values. ``False``
+    means "unknown", not "negative".
+    """
+    node = tensor.grad_fn
+    for _ in range(depth):
+        if node is None:
+            return False
+        name = type(node).__name__
+        if name in _NONNEGATIVE_NODES:
+            return True
+        pending = getattr(node, "pending", None)
+        module = getattr(pending, "module", None)
+        if module is not None:
+            if isinstance(module, _NONNEGATIVE_MODULES) or getattr(module, "op", None) in _NONNEGATIVE_OPS:
+                return True
+            if not isinstance(module, _SIGN_KEEPING_MODULES) and getattr(module, "op", None) not in ("flatten", "reshape", "view"):
+                return False
+        elif name not in _SIGN_KEEPING_NODES:
+            return False
+        parents = node.next_functions
+        if len(parents) != 1:
+            return False
+        node = parents[0][0]
+    return False
 
 
 class Rule:
@@ -116,6 +183,7 @@ class PendingCall:
     input_positions: tuple[int, ...]
     output: Tensor | None = None
     ops_factory: OpsFactory = layer_ops
+    known_nonnegative: tuple[bool, ...] = ()
 
 
 class _RelevanceFunction(torch.autograd.Function):
@@ -149,6 +217,7 @@ class _RelevanceFunction(torch.autograd.Function):
             inputs=inputs,
             output=output,
             ops=pending.ops_factory(pending.module, tuple(args), pending.kwargs, pending.input_positions),
+            known_nonnegative=pending.known_nonnegative,
         )
         with torch.no_grad():
             result = pending.rule.relevance(call, relevance)
@@ -195,26 +264,26 @@ class RuleHook:
     def __call__(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
-        if hooks_are_suspended():
+        if hooks_are_suspended() or not torch.is_grad_enabled():
             return None
-        rule = self.choose(module)
-        if rule is None or not torch.is_grad_enabled():
-            return None
-        positions = tuple(
-            index
-            for index, arg in enumerate(args)
-            if isinstance(arg, Tensor) and arg.is_floating_point() and arg.requires_grad
-        )
-        if not positions:
-            return None
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"lrpkit: rule {rule!r} is attached to module '{self.name}' "
-                f"({type(module).__name__}), which returned {type(output).__name__}; rules need a "
-                "module with a single tensor output. Map this module to no rule (None) and put "
-                "rules on its children instead."
-            )
         with hooks_suspended():  # nothing below is part of the model's computation
+            rule = self.choose(module)
+            if rule is None:
+                return None
+            positions = tuple(
+                index
+                for index, arg in enumerate(args)
+                if isinstance(arg, Tensor) and arg.is_floating_point() and arg.requires_grad
+            )
+            if not positions:
+                return None
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"lrpkit: rule {rule!r} is attached to module '{self.name}' "
+                    f"({type(module).__name__}), which returned {type(output).__name__}; rules need a "
+                    "module with a single tensor output. Map this module to no rule (None) and put "
+                    "rules on its children instead."
+                )
             pending = PendingCall(
                 name=self.name,
                 module=module,
@@ -224,6 +293,7 @@ class RuleHook:
                 kwargs=kwargs,
                 input_positions=positions,
                 output=output.detach(),
+                known_nonnegative=tuple(produced_nonnegative(args[index]) for index in positions),
             )
             return route(pending, tuple(args[index] for index in positions))
 

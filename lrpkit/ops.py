@@ -72,6 +72,9 @@ class LayerOps:
         self.kwargs = kwargs
         self.input_positions = input_positions
 
+    #: Whether :meth:`transpose` returns new tensors that a rule may overwrite in place.
+    fresh: bool = False
+
     def params(self) -> Params:
         """The module's own parameters (not its children's), detached."""
         return {
@@ -164,6 +167,26 @@ class FunctionalOps(LayerOps):
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return tuple(args), dict(kwargs)
 
+    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor) -> tuple[Tensor | None, ...]:
+        signs = self._sum_signs(grad)
+        if signs is not None:
+            return tuple(grad if sign > 0 else -grad for sign in signs)
+        return super().transpose(inputs, params, grad)
+
+    def _sum_signs(self, grad: Tensor) -> tuple[int, ...] | None:
+        """For ``x + y`` / ``x - y`` of same-shaped tensors: the sign of each relevance input.
+
+        The transposed product of such a sum is ``grad`` (or ``-grad``) for each input: no
+        re-run of the call and no autograd graph. ``None`` for every other call.
+        """
+        op = getattr(self.module, "op", None)
+        if op not in ("add", "sub") or len(self.args) != 2 or self.input_positions == ():
+            return None
+        if any(not isinstance(leaf, Tensor) or leaf.shape != grad.shape for leaf in self.args):
+            return None
+        signs = {0: 1, 1: -1 if op == "sub" else 1}
+        return tuple(signs[position] for position in self.input_positions)
+
     def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
         leaves = _leaves(inputs)
         args, kwargs = self.arguments(leaves)
@@ -176,6 +199,8 @@ class FunctionalOps(LayerOps):
 
 class DenseOps(LayerOps):
     """Closed forms for ``nn.Linear``: ``z = a W^T + b`` and ``J^T s = s W``."""
+
+    fresh = True
 
     def params(self) -> Params:
         return _weight_and_bias(self.module)
@@ -199,6 +224,8 @@ class ConvOps(LayerOps):
     The forward is one ``F.conv{n}d`` / ``F.conv_transpose{n}d`` call; the transposed product is
     ``aten.convolution_backward`` with only the input gradient requested.
     """
+
+    fresh = True
 
     def __init__(self, module: nn.Module, *args: Any) -> None:
         super().__init__(module, *args)

@@ -38,15 +38,29 @@ import torch
 from torch import Tensor
 
 from .core import LayerCall, Rule
-from .ops import FunctionalOps, Params, hooks_suspended
+from .ops import FunctionalOps, Params, Transpose, hooks_suspended
 
 Relevances = tuple[Tensor | None, ...]
 ZeroParams = str | Sequence[str] | None
 
 
 def stabilize(value: Tensor, epsilon: float) -> Tensor:
-    """``value + epsilon * sign(value)`` with ``sign(0) = +1`` (zennit's stabiliser)."""
-    return torch.where(value >= 0, value + epsilon, value - epsilon)
+    """``value + epsilon * sign(value)`` with ``sign(0) = +1`` for both zeros (zennit's stabiliser).
+
+    Computed as ``copysign(epsilon, value + 0.0) + value`` in one new tensor: ``-0.0 + 0.0`` is
+    ``+0.0``, so ``-0.0`` is stabilised upwards like ``+0.0``, and no boolean mask is built
+    (``torch.where`` with a comparison is several times slower on the CPU).
+    """
+    if value.requires_grad and torch.is_grad_enabled():
+        return value + torch.copysign(value.new_tensor(epsilon), value + 0.0)
+    signs = value.add(0.0)
+    torch.copysign(_scalar(epsilon, value), signs, out=signs)
+    return signs.add_(value)
+
+
+def _scalar(number: float, like: Tensor) -> Tensor:
+    """``number`` as a 0-dim CPU tensor of ``like``'s dtype (usable with tensors on any device)."""
+    return torch.tensor(number, dtype=like.dtype)
 
 
 def divide(relevance: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
@@ -55,9 +69,21 @@ def divide(relevance: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
     With ``epsilon == 0`` (LRP-0) an exactly zero denominator gives zero instead of NaN.
     """
     if epsilon > 0:
-        return relevance / stabilize(denominator, epsilon)
+        stabilized = stabilize(denominator, epsilon)
+        if _can_overwrite(stabilized, relevance):
+            return torch.div(relevance, stabilized, out=stabilized)
+        return relevance / stabilized
     quotient = relevance / denominator
     return torch.where(denominator == 0, torch.zeros_like(quotient), quotient)
+
+
+def _can_overwrite(target: Tensor, other: Tensor) -> bool:
+    """Whether ``target op other`` may be written into ``target`` (same shape and dtype, no graph)."""
+    return (
+        target.shape == other.shape
+        and target.dtype == other.dtype
+        and not (torch.is_grad_enabled() and (target.requires_grad or other.requires_grad))
+    )
 
 
 def _zero_names(zero_params: ZeroParams) -> tuple[str, ...]:
@@ -96,9 +122,14 @@ def _drop_bias(params: Params) -> Params:
     )
 
 
-def _times(factors: Sequence[Tensor], gradients: Sequence[Tensor | None]) -> list[Tensor]:
+def _times(factors: Sequence[Tensor], gradients: Sequence[Tensor | None], owned: bool = False) -> list[Tensor]:
+    """``factor * gradient`` per input; ``owned``: the gradients are fresh and may be overwritten."""
     return [
-        torch.zeros_like(factor) if gradient is None else factor * gradient
+        torch.zeros_like(factor)
+        if gradient is None
+        else gradient.mul_(factor)
+        if owned and _can_overwrite(gradient, factor)
+        else factor * gradient
         for factor, gradient in zip(factors, gradients)
     ]
 
@@ -141,7 +172,7 @@ class Epsilon(Rule):
         params = call.params(self.zero_params)
         output = _output_under(call, params, self.zero_params)
         scaled = divide(relevance, output, self.epsilon)
-        return tuple(_times(call.inputs, call.ops.transpose(call.inputs, params, scaled)))
+        return tuple(_times(call.inputs, call.ops.transpose(call.inputs, params, scaled), call.ops.fresh))
 
 
 def _output_under(call: LayerCall, params: Params, zeroed: tuple[str, ...]) -> Tensor:
@@ -178,7 +209,7 @@ class ZPlus(_ParamRule):
         inputs = call.inputs
         if call.inputs_nonnegative():
             output, transpose = call.ops.linearize(inputs, positive)
-            return tuple(_times(inputs, transpose(divide(relevance, output, self.stabilizer))))
+            return tuple(_times(inputs, transpose(divide(relevance, output, self.stabilizer)), call.ops.fresh))
         negative = _drop_bias(_negative(params))
         inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
         inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
@@ -212,6 +243,9 @@ class AlphaBeta(_ParamRule):
         If ``alpha`` or ``beta`` is negative or ``alpha - beta != 1``.
     """
 
+    #: The saved output gives ``z- = z - z+`` on non-negative inputs (one forward less).
+    needs_output = True
+
     def __init__(
         self,
         alpha: float = 2.0,
@@ -235,12 +269,14 @@ class AlphaBeta(_ParamRule):
         weight_pos, weight_neg = _positive(params), _negative(params)
         inputs = call.inputs
         if call.inputs_nonnegative():
-            share_pos = self._share(call, inputs, weight_pos, relevance)
+            out_pos, transpose_pos = call.ops.linearize(inputs, weight_pos)
+            share_pos = transpose_pos(divide(relevance, out_pos, self.stabilizer))
             if self.beta == 0:
-                return tuple(_times(inputs, share_pos))
-            share_neg = self._share(call, inputs, weight_neg, relevance)
+                return tuple(_times(inputs, share_pos, call.ops.fresh))
+            out_neg, transpose_neg = _negative_part(call, params, weight_neg, out_pos, self.zero_params)
+            share_neg = transpose_neg(divide(relevance, out_neg, self.stabilizer))
             return tuple(
-                self.alpha * (a * p) - self.beta * (a * n)
+                _weighted_difference(a, p, n, self.alpha, self.beta, call.ops.fresh)
                 for a, p, n in zip(inputs, share_pos, share_neg)
             )
         inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
@@ -251,11 +287,44 @@ class AlphaBeta(_ParamRule):
         negative = _two_path(call, inputs_pos, weight_neg, inputs_neg, _drop_bias(weight_pos), relevance, self.stabilizer)
         return tuple(self.alpha * p - self.beta * n for p, n in zip(positive, negative))
 
-    def _share(
-        self, call: LayerCall, inputs: Sequence[Tensor], params: Params, relevance: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        output, transpose = call.ops.linearize(inputs, params)
-        return transpose(divide(relevance, output, self.stabilizer))
+
+def _weighted_difference(
+    factor: Tensor, positive: Tensor | None, negative: Tensor | None, alpha: float, beta: float, owned: bool
+) -> Tensor:
+    """``factor * (alpha * positive - beta * negative)``, in place when the shares are owned."""
+    if positive is None or negative is None:
+        positive = torch.zeros_like(factor) if positive is None else positive
+        negative = torch.zeros_like(factor) if negative is None else negative
+        owned = False
+    if owned and _can_overwrite(positive, factor) and _can_overwrite(negative, factor):
+        return positive.mul_(alpha).sub_(negative, alpha=beta).mul_(factor)
+    return factor * (alpha * positive - beta * negative)
+
+
+#: Relative size, in units of the dtype's epsilon, below which ``z - z+`` is not trusted as ``z-``.
+_CANCELLATION_ULPS = 2.0**12
+
+
+def _negative_part(
+    call: LayerCall, params: Params, weight_neg: Params, out_pos: Tensor, zeroed: tuple[str, ...]
+) -> tuple[Tensor, Transpose]:
+    """``z- = W- a + b-`` and its transposed product, for non-negative inputs.
+
+    ``z = z+ + z-`` for ``a >= 0``, so ``z-`` is taken as ``z - z+`` from the saved output ``z``:
+    one layer-sized forward less. Where that difference is small against ``z+`` it would be
+    mostly rounding error (cancellation), so then ``z-`` is computed directly, as without the
+    shortcut: the result is accurate to the dtype either way.
+    """
+    inputs = call.inputs
+    transpose = lambda grad: call.ops.transpose(inputs, weight_neg, grad)  # noqa: E731
+    if call.output is None or any(name in params and name != "bias" for name in zeroed):
+        return call.ops.forward(inputs, weight_neg), transpose
+    derived = _output_under(call, params, zeroed) - out_pos
+    tolerance = _CANCELLATION_ULPS * torch.finfo(derived.dtype).eps
+    # z+ >= 0 and z- <= 0 here, so "|z-| >= tolerance * |z+|" is "z- + tolerance * z+ <= 0"
+    if derived.numel() == 0 or bool(torch.add(derived, out_pos, alpha=tolerance).max() <= 0):
+        return derived, transpose
+    return call.ops.forward(inputs, weight_neg), transpose
 
 
 def _two_path(
@@ -302,31 +371,54 @@ class Gamma(_ParamRule):
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
         params = call.params(self.zero_params)
-        gamma = self.gamma
-        lifted = _modified(params, lambda value: value + gamma * value.clamp(min=0))
-        lowered = _modified(params, lambda value: value + gamma * value.clamp(max=0))
-        relevance_pos = torch.where(call.output > 0, relevance, torch.zeros_like(relevance))
-        relevance_neg = torch.where(call.output < 0, relevance, torch.zeros_like(relevance))
+        relevance_pos, relevance_neg = _split_by_sign(relevance, call.output)
+        parts = [(self._lifted, relevance_pos), (self._lowered, relevance_neg)]
         inputs = call.inputs
         if call.inputs_nonnegative():
-            parts = [
-                self._single(call, inputs, weights, rel)
-                for weights, rel in ((lifted, relevance_pos), (lowered, relevance_neg))
-                if bool(rel.any())
+            singles = [
+                self._single(call, inputs, weights(params), rel) for weights, rel in parts if _any(rel)
             ]
-            if not parts:
+            if not singles:
                 return tuple(torch.zeros_like(tensor) for tensor in inputs)
-            return _sum(*parts)
+            return _sum(*singles)
         inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
         inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
-        return _sum(
-            list(_two_path(call, inputs_pos, lifted, inputs_neg, _drop_bias(lowered), relevance_pos, self.stabilizer)),
-            list(_two_path(call, inputs_pos, lowered, inputs_neg, _drop_bias(lifted), relevance_neg, self.stabilizer)),
-        )
+        lifted, lowered = self._lifted(params), self._lowered(params)
+        paths = [
+            _two_path(call, inputs_pos, lifted, inputs_neg, _drop_bias(lowered), relevance_pos, self.stabilizer),
+            _two_path(call, inputs_pos, lowered, inputs_neg, _drop_bias(lifted), relevance_neg, self.stabilizer),
+        ]
+        carried = [list(path) for path, (_, rel) in zip(paths, parts) if _any(rel)]
+        return _sum(*carried) if carried else tuple(torch.zeros_like(tensor) for tensor in inputs)
+
+    def _lifted(self, params: Params) -> Params:
+        """``W + gamma W+`` (and the bias likewise)."""
+        return _modified(params, lambda value: value.clamp(min=0).mul_(self.gamma).add_(value))
+
+    def _lowered(self, params: Params) -> Params:
+        """``W + gamma W-`` (and the bias likewise)."""
+        return _modified(params, lambda value: value.clamp(max=0).mul_(self.gamma).add_(value))
 
     def _single(self, call: LayerCall, inputs: Sequence[Tensor], params: Params, relevance: Tensor) -> list[Tensor]:
         output, transpose = call.ops.linearize(inputs, params)
-        return _times(inputs, transpose(divide(relevance, output, self.stabilizer)))
+        return _times(inputs, transpose(divide(relevance, output, self.stabilizer)), call.ops.fresh)
+
+
+def _split_by_sign(relevance: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
+    """``relevance`` where ``output > 0`` and where ``output < 0`` (zero elsewhere).
+
+    Uses ``sign(output)`` clamped to ``{0, 1}`` as float masks: no boolean tensors, which are
+    slow to build and select with on the CPU.
+    """
+    positive = torch.sign(output)
+    negative = positive.neg().clamp_(min=0)
+    positive.clamp_(min=0)
+    return positive.mul_(relevance), negative.mul_(relevance)
+
+
+def _any(tensor: Tensor) -> bool:
+    """Whether ``tensor`` has a non-zero entry."""
+    return bool(tensor.any())
 
 
 class ZBox(_ParamRule):

@@ -218,23 +218,25 @@ def _install_parameters(layer: nn.Module, weight: Tensor, bias: Tensor) -> Handl
     return CallbackHandle(undo)
 
 
-def _locations(model: nn.Module, child: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every ``(parent, attribute)`` under ``model`` that holds ``child``."""
-    return [
-        (parent, name)
-        for parent in model.modules()
-        for name, module in parent._modules.items()
-        if module is child
-    ]
+Locations = dict[int, list[tuple[nn.Module, str]]]
 
 
-def _swap_for_identity(model: nn.Module, norm: nn.Module) -> Handle:
-    """Replace ``norm`` by ``nn.Identity()`` wherever it is registered under ``model``.
+def _locations(model: nn.Module) -> Locations:
+    """For every module under ``model`` (by ``id``): each ``(parent, attribute)`` that holds it."""
+    found: Locations = defaultdict(list)
+    for parent in model.modules():
+        for name, module in parent._modules.items():
+            if module is not None:
+                found[id(module)].append((parent, name))
+    return found
+
+
+def _swap_for_identity(model: nn.Module, norm: nn.Module, locations: list[tuple[nn.Module, str]]) -> Handle:
+    """Replace ``norm`` by ``nn.Identity()`` at each of its ``locations`` under ``model``.
 
     A forward hook on ``norm`` also makes it an identity for callers that reach it some other way
     (a reference kept outside the module tree); the handle undoes both.
     """
-    locations = _locations(model, norm)
     if not locations:
         raise ValueError(
             f"the BatchNorm {type(norm).__name__} is not a submodule of {type(model).__name__} "
@@ -294,8 +296,9 @@ def merge_pairs(model: nn.Module, pairs: Sequence[tuple[str, nn.Module, str, nn.
         for layer, weight, bias in plans:
             steps.append(_install_parameters(layer, weight, bias))
         norms = list({id(norm): norm for _, _, _, norm in pairs}.values())
+        locations = _locations(model)
         for norm in norms:
-            steps.append(_swap_for_identity(model, norm))
+            steps.append(_swap_for_identity(model, norm, locations.get(id(norm), [])))
     except BaseException:
         undo_all(steps)
         raise
@@ -303,9 +306,62 @@ def merge_pairs(model: nn.Module, pairs: Sequence[tuple[str, nn.Module, str, nn.
 
 
 def _merged_for(layer: nn.Module, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """The merged weight and bias of ``layer -> norm``, computed once per state of both.
+
+    The result is cached per layer until any tensor it was computed from is replaced or
+    changed in place (``_version``), or the merged tensors themselves are changed: later
+    contexts then merge without recomputing, which saves a pass over every merged weight.
+    """
     weight = layer._parameters["weight"]
     assert weight is not None
-    return merged_parameters(weight, layer._parameters.get("bias"), norm)
+    bias = layer._parameters.get("bias")
+    sources = (weight, bias, norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    cached = _MERGED.get(layer)
+    if cached is not None and cached.valid(sources, norm):
+        return cached.weight, cached.bias
+    merged = merged_parameters(weight, bias, norm)
+    _MERGED[layer] = _Merged.of(sources, norm, *merged)
+    return merged
+
+
+@dataclass
+class _Merged:
+    """Cached merged parameters and what they were computed from (weakly, with versions)."""
+
+    sources: tuple[tuple[Any, int], ...]
+    norm: "weakref.ref[nn.Module]"
+    eps: float
+    weight: Tensor
+    bias: Tensor
+    versions: tuple[int, int]
+
+    @classmethod
+    def of(cls, sources: Sequence[Any], norm: nn.Module, weight: Tensor, bias: Tensor) -> "_Merged":
+        return cls(_stamp(sources), weakref.ref(norm), float(norm.eps), weight, bias, (weight._version, bias._version))  # type: ignore[arg-type]
+
+    def valid(self, sources: Sequence[Any], norm: nn.Module) -> bool:
+        return (
+            self.norm() is norm
+            and self.eps == norm.eps
+            and self.versions == (self.weight._version, self.bias._version)
+            and len(sources) == len(self.sources)
+            and all(_same(stamp, source) for stamp, source in zip(self.sources, sources))
+        )
+
+
+def _stamp(sources: Sequence[Any]) -> tuple[tuple[Any, int], ...]:
+    """A weak reference and the in-place version of each tensor (``None`` kept as is)."""
+    return tuple((None, 0) if source is None else (weakref.ref(source), source._version) for source in sources)
+
+
+def _same(stamp: tuple[Any, int], source: Any) -> bool:
+    reference, version = stamp
+    if source is None or reference is None:
+        return source is None and reference is None
+    return reference() is source and source._version == version
+
+
+_MERGED: "weakref.WeakKeyDictionary[nn.Module, _Merged]" = weakref.WeakKeyDictionary()
 
 
 def _resolve(model: nn.Module, pairs: Sequence[Pair]) -> list[tuple[str, nn.Module, str, nn.Module]]:

@@ -169,6 +169,7 @@ class _Frame:
 
     path: str
     hooked: bool
+    paused: bool = False
 
 
 @dataclass
@@ -223,11 +224,12 @@ class _Capture:
         binding = self.binding
         inside_rule = bool(self.frames) and self.frames[-1].hooked
         hooked = inside_rule or (binding is not None and id(module) in binding.hooked)
-        self.frames.append(_Frame(self.paths.get(module, ""), hooked))
+        paused = hooked and not inside_rule and _pause(self.mode)
+        self.frames.append(_Frame(self.paths.get(module, ""), hooked, paused))
 
     def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.frames:
-            self.frames.pop()
+        if self.frames and self.frames.pop().paused:
+            torch._C._push_on_torch_function_stack(self.mode)
 
     # -- calls --------------------------------------------------------------------------------
     def capturing(self) -> bool:
@@ -344,6 +346,19 @@ class _Capture:
             signals = [index for index in activations if index not in gates]
             return signals or activations
         return activations
+
+
+def _pause(mode: TorchFunctionMode) -> bool:
+    """Take ``mode`` off the torch-function stack if it is on top (a rule owns the module's calls).
+
+    Inside a module that carries a rule nothing is captured, so the mode only costs time there;
+    :meth:`_Capture._pop` puts it back when the module returns (also when it raises).
+    """
+    depth = torch._C._len_torch_function_stack()
+    if depth == 0 or torch._C._get_function_stack_at(depth - 1) is not mode:
+        return False
+    torch._C._pop_torch_function_stack()
+    return True
 
 
 class _CaptureMode(TorchFunctionMode):

@@ -601,7 +601,7 @@ def test_failure_while_merging_undoes_the_partial_merge(monkeypatch):
     model = randomized(SharedNorm())
     snapshot = Snapshot(model)
 
-    def failing_swap(model: nn.Module, norm: nn.Module):
+    def failing_swap(model: nn.Module, norm: nn.Module, locations: list):
         raise RuntimeError("swap failed")
 
     monkeypatch.setattr(batchnorm, "_swap_for_identity", failing_swap)
