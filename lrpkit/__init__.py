@@ -17,8 +17,17 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import attribution, captured, canonizers, composites, rules, types
-from .attribution import Attribution, Gradient, Target
+from . import attribution, captured, canonizers, composites, evaluation, image, patterns, rules, types
+from .attribution import (
+    Attribution,
+    Gradient,
+    GradientXInput,
+    IntegratedGradients,
+    Occlusion,
+    Sensitivity,
+    SmoothGrad,
+    Target,
+)
 from .composites import Composite
 from .report import Description, describe
 
@@ -60,12 +69,20 @@ __all__ = [
     "Composite",
     "Description",
     "Gradient",
+    "GradientXInput",
+    "IntegratedGradients",
+    "Occlusion",
+    "Sensitivity",
+    "SmoothGrad",
     "attribution",
     "canonizers",
     "captured",
     "composites",
     "describe",
+    "evaluation",
     "explain",
+    "image",
+    "patterns",
     "rules",
     "types",
 ]

@@ -14,6 +14,16 @@ Targets (``attributor(x, target=...)``):
 For class targets the relevance that starts at the output is the target logit's value, so for
 conservative rules ``relevance.sum() ≈ output[target]`` per sample.
 
+Anywhere in the model: ``layer="features.28"`` (a module name, or the name of a call captured by
+:class:`~lrpkit.canonizers.FunctionalCapture`) explains that layer's output instead of the
+model's; a class target then picks a channel (dim 1) of it. ``Gradient(...)(x, record=True)``
+also returns the relevance at the input of every leaf module and captured call.
+
+Besides :class:`Gradient` (one backward pass: LRP with a composite, the gradient without), the
+module has the classic attribution methods, each batched and each usable with a composite:
+:class:`SmoothGrad`, :class:`IntegratedGradients`, :class:`GradientXInput`,
+:class:`Sensitivity` and :class:`Occlusion`.
+
 Examples
 --------
 >>> import torch
@@ -28,18 +38,30 @@ torch.Size([2, 4])
 
 from __future__ import annotations
 
+import difflib
+import itertools
+import sys
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Union
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, TextIO, Union
 
 import torch
 from torch import Tensor, nn
 
-from .composites.maps import Composite
+from . import captured
+from .canonizers import CompositeCanonizer, FunctionalCapture
+from .canonizers.base import CallbackHandle, Canonizer, Handle
+from .composites.maps import Composite, in_context
+from .ops import hooks_are_suspended, hooks_suspended
 
 Target = Union[None, int, Sequence[int], Tensor, Callable[[Tensor], Tensor]]
 OutputSelector = Union[None, int, str, Callable[[Any], Tensor]]
+#: ``record=``: ``True`` (every leaf module and captured call), or names of modules/captured calls.
+Record = Union[None, bool, str, Sequence[str]]
+PathMethod = Literal["trapezoid", "left", "right", "middle"]
 
 
 @dataclass
@@ -49,19 +71,34 @@ class Attribution:
     Attributes
     ----------
     output
-        The explained model output (the selected one for tuple/dict outputs), detached.
+        The explained model output (the selected one for tuple/dict outputs), detached; with
+        ``layer=...`` the layer's output. For the attributors that run the model on modified
+        inputs (SmoothGrad, IntegratedGradients, Occlusion) it is the output for the input as
+        given.
     relevance
         Relevance (or gradient) of each input feature, shaped like the input.
+    intermediate
+        With ``record=...``: the relevance at the input of each recorded module or captured
+        call, by name, in the order of the forward pass (empty otherwise). See :class:`Gradient`.
+    start
+        The relevance that started the backward pass at the explained output (or layer):
+        ``weights * output`` for class targets of :class:`Gradient` (averaged over the noisy
+        copies for :class:`SmoothGrad`), the target weights ``w`` for the attributors that explain
+        the score ``sum(w * output)`` (IntegratedGradients, GradientXInput, Sensitivity,
+        Occlusion).
     """
 
     output: Tensor
     relevance: Tensor
+    intermediate: dict[str, Tensor] = field(default_factory=dict)
+    start: Tensor | None = None
 
     def __iter__(self) -> Iterator[Tensor]:
         yield self.output
         yield self.relevance
 
 
+# -- outputs and targets -----------------------------------------------------------------------
 def select_output(raw: Any, selector: OutputSelector) -> Tensor:
     """Pick the tensor to explain from what the model returned.
 
@@ -187,6 +224,539 @@ def check_input(x: Any) -> None:
         )
 
 
+@dataclass
+class _Score:
+    """What the batched attributors explain: ``sum(weights * output)`` per sample.
+
+    ``weights`` is the one-hot class mask (``scales=True``: :class:`Gradient`'s relevance starts
+    at ``weights * output``) or the tensor/callable target as given (``scales=False``).
+    """
+
+    weights: Tensor
+    scales: bool
+
+    def start(self, output: Tensor, rows: Tensor) -> Tensor:
+        """:class:`Gradient`'s starting relevance for the copies of the samples ``rows``."""
+        weights = self.weights[rows]
+        return weights * output.detach() if self.scales else weights
+
+    def value(self, output: Tensor, rows: Tensor) -> Tensor:
+        """The score of each copy: ``sum(weights * output)`` over all but the batch dimension."""
+        return (self.weights[rows] * output).flatten(1).sum(1)
+
+
+def _score(explained: Tensor, target: Target, layer: str | None) -> _Score:
+    """Resolve ``target`` once, on the output for the input as given."""
+    values = explained.detach()
+    with _naming_layer(layer):
+        if (callable(target) and not isinstance(target, Tensor)) or (
+            isinstance(target, Tensor) and target.is_floating_point()
+        ):
+            return _Score(initial_relevance(values, target), scales=False)
+        return _Score(_one_hot(values, _class_indices(values, target)), scales=True)
+
+
+@contextmanager
+def _naming_layer(layer: str | None) -> Iterator[None]:
+    """Prefix target errors with the layer they are about."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        if layer is None or type(error) not in (ValueError, TypeError):
+            raise
+        raise type(error)(f"layer={layer!r}: {error}") from error
+
+
+# -- sessions: composite, layer tap, recorder --------------------------------------------------
+class _StopForward(Exception):
+    """Raised by a layer tap once it has the layer's output: the rest of the forward is skipped."""
+
+
+class _GradientNames(Composite):
+    """No rules, only :class:`FunctionalCapture` naming the calls: the plain gradient with names."""
+
+    warn_uncovered = False
+
+    def __init__(self) -> None:
+        super().__init__(canonizers=[FunctionalCapture(rules=[(captured.CapturedOp, None)])])
+
+    def module_map(self, ctx: dict[str, Any], name: str, module: nn.Module) -> None:
+        return None
+
+
+def _captures(canonizers: Sequence[Canonizer]) -> list[FunctionalCapture]:
+    """The :class:`FunctionalCapture` canonizers among ``canonizers`` (nested ones included)."""
+    found: list[FunctionalCapture] = []
+    for canonizer in canonizers:
+        if isinstance(canonizer, FunctionalCapture):
+            found.append(canonizer)
+        elif isinstance(canonizer, CompositeCanonizer):
+            found.extend(_captures(canonizer.canonizers))
+    return found
+
+
+def _close_names(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, [item for item in known if item], n=6, cutoff=0.5)
+    if not close:
+        close = [item for item in known if item][:6]
+    return ", ".join(repr(item) for item in close) if close else "(none)"
+
+
+class _LayerTap:
+    """Keeps the output of the first call of one module or captured call and stops the forward."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.output: Tensor | None = None
+        self.seen_calls: list[str] = []
+
+    def module_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not hooks_are_suspended() and self.output is None:
+            self._keep(output, f"module {self.name!r} ({type(module).__name__})")
+
+    def observe(self, name: str, op: captured.CapturedOp, rule: Any, output: Any) -> None:
+        if hooks_are_suspended():
+            return
+        self.seen_calls.append(name)
+        if name == self.name and self.output is None:
+            self._keep(output, f"captured call {name!r} ({op.op})")
+
+    def _keep(self, output: Any, what: str) -> None:
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            output = output[0]
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"layer={self.name!r}: the {what} returned {type(output).__name__}; a layer target "
+                "needs a tensor output (or a tuple whose first entry is one). Choose another layer"
+            )
+        self.output = output
+        raise _StopForward
+
+
+class _Session:
+    """One attributor call: the composite's context, a layer tap and a recorder, all undone on exit.
+
+    Parameters
+    ----------
+    model, composite, selector
+        As given to the attributor. Without a composite, a rule-free one that only names
+        functional calls is entered when ``layer``/``record`` need captured-call names (unless the
+        caller already holds a composite's context on the model).
+    layer
+        The module or captured call whose output is explained, or ``None``.
+    record
+        What to record (see :class:`Gradient`), or ``None``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: Composite | None,
+        selector: OutputSelector,
+        layer: str | None = None,
+        record: Record = None,
+    ) -> None:
+        _check_layer(layer)
+        self.model = model
+        self.composite = composite
+        self.selector = selector
+        self.layer = layer
+        self.record = _record_names(record)
+        self.tap: _LayerTap | None = None
+        self.recorder: _Recorder | None = None
+        self._stack = ExitStack()
+
+    def __enter__(self) -> _Session:
+        stack = self._stack
+        try:
+            composite = self._composite()
+            if composite is not None:
+                stack.enter_context(composite.context(self.model))
+            captures = _captures(composite.canonizers) if composite is not None else []
+            stack.enter_context(torch.enable_grad())
+            if self.layer is not None:
+                self.tap = _install_tap(self.model, self.layer, captures, stack)
+            if self.record is not None:
+                self.recorder = _Recorder(self.model, self.record, captures, stack)
+        except BaseException:
+            stack.close()
+            raise
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> bool:
+        return bool(self._stack.__exit__(kind, error, traceback))
+
+    def _composite(self) -> Composite | None:
+        if self.composite is not None:
+            return self.composite
+        modules = dict(self.model.named_modules())
+        needs_names = self.record is not None or (self.layer is not None and self.layer not in modules)
+        if needs_names and not in_context(self.model):
+            return _GradientNames()
+        return None
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        """Run the model on ``inputs``; the selected output, or the layer's output (stopping there)."""
+        if self.tap is None:
+            output = select_output(self.model(inputs), self.selector)
+        else:
+            output = self._forward_to_layer(inputs, self.tap)
+        if self.recorder is not None:
+            self.recorder.check_names()
+        return output
+
+    def _forward_to_layer(self, inputs: Tensor, tap: _LayerTap) -> Tensor:
+        tap.output = None
+        tap.seen_calls.clear()
+        try:
+            self.model(inputs)
+        except _StopForward:
+            pass
+        if tap.output is None:
+            raise ValueError(self._layer_not_reached(tap))
+        output, tap.output = tap.output, None
+        return output
+
+    def _layer_not_reached(self, tap: _LayerTap) -> str:
+        modules = dict(self.model.named_modules())
+        if tap.name in modules:
+            return (
+                f"layer={tap.name!r}: module {tap.name!r} ({type(modules[tap.name]).__name__}) was not "
+                "called during the forward pass; choose a module the forward pass runs"
+            )
+        return (
+            f"layer={tap.name!r} is neither a module of the model nor a call captured during the "
+            f"forward pass; close names: {_close_names(tap.name, [*modules, *tap.seen_calls])}"
+        )
+
+
+def _check_layer(layer: Any) -> None:
+    if layer is not None and not isinstance(layer, str):
+        raise TypeError(
+            f"layer must be a module name such as 'features.28' (or a captured call's name), got "
+            f"{type(layer).__name__}"
+        )
+
+
+def _record_names(record: Record) -> bool | list[str] | None:
+    if record is None or record is False:
+        return None
+    if record is True:
+        return True
+    if isinstance(record, str):
+        return [record]
+    if isinstance(record, Sequence) and all(isinstance(name, str) for name in record):
+        return list(record)
+    raise TypeError(
+        "record must be True (every leaf module and captured call) or a list of module / "
+        f"captured-call names, got {record!r}"
+    )
+
+
+class _NamedModuleHooks:
+    """Hooks on the modules of ``model`` chosen by name, looked up again at every forward call.
+
+    Canonizers may swap modules during the first forward call of a context (``MergeBatchNorm``
+    replaces a merged BatchNorm by an identity in its root pre-hook, which runs first), so a hook
+    goes to the module that holds the name when the forward pass starts.
+
+    Parameters
+    ----------
+    model
+        The model.
+    choose
+        ``modules by name -> names to hook``.
+    attach
+        ``(name, module) -> handle``: registers the hook.
+    stack
+        Receives the undo of everything registered.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        choose: Callable[[dict[str, nn.Module]], list[str]],
+        attach: Callable[[str, nn.Module], Handle],
+        stack: ExitStack,
+    ) -> None:
+        self.choose = choose
+        self.attach = attach
+        self.installed: dict[str, tuple[nn.Module, Handle]] = {}
+        stack.callback(self._remove)
+        stack.callback(model.register_forward_pre_hook(self._refresh).remove)
+        self._refresh(model, ())
+
+    def _refresh(self, model: nn.Module, args: Any) -> None:
+        if hooks_are_suspended():
+            return
+        modules = dict(model.named_modules())
+        for name in self.choose(modules):
+            known = self.installed.get(name)
+            if known is not None and known[0] is modules[name]:
+                continue
+            if known is not None:
+                known[1].remove()
+            self.installed[name] = (modules[name], self.attach(name, modules[name]))
+
+    def _remove(self) -> None:
+        installed, self.installed = self.installed, {}
+        for _, handle in installed.values():
+            handle.remove()
+
+
+def _leaf_names(modules: dict[str, nn.Module]) -> list[str]:
+    return [name for name, module in modules.items() if not any(True for _ in module.children())]
+
+
+def _install_tap(model: nn.Module, name: str, captures: list[FunctionalCapture], stack: ExitStack) -> _LayerTap:
+    tap = _LayerTap(name)
+    modules = dict(model.named_modules())
+    if name in modules:
+        _NamedModuleHooks(
+            model, lambda current: [name], lambda _, module: module.register_forward_hook(tap.module_hook), stack
+        )
+        return tap
+    if not captures:
+        raise ValueError(
+            f"layer={name!r} is not a module of the model; close names: {_close_names(name, list(modules))}. "
+            "Names of functional calls (such as 'layer1.0.add') need a composite with FunctionalCapture "
+            "passed to the attributor (composite=...), or no composite at all"
+        )
+    for capture in captures:
+        stack.callback(capture.observe(model, tap.observe).remove)
+    return tap
+
+
+# -- recording relevance at the inputs of modules and captured calls ---------------------------
+@dataclass
+class _Entry:
+    """One recorded input of one module call or captured call."""
+
+    name: str
+    version: int | None = None
+    view: weakref.ref[Tensor] | None = None
+    modified: bool = False
+    relevance: Tensor | None = None
+
+    def add(self, relevance: Tensor) -> None:
+        relevance = relevance.detach().clone()  # a copy: nothing later in the backward can change it
+        self.relevance = relevance if self.relevance is None else self.relevance + relevance
+
+
+class _Recorder:
+    """Relevance at the input of modules (pre-hook views) and captured calls (node hooks).
+
+    Modules: a forward pre-hook hands the module a fresh view (``tensor.view_as(tensor)``, same
+    values, no copy) of each tensor input that requires grad, and a tensor hook on that view sees
+    the relevance this call of the module sends to its input -- not the sum over every consumer
+    of the tensor, which is what a hook on the tensor itself would see.
+
+    Captured calls: the call's output was produced by one autograd node (the rule's, or the op's
+    own); a hook on that node sees the relevance of each of the call's inputs. A call that
+    returns its input unchanged (``contiguous`` of a contiguous tensor, ``flatten`` of a flat
+    one) has no node of its own and gets no entry.
+    """
+
+    def __init__(
+        self, model: nn.Module, record: bool | list[str], captures: list[FunctionalCapture], stack: ExitStack
+    ) -> None:
+        modules = dict(model.named_modules())
+        self.leaves = set(_leaf_names(modules))
+        if record is True:
+            self.calls: set[str] | None = None
+        else:
+            watched = [name for name in record if name in modules]
+            self.calls = {name for name in record if name not in modules}
+            if self.calls and not captures:
+                missing = sorted(self.calls)[0]
+                raise ValueError(
+                    f"record: {missing!r} is not a module of the model; close names: "
+                    f"{_close_names(missing, list(modules))}. Names of functional calls need a composite "
+                    "with FunctionalCapture passed to the attributor (composite=...), or no composite at all"
+                )
+        self.module_names = list(modules)
+        self.entries: list[_Entry] = []
+        self.counts: dict[str, int] = {}
+        self.seen_calls: set[str] = set()
+        self.claimed: set[Any] = set()
+        self.handles: list[Any] = []
+        stack.callback(self._remove_handles)
+        choose = self._leaves if record is True else lambda current: watched
+        _NamedModuleHooks(model, choose, self._attach, stack)
+        for capture in captures:
+            stack.callback(capture.observe(model, self._observe).remove)
+
+    def _leaves(self, modules: dict[str, nn.Module]) -> list[str]:
+        leaves = _leaf_names(modules)
+        self.leaves = set(leaves)
+        return leaves
+
+    def _remove_handles(self) -> None:
+        handles, self.handles = self.handles, []
+        for handle in handles:
+            handle.remove()
+
+    def _call_name(self, name: str) -> str:
+        count = self.counts.get(name, 0)
+        self.counts[name] = count + 1
+        return name if count == 0 else f"{name}#{count}"
+
+    # -- modules ---------------------------------------------------------------------------------
+    def _attach(self, name: str, module: nn.Module) -> Handle:
+        running: list[list[_Entry]] = []  # the entries of each call of the module now running
+        before = module.register_forward_pre_hook(self._module_hook(name, running), with_kwargs=True)
+        after = module.register_forward_hook(_version_check(running), always_call=True)
+        return CallbackHandle(lambda: (before.remove(), after.remove()))
+
+    def _module_hook(self, name: str, running: list[list[_Entry]]) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if hooks_are_suspended():
+                return None
+            entries: list[_Entry] = []
+            running.append(entries)
+            keys = [index for index, arg in enumerate(args) if _carries_relevance(arg)]
+            keys += [key for key, arg in kwargs.items() if _carries_relevance(arg)]
+            if not keys or not torch.is_grad_enabled():
+                return None
+            call = self._call_name(name)
+            new_args, new_kwargs = list(args), dict(kwargs)
+            with hooks_suspended():  # not part of the model: FunctionalCapture must not see the view
+                for key in keys:
+                    entry = _Entry(call if len(keys) == 1 else f"{call}[{key}]")
+                    entries.append(entry)
+                    if isinstance(key, int):
+                        new_args[key] = self._watch(args[key], entry)
+                    else:
+                        new_kwargs[key] = self._watch(kwargs[key], entry)
+            return tuple(new_args), new_kwargs
+
+        return hook
+
+    def _watch(self, tensor: Tensor, entry: _Entry) -> Tensor:
+        view = tensor.view_as(tensor)
+        # a weak reference: a strong one would count as another name for the tensor, and
+        # FunctionalCapture then leaves an in-place call on it (`out += x` after an identity) in place
+        entry.view, entry.version = weakref.ref(view), view._version
+        self.claimed.add(view.grad_fn)
+        self.handles.append(view.register_hook(lambda grad: entry.add(grad)))
+        self.entries.append(entry)
+        return view
+
+    # -- captured calls --------------------------------------------------------------------------
+    def _observe(self, name: str, op: captured.CapturedOp, rule: Any, output: Any) -> None:
+        if hooks_are_suspended():
+            return
+        self.seen_calls.add(name)
+        tensor = output[0] if isinstance(output, (tuple, list)) and output else output
+        node = tensor.grad_fn if isinstance(tensor, Tensor) else None
+        if node is None or node in self.claimed or _made_by_other(node, name):
+            return  # the call handed on a tensor made elsewhere: nothing of its own to record
+        self.claimed.add(node)
+        if self.calls is None and _enclosing_path(name) in self.leaves:
+            return  # the implementation of a leaf module, recorded as that module
+        if self.calls is not None and name not in self.calls:
+            return
+        inputs = [index for index, (parent, _) in enumerate(node.next_functions) if _is_activation_edge(parent)]
+        entries = {
+            index: _Entry(name if len(inputs) == 1 else f"{name}[{position}]") for position, index in enumerate(inputs)
+        }
+        self.entries.extend(entries.values())
+        self.handles.append(node.register_hook(lambda grads, _: _add_node_grads(entries, grads)))
+
+    # -- results ---------------------------------------------------------------------------------
+    def check_names(self) -> None:
+        """After a forward pass: every requested captured-call name must have run."""
+        missing = sorted((self.calls or set()) - self.seen_calls)
+        if missing:
+            raise ValueError(
+                f"record: {missing[0]!r} is neither a module of the model nor a call captured during "
+                f"the forward pass; close names: {_close_names(missing[0], [*self.module_names, *self.seen_calls])}"
+            )
+
+    def collect(self) -> dict[str, Tensor]:
+        """Relevance by name, in forward order, for every recorded input that received some."""
+        result: dict[str, Tensor] = {}
+        for entry in self.entries:
+            if entry.relevance is not None:
+                result[entry.name] = entry.relevance
+            elif entry.modified or _modified_in_place(entry):
+                warnings.warn(
+                    f"lrpkit: the input of {entry.name!r} was modified in place during the forward pass, "
+                    "so the relevance at that input cannot be recorded; use out-of-place operations "
+                    "(e.g. ReLU(inplace=False)) to record it",
+                    stacklevel=3,
+                )
+        return result
+
+
+def _version_check(running: list[list[_Entry]]) -> Callable[..., None]:
+    """Forward hook: note which inputs the module's call modified in place (they cannot be recorded)."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if hooks_are_suspended() or not running:
+            return
+        for entry in running.pop():
+            entry.modified = entry.modified or _modified_in_place(entry)
+
+    return hook
+
+
+def _modified_in_place(entry: _Entry) -> bool:
+    view = entry.view() if entry.view is not None else None
+    return view is not None and view._version != entry.version
+
+
+def _carries_relevance(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and value.requires_grad
+
+
+def _enclosing_path(call_name: str) -> str:
+    """``'layer1.0.add'`` -> ``'layer1.0'``; ``'relu_2'`` -> ``''`` (the root)."""
+    return call_name.rpartition(".")[0]
+
+
+def _made_by_other(node: Any, name: str) -> bool:
+    """Whether ``node`` is the rule node of another module or captured call."""
+    pending = getattr(node, "pending", None)
+    return pending is not None and getattr(pending, "name", name) != name
+
+
+_VIEW_NODES = ("View", "Expand", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Permute", "T", "Select", "Slice")
+
+
+def _is_activation_edge(node: Any) -> bool:
+    """Whether an input edge of an autograd node leads to an activation (not a parameter)."""
+    for _ in range(8):
+        if node is None:
+            return False
+        if type(node).__name__ == "AccumulateGrad":
+            return not isinstance(getattr(node, "variable", None), nn.Parameter)
+        kind = type(node).__name__.rstrip("0123456789").removesuffix("Backward")
+        parents = [parent for parent, _ in node.next_functions if parent is not None]
+        if kind not in _VIEW_NODES or len(parents) != 1:
+            return True
+        node = parents[0]
+    return True
+
+
+def _add_node_grads(entries: dict[int, _Entry], grads: Sequence[Tensor | None]) -> None:
+    for index, entry in entries.items():
+        if index < len(grads) and grads[index] is not None:
+            entry.add(grads[index])
+
+
+# -- the backward pass -------------------------------------------------------------------------
+def _input_gradient(output: Tensor, inputs: Tensor, start: Tensor) -> Tensor:
+    """The (LRP-modified) gradient of ``output`` weighted by ``start`` at ``inputs``."""
+    if not output.requires_grad:
+        raise RuntimeError(
+            "the selected output does not depend on the input through autograd (was the "
+            "model run under torch.no_grad(), or is the output detached?)"
+        )
+    (gradient,) = torch.autograd.grad(output, inputs, start, allow_unused=True)
+    return torch.zeros_like(inputs) if gradient is None else gradient.detach()
+
+
 class Gradient:
     """Gradient attributor: one forward, one (LRP-modified, with a composite) backward.
 
@@ -201,6 +771,28 @@ class Gradient:
         For models returning a tuple, list or dict: an index, a key, or a callable selecting the
         tensor to explain.
 
+    Notes
+    -----
+    ``attributor(x, target=None, layer=None, record=None)``:
+
+    ``layer``
+        A module name (``"features.28"``) or the name of a captured functional call
+        (``"layer1.0.add"``, see :mod:`lrpkit.captured`): the backward starts at that layer's
+        output with ``initial_relevance(layer_output, target)``; a class target picks a channel
+        (dim 1; for a convolution's ``(N, C, H, W)`` output the whole channel map), a tensor target
+        is shaped like the layer's output. The forward pass stops at the layer's first call, and
+        ``Attribution.output`` is the layer's output.
+    ``record``
+        ``True``: the relevance at the input of every leaf module and captured call that relevance
+        reaches; or a list of names (containers allowed). ``Attribution.intermediate[name]`` is
+        shaped like that input, in forward order. A module called several times gets ``name``,
+        ``name#1``, ``name#2``, ...; a module or call with several inputs gets ``name[0]``,
+        ``name[1]``, ... (``name[key]`` for keyword inputs). Each module receives a view of its
+        input (same values, no copy) whose gradient hook sees what this call alone sends back, so
+        a tensor used by two modules is not summed over both. Captured calls are recorded with the
+        composite's :class:`~lrpkit.canonizers.FunctionalCapture`; without a composite, a
+        rule-free capture names them.
+
     Examples
     --------
     >>> import torch
@@ -209,6 +801,10 @@ class Gradient:
     >>> result = Gradient(model, composites.EpsilonPlus())(torch.rand(1, 3), target=1)
     >>> torch.allclose(result.relevance.sum(), result.output[0, 1], atol=1e-4)
     True
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> result = Gradient(model, composites.EpsilonPlus())(torch.rand(1, 3), layer="1", target=2, record=True)
+    >>> result.output.shape, list(result.intermediate)
+    (torch.Size([1, 4]), ['0', '1'])
     """
 
     def __init__(
@@ -221,26 +817,579 @@ class Gradient:
         self.composite = composite
         self.output = output
 
-    def __call__(self, x: Tensor, target: Target = None) -> Attribution:
+    def __call__(
+        self, x: Tensor, target: Target = None, layer: str | None = None, record: Record = None
+    ) -> Attribution:
         """Explain ``x`` for ``target`` (see the module docstring for the target forms)."""
         check_input(x)
-        context = self.composite.context(self.model) if self.composite is not None else nullcontext()
-        with context, torch.enable_grad():
-            return self._attribute(x, target)
+        with _Session(self.model, self.composite, self.output, layer, record) as session:
+            inputs = x.detach().requires_grad_(True)
+            output = session.forward(inputs)
+            with _naming_layer(layer):
+                start = initial_relevance(output, target)
+            relevance = _input_gradient(output, inputs, start)
+            intermediate = session.recorder.collect() if session.recorder is not None else {}
+        return Attribution(output=output.detach(), relevance=relevance, intermediate=intermediate, start=start)
 
-    def _attribute(self, x: Tensor, target: Target) -> Attribution:
-        inputs = x.detach().requires_grad_(True)
-        output = select_output(self.model(inputs), self.output)
-        start = initial_relevance(output, target)
-        if not output.requires_grad:
-            raise RuntimeError(
-                "the selected output does not depend on the input through autograd (was the "
-                "model run under torch.no_grad(), or is the output detached?)"
+
+class _ScoreGradient:
+    """Shared by GradientXInput and Sensitivity: the gradient of the score ``sum(w * output)``."""
+
+    def __init__(self, model: nn.Module, composite: Composite | None = None, output: OutputSelector = None) -> None:
+        self.model = model
+        self.composite = composite
+        self.output = output
+
+    def _score_gradient(self, x: Tensor, target: Target, layer: str | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(output, weights, gradient)`` for ``x``."""
+        check_input(x)
+        with _Session(self.model, self.composite, self.output, layer) as session:
+            inputs = x.detach().requires_grad_(True)
+            output = session.forward(inputs)
+            score = _score(output, target, layer)
+            gradient = _input_gradient(output, inputs, score.weights)
+        return output.detach(), score.weights, gradient
+
+
+class GradientXInput(_ScoreGradient):
+    """Gradient times input (Shrikumar et al. 2016): ``x * d score / d x``.
+
+    The score is ``sum(w * output)``: the target logit for class targets (``w`` one-hot), the
+    tensor or callable target as given otherwise. Unlike :class:`Gradient`, whose backward starts
+    at ``w * output`` (LRP's relevance convention), the backward starts at ``w``, so on a ReLU
+    network without biases the result sums to the logit and equals LRP-0.
+
+    Parameters
+    ----------
+    model, composite, output
+        As for :class:`Gradient`. With a composite the (LRP-modified) gradient is multiplied by
+        the input; LRP relevance already contains the input, so that is rarely what you want.
+
+    References
+    ----------
+    A. Shrikumar, P. Greenside, A. Shcherbina, A. Kundaje. "Not Just a Black Box: Learning
+    Important Features Through Propagating Activation Differences", arXiv:1605.01713, 2016.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(3, 8, bias=False), nn.ReLU(), nn.Linear(8, 2, bias=False))
+    >>> output, relevance = GradientXInput(model)(torch.rand(2, 3), target=0)
+    >>> torch.allclose(relevance.sum(1), output[:, 0])
+    True
+    """
+
+    def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
+        """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
+        output, weights, gradient = self._score_gradient(x, target, layer)
+        return Attribution(output=output, relevance=x.detach() * gradient, start=weights)
+
+
+class Sensitivity(_ScoreGradient):
+    """Sensitivity analysis (Simonyan et al. 2014): the squared gradient of the score.
+
+    ``(d score / d x) ** 2`` with the score ``sum(w * output)`` as in :class:`GradientXInput`;
+    the squares of a sample sum to the squared norm of its gradient (Montavon et al. 2018).
+    Simonyan et al. take the absolute value and its maximum over colour channels; square roots
+    and other reductions are one line away.
+
+    Parameters
+    ----------
+    model, composite, output
+        As for :class:`Gradient`.
+    sum_channels
+        Sum the squares over the channel dimension (dim 1), keeping it with size 1.
+
+    References
+    ----------
+    K. Simonyan, A. Vedaldi, A. Zisserman. "Deep Inside Convolutional Networks: Visualising
+    Image Classification Models and Saliency Maps", ICLR workshop, 2014.
+    G. Montavon, W. Samek, K.-R. Müller. "Methods for interpreting and understanding deep neural
+    networks", Digital Signal Processing 73, 2018.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Conv2d(3, 2, 3)
+    >>> output, relevance = Sensitivity(model, sum_channels=True)(torch.rand(1, 3, 5, 5), target=1)
+    >>> relevance.shape
+    torch.Size([1, 1, 5, 5])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: Composite | None = None,
+        output: OutputSelector = None,
+        *,
+        sum_channels: bool = False,
+    ) -> None:
+        super().__init__(model, composite, output)
+        self.sum_channels = sum_channels
+
+    def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
+        """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
+        output, weights, gradient = self._score_gradient(x, target, layer)
+        squares = gradient.square()
+        if self.sum_channels:
+            if squares.ndim < 2:
+                raise ValueError(
+                    f"sum_channels=True needs an input with a channel dimension (dim 1); got shape {tuple(x.shape)}"
+                )
+            squares = squares.sum(dim=1, keepdim=True)
+        return Attribution(output=output, relevance=squares, start=weights)
+
+
+# -- batched attributors -----------------------------------------------------------------------
+class _Progress:
+    """A tiny progress bar on stderr: ``label [#####.....] 3/10 batches``."""
+
+    WIDTH = 20
+
+    def __init__(self, label: str, total: int, show: bool | None, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.show = (total > 4 and _is_tty(self.stream)) if show is None else bool(show)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.show:
+            filled = self.WIDTH * self.done // max(self.total, 1)
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total} batches")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.show and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _is_tty(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except (ValueError, OSError):
+        return False
+
+
+def _batches(count: int, batch_size: int, label: str, progress: bool | None) -> Iterator[Tensor]:
+    """Indices ``0..count-1`` in chunks of ``batch_size``, with a progress bar."""
+    chunks = [torch.arange(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    bar = _Progress(label, len(chunks), progress)
+    try:
+        for chunk in chunks:
+            yield chunk
+            bar.step()
+    finally:
+        bar.close()
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _expand_rows(values: Tensor, ndim: int) -> Tensor:
+    """``(B,)`` -> ``(B, 1, ..., 1)`` with ``ndim`` dimensions in all."""
+    return values.view(-1, *([1] * (ndim - 1)))
+
+
+class _Batched:
+    """Constructor and clean forward pass shared by the attributors that run many model calls."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: Composite | None,
+        output: OutputSelector,
+        batch_size: int,
+        progress: bool | None,
+    ) -> None:
+        self.model = model
+        self.composite = composite
+        self.output = output
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.progress = progress
+
+    def _batches(self, count: int) -> Iterator[Tensor]:
+        return _batches(count, self.batch_size, type(self).__name__, self.progress)
+
+    def _clean(self, session: _Session, x: Tensor) -> Tensor:
+        """The explained output for the input as given (batched, without gradients)."""
+        with torch.no_grad():
+            parts = [session.forward(x[rows]) for rows in _batches(len(x), self.batch_size, "", False)]
+        return torch.cat(parts).detach()
+
+
+class SmoothGrad(_Batched):
+    """SmoothGrad (Smilkov et al. 2017): the average explanation of noisy copies of the input.
+
+    Each sample gets ``samples`` copies with Gaussian noise of standard deviation
+    ``noise * (max - min)`` of that sample; the result is the average of :class:`Gradient`'s
+    result for the copies: the average gradient without a composite, the average LRP relevance
+    with one (the composite's context is entered once around all batches). With ``noise=0`` it
+    equals :class:`Gradient`.
+
+    Targets as for :class:`Gradient`, resolved once on the clean input: ``None`` is the class the
+    model predicts for the clean input, kept for every copy; a callable is called on the clean
+    output and its result used as given. Class targets start at ``w * output`` of each copy, as in
+    :class:`Gradient`.
+
+    Every sample uses the same ``samples`` standard-normal patterns (scaled by its own range), so
+    a sample's result does not depend on the other samples in the batch; ``seed`` makes it
+    reproducible (``None``: drawn from torch's global generator).
+
+    Parameters
+    ----------
+    model, composite, output
+        As for :class:`Gradient`.
+    noise
+        Standard deviation relative to each sample's value range (``>= 0``), as zennit's
+        ``noise_level``.
+    samples
+        Noisy copies per sample.
+    batch_size
+        Copies per model call.
+    seed
+        Seed of the noise.
+    progress
+        Show a progress bar on stderr; ``None``: when there are more than 4 batches and stderr is
+        a terminal.
+
+    References
+    ----------
+    D. Smilkov, N. Thorat, B. Kim, F. Viégas, M. Wattenberg. "SmoothGrad: removing noise by
+    adding noise", arXiv:1706.03825, 2017.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lrpkit import composites
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> smooth = SmoothGrad(model, composites.EpsilonPlus(), noise=0.1, samples=8, seed=0)
+    >>> output, relevance = smooth(torch.rand(2, 4), target=1)
+    >>> relevance.shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: Composite | None = None,
+        output: OutputSelector = None,
+        *,
+        noise: float = 0.1,
+        samples: int = 16,
+        batch_size: int = 32,
+        seed: int | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        super().__init__(model, composite, output, batch_size, progress)
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+            raise ValueError(
+                f"noise must be a float >= 0 (standard deviation relative to the input range), got {noise!r}"
             )
-        (relevance,) = torch.autograd.grad(output, inputs, start, allow_unused=True)
-        if relevance is None:
-            relevance = torch.zeros_like(inputs)
-        return Attribution(output=output.detach(), relevance=relevance.detach())
+        self.noise = float(noise)
+        self.samples = _positive_int(samples, "samples")
+        self.seed = seed
+
+    def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
+        """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
+        check_input(x)
+        with _Session(self.model, self.composite, self.output, layer) as session:
+            clean = self._clean(session, x)
+            score = _score(clean, target, layer)
+            patterns = self._patterns(x)
+            flat = x.detach().reshape(len(x), -1)
+            spread = self.noise * (flat.amax(1) - flat.amin(1))
+            total = torch.zeros_like(x)
+            starts = torch.zeros_like(clean)
+            for copies in self._batches(len(x) * self.samples):
+                rows, pattern = copies // self.samples, copies % self.samples
+                rows = rows.to(x.device)
+                inputs = (x[rows] + _expand_rows(spread[rows], x.ndim) * patterns[pattern.to(x.device)]).detach()
+                inputs.requires_grad_(True)
+                output = session.forward(inputs)
+                start = score.start(output, rows)
+                total.index_add_(0, rows, _input_gradient(output, inputs, start))
+                starts.index_add_(0, rows, start)
+        return Attribution(output=clean, relevance=total / self.samples, start=starts / self.samples)
+
+    def _patterns(self, x: Tensor) -> Tensor:
+        """``samples`` standard-normal patterns shaped like one sample."""
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        generator = torch.Generator().manual_seed(seed)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.randn((self.samples, *x.shape[1:]), generator=generator, dtype=dtype).to(x)
 
 
-__all__ = ["Attribution", "Gradient", "Target", "initial_relevance", "select_output"]
+def _path(steps: int, method: PathMethod) -> tuple[list[float], list[float]]:
+    """Positions ``alpha`` on the straight path and their quadrature weights (summing to 1)."""
+    if method == "trapezoid":
+        if steps < 2:
+            raise ValueError(f"method='trapezoid' needs steps >= 2 (both ends of the path), got steps={steps}")
+        alphas = [k / (steps - 1) for k in range(steps)]
+        weights = [1.0 / (steps - 1)] * steps
+        weights[0] = weights[-1] = 0.5 / (steps - 1)
+        return alphas, weights
+    offsets = {"left": 0.0, "middle": 0.5, "right": 1.0}
+    if method not in offsets:
+        raise ValueError(f"method must be one of 'trapezoid', 'left', 'right', 'middle', got {method!r}")
+    return [(k + offsets[method]) / steps for k in range(steps)], [1.0 / steps] * steps
+
+
+class IntegratedGradients(_Batched):
+    """Integrated Gradients (Sundararajan et al. 2017) along the straight path from a baseline.
+
+    ``(x - baseline) * integral_0^1 d score / d x (baseline + alpha (x - baseline)) d alpha``,
+    with the score ``sum(w * output)`` as in :class:`GradientXInput` (the target logit for class
+    targets; targets resolved on the clean input). The integral is a quadrature over ``steps``
+    points; completeness holds up to its error: per sample,
+    ``relevance.sum() ≈ score(x) - score(baseline)``.
+
+    Parameters
+    ----------
+    model, composite, output
+        As for :class:`Gradient`. With a composite the LRP-modified gradient is integrated.
+    baseline
+        ``None`` (zeros), a float, or a tensor broadcastable to the input.
+    steps
+        Gradient evaluations per sample.
+    method
+        ``"trapezoid"`` (both ends, ``steps >= 2``), or the Riemann sums ``"left"`` (from the
+        baseline), ``"right"`` (up to the input) and ``"middle"``. ``steps=1, method="right"`` with
+        a zero baseline is :class:`GradientXInput`.
+    batch_size
+        Path points per model call.
+    progress
+        As for :class:`SmoothGrad`.
+
+    References
+    ----------
+    M. Sundararajan, A. Taly, Q. Yan. "Axiomatic Attribution for Deep Networks", ICML 2017.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Softplus(), torch.nn.Linear(8, 3)).double()
+    >>> x = torch.rand(2, 4, dtype=torch.float64)
+    >>> output, relevance = IntegratedGradients(model, steps=64)(x, target=2)
+    >>> at_zero = model(torch.zeros_like(x))[:, 2]
+    >>> torch.allclose(relevance.sum(1), output[:, 2] - at_zero, atol=1e-4)
+    True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: Composite | None = None,
+        output: OutputSelector = None,
+        *,
+        baseline: float | Tensor | None = None,
+        steps: int = 32,
+        method: PathMethod = "trapezoid",
+        batch_size: int = 32,
+        progress: bool | None = None,
+    ) -> None:
+        super().__init__(model, composite, output, batch_size, progress)
+        if baseline is not None and not isinstance(baseline, (int, float, Tensor)):
+            raise TypeError(f"baseline must be None (zeros), a float or a tensor, got {type(baseline).__name__}")
+        self.baseline = baseline
+        self.steps = _positive_int(steps, "steps")
+        self.alphas, self.weights = _path(self.steps, method)
+        self.method = method
+
+    def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
+        """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
+        check_input(x)
+        baseline = self._baseline(x)
+        difference = x.detach() - baseline
+        alphas = torch.tensor(self.alphas, dtype=x.dtype, device=x.device)
+        weights = torch.tensor(self.weights, dtype=x.dtype, device=x.device)
+        with _Session(self.model, self.composite, self.output, layer) as session:
+            clean = self._clean(session, x)
+            score = _score(clean, target, layer)
+            total = torch.zeros_like(x)
+            for points in self._batches(len(x) * self.steps):
+                rows, step = (points // self.steps).to(x.device), (points % self.steps).to(x.device)
+                inputs = (baseline[rows] + _expand_rows(alphas[step], x.ndim) * difference[rows]).detach()
+                inputs.requires_grad_(True)
+                output = session.forward(inputs)
+                gradient = _input_gradient(output, inputs, score.weights[rows])
+                total.index_add_(0, rows, gradient * _expand_rows(weights[step], x.ndim))
+        return Attribution(output=clean, relevance=difference * total, start=score.weights)
+
+    def _baseline(self, x: Tensor) -> Tensor:
+        if self.baseline is None:
+            return torch.zeros_like(x)
+        baseline = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
+        try:
+            return torch.broadcast_to(baseline, x.shape).detach()
+        except RuntimeError:
+            raise ValueError(
+                f"baseline has shape {tuple(baseline.shape)}, which does not broadcast to the input's "
+                f"shape {tuple(x.shape)}; give a float, a tensor shaped like one sample or like the input"
+            ) from None
+
+
+WindowSpec = Union[int, Sequence[int]]
+
+
+class Occlusion(_Batched):
+    """Occlusion (Zeiler & Fergus 2014): how much the score drops when a window is covered.
+
+    A window slides over the last dimensions of each sample (all channels at once); each occluded
+    copy has the window set to ``fill``. A feature's relevance is the drop of the score
+    ``sum(w * output)`` (as in :class:`GradientXInput`) averaged over the windows that cover it.
+    Windows also sit at the far edge, so every feature is covered. Only forward passes are run.
+
+    Parameters
+    ----------
+    model, composite, output
+        As for :class:`Gradient`; the composite is not used (occlusion needs no backward pass)
+        and is accepted so that every attributor is built alike.
+    window
+        Window size over the last ``len(window)`` dimensions; an int: that size on every dimension
+        after the channel dimension (on dimension 1 for ``(N, features)`` inputs).
+    stride
+        Step of the window (int or one per window dimension); ``None``: the window size.
+    fill
+        Value of the occluded features: a float, or a tensor broadcastable to the input (e.g. a
+        blurred copy of it).
+    batch_size
+        Occluded copies per model call.
+    progress
+        As for :class:`SmoothGrad`.
+
+    References
+    ----------
+    M. D. Zeiler, R. Fergus. "Visualizing and Understanding Convolutional Networks", ECCV 2014.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Linear(4, 2, bias=False)
+    >>> x = torch.ones(1, 4)
+    >>> output, relevance = Occlusion(model, window=1)(x, target=0)
+    >>> torch.allclose(relevance, model.weight[0:1] * x)
+    True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: Composite | None = None,
+        output: OutputSelector = None,
+        *,
+        window: WindowSpec,
+        stride: WindowSpec | None = None,
+        fill: float | Tensor = 0.0,
+        batch_size: int = 32,
+        progress: bool | None = None,
+    ) -> None:
+        super().__init__(model, composite, output, batch_size, progress)
+        self.window = _sizes(window, "window")
+        self.stride = None if stride is None else _sizes(stride, "stride")
+        if not isinstance(fill, (int, float, Tensor)) or isinstance(fill, bool):
+            raise TypeError(f"fill must be a float or a tensor, got {type(fill).__name__}")
+        self.fill = fill
+
+    def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
+        """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
+        check_input(x)
+        x = x.detach()
+        windows = _windows(x.shape, self.window, self.stride)
+        fill = self._fill(x)
+        with _Session(self.model, None, self.output, layer) as session, torch.no_grad():
+            clean = self._clean(session, x)
+            score = _score(clean, target, layer)
+            clean_score = score.value(clean, torch.arange(len(x), device=x.device))
+            drops = torch.zeros_like(x)
+            for copies in self._batches(len(x) * len(windows)):
+                rows, where = (copies // len(windows)).tolist(), (copies % len(windows)).tolist()
+                occluded = x[rows].clone()
+                for index, (row, position) in enumerate(zip(rows, where)):
+                    occluded[index][windows[position]] = fill[row][windows[position]]
+                rows_tensor = torch.tensor(rows, device=x.device)
+                drop = clean_score[rows_tensor] - score.value(session.forward(occluded), rows_tensor)
+                for index, (row, position) in enumerate(zip(rows, where)):
+                    drops[row][windows[position]] += drop[index]
+        coverage = torch.zeros_like(x[0])
+        for window in windows:
+            coverage[window] += 1
+        return Attribution(output=clean, relevance=drops / coverage, start=score.weights)
+
+    def _fill(self, x: Tensor) -> Tensor:
+        fill = torch.as_tensor(self.fill, dtype=x.dtype, device=x.device)
+        try:
+            return torch.broadcast_to(fill, x.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"fill has shape {tuple(fill.shape)}, which does not broadcast to the input's shape "
+                f"{tuple(x.shape)}; give a float or a tensor shaped like one sample or like the input"
+            ) from None
+
+
+def _sizes(value: WindowSpec, name: str) -> tuple[int, ...] | int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _positive_int(value, name)
+    items = list(value) if isinstance(value, Sequence) else []
+    if items and all(isinstance(item, int) and not isinstance(item, bool) for item in items):
+        return tuple(_positive_int(item, name) for item in items)
+    raise ValueError(f"{name} must be a positive int or a non-empty tuple of positive ints, got {value!r}")
+
+
+def _windows(
+    shape: torch.Size, window: tuple[int, ...] | int, stride: tuple[int, ...] | int | None
+) -> list[tuple[slice, ...]]:
+    """Index tuples (into one sample) of every window position."""
+    features = tuple(shape[1:])
+    if isinstance(window, int):
+        window = (window,) * (max(len(features) - 1, 1))
+    if len(window) > len(features):
+        raise ValueError(
+            f"window={window} has {len(window)} dimensions but the input of shape {tuple(shape)} has "
+            f"{len(features)} per sample; give at most one size per dimension after the batch dimension"
+        )
+    if stride is None:
+        stride = window
+    elif isinstance(stride, int):
+        stride = (stride,) * len(window)
+    if len(stride) != len(window):
+        raise ValueError(f"stride={stride} must have one step per window dimension (window={window})")
+    sizes = features[len(features) - len(window):]
+    starts = [_starts(size, size_w, step, dim) for dim, (size, size_w, step) in enumerate(zip(sizes, window, stride))]
+    whole = (slice(None),) * (len(features) - len(window))
+    return [
+        (*whole, *(slice(begin, begin + size_w) for begin, size_w in zip(corner, window)))
+        for corner in itertools.product(*starts)
+    ]
+
+
+def _starts(size: int, window: int, stride: int, dim: int) -> list[int]:
+    if window > size:
+        raise ValueError(f"window size {window} is larger than the input's size {size} in window dimension {dim}")
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] + window < size:
+        starts.append(size - window)
+    return starts
+
+
+__all__ = [
+    "Attribution",
+    "Gradient",
+    "GradientXInput",
+    "IntegratedGradients",
+    "Occlusion",
+    "Record",
+    "Sensitivity",
+    "SmoothGrad",
+    "Target",
+    "initial_relevance",
+    "select_output",
+]

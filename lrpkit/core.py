@@ -145,6 +145,10 @@ class Rule:
         """Relevance of each of ``call.inputs`` given the ``relevance`` at the module's output."""
         raise NotImplementedError
 
+    def incoming(self, relevance: Tensor) -> Tensor:
+        """The relevance the rule distributes, from what arrived at the output (default: all of it)."""
+        return relevance
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
         return f"{type(self).__name__}({fields})"
@@ -220,7 +224,7 @@ class _RelevanceFunction(torch.autograd.Function):
             known_nonnegative=pending.known_nonnegative,
         )
         with torch.no_grad():
-            result = pending.rule.relevance(call, relevance)
+            result = pending.rule.relevance(call, pending.rule.incoming(relevance))
         return (None, *_checked(result, inputs, pending.rule, where))
 
 

@@ -1,8 +1,11 @@
-"""Heatmaps, colour maps and image grids for relevance maps, with numpy and Pillow only.
+"""Heatmaps, colour maps, overlays and image grids for relevance maps, with numpy and Pillow only.
 
-A colour map takes values in [0, 1] and returns RGB in [0, 1]. :func:`heatmap` normalises a
-relevance map into [0, 1] (symmetrically around zero by default) and colours it;
-:func:`grid` lays images out in labelled rows and columns; :func:`save_png` writes the result.
+A colour map takes values in [0, 1] and returns RGB in [0, 1]; 0.5 is where zero relevance lands
+under symmetric normalisation. :func:`normalize` maps relevance into [0, 1] (symmetrically
+around zero by default, optionally clipping outliers at a percentile), :func:`reduce_channels`
+turns (C, H, W) relevance into one map, :func:`heatmap` and :func:`heatmaps` colour one sample
+or a batch, :func:`overlay` blends a heatmap onto the input image, :func:`grid` lays images out
+in labelled rows and columns and :func:`save_png` writes the result.
 
 Examples
 --------
@@ -13,6 +16,9 @@ Examples
 >>> picture = grid([[heatmap(relevance), heatmap(-relevance)]], scale=10, padding=2)
 >>> picture.size
 (46, 24)
+>>> black = np.zeros((2, 2, 3))
+>>> overlay(black, relevance, alpha=0.5)[1, 1].tolist()   # half of pure red on black
+[128, 0, 0]
 """
 
 from __future__ import annotations
@@ -27,13 +33,19 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "COLORMAPS",
+    "REDUCTIONS",
+    "blues",
     "bwr",
     "coldnhot",
     "gray",
     "gray_r",
     "grid",
     "heatmap",
+    "heatmaps",
     "normalize",
+    "overlay",
+    "reds",
+    "reduce_channels",
     "save_png",
     "to_rgb",
 ]
@@ -143,13 +155,46 @@ def gray_r(values: np.ndarray) -> np.ndarray:
     return gray(1.0 - np.clip(values, 0.0, 1.0))
 
 
+def reds(values: np.ndarray) -> np.ndarray:
+    """Positive relevance only: white at and below the centre (0.5), red (1, 0, 0) at 1.
+
+    The upper half of :func:`bwr` with the lower half white. Under symmetric normalisation
+    (the default of :func:`heatmap`) negative relevance and zero are white and ``max|R|`` is
+    pure red; for a magnitude map use ``reduce="abs-sum"`` (all values non-negative).
+
+    Examples
+    --------
+    >>> reds(np.array([0.0, 0.5, 0.75, 1.0])).tolist()
+    [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.5, 0.5], [1.0, 0.0, 0.0]]
+    """
+    fade = 1.0 - np.clip(2.0 * np.asarray(values, dtype=np.float64) - 1.0, 0.0, 1.0)
+    return np.stack([np.ones_like(fade), fade, fade], axis=-1)
+
+
+def blues(values: np.ndarray) -> np.ndarray:
+    """Negative relevance only: blue (0, 0, 1) at 0, white at and above the centre (0.5).
+
+    The lower half of :func:`bwr` with the upper half white: under symmetric normalisation
+    ``-max|R|`` is pure blue and zero and positive relevance are white.
+
+    Examples
+    --------
+    >>> blues(np.array([0.0, 0.25, 0.5, 1.0])).tolist()
+    [[0.0, 0.0, 1.0], [0.5, 0.5, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    """
+    fade = 1.0 - np.clip(1.0 - 2.0 * np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    return np.stack([fade, fade, np.ones_like(fade)], axis=-1)
+
+
 COLORMAPS: dict[str, Colormap] = {
+    "blues": blues,
     "bwr": bwr,
     "coldnhot": coldnhot,
     "gray": gray,
     "gray_r": gray_r,
+    "reds": reds,
 }
-"""Colour maps by name, as accepted by :func:`heatmap` and :func:`to_rgb`."""
+"""Colour maps by name, as accepted by :func:`heatmap`, :func:`overlay` and :func:`to_rgb`."""
 
 
 def _colormap(cmap: str | Colormap) -> Colormap:
@@ -165,23 +210,127 @@ def _colormap(cmap: str | Colormap) -> Colormap:
 
 # ------------------------------------------------------------------------------- heatmaps
 
-
-def _to_2d(relevance: np.ndarray) -> np.ndarray:
-    """(H, W) as is; (C, H, W) or a batch of one (1, C, H, W) summed over channels."""
-    if relevance.ndim == 4 and relevance.shape[0] == 1:
-        relevance = relevance[0]
-    if relevance.ndim == 3:
-        return relevance.sum(axis=0)
-    if relevance.ndim == 2:
-        return relevance
-    raise ValueError(
-        "expected one sample's relevance shaped (H, W), (C, H, W) or (1, C, H, W), "
-        f"got shape {relevance.shape}"
-    )
+Reduction = Union[str, Callable[[np.ndarray], np.ndarray]]
 
 
-def normalize(relevance: ArrayLike, symmetric: bool = True) -> np.ndarray:
-    """Map a 2-D relevance map into [0, 1].
+def _sum(relevance: np.ndarray) -> np.ndarray:
+    return relevance.sum(axis=0)
+
+
+def _abs_sum(relevance: np.ndarray) -> np.ndarray:
+    return np.abs(relevance).sum(axis=0)
+
+
+def _max_norm(relevance: np.ndarray) -> np.ndarray:
+    return np.abs(relevance).max(axis=0)
+
+
+def _l2_norm(relevance: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.square(relevance).sum(axis=0))
+
+
+REDUCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "sum": _sum,
+    "abs-sum": _abs_sum,
+    "max-norm": _max_norm,
+    "l2-norm": _l2_norm,
+}
+"""Channel reductions by name, as accepted by :func:`reduce_channels` (``reduce=`` elsewhere):
+``"sum"`` (signed; conserves the total relevance), ``"abs-sum"`` (sum of ``|R|``),
+``"max-norm"`` (largest ``|R|`` over the channels) and ``"l2-norm"`` (Euclidean norm over the
+channels). All but ``"sum"`` give non-negative maps."""
+
+
+def reduce_channels(relevance: ArrayLike, method: Reduction = "sum") -> np.ndarray:
+    """One sample's relevance as one (H, W) map.
+
+    Parameters
+    ----------
+    relevance
+        Shaped (C, H, W), a batch of one (1, C, H, W), or (H, W) (one channel: ``"sum"``
+        returns it as it is, the other reductions its magnitude); numpy array or torch tensor
+        (any device, with or without grad).
+    method
+        A name from :data:`REDUCTIONS` (``"sum"``, ``"abs-sum"``, ``"max-norm"``,
+        ``"l2-norm"``) or a callable taking the (C, H, W) float64 array and returning (H, W).
+
+    Returns
+    -------
+    np.ndarray
+        Float64 array shaped (H, W).
+
+    Raises
+    ------
+    ValueError
+        For other shapes (a batch of several samples: see :func:`heatmaps`) or an unknown name.
+
+    Examples
+    --------
+    >>> relevance = np.array([[[1.0]], [[-3.0]], [[2.0]]])      # (C=3, H=1, W=1)
+    >>> [reduce_channels(relevance, name).item() for name in REDUCTIONS]
+    [0.0, 6.0, 3.0, 3.7416573867739413]
+    """
+    values = _as_numpy(relevance)
+    if values.ndim == 4 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim == 2:  # one channel: "sum" keeps it, the others take its magnitude
+        values = values[None]
+    if values.ndim != 3:
+        raise ValueError(
+            "expected one sample's relevance shaped (H, W), (C, H, W) or (1, C, H, W), "
+            f"got shape {values.shape}; use heatmaps() for a batch"
+        )
+    if callable(method):
+        reduced = np.asarray(method(values), dtype=np.float64)
+        if reduced.shape != values.shape[1:]:
+            raise ValueError(
+                f"the channel reduction returned shape {reduced.shape}, expected {values.shape[1:]}"
+            )
+        return reduced
+    try:
+        return REDUCTIONS[method](values)
+    except KeyError:
+        known = ", ".join(REDUCTIONS)
+        raise ValueError(f"unknown channel reduction {method!r}; known: {known}") from None
+
+
+def _to_2d(relevance: np.ndarray, method: Reduction = "sum") -> np.ndarray:
+    """(H, W) as is; (C, H, W) or a batch of one (1, C, H, W) reduced over channels."""
+    return reduce_channels(relevance, method)
+
+
+def _check_percentile(percentile: float | None, low: float) -> None:
+    if percentile is not None and not low < percentile <= 100:
+        raise ValueError(f"percentile must be in ({low:g}, 100], got {percentile!r}")
+
+
+def _symmetric_bound(values: np.ndarray, percentile: float | None = None,
+                     bound: float | None = None) -> float:
+    """The magnitude mapped to ±1: ``bound``, else a percentile of ``|R|``, else ``max|R|``.
+
+    A percentile of zero (sparse relevance) falls back to ``max|R|``; 0 only for all-zero maps.
+    """
+    if bound is not None:
+        if not bound > 0:
+            raise ValueError(f"bound must be positive, got {bound!r}")
+        return float(bound)
+    _check_percentile(percentile, 0.0)
+    magnitude = np.abs(values)
+    largest = float(magnitude.max(initial=0.0))
+    if percentile is None or magnitude.size == 0:
+        return largest
+    clipped = float(np.percentile(magnitude, percentile))
+    return clipped if clipped > 0 else largest
+
+
+def normalize(
+    relevance: ArrayLike,
+    symmetric: bool = True,
+    *,
+    percentile: float | None = None,
+    bound: float | None = None,
+) -> np.ndarray:
+    """Map relevance into [0, 1].
 
     Parameters
     ----------
@@ -189,14 +338,27 @@ def normalize(relevance: ArrayLike, symmetric: bool = True) -> np.ndarray:
         Values of any shape (array or tensor).
     symmetric
         If true, divide by ``max|R|`` and map [-1, 1] to [0, 1], so zero lands on 0.5 (the
-        centre of a diverging colour map) and the sign stays visible. If false, stretch
-        ``min .. max`` to ``0 .. 1`` (the sign of zero is then lost).
+        centre of a diverging colour map) and the sign stays visible. If false (absolute
+        normalisation), stretch ``min .. max`` to ``0 .. 1`` (the sign of zero is then lost).
+    percentile
+        Clip outliers: symmetric mode divides by this percentile of ``|R|`` instead of its
+        maximum (in (0, 100]; if the percentile is 0, as for sparse maps, ``max|R|`` is used);
+        absolute mode stretches the ``100 - percentile`` .. ``percentile`` percentiles (in
+        (50, 100]). Values beyond are clipped to 0 and 1.
+    bound
+        Symmetric mode only: the magnitude mapped to ±1 (values beyond are clipped), e.g. one
+        shared ``max|R|`` for several maps that should be compared on one scale.
 
     Returns
     -------
     np.ndarray
         Float64 values in [0, 1]. An all-zero map, and in absolute mode any constant map,
         gives 0.5 everywhere (the neutral centre), never NaN.
+
+    Raises
+    ------
+    ValueError
+        For a percentile out of range, a non-positive bound, or a bound in absolute mode.
 
     Examples
     --------
@@ -206,16 +368,28 @@ def normalize(relevance: ArrayLike, symmetric: bool = True) -> np.ndarray:
     [0.0, 0.5, 1.0]
     >>> normalize(np.array([1.0, 2.0, 3.0]), symmetric=False).tolist()
     [0.0, 0.5, 1.0]
+    >>> normalize(np.array([-1.0, 0.0, 1.0]), bound=2.0).tolist()
+    [0.25, 0.5, 0.75]
+    >>> normalize(np.array([0.0, 1.0, 1.0, 1.0, 100.0]), percentile=75).tolist()  # 100 clipped
+    [0.5, 1.0, 1.0, 1.0, 1.0]
     """
     values = _as_numpy(relevance)
     if symmetric:
-        bound = np.abs(values).max(initial=0.0)
-        scaled = values / bound if bound > 0 else np.zeros_like(values)
+        scale = _symmetric_bound(values, percentile, bound)
+        scaled = np.clip(values / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(values)
         return (scaled + 1.0) / 2.0
+    if bound is not None:
+        raise ValueError("bound= applies to symmetric normalisation only (symmetric=True)")
+    _check_percentile(percentile, 50.0)
     low, high = values.min(initial=np.inf), values.max(initial=-np.inf)
+    if percentile is not None and values.size:
+        clipped_low = float(np.percentile(values, 100.0 - percentile))
+        clipped_high = float(np.percentile(values, percentile))
+        if clipped_high > clipped_low:
+            low, high = clipped_low, clipped_high
     if not high > low:  # constant (or empty): the neutral centre of the map
         return np.full_like(values, 0.5)
-    return (values - low) / (high - low)
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
 
 
 def _to_uint8(rgb: np.ndarray) -> np.ndarray:
@@ -227,6 +401,10 @@ def heatmap(
     relevance: ArrayLike,
     cmap: str | Colormap = "bwr",
     symmetric: bool = True,
+    *,
+    percentile: float | None = None,
+    bound: float | None = None,
+    reduce: Reduction = "sum",
 ) -> np.ndarray:
     """Colour one sample's relevance map.
 
@@ -234,15 +412,20 @@ def heatmap(
     ----------
     relevance
         One sample's relevance, shaped (H, W), (C, H, W) or (1, C, H, W); numpy array or
-        torch tensor (any device). Channels are summed.
+        torch tensor (any device).
     cmap
         ``"bwr"`` (negative blue, zero white, positive red), ``"coldnhot"`` (zero black,
-        positive hot, negative cold), ``"gray"``, ``"gray_r"``, or a callable mapping [0, 1]
-        to RGB in [0, 1].
+        positive hot, negative cold), ``"reds"`` / ``"blues"`` (only positive / only negative
+        relevance, the rest white), ``"gray"``, ``"gray_r"``, or a callable mapping [0, 1] to
+        RGB in [0, 1].
     symmetric
         True: normalise by ``max|R|`` so that zero maps to the colour map's centre and the
         strongest relevance of either sign reaches the end of the map. False (absolute
         normalisation): stretch ``min .. max`` over the whole map.
+    percentile, bound
+        Outlier clipping and a fixed scale; see :func:`normalize`.
+    reduce
+        How (C, H, W) relevance becomes one map; see :func:`reduce_channels`.
 
     Returns
     -------
@@ -258,9 +441,74 @@ def heatmap(
     [0, 0, 255]
     >>> heatmap(relevance, cmap="coldnhot")[0, 1].tolist()   # zero is black
     [0, 0, 0]
+    >>> heatmap(relevance, cmap="reds", reduce="abs-sum")[0, 0].tolist()   # |R|: -1 is red
+    [255, 0, 0]
     """
-    values = _to_2d(_as_numpy(relevance))
-    return _to_uint8(_colormap(cmap)(normalize(values, symmetric=symmetric)))
+    values = _to_2d(_as_numpy(relevance), reduce)
+    unit = normalize(values, symmetric=symmetric, percentile=percentile, bound=bound)
+    return _to_uint8(_colormap(cmap)(unit))
+
+
+def _batch_to_maps(relevance: ArrayLike, reduce: Reduction) -> np.ndarray:
+    """A batch (N, H, W) or (N, C, H, W) as (N, H, W) maps."""
+    values = _as_numpy(relevance)
+    if values.ndim == 3:
+        return values
+    if values.ndim == 4:
+        maps = [reduce_channels(sample, reduce) for sample in values]
+        return np.stack(maps) if maps else np.zeros((0, *values.shape[2:]))
+    raise ValueError(
+        f"expected a batch of relevance shaped (N, H, W) or (N, C, H, W), got shape {values.shape}"
+    )
+
+
+def heatmaps(
+    relevance: ArrayLike,
+    cmap: str | Colormap = "bwr",
+    symmetric: bool = True,
+    *,
+    shared: bool = False,
+    percentile: float | None = None,
+    bound: float | None = None,
+    reduce: Reduction = "sum",
+) -> np.ndarray:
+    """Colour a batch of relevance maps, each on its own scale or all on one.
+
+    Parameters
+    ----------
+    relevance
+        A batch shaped (N, C, H, W) (channels reduced with ``reduce``) or (N, H, W); the first
+        axis is always the batch.
+    cmap, symmetric, percentile, bound, reduce
+        As for :func:`heatmap`; a ``bound`` is one fixed scale for every map.
+    shared
+        False: each map is normalised on its own (its own ``max|R|``). True: one scale for the
+        whole batch (the batch's ``max|R|``, percentile or min .. max), so that the maps'
+        colours compare across samples.
+
+    Returns
+    -------
+    np.ndarray
+        uint8 RGB images shaped (N, H, W, 3); pass them to :func:`grid` with ``ncols=``.
+
+    Examples
+    --------
+    >>> batch = np.array([[[1.0, 0.0]], [[4.0, -2.0]]])        # (N=2, H=1, W=2)
+    >>> heatmaps(batch).shape
+    (2, 1, 2, 3)
+    >>> heatmaps(batch)[0, 0, 0].tolist()                       # own scale: 1 is max|R|
+    [255, 0, 0]
+    >>> heatmaps(batch, shared=True)[0, 0, 0].tolist()          # shared scale: 1 of 4
+    [255, 191, 191]
+    """
+    maps = _batch_to_maps(relevance, reduce)
+    colormap = _colormap(cmap)
+    options = {"symmetric": symmetric, "percentile": percentile, "bound": bound}
+    if shared:
+        unit = normalize(maps, **options)
+    else:
+        unit = np.stack([normalize(one, **options) for one in maps]) if len(maps) else maps
+    return _to_uint8(colormap(unit))
 
 
 def to_rgb(
@@ -312,6 +560,121 @@ def to_rgb(
     raise ValueError(f"cannot show an image shaped {np.shape(image)} as RGB")
 
 
+# ------------------------------------------------------------------------------- overlays
+
+
+def _image_to_unit_rgb(image: ArrayLike) -> np.ndarray:
+    """An input image as float64 RGB (H, W, 3) in [0, 1], without rescaling its values.
+
+    uint8 is divided by 255; floats are taken to lie in [0, 1] (clipped). Tensors are read
+    channels-first ((C, H, W) or (1, C, H, W)); numpy arrays channels-last when the last axis
+    has length 1 or 3, else channels-first when the first has.
+    """
+    is_tensor = hasattr(image, "detach")
+    raw = image.detach().cpu().numpy() if is_tensor else np.asarray(image)
+    values = raw / 255.0 if raw.dtype == np.uint8 else raw.astype(np.float64)
+    if values.ndim == 4 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim == 3:
+        channels_last = not is_tensor and values.shape[-1] in (1, 3)
+        if not channels_last and values.shape[0] in (1, 3):
+            values = np.moveaxis(values, 0, -1)
+        if values.shape[-1] == 1:
+            values = values[..., 0]
+    if values.ndim == 2:
+        values = np.repeat(values[..., None], 3, axis=-1)
+    if values.ndim != 3 or values.shape[-1] != 3:
+        raise ValueError(
+            f"cannot overlay onto an image shaped {np.shape(raw)}; expected (H, W), (H, W, 3) or "
+            "(H, W, 1) arrays, or (C, H, W) / (1, C, H, W) tensors with C = 1 or 3"
+        )
+    return np.clip(values, 0.0, 1.0)
+
+
+def _fit_to(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Upsample an (h, w) map to (height, width) by whole-number factors (nearest neighbour)."""
+    h, w = values.shape
+    if (h, w) == (height, width):
+        return values
+    if h and w and height % h == 0 and width % w == 0:
+        return np.repeat(np.repeat(values, height // h, axis=0), width // w, axis=1)
+    raise ValueError(
+        f"relevance of size {h}x{w} does not fit an image of size {height}x{width}: the image's "
+        "height and width must be the relevance's times whole numbers"
+    )
+
+
+def overlay(
+    image: ArrayLike,
+    relevance: ArrayLike,
+    alpha: float = 0.5,
+    cmap: str | Colormap = "bwr",
+    symmetric: bool = True,
+    *,
+    threshold: float | None = None,
+    percentile: float | None = None,
+    bound: float | None = None,
+    reduce: Reduction = "sum",
+) -> np.ndarray:
+    """Blend a relevance heatmap onto the input image.
+
+    Every pixel becomes ``(1 - alpha) * image + alpha * colour`` (in [0, 1], then rounded to
+    uint8), where ``colour`` is the colour map's value for the normalised relevance, unrounded.
+
+    Parameters
+    ----------
+    image
+        The input: a (C, H, W) or (1, C, H, W) tensor (C = 1 or 3), or an (H, W, 3), (H, W, 1)
+        or (H, W) array; uint8 (0 .. 255) or floats in [0, 1] (clipped, not rescaled: use
+        :func:`to_rgb` first for other ranges).
+    relevance
+        One sample's relevance, (H, W), (C, H, W) or (1, C, H, W), reduced over channels with
+        ``reduce``. A map smaller than the image by whole-number factors (an 8x8 board under a
+        320x320 picture of it) is upsampled with nearest neighbour.
+    alpha
+        Opacity of the heatmap in [0, 1]: 0 gives the image, 1 the heatmap.
+    cmap, symmetric, percentile, bound, reduce
+        As for :func:`heatmap`.
+    threshold
+        If given, only pixels with ``|R| > threshold * scale`` are coloured, where ``scale`` is
+        the symmetric normalisation's ``max|R|`` (or its ``percentile``, or ``bound``); the
+        others show the image unchanged. ``0`` colours every non-zero pixel.
+
+    Returns
+    -------
+    np.ndarray
+        uint8 RGB image shaped (H, W, 3), the image's size.
+
+    Raises
+    ------
+    ValueError
+        For ``alpha`` or ``threshold`` outside [0, 1], or sizes that do not fit.
+
+    Examples
+    --------
+    >>> white = np.full((1, 3, 3), 255, np.uint8)               # uint8 H x W x 3
+    >>> relevance = np.array([[-2.0, 0.0, 2.0]])
+    >>> overlay(white, relevance, alpha=0.5).tolist()
+    [[[128, 128, 255], [255, 255, 255], [255, 128, 128]]]
+    >>> overlay(white, np.array([[-2.0, 0.1, 2.0]]), cmap="coldnhot", threshold=0.1)[0, 1].tolist()
+    [255, 255, 255]
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1] (a fraction of max|R|), got {threshold!r}")
+    base = _image_to_unit_rgb(image)
+    values = _fit_to(_to_2d(_as_numpy(relevance), reduce), base.shape[0], base.shape[1])
+    unit = normalize(values, symmetric=symmetric, percentile=percentile, bound=bound)
+    colour = _colormap(cmap)(unit)
+    blended = (1.0 - alpha) * base + alpha * colour
+    if threshold is not None:
+        scale = _symmetric_bound(values, percentile, bound)
+        shown = np.abs(values) > threshold * scale
+        blended = np.where(shown[..., None], blended, base)
+    return _to_uint8(blended)
+
+
 # ---------------------------------------------------------------------------------- grids
 
 
@@ -349,8 +712,14 @@ def _upsample(image: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
 
 
+def _rows_of(items: Sequence[Any], ncols: int) -> list[list[Any]]:
+    """A flat sequence (or a batch array) cut into rows of ``ncols``."""
+    flat = list(items)
+    return [flat[start:start + ncols] for start in range(0, len(flat), ncols)]
+
+
 def grid(
-    images: Sequence[Sequence[ArrayLike]],
+    images: Sequence[Sequence[ArrayLike]] | Sequence[ArrayLike],
     row_labels: Sequence[str] | None = None,
     col_labels: Sequence[str] | None = None,
     scale: int = 12,
@@ -359,6 +728,10 @@ def grid(
     background: tuple[int, int, int] = (255, 255, 255),
     text_color: tuple[int, int, int] = (0, 0, 0),
     frame_color: tuple[int, int, int] | None = (190, 190, 190),
+    *,
+    title: str | None = None,
+    captions: Sequence[Sequence[str]] | Sequence[str] | None = None,
+    ncols: int | None = None,
 ) -> Image.Image:
     """Lay out images in labelled rows and columns, upsampled with nearest neighbour.
 
@@ -368,7 +741,8 @@ def grid(
         Rows of images; each a uint8 (H, W, 3) RGB image (as from :func:`heatmap`), a uint8
         (H, W) gray image, or anything :func:`to_rgb` accepts. Rows may differ in length;
         images may differ in size (each is centred horizontally in its column, at the
-        top of its row).
+        top of its row). With ``ncols``: one flat sequence of images, or a batch array such as
+        the (N, H, W, 3) result of :func:`heatmaps`.
     row_labels
         One text per row, drawn left of the row (``"\\n"`` breaks lines).
     col_labels
@@ -384,19 +758,28 @@ def grid(
     frame_color
         Colour of a one-pixel frame drawn just outside every image (in the padding), so that
         white heatmap borders stay visible on a white canvas; ``None`` for no frame.
+    title
+        A heading centred above everything.
+    captions
+        A text under each image, shaped like ``images`` (rows of texts; flat with ``ncols``);
+        missing or empty entries draw nothing.
+    ncols
+        Wrap a flat sequence of images (and captions) into rows of this many columns.
 
     Returns
     -------
     PIL.Image.Image
         An RGB image. Each cell is ``max H * scale`` high and ``max W * scale`` wide (a column
-        is widened to its label's width plus ``2 * padding`` if that is more). Without labels the
-        size is exactly::
+        is widened to its label's or a caption's width plus ``2 * padding`` if that is more).
+        Without labels, title or captions the size is exactly::
 
             width  = n_cols * cell_width  + (n_cols + 1) * padding
             height = n_rows * cell_height + (n_rows + 1) * padding
 
         Column labels add ``label_height + padding`` on top, row labels add
-        ``label_width + padding`` on the left.
+        ``label_width + padding`` on the left, captions ``caption_height + padding`` to every
+        row, a title ``title_height + padding`` on top (and the width of the title plus
+        ``2 * padding`` if that is wider; the grid is then centred).
 
     Examples
     --------
@@ -406,9 +789,20 @@ def grid(
     >>> labelled = grid(tiles, row_labels=["a", "b"], col_labels=["x", "y", "z"])
     >>> labelled.size[0] > 304 and labelled.size[1] > 204
     True
+    >>> grid(np.zeros((6, 8, 8, 3), np.uint8), ncols=3, scale=12, padding=4).size   # a batch
+    (304, 204)
+    >>> titled = grid(tiles, title="EpsilonPlusFlat", captions=[["1", "2", "3"], ["4"]])
+    >>> titled.size[0] == 304 and titled.size[1] > 204
+    True
     """
     if scale < 1 or int(scale) != scale:
         raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    if ncols is not None:
+        if ncols < 1 or int(ncols) != ncols:
+            raise ValueError(f"ncols must be a positive integer, got {ncols!r}")
+        images = _rows_of(images, int(ncols))
+        if captions is not None:
+            captions = _rows_of(captions, int(ncols))
     cells = [[_upsample(_as_cell(image), int(scale)) for image in row] for row in images]
     n_rows = len(cells)
     n_cols = max((len(row) for row in cells), default=0)
@@ -418,36 +812,56 @@ def grid(
         raise ValueError(f"{len(row_labels)} row labels for {n_rows} rows")
     if col_labels is not None and len(col_labels) > n_cols:
         raise ValueError(f"{len(col_labels)} column labels for {n_cols} columns")
+    caption_rows = [[str(text) if text is not None else "" for text in row]
+                    for row in (captions or [])]
+    if len(caption_rows) > n_rows or any(
+            len(texts) > len(cells[index]) for index, texts in enumerate(caption_rows)):
+        raise ValueError("more captions than images; give captions shaped like the images")
 
     font = _load_font(font_size)
     cell_height = max(cell.shape[0] for row in cells for cell in row)
     cell_width = max(cell.shape[1] for row in cells for cell in row)
     col_sizes = [_text_size(str(label), font) for label in (col_labels or [])]
     row_sizes = [_text_size(str(label), font) for label in (row_labels or [])]
+    caption_sizes = [[_text_size(text, font) for text in row] for row in caption_rows]
     col_widths = [
-        max(cell_width, col_sizes[index][0] + 2 * padding if index < len(col_sizes) else 0)
+        max(cell_width, col_sizes[index][0] + 2 * padding if index < len(col_sizes) else 0,
+            *(row[index][0] + 2 * padding for row in caption_sizes
+              if index < len(row) and row[index][0]))
         for index in range(n_cols)
     ]
+    caption_height = max((height for row in caption_sizes for _, height in row), default=0)
+    caption_band = caption_height + padding if caption_height else 0
+    row_height = cell_height + caption_band
     top = max((height for _, height in col_sizes), default=0)
     top = top + padding if col_labels else 0
     left = max((width for width, _ in row_sizes), default=0)
     left = left + padding if row_labels else 0
+    title_width, title_height = _text_size(title or "", font)
+    heading = title_height + padding if title else 0
 
-    width = left + sum(col_widths) + (n_cols + 1) * padding
-    height = top + n_rows * cell_height + (n_rows + 1) * padding
+    content_width = left + sum(col_widths) + (n_cols + 1) * padding
+    width = max(content_width, title_width + 2 * padding if title else 0)
+    height = heading + top + n_rows * row_height + (n_rows + 1) * padding
     canvas = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(canvas)
+    shift = (width - content_width) // 2  # centres the grid under a wider title
 
-    col_x = [left + padding + sum(col_widths[:index]) + index * padding for index in range(n_cols)]
+    if title:
+        draw.multiline_text(((width - title_width) // 2, padding), title, fill=text_color,
+                            font=font, align="center")
+    top += heading
+    col_x = [shift + left + padding + sum(col_widths[:index]) + index * padding
+             for index in range(n_cols)]
     for index, (text_width, text_height) in enumerate(col_sizes):
         x = col_x[index] + (col_widths[index] - text_width) // 2
         draw.multiline_text((x, top - text_height), str(col_labels[index]),
                             fill=text_color, font=font, align="center")
     for row_index, row in enumerate(cells):
-        y = top + padding + row_index * (cell_height + padding)
+        y = top + padding + row_index * (row_height + padding)
         if row_labels is not None:
             text_width, text_height = row_sizes[row_index]
-            draw.multiline_text((left - text_width,
+            draw.multiline_text((shift + left - text_width,
                                  y + (cell_height - text_height) // 2),
                                 str(row_labels[row_index]), fill=text_color, font=font,
                                 align="right")
@@ -457,6 +871,14 @@ def grid(
             if frame_color is not None and padding >= 1:
                 draw.rectangle((x - 1, y - 1, x + cell.shape[1], y + cell.shape[0]),
                                outline=frame_color)
+            if row_index < len(caption_rows) and col_index < len(caption_rows[row_index]):
+                text = caption_rows[row_index][col_index]
+                text_width, _ = caption_sizes[row_index][col_index]
+                if text:
+                    draw.multiline_text(
+                        (col_x[col_index] + (col_widths[col_index] - text_width) // 2,
+                         y + cell_height + padding),
+                        text, fill=text_color, font=font, align="center")
     return canvas
 
 

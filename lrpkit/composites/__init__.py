@@ -22,6 +22,7 @@ from .maps import (
     NameMapComposite,
     SpecialFirstLayerMapComposite,
     UncoveredModuleWarning,
+    in_context,
 )
 from .presets import (
     Deconvnet,
@@ -57,6 +58,7 @@ __all__ = [
     "UncoveredModuleWarning",
     "get",
     "get_for_input",
+    "in_context",
     "layer_map_base",
     "names",
     "register",

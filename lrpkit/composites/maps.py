@@ -47,6 +47,22 @@ class UncoveredModuleWarning(UserWarning):
 _MODULES_IN_CONTEXT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
+def in_context(module: nn.Module) -> bool:
+    """Whether ``module`` is inside a composite's context (its rules are attached now).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lrpkit import composites
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> with composites.EpsilonPlus().context(model):
+    ...     inside = composites.in_context(model)
+    >>> inside, composites.in_context(model)
+    (True, False)
+    """
+    return module in _MODULES_IN_CONTEXT
+
+
 class FirstLayerChoice:
     """Gives ``first`` to whichever candidate module runs first in a forward pass, ``other`` to the rest.
 

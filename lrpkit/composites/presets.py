@@ -1,7 +1,10 @@
 """Named preset composites (zennit-compatible) and the registry that maps names to them.
 
 Every preset accepts ``layer_map`` (and ``first_map`` where it has one) to prepend rules of your
-own, ``zero_params``, ``canonizers`` and ``strict``.
+own, ``zero_params``, ``canonizers`` and ``strict``; the LRP presets also take ``top_k``, the
+relevance filter (:func:`lrpkit.rules.relevance_filter`) of every dense and convolutional rule,
+e.g. ``EpsilonPlusFlat(top_k=0.05)`` keeps the largest 5% of the relevance values of each sample
+before each such layer.
 
 Examples
 --------
@@ -96,12 +99,13 @@ class EpsilonPlus(LayerMapComposite):
         stabilizer: float = 1e-6,
         layer_map: LayerMap | None = None,
         zero_params: ZeroParams = None,
+        top_k: float | None = None,
         canonizers: Sequence[Canonizer] | None = None,
         strict: bool = False,
     ) -> None:
         layer_map = _prepend(layer_map) + layer_map_base(stabilizer) + [
-            (types.Convolution, ZPlus(stabilizer=stabilizer, zero_params=zero_params)),
-            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+            (types.Convolution, ZPlus(stabilizer=stabilizer, zero_params=zero_params, top_k=top_k)),
+            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params, top_k=top_k)),
         ]
         super().__init__(layer_map, canonizers=canonizers, strict=strict)
 
@@ -117,14 +121,15 @@ class EpsilonPlusFlat(SpecialFirstLayerMapComposite):
         layer_map: LayerMap | None = None,
         first_map: LayerMap | None = None,
         zero_params: ZeroParams = None,
+        top_k: float | None = None,
         canonizers: Sequence[Canonizer] | None = None,
         strict: bool = False,
     ) -> None:
         layer_map = _prepend(layer_map) + layer_map_base(stabilizer) + [
-            (types.Convolution, ZPlus(stabilizer=stabilizer, zero_params=zero_params)),
-            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+            (types.Convolution, ZPlus(stabilizer=stabilizer, zero_params=zero_params, top_k=top_k)),
+            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params, top_k=top_k)),
         ]
-        first_map = _prepend(first_map) + [(types.AnyLinear, Flat(stabilizer=stabilizer, zero_params=zero_params))]
+        first_map = _prepend(first_map) + [(types.AnyLinear, Flat(stabilizer=stabilizer, zero_params=zero_params, top_k=top_k))]
         super().__init__(layer_map, first_map, canonizers=canonizers, strict=strict)
 
 
@@ -148,15 +153,16 @@ class EpsilonGammaBox(SpecialFirstLayerMapComposite):
         layer_map: LayerMap | None = None,
         first_map: LayerMap | None = None,
         zero_params: ZeroParams = None,
+        top_k: float | None = None,
         canonizers: Sequence[Canonizer] | None = None,
         strict: bool = False,
     ) -> None:
         layer_map = _prepend(layer_map) + layer_map_base(stabilizer) + [
-            (types.Convolution, Gamma(gamma=gamma, stabilizer=stabilizer, zero_params=zero_params)),
-            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+            (types.Convolution, Gamma(gamma=gamma, stabilizer=stabilizer, zero_params=zero_params, top_k=top_k)),
+            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params, top_k=top_k)),
         ]
         first_map = _prepend(first_map) + [
-            (types.Convolution, ZBox(low=low, high=high, stabilizer=stabilizer, zero_params=zero_params))
+            (types.Convolution, ZBox(low=low, high=high, stabilizer=stabilizer, zero_params=zero_params, top_k=top_k))
         ]
         super().__init__(layer_map, first_map, canonizers=canonizers, strict=strict)
 
@@ -171,12 +177,13 @@ class EpsilonAlpha2Beta1(LayerMapComposite):
         stabilizer: float = 1e-6,
         layer_map: LayerMap | None = None,
         zero_params: ZeroParams = None,
+        top_k: float | None = None,
         canonizers: Sequence[Canonizer] | None = None,
         strict: bool = False,
     ) -> None:
         layer_map = _prepend(layer_map) + layer_map_base(stabilizer) + [
-            (types.Convolution, AlphaBeta(2.0, 1.0, stabilizer=stabilizer, zero_params=zero_params)),
-            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+            (types.Convolution, AlphaBeta(2.0, 1.0, stabilizer=stabilizer, zero_params=zero_params, top_k=top_k)),
+            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params, top_k=top_k)),
         ]
         super().__init__(layer_map, canonizers=canonizers, strict=strict)
 
@@ -192,14 +199,15 @@ class EpsilonAlpha2Beta1Flat(SpecialFirstLayerMapComposite):
         layer_map: LayerMap | None = None,
         first_map: LayerMap | None = None,
         zero_params: ZeroParams = None,
+        top_k: float | None = None,
         canonizers: Sequence[Canonizer] | None = None,
         strict: bool = False,
     ) -> None:
         layer_map = _prepend(layer_map) + layer_map_base(stabilizer) + [
-            (types.Convolution, AlphaBeta(2.0, 1.0, stabilizer=stabilizer, zero_params=zero_params)),
-            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+            (types.Convolution, AlphaBeta(2.0, 1.0, stabilizer=stabilizer, zero_params=zero_params, top_k=top_k)),
+            (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params, top_k=top_k)),
         ]
-        first_map = _prepend(first_map) + [(types.AnyLinear, Flat(stabilizer=stabilizer, zero_params=zero_params))]
+        first_map = _prepend(first_map) + [(types.AnyLinear, Flat(stabilizer=stabilizer, zero_params=zero_params, top_k=top_k))]
         super().__init__(layer_map, first_map, canonizers=canonizers, strict=strict)
 
 
@@ -212,12 +220,13 @@ class ExcitationBackprop(LayerMapComposite):
         stabilizer: float = 1e-6,
         layer_map: LayerMap | None = None,
         zero_params: ZeroParams = None,
+        top_k: float | None = None,
         canonizers: Sequence[Canonizer] | None = None,
         strict: bool = False,
     ) -> None:
         layer_map = _prepend(layer_map) + [
             (types.AvgPool, Norm(stabilizer=stabilizer)),
-            (types.AnyLinear, ZPlus(stabilizer=stabilizer, zero_params=zero_params)),
+            (types.AnyLinear, ZPlus(stabilizer=stabilizer, zero_params=zero_params, top_k=top_k)),
         ]
         super().__init__(layer_map, canonizers=canonizers, strict=strict)
 

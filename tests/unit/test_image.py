@@ -197,3 +197,226 @@ def test_save_png_roundtrip(tmp_path) -> None:
     array_path = save_png(heatmap(np.eye(4)), tmp_path / "eye.png")
     with Image.open(array_path) as loaded:
         assert loaded.size == (4, 4)
+
+
+# ------------------------------------------------------------------ single-sign colour maps
+
+
+def test_reds_and_blues_show_one_sign() -> None:
+    np.testing.assert_allclose(image.reds(np.array([0.0, 0.5, 1.0])), [[1, 1, 1], [1, 1, 1], [1, 0, 0]])
+    np.testing.assert_allclose(image.blues(np.array([0.0, 0.5, 1.0])), [[0, 0, 1], [1, 1, 1], [1, 1, 1]])
+    relevance = np.array([[-2.0, 0.0, 1.0, 2.0]])
+    reds = heatmap(relevance, cmap="reds")
+    assert [_pixel(reds, 0, col) for col in range(4)] == [WHITE, WHITE, (255, 128, 128), RED]
+    blues = heatmap(relevance, cmap="blues")
+    assert [_pixel(blues, 0, col) for col in range(4)] == [BLUE, WHITE, WHITE, WHITE]
+    # magnitude map: |R| in reds, the negative end is as red as the positive one
+    magnitude = heatmap(relevance, cmap="reds", reduce="abs-sum")
+    assert _pixel(magnitude, 0, 0) == RED and _pixel(magnitude, 0, 1) == WHITE
+
+
+# ------------------------------------------------------------ normalisation: clipping, bound
+
+
+def test_percentile_clipping_saturates_outliers() -> None:
+    relevance = np.array([[0.0, 1.0, 1.0, 1.0, -100.0]])
+    plain = heatmap(relevance)
+    assert _pixel(plain, 0, 4) == BLUE and _pixel(plain, 0, 1) != RED  # the outlier dominates
+    clipped = heatmap(relevance, percentile=75)  # the 75th percentile of |R| is 1
+    assert _pixel(clipped, 0, 1) == RED and _pixel(clipped, 0, 4) == BLUE
+    assert _pixel(clipped, 0, 0) == WHITE
+    # sparse maps: a zero percentile falls back to max|R|, never a division by zero
+    sparse = np.zeros((4, 4))
+    sparse[0, 0] = 3.0
+    assert _pixel(heatmap(sparse, percentile=50), 0, 0) == RED
+
+
+def test_percentile_in_absolute_mode_clips_both_ends() -> None:
+    values = np.array([-50.0, 0.0, 1.0, 2.0, 3.0, 4.0, 60.0])
+    unit = normalize(values, symmetric=False, percentile=80)
+    assert unit[0] == 0.0 and unit[-1] == 1.0
+    low, high = np.percentile(values, 20), np.percentile(values, 80)
+    np.testing.assert_allclose(unit[2], (1.0 - low) / (high - low))
+
+
+def test_bound_fixes_the_scale() -> None:
+    relevance = np.array([[-1.0, 0.0, 2.0, 8.0]])
+    rgb = heatmap(relevance, bound=2.0)
+    assert _pixel(rgb, 0, 2) == RED and _pixel(rgb, 0, 3) == RED  # 8 clipped to the bound
+    assert _pixel(rgb, 0, 0) == (128, 128, 255)  # -1 of 2: half-way to blue
+
+
+@pytest.mark.parametrize("kwargs", [{"percentile": 0}, {"percentile": 101}, {"bound": 0.0},
+                                    {"bound": -1.0}])
+def test_normalize_rejects_bad_options(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        normalize(np.ones(3), **kwargs)
+
+
+def test_normalize_absolute_rejects_bound_and_low_percentile() -> None:
+    with pytest.raises(ValueError, match="symmetric"):
+        normalize(np.ones(3), symmetric=False, bound=1.0)
+    with pytest.raises(ValueError, match="percentile"):
+        normalize(np.ones(3), symmetric=False, percentile=40)
+
+
+# -------------------------------------------------------------------- channel reductions
+
+
+def test_reduce_channels_known_values() -> None:
+    relevance = torch.tensor([[[1.0, -4.0]], [[-3.0, 0.0]], [[2.0, 3.0]]])  # (C=3, H=1, W=2)
+    expected = {"sum": [[0.0, -1.0]], "abs-sum": [[6.0, 7.0]], "max-norm": [[3.0, 4.0]],
+                "l2-norm": [[np.sqrt(14.0), 5.0]]}
+    for method, values in expected.items():
+        np.testing.assert_allclose(image.reduce_channels(relevance, method), values)
+        np.testing.assert_allclose(image.reduce_channels(relevance[None], method), values)
+    np.testing.assert_allclose(image.reduce_channels(relevance, lambda r: r[0]), [[1.0, -4.0]])
+    np.testing.assert_allclose(image.reduce_channels(relevance[0], "abs-sum"), [[1.0, 4.0]])
+    assert set(image.REDUCTIONS) == set(expected)
+
+
+def test_reduce_channels_rejects_unknown_and_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="unknown channel reduction"):
+        image.reduce_channels(np.ones((2, 3, 3)), "mean-ish")
+    with pytest.raises(ValueError, match="returned shape"):
+        image.reduce_channels(np.ones((2, 3, 3)), lambda r: r)
+    with pytest.raises(ValueError, match="one sample"):
+        image.reduce_channels(np.ones((2, 2, 3, 3)))
+
+
+def test_heatmap_reduce_max_norm_on_channels() -> None:
+    relevance = np.zeros((3, 2, 2))
+    relevance[0, 0, 0], relevance[1, 0, 0] = 2.0, -2.0  # sums to zero, max |R| = 2
+    relevance[2, 1, 1] = -1.0
+    assert _pixel(heatmap(relevance), 0, 0) == WHITE  # the signed sum cancels
+    rgb = heatmap(relevance, cmap="reds", reduce="max-norm")
+    assert _pixel(rgb, 0, 0) == RED and _pixel(rgb, 1, 1) == (255, 128, 128)
+
+
+# ------------------------------------------------------------------------------ batches
+
+
+def test_heatmaps_batch_shapes_and_scales() -> None:
+    batch = torch.zeros(3, 2, 4, 5)  # (N, C, H, W)
+    batch[0, 0, 0, 0] = 1.0
+    batch[1, 1, 0, 0] = -4.0
+    batch[2, 0, 0, 0] = 2.0
+    own = image.heatmaps(batch)
+    assert own.shape == (3, 4, 5, 3) and own.dtype == np.uint8
+    assert _pixel(own[0], 0, 0) == RED and _pixel(own[1], 0, 0) == BLUE
+    assert _pixel(own[2], 0, 0) == RED and _pixel(own[0], 3, 4) == WHITE
+    shared = image.heatmaps(batch, shared=True)
+    assert _pixel(shared[1], 0, 0) == BLUE
+    assert _pixel(shared[0], 0, 0) == (255, 191, 191)  # 1 of 4
+    assert _pixel(shared[2], 0, 0) == (255, 128, 128)  # 2 of 4
+    for index in range(3):  # each sample alone gives the same picture as heatmap()
+        np.testing.assert_array_equal(own[index], heatmap(batch[index]))
+    assert image.heatmaps(batch[:, 0]).shape == (3, 4, 5, 3)  # (N, H, W)
+    assert _pixel(image.heatmaps(batch, bound=8.0)[1], 0, 0) == (128, 128, 255)  # -4 of 8
+    with pytest.raises(ValueError, match="batch"):
+        image.heatmaps(np.zeros((4, 5)))
+
+
+def test_grid_of_a_batch_with_ncols() -> None:
+    maps = image.heatmaps(np.random.default_rng(0).normal(size=(7, 8, 8)))
+    picture = grid(maps, ncols=3, scale=2, padding=1)
+    cell = 16
+    assert picture.size == (3 * cell + 4, 3 * cell + 4)  # 7 maps: rows of 3, 3, 1
+    array = np.asarray(picture)
+    np.testing.assert_array_equal(array[1:1 + cell:2, 1:1 + cell:2], maps[0])
+    row3 = 1 + 2 * (cell + 1)
+    np.testing.assert_array_equal(array[row3:row3 + cell:2, 1:1 + cell:2], maps[6])
+    with pytest.raises(ValueError, match="ncols"):
+        grid(maps, ncols=0)
+
+
+def test_grid_title_and_captions() -> None:
+    plain = grid(_tiles(2, 3), scale=4, padding=4)
+    titled = grid(_tiles(2, 3), scale=4, padding=4, title="EpsilonPlusFlat")
+    assert titled.size[0] == plain.size[0] and titled.size[1] > plain.size[1]
+    assert (np.asarray(titled)[:titled.size[1] - plain.size[1]] != 255).any()  # text drawn
+    captioned = grid(_tiles(2, 3), scale=4, padding=4, captions=[["a", "b", "c"], ["d"]])
+    extra = captioned.size[1] - plain.size[1]
+    assert captioned.size[0] == plain.size[0] and extra > 0 and extra % 2 == 0  # same band per row
+    wide = grid(_tiles(1, 1), scale=1, padding=2, title="a title much wider than one 8x8 tile")
+    assert wide.size[0] > 8 + 4
+    flat = grid(list(_tiles(1, 4)[0]), ncols=2, scale=4, padding=4, captions=["w", "x", "y", "z"])
+    assert flat.size[0] == 2 * 32 + 3 * 4
+    with pytest.raises(ValueError, match="captions"):
+        grid(_tiles(1, 2), captions=[["a", "b", "c"]])
+
+
+# ----------------------------------------------------------------------------- overlays
+
+
+def test_overlay_alpha_half_gives_the_exact_blend() -> None:
+    picture = torch.full((3, 1, 3), 0.25)  # (C, H, W) tensor in [0, 1]: a dark gray
+    relevance = torch.tensor([[-2.0, 0.0, 2.0]])
+    blended = image.overlay(picture, relevance, alpha=0.5)
+    assert blended.shape == (1, 3, 3) and blended.dtype == np.uint8
+    # 0.5 * 0.25 + 0.5 * colour: colour 0 -> 0.125 (31.875), colour 1 -> 0.625 (159.375)
+    assert _pixel(blended, 0, 0) == (32, 32, 159)  # -max: blue
+    assert _pixel(blended, 0, 1) == (159, 159, 159)  # zero: white
+    assert _pixel(blended, 0, 2) == (159, 32, 32)  # +max: red
+
+
+def test_overlay_accepts_image_layouts() -> None:
+    relevance = np.array([[-1.0, 1.0]])
+    expected = image.overlay(torch.full((3, 1, 2), 0.25), relevance, alpha=0.5)
+    for picture in (np.full((1, 2, 3), 0.25),          # H x W x 3 float array
+                    np.full((1, 2), 0.25),             # gray H x W
+                    np.full((1, 2, 1), 0.25),          # H x W x 1
+                    torch.full((1, 1, 2), 0.25),       # (1, H, W) tensor
+                    torch.full((1, 3, 1, 2), 0.25)):   # a batch of one
+        np.testing.assert_array_equal(image.overlay(picture, relevance, alpha=0.5), expected)
+    # uint8: 0.75 * 100 + 0.25 * 255 * colour
+    uint8 = image.overlay(np.full((1, 2, 3), 100, np.uint8), relevance, alpha=0.25)
+    assert _pixel(uint8, 0, 0) == (75, 75, 139) and _pixel(uint8, 0, 1) == (139, 75, 75)
+    with pytest.raises(ValueError, match="cannot overlay"):
+        image.overlay(np.zeros((2, 1, 2, 5)), relevance)
+
+
+def test_overlay_alpha_ends() -> None:
+    rng = np.random.default_rng(1)
+    picture = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    relevance = rng.normal(size=(4, 4))
+    np.testing.assert_array_equal(image.overlay(picture, relevance, alpha=0.0), picture)
+    for cmap in ("bwr", "coldnhot", "reds"):
+        np.testing.assert_array_equal(image.overlay(picture, relevance, alpha=1.0, cmap=cmap),
+                                      heatmap(relevance, cmap=cmap))
+    for alpha in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            image.overlay(picture, relevance, alpha=alpha)
+
+
+def test_overlay_threshold_keeps_the_image_below_it() -> None:
+    picture = np.full((1, 4, 3), 0.25)
+    relevance = np.array([[4.0, 1.0, -0.4, 0.0]])
+    shown = image.overlay(picture, relevance, alpha=0.5, threshold=0.2)  # |R| > 0.8 coloured
+    gray = (64, 64, 64)
+    assert _pixel(shown, 0, 0) == (159, 32, 32)
+    assert _pixel(shown, 0, 1) != gray  # 1 > 0.8
+    assert _pixel(shown, 0, 2) == gray and _pixel(shown, 0, 3) == gray
+    everywhere_nonzero = image.overlay(picture, relevance, alpha=0.5, threshold=0.0)
+    assert _pixel(everywhere_nonzero, 0, 2) != gray and _pixel(everywhere_nonzero, 0, 3) == gray
+    assert (image.overlay(picture, np.zeros((1, 4)), threshold=0.0) == 64).all()  # all-zero map
+    with pytest.raises(ValueError, match="threshold"):
+        image.overlay(picture, relevance, threshold=2.0)
+
+
+def test_overlay_upsamples_a_coarse_map() -> None:
+    board = np.zeros((16, 24, 3), np.uint8)  # 2x3 squares of 8 pixels
+    relevance = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+    blended = image.overlay(board, relevance, alpha=1.0)
+    assert (blended[:8, :8] == RED).all() and (blended[8:, 16:] == BLUE).all()
+    assert (blended[:8, 8:16] == WHITE).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        image.overlay(np.zeros((10, 10, 3)), np.ones((3, 3)))
+
+
+def test_overlay_saves_as_png(tmp_path) -> None:
+    blended = image.overlay(torch.rand(3, 8, 8), torch.randn(3, 8, 8, requires_grad=True),
+                            alpha=0.6, reduce="abs-sum", cmap="reds", percentile=99)
+    path = save_png(blended, tmp_path / "overlay.png")
+    with Image.open(path) as loaded:
+        np.testing.assert_array_equal(np.asarray(loaded.convert("RGB")), blended)

@@ -1,0 +1,117 @@
+"""The examples in examples/ run in-process and do what they say (examples/othello.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers import hooks_left
+
+ROOT = Path(__file__).resolve().parents[2]
+SQUARE = 32
+BOARD = 8 * SQUARE
+N_COLUMNS, N_ROWS = 5, 2  # position + 4 overlays; value and move
+
+
+def _load(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` from its file (examples/ is not a package)."""
+    path = ROOT / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"lrpkit_example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return module
+
+
+@pytest.fixture(scope="module")
+def othello() -> ModuleType:
+    return _load("othello")
+
+
+# ----------------------------------------------------------------------------- game rules
+
+
+def test_othello_rules(othello: ModuleType) -> None:
+    board = othello.start_board()
+    black_moves = sorted(othello.square_name(*move) for move in othello.legal_moves(board, othello.BLACK))
+    assert black_moves == ["c4", "d3", "e6", "f5"]
+    after = othello.play(board, othello.BLACK, *othello.parse_square("f5"))
+    assert after[othello.parse_square("e5")] == othello.BLACK  # e5 flipped
+    assert (board == othello.start_board()).all()  # play() returns a new board
+    with pytest.raises(ValueError, match="not a legal move"):
+        othello.play(board, othello.BLACK, *othello.parse_square("a1"))
+    position, player = othello.position_after(othello.OPENING)
+    assert player == othello.WHITE and int((position != 0).sum()) == 4 + len(othello.OPENING)
+    planes = othello.encode(position, player)
+    assert planes.shape == (1, 3, 8, 8)
+    assert planes[0, 0].sum() == (position == othello.WHITE).sum()  # own stones: white's
+    assert planes[0, 2].sum() == len(othello.legal_moves(position, player))
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def test_othello_main_writes_the_png(othello: ModuleType, tmp_path: Path) -> None:
+    result = othello.main(out=tmp_path / "out" / "othello.png", square=SQUARE, verbose=False)
+    path = result["path"]
+    assert path.is_file()
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.mode == "RGB"
+        assert picture.size == result["size"]
+        width, height = picture.size
+    # five board-sized cells per row, two rows, plus labels, title and padding
+    assert N_COLUMNS * BOARD < width < N_COLUMNS * BOARD + 400
+    assert N_ROWS * BOARD < height < N_ROWS * BOARD + 200
+    for key in ("value_relevance", "move_relevance", "value_by_plane", "move_by_plane"):
+        relevance = result[key]
+        assert relevance.shape == (1, 3, 8, 8)
+        assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+    assert result["value"].shape == (1, 1) and result["policy"].shape == (1, 65)
+    assert result["move_name"] != "pass"
+    row, col = divmod(result["move"], 8)
+    assert result["planes"][0, 2, row, col] == 1  # the explained move is a legal one
+
+
+def test_othello_relevance_conserves_without_biases(othello: ModuleType, tmp_path: Path) -> None:
+    """No biases: the value's and the move logit's relevance sum to them (flat and z+ first layer)."""
+    result = othello.main(out=tmp_path / "othello.png", zero_biases=True, verbose=False)
+    value = result["value"].sum()
+    logit = result["policy"][0, result["move"]]
+    for relevance in (result["value_relevance"], result["value_by_plane"]):
+        torch.testing.assert_close(relevance.sum(), value, rtol=1e-4, atol=1e-7)
+    for relevance in (result["move_relevance"], result["move_by_plane"]):
+        torch.testing.assert_close(relevance.sum(), logit, rtol=1e-4, atol=1e-7)
+    # z+ in the first layer: a plane's relevance sits only where that plane has a one
+    planes = result["planes"]
+    assert (result["value_by_plane"][planes == 0] == 0).all()
+
+
+def test_othello_leaves_the_model_unchanged(othello: ModuleType) -> None:
+    model = othello.build_model(seed=3)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    attributes = set(vars(model)) | {key for module in model.modules() for key in vars(module)}
+    planes = othello.encode(*othello.position_after(othello.OPENING))
+    with torch.no_grad():
+        expected = model(planes)
+    value, _ = othello.explain_value(model, planes)
+    policy, _ = othello.explain_move(model, planes, 19)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+    assert hooks_left(model) == []
+    assert {key for module in model.modules() for key in vars(module)} | set(vars(model)) == attributes
+    assert not model.training
+    torch.testing.assert_close(value, expected["value"])
+    torch.testing.assert_close(policy, expected["policy"])

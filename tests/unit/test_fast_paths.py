@@ -1,0 +1,181 @@
+"""The shortcuts taken for speed give the same numbers as the plain definitions.
+
+Each test here pins one fast path of issue 4: the mask-free stabiliser, the graph-based
+non-negativity flags, alpha-beta's ``z- = z - z+`` with its cancellation guard, the
+closed-form transpose of captured additions and the capture mode paused inside rule-hooked
+modules.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lrpkit import composites, rules
+from lrpkit.attribution import Gradient
+from lrpkit.core import produced_nonnegative
+from lrpkit.rules import divide, stabilize
+
+
+def reference_stabilize(value: torch.Tensor, epsilon: float) -> torch.Tensor:
+    return torch.where(value >= 0, value + epsilon, value - epsilon)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stabilize_matches_the_sign_convention_including_negative_zero(dtype):
+    value = torch.tensor([0.0, -0.0, 1.5, -1.5, 1e-9, -1e-9, float("inf"), float("nan")], dtype=dtype)
+    result = stabilize(value, 1e-6)
+    torch.testing.assert_close(result, reference_stabilize(value, 1e-6), equal_nan=True, rtol=0, atol=0)
+    assert result[1] > 0  # -0.0 is stabilised upwards, like +0.0 (zennit: sign(0) = +1)
+
+
+def test_divide_does_not_modify_its_arguments_and_keeps_autograd():
+    relevance, denominator = torch.randn(3, 4), torch.randn(3, 4)
+    copies = relevance.clone(), denominator.clone()
+    expected = relevance / reference_stabilize(denominator, 1e-3)
+    torch.testing.assert_close(divide(relevance, denominator, 1e-3), expected)
+    assert torch.equal(relevance, copies[0]) and torch.equal(denominator, copies[1])
+    leaf = denominator.clone().requires_grad_(True)
+    divide(relevance, leaf, 1e-3).sum().backward()
+    assert leaf.grad is not None
+
+
+def test_divide_broadcasts_like_plain_division():
+    relevance, denominator = torch.randn(2, 3, 4), torch.rand(1, 3, 1) + 0.5
+    torch.testing.assert_close(divide(relevance, denominator, 1e-6), relevance / (denominator + 1e-6))
+
+
+def test_nonnegative_flags_follow_relu_and_pooling_but_not_signed_tensors():
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    assert produced_nonnegative(torch.relu(x))
+    assert produced_nonnegative(nn.functional.max_pool2d(torch.relu(x), 2).flatten(1))
+    assert produced_nonnegative(torch.sigmoid(x))
+    assert not produced_nonnegative(x)
+    assert not produced_nonnegative(x * 2)
+    assert not produced_nonnegative(nn.functional.max_pool2d(x, 2))
+    assert not produced_nonnegative(torch.relu(x) - 1)
+
+
+class Spy(rules.ZPlus):
+    """ZPlus that records what the graph said about its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flags: list[tuple[bool, ...]] = []
+
+    def relevance(self, call, relevance):
+        self.flags.append(call.known_nonnegative)
+        return super().relevance(call, relevance)
+
+
+def test_rule_hooks_see_relu_outputs_as_known_nonnegative():
+    spy = Spy()
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2)).eval()
+    composite = composites.LayerMapComposite([(nn.Linear, spy), (nn.ReLU, rules.Pass())])
+    Gradient(model, composite)(torch.randn(2, 4), target=0)
+    assert sorted(spy.flags) == [(False,), (False,), (True,)]  # input, tanh output: unknown; relu: known
+
+
+def test_known_nonnegative_shortcut_equals_the_checked_result():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 2), nn.Flatten()).double().eval()
+    x = torch.randn(3, 2, 9, 9, dtype=torch.float64)
+    composite = composites.LayerMapComposite([(nn.Conv2d, rules.Gamma(0.5)), (nn.ReLU, rules.Pass())])
+    fast = Gradient(model, composite)(x, target=1).relevance
+    import lrpkit.core as core
+
+    original = core.produced_nonnegative
+    core.produced_nonnegative = lambda tensor, depth=8: False  # force the checked path
+    try:
+        checked = Gradient(model, composite)(x, target=1).relevance
+    finally:
+        core.produced_nonnegative = original
+    torch.testing.assert_close(fast, checked, rtol=1e-12, atol=1e-12)
+
+
+def alpha_beta_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """Alpha2Beta1 on a dense layer with non-negative input, in float64, from the formula."""
+    x, weight, bias, relevance = (t.double() for t in (x, weight, bias, relevance))
+    contributions = x[:, None, :] * weight[None]  # (batch, out, in)
+    positive = contributions.clamp(min=0).sum(-1) + bias.clamp(min=0)
+    negative = contributions.clamp(max=0).sum(-1) + bias.clamp(max=0)
+    share_pos = contributions.clamp(min=0) / reference_stabilize(positive, 1e-6)[..., None]
+    share_neg = contributions.clamp(max=0) / reference_stabilize(negative, 1e-6)[..., None]
+    return ((2 * share_pos - share_neg) * relevance[..., None]).sum(1)
+
+
+def test_alpha_beta_falls_back_to_the_direct_negative_part_under_cancellation():
+    # z- is 1e-9 against z+ = 1: in float32, z - z+ is 0 (pure rounding); the guard must notice
+    layer = nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -1e-9]]))
+        layer.bias.zero_()
+    x = torch.tensor([[1.0, 1.0]])
+    composite = composites.LayerMapComposite([(nn.Linear, rules.AlphaBeta(2, 1))])
+    relevance = Gradient(nn.Sequential(layer), composite)(x, target=0).relevance
+    expected = alpha_beta_reference(x, layer.weight.detach(), layer.bias.detach(), torch.ones(1, 1) * float(layer(x).detach()))
+    torch.testing.assert_close(relevance.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_alpha_beta_shortcut_matches_the_formula_on_random_layers():
+    torch.manual_seed(1)
+    layer = nn.Linear(6, 4)
+    x = torch.rand(3, 6)
+    composite = composites.LayerMapComposite([(nn.Linear, rules.AlphaBeta(2, 1))])
+    start = torch.randn(3, 4)
+    relevance = Gradient(nn.Sequential(layer), composite)(x, target=lambda output: start).relevance
+    expected = alpha_beta_reference(x, layer.weight.detach(), layer.bias.detach(), start)
+    torch.testing.assert_close(relevance.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) - torch.relu(x)
+
+
+def test_captured_sum_transpose_equals_the_autograd_transpose():
+    torch.manual_seed(2)
+    model = Residual().double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    composite = composites.EpsilonPlus()
+    fast = Gradient(model, composite)(x, target=1).relevance
+    from lrpkit.ops import FunctionalOps
+
+    original = FunctionalOps._sum_signs
+    FunctionalOps._sum_signs = lambda self, grad: None  # force the autograd path
+    try:
+        slow = Gradient(model, composite)(x, target=1).relevance
+    finally:
+        FunctionalOps._sum_signs = original
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+class Failing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.linear(x).sum(1, keepdim=True) + x.mean()
+
+
+def test_capture_mode_is_off_the_stack_after_an_exception_inside_a_hooked_module():
+    model = nn.Sequential(Failing(), nn.Linear(1, 1)).eval()
+
+    def explode(module, args, output):
+        raise RuntimeError("boom inside the hooked layer")
+
+    handle = model[0].linear.register_forward_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            Gradient(model, composites.EpsilonPlus())(torch.rand(2, 3), target=0)
+    finally:
+        handle.remove()
+    assert torch._C._len_torch_function_stack() == 0
+    output, relevance = Gradient(model, composites.EpsilonPlus())(torch.rand(2, 3), target=0)
+    assert torch.isfinite(relevance).all()
