@@ -140,6 +140,10 @@ class Rule:
 
     #: Whether :meth:`relevance` reads ``call.output`` (then the output is kept for backward).
     needs_output: bool = False
+    #: Whether :meth:`relevance` reads the values of ``call.inputs``. ``False``: the inputs are
+    #: not kept for the backward (less memory), and ``call.inputs`` holds tensors on the
+    #: ``meta`` device with the inputs' shapes and dtypes.
+    needs_inputs: bool = True
 
     def relevance(self, call: LayerCall, relevance: Tensor) -> tuple[Tensor | None, ...]:
         """Relevance of each of ``call.inputs`` given the ``relevance`` at the module's output."""
@@ -198,8 +202,13 @@ class _RelevanceFunction(torch.autograd.Function):
         output = pending.output
         assert output is not None
         pending.output = None  # the autograd node below holds it from here on
+        positions = set(pending.input_positions)
+        # the inputs live on only as saved tensors (or not at all, for rules that need none)
+        pending.args = tuple(None if index in positions else arg for index, arg in enumerate(pending.args))
         ctx.pending = pending
-        saved = (*inputs, output) if pending.rule.needs_output else inputs
+        ctx.input_shapes = [(tensor.shape, tensor.dtype) for tensor in inputs]
+        kept = inputs if pending.rule.needs_inputs else ()
+        saved = (*kept, output) if pending.rule.needs_output else kept
         ctx.save_for_backward(*saved)
         return output
 
@@ -209,9 +218,11 @@ class _RelevanceFunction(torch.autograd.Function):
         where = f"'{pending.name}' ({type(pending.module).__name__})"
         pending.session.require_active(where)
         saved = ctx.saved_tensors
-        count = len(pending.input_positions)
-        inputs = tuple(saved[:count])
-        output = saved[count] if pending.rule.needs_output else None
+        if pending.rule.needs_inputs:
+            inputs = tuple(saved[: len(ctx.input_shapes)])
+        else:  # shape and dtype only: tensors without data
+            inputs = tuple(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in ctx.input_shapes)
+        output = saved[-1] if pending.rule.needs_output else None
         args = list(pending.args)
         for position, tensor in zip(pending.input_positions, inputs):
             args[position] = tensor

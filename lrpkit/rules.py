@@ -828,6 +828,8 @@ class _ElementwiseRule(Rule):
 class Pass(_ElementwiseRule):
     """Relevance passes unchanged through an element-wise module (activations)."""
 
+    needs_inputs = False
+
     def elementwise(self, call: LayerCall, relevance: Tensor) -> Tensor:
         return relevance
 
@@ -847,6 +849,8 @@ class GuidedBackprop(_ElementwiseRule):
 
 class Deconvnet(_ElementwiseRule):
     """DeconvNet (Zeiler and Fergus 2014) for ReLU activations: ``R_in = R.clamp(min=0)``."""
+
+    needs_inputs = False
 
     def elementwise(self, call: LayerCall, relevance: Tensor) -> Tensor:
         return relevance.clamp(min=0)

@@ -179,3 +179,34 @@ def test_capture_mode_is_off_the_stack_after_an_exception_inside_a_hooked_module
     assert torch._C._len_torch_function_stack() == 0
     output, relevance = Gradient(model, composites.EpsilonPlus())(torch.rand(2, 3), target=0)
     assert torch.isfinite(relevance).all()
+
+
+def rule_nodes(output: torch.Tensor) -> list:
+    """The autograd nodes of lrpkit's rules behind ``output``."""
+    found, stack, seen = [], [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "pending", None) is not None:
+            found.append(node)
+        stack.extend(parent for parent, _ in node.next_functions)
+    return found
+
+
+def test_rules_keep_only_the_tensors_they_need():
+    # Pass needs no input values and z+ no output: their nodes must not keep the activation
+    # maps alive (a plain gradient with an in-place ReLU keeps one map per layer)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3), nn.Flatten()).eval()
+    composite = composites.LayerMapComposite([(nn.Conv2d, rules.ZPlus()), (nn.ReLU, rules.Pass())])
+    with composite.context(model):
+        x = torch.rand(1, 1, 8, 8, requires_grad=True)
+        output = model(x)
+        nodes = {type(node.pending.module).__name__ + str(i): node for i, node in enumerate(rule_nodes(output))}
+        kept = {name: len(node.saved_tensors) for name, node in nodes.items()}
+        held = [arg for node in nodes.values() for arg in node.pending.args if isinstance(arg, torch.Tensor)]
+        (relevance,) = torch.autograd.grad(output, x, output.detach())
+    assert all(count == (1 if name.startswith("Conv") else 0) for name, count in kept.items()) and len(kept) == 3
+    assert held == []
+    assert relevance.shape == x.shape and torch.isfinite(relevance).all()
