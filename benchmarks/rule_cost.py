@@ -85,10 +85,10 @@ FLOORS: dict[tuple[str, str], Floor] = {
     ("ZPlus", ">=0"): Floor(2, "2", "1 forward (W+) + 1 transposed"),
     ("ZPlus", "signed"): Floor(4, "4", "2 forwards (W+ a+, W- a-) + 2 transposed"),
     ("Gamma", ">=0"): Floor(2, "2", "1 forward (W + g W+) + 1 transposed; no relevance where z < 0"),
-    ("Gamma", "signed"): Floor(4, "4", "2 forwards + 2 transposed for the z > 0 part; rules.py also "
-                                       "computes the z < 0 part (2 + 2 more) when it carries no relevance"),
-    ("AlphaBeta", ">=0"): Floor(4, "3", "2 forwards (W+, W-) + 2 transposed; W- a = z - b - W+ a "
-                                         "would save a forward"),
+    ("Gamma", "signed"): Floor(4, "4", "2 forwards + 2 transposed for the z > 0 part; the z < 0 part "
+                                       "(2 + 2 more) only where it carries relevance"),
+    ("AlphaBeta", ">=0"): Floor(3, "3", "1 forward (W+) + 2 transposed; W- a + b- = z - (W+ a + b+) from "
+                                         "the saved output (a direct forward where that cancels)"),
     ("AlphaBeta", "signed"): Floor(8, "7", "4 forwards + 4 transposed; one forward follows from z"),
     ("ZBox", "any"): Floor(6, "5", "3 forwards (W a, W+ l, W- h) + 3 transposed; W a + b is the "
                                    "forward output"),

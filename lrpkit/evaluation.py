@@ -43,10 +43,11 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO, Union
 
@@ -64,6 +65,7 @@ __all__ = [
     "aopc",
     "conservation",
     "perturbation_curve",
+    "plot_curves",
     "randomisation_check",
     "spearman",
     "ssim_lite",
@@ -319,6 +321,71 @@ class PerturbationCurve:
     def steps(self) -> int:
         """The number of perturbation steps (not counting the unperturbed input)."""
         return len(self.fractions) - 1
+
+
+def plot_curves(
+    curves: Mapping[str, PerturbationCurve],
+    path: str | os.PathLike[str] | None = None,
+    title: str | None = None,
+    ax: Any = None,
+) -> Any:
+    """Plot the mean score of labelled perturbation curves against the fraction removed.
+
+    Needs matplotlib (``pip install matplotlib``, or lrpkit's ``plot`` extra); everything else
+    in lrpkit works without it.
+
+    Parameters
+    ----------
+    curves
+        ``{label: curve}``, e.g. ``{"LRP, MoRF": morf, "gradient, MoRF": ...}``.
+    path
+        Where to save the figure (any format matplotlib knows, from the suffix); ``None``: don't.
+    title
+        The axes' title.
+    ax
+        A matplotlib ``Axes`` to draw into; ``None``: a new figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure drawn into.
+
+    Raises
+    ------
+    ImportError
+        If matplotlib is not installed (the message says how to install it).
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    >>> x = torch.rand(3, 1, 2, 2)
+    >>> curve = perturbation_curve(model, x, x, target=0)
+    >>> figure = plot_curves({"input as relevance": curve})  # doctest: +SKIP
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "plot_curves needs matplotlib: pip install matplotlib (or lrpkit[plot]); the curves "
+            "themselves (curve.fractions, curve.mean) need no plotting library"
+        ) from None
+    if not curves:
+        raise ValueError("plot_curves needs at least one curve: pass {label: curve}")
+    figure = plt.figure(figsize=(5, 3.5)) if ax is None else ax.figure
+    axes = figure.add_subplot(1, 1, 1) if ax is None else ax
+    for label, curve in curves.items():
+        if not isinstance(curve, PerturbationCurve):
+            raise TypeError(f"curve {label!r} is a {type(curve).__name__}, not a PerturbationCurve")
+        axes.plot(curve.fractions.numpy(), curve.mean.detach().cpu().double().numpy(), label=label)
+    axes.set_xlabel("fraction of regions removed")
+    axes.set_ylabel("target score (mean over samples)")
+    if title:
+        axes.set_title(title)
+    axes.legend()
+    if path is not None:
+        figure.savefig(path, bbox_inches="tight")
+    return figure
 
 
 def perturbation_curve(

@@ -78,6 +78,21 @@ def divide(relevance: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
     return torch.where(denominator == 0, torch.zeros_like(quotient), quotient)
 
 
+def _divide_by_signed(relevance: Tensor, denominator: Tensor, epsilon: float, sign: int, owned: bool) -> Tensor:
+    """``divide(relevance, denominator, epsilon)`` for a denominator known to have one sign.
+
+    ``sign=+1``: ``denominator >= 0`` (``z+`` of non-negative inputs), stabilised as ``z + eps``,
+    which is :func:`stabilize` there. ``sign=-1``: ``denominator <= 0`` (``z-``), stabilised as
+    ``z - eps``; this differs from :func:`stabilize` only where ``z-`` is exactly zero, and there
+    every contribution ``a_i w-_ij`` is zero, so the relevance is the same. With ``owned`` the
+    denominator is overwritten: two passes, no new tensor.
+    """
+    if epsilon > 0 and owned and _can_overwrite(denominator, relevance):
+        denominator.add_(sign * epsilon)
+        return torch.div(relevance, denominator, out=denominator)
+    return divide(relevance, denominator, epsilon)
+
+
 def _can_overwrite(target: Tensor, other: Tensor) -> bool:
     """Whether ``target op other`` may be written into ``target`` (same shape and dtype, no graph)."""
     return (
@@ -258,7 +273,8 @@ class ZPlus(_ParamRule):
         inputs = call.inputs
         if call.inputs_nonnegative():
             output, transpose = call.ops.linearize(inputs, positive)
-            return tuple(_times(inputs, transpose(divide(relevance, output, self.stabilizer)), call.ops.fresh))
+            scaled = _divide_by_signed(relevance, output, self.stabilizer, +1, call.ops.fresh)
+            return tuple(_times(inputs, transpose(scaled), call.ops.fresh))
         negative = _drop_bias(_negative(params))
         inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
         inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
@@ -322,14 +338,16 @@ class AlphaBeta(_ParamRule):
         weight_pos, weight_neg = _positive(params), _negative(params)
         inputs = call.inputs
         if call.inputs_nonnegative():
+            fresh = call.ops.fresh
             out_pos, transpose_pos = call.ops.linearize(inputs, weight_pos)
-            share_pos = transpose_pos(divide(relevance, out_pos, self.stabilizer))
             if self.beta == 0:
-                return tuple(_times(inputs, share_pos, call.ops.fresh))
-            out_neg, transpose_neg = _negative_part(call, params, weight_neg, out_pos, self.zero_params)
-            share_neg = transpose_neg(divide(relevance, out_neg, self.stabilizer))
+                share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
+                return tuple(_times(inputs, share_pos, fresh))
+            out_neg, transpose_neg, owned = _negative_part(call, params, weight_neg, out_pos, self.zero_params)
+            share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
+            share_neg = transpose_neg(_divide_by_signed(relevance, out_neg, self.stabilizer, -1, owned))
             return tuple(
-                _weighted_difference(a, p, n, self.alpha, self.beta, call.ops.fresh)
+                _weighted_difference(a, p, n, self.alpha, self.beta, fresh)
                 for a, p, n in zip(inputs, share_pos, share_neg)
             )
         inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
@@ -360,8 +378,10 @@ _CANCELLATION_ULPS = 2.0**12
 
 def _negative_part(
     call: LayerCall, params: Params, weight_neg: Params, out_pos: Tensor, zeroed: tuple[str, ...]
-) -> tuple[Tensor, Transpose]:
-    """``z- = W- a + b-`` and its transposed product, for non-negative inputs.
+) -> tuple[Tensor, Transpose, bool]:
+    """``z- = W- a + b-``, its transposed product, and whether ``z-`` may be overwritten.
+
+    For non-negative inputs only.
 
     ``z = z+ + z-`` for ``a >= 0``, so ``z-`` is taken as ``z - z+`` from the saved output ``z``:
     one layer-sized forward less. Where that difference is small against ``z+`` it would be
@@ -371,13 +391,13 @@ def _negative_part(
     inputs = call.inputs
     transpose = lambda grad: call.ops.transpose(inputs, weight_neg, grad)  # noqa: E731
     if call.output is None or any(name in params and name != "bias" for name in zeroed):
-        return call.ops.forward(inputs, weight_neg), transpose
+        return call.ops.forward(inputs, weight_neg), transpose, call.ops.fresh
     derived = _output_under(call, params, zeroed) - out_pos
     tolerance = _CANCELLATION_ULPS * torch.finfo(derived.dtype).eps
     # z+ >= 0 and z- <= 0 here, so "|z-| >= tolerance * |z+|" is "z- + tolerance * z+ <= 0"
     if derived.numel() == 0 or bool(torch.add(derived, out_pos, alpha=tolerance).max() <= 0):
-        return derived, transpose
-    return call.ops.forward(inputs, weight_neg), transpose
+        return derived, transpose, True
+    return call.ops.forward(inputs, weight_neg), transpose, call.ops.fresh
 
 
 def _two_path(

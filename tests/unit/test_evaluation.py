@@ -686,3 +686,19 @@ def test_ssim_lite() -> None:
     assert ssim_lite(image, noise, window=3).shape == (3,)
     with pytest.raises(ValueError, match="same shape"):
         ssim_lite(image, flat)
+
+
+def test_plot_curves_draws_one_line_per_curve_and_saves(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lrpkit.evaluation import perturbation_curve, plot_curves
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    x = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    curves = {order: perturbation_curve(model, x, x, target=0, order=order) for order in ("morf", "lerf")}
+    figure = plot_curves(curves, path=tmp_path / "curves.png", title="pixel flipping")
+    (axes,) = figure.axes
+    assert [line.get_label() for line in axes.get_lines()] == ["morf", "lerf"]
+    assert list(axes.get_lines()[0].get_ydata()) == pytest.approx(curves["morf"].mean.tolist())
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="at least one curve"):
+        plot_curves({})
