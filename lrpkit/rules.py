@@ -30,6 +30,7 @@ torch.Size([1, 4])
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -60,8 +61,13 @@ def stabilize(value: Tensor, epsilon: float) -> Tensor:
 
 
 def _scalar(number: float, like: Tensor) -> Tensor:
-    """``number`` as a 0-dim CPU tensor of ``like``'s dtype (usable with tensors on any device)."""
-    return torch.tensor(number, dtype=like.dtype)
+    """``number`` as a 0-dim tensor of ``like``'s dtype on ``like``'s device (made once, cached)."""
+    return _cached_scalar(number, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_scalar(number: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.full((), number, dtype=dtype, device=device)
 
 
 def divide(relevance: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
