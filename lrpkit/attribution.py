@@ -40,13 +40,12 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, TextIO, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +55,7 @@ from .canonizers import CompositeCanonizer, FunctionalCapture
 from .canonizers.base import CallbackHandle, Canonizer, Handle
 from .composites.maps import Composite, in_context
 from .ops import hooks_are_suspended, hooks_suspended
+from .progress import Progress
 
 Target = Union[None, int, Sequence[int], Tensor, Callable[[Tensor], Tensor]]
 OutputSelector = Union[None, int, str, Callable[[Any], Tensor]]
@@ -150,7 +150,7 @@ def initial_relevance(output: Tensor, target: Target) -> Tensor:
         return _as_given(target, values, "the callable target's result")
     if isinstance(target, Tensor) and target.is_floating_point():
         return _as_given(target, values, "a tensor target")
-    return _one_hot(values, _class_indices(values, target)) * values
+    return _one_hot(values, class_indices(values, target)) * values
 
 
 def _as_given(relevance: Tensor, output: Tensor, what: str) -> Tensor:
@@ -163,8 +163,24 @@ def _as_given(relevance: Tensor, output: Tensor, what: str) -> Tensor:
     return relevance.to(output)
 
 
-def _class_indices(output: Tensor, target: Target) -> Tensor:
-    """One class index per sample, validated against the output's shape."""
+def class_indices(output: Tensor, target: Target) -> Tensor:
+    """One class index per sample for a class target (``None``, an int, or one int per sample).
+
+    Validated against the output's shape ``(batch, classes, ...)``; ``None`` is the argmax over
+    dimension 1.
+
+    Raises
+    ------
+    ValueError
+        If a class is out of range or the number of targets is not the batch size.
+    TypeError
+        If ``target`` is not a class target.
+
+    Examples
+    --------
+    >>> class_indices(torch.tensor([[0.1, 0.9], [0.7, 0.3]]), None).tolist()
+    [1, 0]
+    """
     if output.ndim < 2:
         raise ValueError(
             f"class targets need an output of shape (batch, classes, ...), got {tuple(output.shape)}; "
@@ -253,7 +269,7 @@ def _score(explained: Tensor, target: Target, layer: str | None) -> _Score:
             isinstance(target, Tensor) and target.is_floating_point()
         ):
             return _Score(initial_relevance(values, target), scales=False)
-        return _Score(_one_hot(values, _class_indices(values, target)), scales=True)
+        return _Score(_one_hot(values, class_indices(values, target)), scales=True)
 
 
 @contextmanager
@@ -942,50 +958,13 @@ class Sensitivity(_ScoreGradient):
 
 
 # -- batched attributors -----------------------------------------------------------------------
-class _Progress:
-    """A tiny progress bar on stderr: ``label [#####.....] 3/10 batches``."""
-
-    WIDTH = 20
-
-    def __init__(self, label: str, total: int, show: bool | None, stream: TextIO | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.label = label
-        self.total = total
-        self.done = 0
-        self.show = (total > 4 and _is_tty(self.stream)) if show is None else bool(show)
-
-    def step(self) -> None:
-        self.done += 1
-        if self.show:
-            filled = self.WIDTH * self.done // max(self.total, 1)
-            bar = "#" * filled + "." * (self.WIDTH - filled)
-            self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total} batches")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.show and self.done:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _is_tty(stream: TextIO) -> bool:
-    isatty = getattr(stream, "isatty", None)
-    try:
-        return bool(isatty()) if isatty is not None else False
-    except (ValueError, OSError):
-        return False
-
-
 def _batches(count: int, batch_size: int, label: str, progress: bool | None) -> Iterator[Tensor]:
     """Indices ``0..count-1`` in chunks of ``batch_size``, with a progress bar."""
     chunks = [torch.arange(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
-    bar = _Progress(label, len(chunks), progress)
-    try:
+    with Progress(label, len(chunks), progress, unit="batches") as bar:
         for chunk in chunks:
             yield chunk
             bar.step()
-    finally:
-        bar.close()
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -1058,8 +1037,8 @@ class SmoothGrad(_Batched):
     seed
         Seed of the noise.
     progress
-        Show a progress bar on stderr; ``None``: when there are more than 4 batches and stderr is
-        a terminal.
+        Show a progress bar on stderr; ``None``: on a terminal, once the run has taken more than
+        a second (see :class:`lrpkit.progress.Progress`).
 
     References
     ----------
@@ -1390,6 +1369,7 @@ __all__ = [
     "Sensitivity",
     "SmoothGrad",
     "Target",
+    "class_indices",
     "initial_relevance",
     "select_output",
 ]

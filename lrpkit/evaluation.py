@@ -45,16 +45,15 @@ import inspect
 import math
 import os
 import re
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TextIO, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
 
-from .attribution import Attribution, OutputSelector, select_output
+from .attribution import Attribution, OutputSelector, class_indices, select_output
+from .progress import Progress
 
 __all__ = [
     "ConservationReport",
@@ -452,7 +451,7 @@ def perturbation_curve(
         Random numbers for ``fill="uniform"`` (``None``: torch's global generator).
     progress
         Draw a progress bar on stderr: ``True``, ``False``, or ``None`` (only when stderr is a
-        terminal and the run takes more than two seconds).
+        terminal and the run takes more than a second).
 
     Returns
     -------
@@ -769,13 +768,13 @@ def _scores(
             raise ValueError(f"the model's output has shape {tuple(selected.shape)}; expected (batch, classes, ...)")
         return selected
 
-    with _Progress(len(unperturbed) + len(perturbed), progress, "perturbation") as bar:
+    with Progress("perturbation", len(unperturbed) + len(perturbed), progress) as bar:
         outputs = []
         for chunk in unperturbed:
             outputs.append(run(x[chunk]))
             bar.step()
         first = torch.cat(outputs)
-        targets = _target_classes(first, target)
+        targets = class_indices(first, target)
         scores = [_pick(first, targets)]
         for chunk in perturbed:
             n, k = sample[chunk], step[chunk]
@@ -795,65 +794,6 @@ def _pick(output: Tensor, classes: Tensor) -> Tensor:
     """The output of each sample's class (summed over any further dimensions)."""
     picked = output[torch.arange(len(output), device=output.device), classes.to(output.device)]
     return picked.reshape(len(output), -1).sum(1)
-
-
-def _target_classes(output: Tensor, target: ClassTarget) -> Tensor:
-    """One class index per sample, validated against the output ``(batch, classes, ...)``."""
-    batch, classes = output.shape[0], output.shape[1]
-    if target is None:
-        if output.ndim > 2:
-            raise ValueError(f"target=None (argmax) needs an output of shape (batch, classes), got {tuple(output.shape)}")
-        return output.argmax(1)
-    if isinstance(target, bool):
-        raise TypeError("target must be an int class index, not a bool")
-    if isinstance(target, int):
-        indices = torch.full((batch,), target, dtype=torch.long, device=output.device)
-    elif isinstance(target, (Tensor, Sequence)) and not isinstance(target, str):
-        indices = torch.as_tensor(target, device=output.device)
-        if indices.is_floating_point() or indices.dtype == torch.bool or indices.ndim != 1 or len(indices) != batch:
-            raise ValueError(
-                f"target must hold one integer class per sample: {batch} ints, got dtype "
-                f"{indices.dtype} and shape {tuple(indices.shape)}"
-            )
-    else:
-        raise TypeError(f"target must be None, an int or one int per sample, got {type(target).__name__}")
-    if bool(((indices < 0) | (indices >= classes)).any()):
-        raise ValueError(f"target {indices.tolist()} is out of range for an output with {classes} classes")
-    return indices.long()
-
-
-class _Progress:
-    """A one-line progress bar on stderr; ``enabled=None`` draws only for runs longer than ``delay`` s."""
-
-    def __init__(self, total: int, enabled: bool | None, label: str, stream: TextIO | None = None,
-                 delay: float = 2.0) -> None:
-        self.total, self.enabled, self.label = total, enabled, label
-        self.stream = stream if stream is not None else sys.stderr
-        self.delay, self.started, self.drawn, self.done = delay, time.monotonic(), False, 0
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def _wanted(self) -> bool:
-        if self.enabled is not None:
-            return self.enabled
-        is_terminal = getattr(self.stream, "isatty", lambda: False)()
-        return bool(is_terminal) and time.monotonic() - self.started > self.delay
-
-    def step(self) -> None:
-        self.done += 1
-        if not self.drawn and not self._wanted():
-            return
-        width = 24
-        filled = width * self.done // max(self.total, 1)
-        self.stream.write(f"\rlrpkit {self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
-        self.stream.flush()
-        self.drawn = True
 
 
 # ================================================================================ randomisation

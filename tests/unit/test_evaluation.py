@@ -14,10 +14,10 @@ from torch import Tensor, nn
 import lrpkit
 from lrpkit import composites
 from lrpkit.attribution import Attribution, Gradient
+from lrpkit.progress import Progress
 from lrpkit.evaluation import (
     ConservationReport,
     PerturbationCurve,
-    _Progress,
     abpc,
     aopc,
     conservation,
@@ -407,12 +407,12 @@ def test_perturbation_errors_are_clear() -> None:
 
 def test_progress_bar_only_when_asked() -> None:
     stream = io.StringIO()
-    with _Progress(3, True, "perturbation", stream=stream) as bar:
+    with Progress("perturbation", 3, True, stream=stream) as bar:
         for _ in range(3):
             bar.step()
     assert stream.getvalue().endswith("\rlrpkit perturbation [########################] 3/3\n")
     quiet = io.StringIO()
-    with _Progress(3, None, "perturbation", stream=quiet) as bar:  # not a terminal
+    with Progress("perturbation", 3, None, stream=quiet, delay=0.0) as bar:  # not a terminal
         bar.step()
     assert quiet.getvalue() == ""
 
