@@ -191,6 +191,13 @@ def _check_top_k(top_k: float | None) -> float | None:
     return float(top_k)
 
 
+def _set_top_k(rule: "_Filtered", top_k: float | None) -> None:
+    """Set the filter only when one is asked for (so reprs stay short without one)."""
+    checked = _check_top_k(top_k)
+    if checked is not None:
+        rule.top_k = checked
+
+
 class _Filtered(Rule):
     """Rules that can filter the incoming relevance to its ``top_k`` fraction (see :func:`relevance_filter`)."""
 
@@ -207,7 +214,7 @@ class _ParamRule(_Filtered):
         _check_nonnegative("stabilizer", stabilizer)
         self.stabilizer = float(stabilizer)
         self.zero_params = _zero_names(zero_params)
-        self.top_k = _check_top_k(top_k)
+        _set_top_k(self, top_k)
 
 
 class Epsilon(_Filtered):
@@ -233,7 +240,7 @@ class Epsilon(_Filtered):
         _check_nonnegative("epsilon", epsilon)
         self.epsilon = float(epsilon)
         self.zero_params = _zero_names(zero_params)
-        self.top_k = _check_top_k(top_k)
+        _set_top_k(self, top_k)
 
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         params = call.params(self.zero_params)
