@@ -94,6 +94,7 @@ _SIGN_KEEPING_NODES = frozenset(
 #: Modules (or captured calls, by ``op``) whose output is never negative.
 _NONNEGATIVE_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.Sigmoid, nn.Softmax)
 _NONNEGATIVE_OPS = frozenset({"relu", "sigmoid", "softmax"})
+_SIGN_KEEPING_OPS = frozenset({"flatten", "reshape", "view"})
 _SIGN_KEEPING_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Identity,
@@ -117,9 +118,10 @@ def produced_nonnegative(tensor: Tensor, depth: int = 8) -> bool:
         pending = getattr(node, "pending", None)
         module = getattr(pending, "module", None)
         if module is not None:
-            if isinstance(module, _NONNEGATIVE_MODULES) or getattr(module, "op", None) in _NONNEGATIVE_OPS:
+            op = getattr(module, "op", None)
+            if isinstance(module, _NONNEGATIVE_MODULES) or op in _NONNEGATIVE_OPS:
                 return True
-            if not isinstance(module, _SIGN_KEEPING_MODULES) and getattr(module, "op", None) not in ("flatten", "reshape", "view"):
+            if not (isinstance(module, _SIGN_KEEPING_MODULES) or op in _SIGN_KEEPING_OPS):
                 return False
         elif name not in _SIGN_KEEPING_NODES:
             return False

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from .attribution import Attribution, OutputSelector, class_indices, select_output
 from .progress import Progress
+from .report import format_table
 
 __all__ = [
     "ConservationReport",
@@ -261,18 +262,7 @@ def _conservation_table(report: ConservationReport, max_samples: int = 4) -> str
         for row in report.rows
     ]
     footer = f"max |ratio - 1|: {report.max_deviation:.3g}"
-    return "\n".join([title, _render(header, lines), footer])
-
-
-def _render(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    """An aligned table: first column left-aligned, the others right-aligned."""
-    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-
-    def line(cells: Sequence[str]) -> str:
-        first, *rest = cells
-        return "  ".join([first.ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(rest, widths[1:]))])
-
-    return "\n".join(line(cells).rstrip() for cells in (header, *lines))
+    return "\n".join([title, format_table(header, lines, numbers_right=True), footer])
 
 
 # ========================================================================= region perturbation
@@ -837,7 +827,7 @@ class RandomisationResult:
             (name, f"{float(mean):.4f}", f"{float(row.min()):.4f}", f"{float(row.max()):.4f}")
             for name, mean, row in zip(self.layers, self.mean, self.similarity)
         ]
-        return "\n".join([title, _render(header, lines)])
+        return "\n".join([title, format_table(header, lines, numbers_right=True)])
 
 
 def randomisation_check(

@@ -60,6 +60,9 @@ class LayerOps:
         Indices in ``args`` of the tensors that receive relevance.
     """
 
+    #: Whether :meth:`transpose` returns new tensors that a rule may overwrite in place.
+    fresh: bool = False
+
     def __init__(
         self,
         module: nn.Module,
@@ -71,9 +74,6 @@ class LayerOps:
         self.args = args
         self.kwargs = kwargs
         self.input_positions = input_positions
-
-    #: Whether :meth:`transpose` returns new tensors that a rule may overwrite in place.
-    fresh: bool = False
 
     def params(self) -> Params:
         """The module's own parameters (not its children's), detached."""

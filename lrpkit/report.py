@@ -18,7 +18,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,9 +84,29 @@ class Description:
             )
             for index, row in enumerate(self.rows)
         ]
-        widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-        render = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in (header, *lines)]
-        return "\n".join(render)
+        return format_table(header, lines)
+
+
+def format_table(header: Sequence[str], lines: Sequence[Sequence[str]], numbers_right: bool = False) -> str:
+    """An aligned text table; ``numbers_right``: every column but the first right-aligned.
+
+    Examples
+    --------
+    >>> print(format_table(("name", "sum"), [("conv", "1.5"), ("fc", "12.25")], numbers_right=True))
+    name    sum
+    conv    1.5
+    fc    12.25
+    """
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+
+    def line(cells: Sequence[str]) -> str:
+        aligned = [
+            cell.rjust(width) if numbers_right and index else cell.ljust(width)
+            for index, (cell, width) in enumerate(zip(cells, widths))
+        ]
+        return "  ".join(aligned).rstrip()
+
+    return "\n".join(line(cells) for cells in (header, *lines))
 
 
 def describe(

@@ -54,7 +54,7 @@ def stabilize(value: Tensor, epsilon: float) -> Tensor:
     (``torch.where`` with a comparison is several times slower on the CPU).
     """
     if value.requires_grad and torch.is_grad_enabled():
-        return value + torch.copysign(value.new_tensor(epsilon), value + 0.0)
+        return value + torch.copysign(_scalar(epsilon, value), value + 0.0)
     signs = value.add(0.0)
     torch.copysign(_scalar(epsilon, value), signs, out=signs)
     return signs.add_(value)
@@ -353,11 +353,11 @@ class AlphaBeta(_ParamRule):
         if call.inputs_nonnegative():
             fresh = call.ops.fresh
             out_pos, transpose_pos = call.ops.linearize(inputs, weight_pos)
-            if self.beta == 0:
-                share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
-                return tuple(_times(inputs, share_pos, fresh))
-            out_neg, transpose_neg, owned = _negative_part(call, params, weight_neg, out_pos, self.zero_params)
+            if self.beta != 0:  # z- first: the division below overwrites z+
+                out_neg, transpose_neg, owned = _negative_part(call, params, weight_neg, out_pos, self.zero_params)
             share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
+            if self.beta == 0:
+                return tuple(_times(inputs, share_pos, fresh))
             share_neg = transpose_neg(_divide_by_signed(relevance, out_neg, self.stabilizer, -1, owned))
             return tuple(
                 _weighted_difference(a, p, n, self.alpha, self.beta, fresh)
@@ -372,14 +372,8 @@ class AlphaBeta(_ParamRule):
         return tuple(self.alpha * p - self.beta * n for p, n in zip(positive, negative))
 
 
-def _weighted_difference(
-    factor: Tensor, positive: Tensor | None, negative: Tensor | None, alpha: float, beta: float, owned: bool
-) -> Tensor:
+def _weighted_difference(factor: Tensor, positive: Tensor, negative: Tensor, alpha: float, beta: float, owned: bool) -> Tensor:
     """``factor * (alpha * positive - beta * negative)``, in place when the shares are owned."""
-    if positive is None or negative is None:
-        positive = torch.zeros_like(factor) if positive is None else positive
-        negative = torch.zeros_like(factor) if negative is None else negative
-        owned = False
     if owned and _can_overwrite(positive, factor) and _can_overwrite(negative, factor):
         return positive.mul_(alpha).sub_(negative, alpha=beta).mul_(factor)
     return factor * (alpha * positive - beta * negative)
@@ -463,23 +457,20 @@ class Gamma(_ParamRule):
         assert call.output is not None
         params = call.params(self.zero_params)
         relevance_pos, relevance_neg = _split_by_sign(relevance, call.output)
-        parts = [(self._lifted, relevance_pos), (self._lowered, relevance_neg)]
         inputs = call.inputs
         if call.inputs_nonnegative():
-            singles = [
-                self._single(call, inputs, weights(params), rel) for weights, rel in parts if _any(rel)
+            singles = [(self._lifted, relevance_pos), (self._lowered, relevance_neg)]
+            carried = [self._single(call, inputs, weights(params), rel) for weights, rel in singles if bool(rel.any())]
+        else:
+            inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
+            inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
+            lifted, lowered = self._lifted(params), self._lowered(params)
+            paths = [(lifted, lowered, relevance_pos), (lowered, lifted, relevance_neg)]
+            carried = [
+                list(_two_path(call, inputs_pos, first, inputs_neg, _drop_bias(second), rel, self.stabilizer))
+                for first, second, rel in paths
+                if bool(rel.any())
             ]
-            if not singles:
-                return tuple(torch.zeros_like(tensor) for tensor in inputs)
-            return _sum(*singles)
-        inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
-        inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
-        lifted, lowered = self._lifted(params), self._lowered(params)
-        paths = [
-            _two_path(call, inputs_pos, lifted, inputs_neg, _drop_bias(lowered), relevance_pos, self.stabilizer),
-            _two_path(call, inputs_pos, lowered, inputs_neg, _drop_bias(lifted), relevance_neg, self.stabilizer),
-        ]
-        carried = [list(path) for path, (_, rel) in zip(paths, parts) if _any(rel)]
         return _sum(*carried) if carried else tuple(torch.zeros_like(tensor) for tensor in inputs)
 
     def _lifted(self, params: Params) -> Params:
@@ -505,11 +496,6 @@ def _split_by_sign(relevance: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
     negative = positive.neg().clamp_(min=0)
     positive.clamp_(min=0)
     return positive.mul_(relevance), negative.mul_(relevance)
-
-
-def _any(tensor: Tensor) -> bool:
-    """Whether ``tensor`` has a non-zero entry."""
-    return bool(tensor.any())
 
 
 class ZBox(_ParamRule):

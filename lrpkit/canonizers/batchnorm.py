@@ -308,57 +308,44 @@ def merge_pairs(model: nn.Module, pairs: Sequence[tuple[str, nn.Module, str, nn.
 def _merged_for(layer: nn.Module, norm: nn.Module) -> tuple[Tensor, Tensor]:
     """The merged weight and bias of ``layer -> norm``, computed once per state of both.
 
-    The result is cached per layer until any tensor it was computed from is replaced or
-    changed in place (``_version``), or the merged tensors themselves are changed: later
-    contexts then merge without recomputing, which saves a pass over every merged weight.
+    The result is cached per layer until any tensor it was computed from (or the result itself)
+    is replaced or changed in place (``_version``), or ``eps`` changes: later contexts then merge
+    without recomputing, which saves a pass over every merged weight.
     """
     weight = layer._parameters["weight"]
     assert weight is not None
     bias = layer._parameters.get("bias")
     sources = (weight, bias, norm.running_mean, norm.running_var, norm.weight, norm.bias)
     cached = _MERGED.get(layer)
-    if cached is not None and cached.valid(sources, norm):
+    if cached is not None and cached.eps == norm.eps and _unchanged(cached.stamp, (*sources, cached.weight, cached.bias)):
         return cached.weight, cached.bias
-    merged = merged_parameters(weight, bias, norm)
-    _MERGED[layer] = _Merged.of(sources, norm, *merged)
-    return merged
+    merged_weight, merged_bias = merged_parameters(weight, bias, norm)
+    _MERGED[layer] = _Merged(_stamp((*sources, merged_weight, merged_bias)), float(norm.eps), merged_weight, merged_bias)
+    return merged_weight, merged_bias
 
 
 @dataclass
 class _Merged:
-    """Cached merged parameters and what they were computed from (weakly, with versions)."""
+    """Cached merged parameters and a stamp of every tensor the merge read or produced."""
 
-    sources: tuple[tuple[Any, int], ...]
-    norm: "weakref.ref[nn.Module]"
+    stamp: tuple[tuple[Any, int], ...]
     eps: float
     weight: Tensor
     bias: Tensor
-    versions: tuple[int, int]
-
-    @classmethod
-    def of(cls, sources: Sequence[Any], norm: nn.Module, weight: Tensor, bias: Tensor) -> "_Merged":
-        return cls(_stamp(sources), weakref.ref(norm), float(norm.eps), weight, bias, (weight._version, bias._version))  # type: ignore[arg-type]
-
-    def valid(self, sources: Sequence[Any], norm: nn.Module) -> bool:
-        return (
-            self.norm() is norm
-            and self.eps == norm.eps
-            and self.versions == (self.weight._version, self.bias._version)
-            and len(sources) == len(self.sources)
-            and all(_same(stamp, source) for stamp, source in zip(self.sources, sources))
-        )
 
 
-def _stamp(sources: Sequence[Any]) -> tuple[tuple[Any, int], ...]:
+def _stamp(tensors: Sequence[Tensor | None]) -> tuple[tuple[Any, int], ...]:
     """A weak reference and the in-place version of each tensor (``None`` kept as is)."""
-    return tuple((None, 0) if source is None else (weakref.ref(source), source._version) for source in sources)
+    return tuple((None, 0) if tensor is None else (weakref.ref(tensor), tensor._version) for tensor in tensors)
 
 
-def _same(stamp: tuple[Any, int], source: Any) -> bool:
-    reference, version = stamp
-    if source is None or reference is None:
-        return source is None and reference is None
-    return reference() is source and source._version == version
+def _unchanged(stamp: tuple[tuple[Any, int], ...], tensors: Sequence[Tensor | None]) -> bool:
+    """Whether ``tensors`` are the very tensors of ``stamp``, none changed in place since."""
+    return len(stamp) == len(tensors) and all(
+        (reference is None and tensor is None)
+        or (reference is not None and reference() is tensor and tensor is not None and tensor._version == version)
+        for (reference, version), tensor in zip(stamp, tensors)
+    )
 
 
 _MERGED: "weakref.WeakKeyDictionary[nn.Module, _Merged]" = weakref.WeakKeyDictionary()

@@ -679,3 +679,42 @@ def test_default_canonizers_merge_batchnorm_then_capture():
     canonizers = default_canonizers()
     assert [type(canonizer).__name__ for canonizer in canonizers] == ["MergeBatchNorm", "FunctionalCapture"]
     assert repr(canonizers[0]) == "MergeBatchNorm()"
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["running_var in place", "conv weight in place", "new conv weight", "eps", "merged weight in place"],
+)
+def test_cached_merge_follows_every_change_of_its_sources(change):
+    model, x = randomized(RegisteredBackwards()), sample(2, 2, 5, 5)
+    canonizer = NamedMergeBatchNorm([("conv", "bn")])
+    (handle,) = canonizer.apply(model)
+    merged = model.conv.weight.detach()
+    handle.remove()
+    with torch.no_grad():
+        if change == "running_var in place":
+            model.bn.running_var.mul_(2.0)
+        elif change == "conv weight in place":
+            model.conv.weight.mul_(-1.5)
+        elif change == "new conv weight":
+            model.conv.weight = nn.Parameter(model.conv.weight.detach() * 3.0)
+        elif change == "eps":
+            model.bn.eps = 0.5
+        else:
+            merged.mul_(0.0)
+        expected = model(x)
+    (handle,) = canonizer.apply(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0.0, atol=ATOL)
+    handle.remove()
+
+
+def test_unchanged_sources_reuse_the_cached_merge():
+    model = randomized(RegisteredBackwards())
+    canonizer = NamedMergeBatchNorm([("conv", "bn")])
+    (handle,) = canonizer.apply(model)
+    first = model.conv.weight.detach()
+    handle.remove()
+    (handle,) = canonizer.apply(model)
+    assert model.conv.weight.data_ptr() == first.data_ptr()
+    handle.remove()

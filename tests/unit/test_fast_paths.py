@@ -210,3 +210,18 @@ def test_rules_keep_only_the_tensors_they_need():
     assert all(count == (1 if name.startswith("Conv") else 0) for name, count in kept.items()) and len(kept) == 3
     assert held == []
     assert relevance.shape == x.shape and torch.isfinite(relevance).all()
+
+
+def test_gamma_on_signed_input_computes_only_the_part_that_carries_relevance(monkeypatch):
+    # relevance only where z > 0 (a ReLU follows): the z < 0 path (two more products) is skipped
+    from lrpkit.ops import DenseOps
+
+    calls = []
+    original = DenseOps.linearize
+    monkeypatch.setattr(DenseOps, "linearize", lambda self, inputs, params: calls.append(1) or original(self, inputs, params))
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1)).double().eval()
+    composite = composites.NameMapComposite([("0", rules.Gamma(0.25)), ("1", rules.Pass()), ("2", rules.Epsilon())])
+    x = torch.randn(3, 4, dtype=torch.float64)  # signed: the two-path form
+    relevance = Gradient(model, composite)(x, target=0).relevance
+    assert len(calls) == 2 and torch.isfinite(relevance).all()
