@@ -146,6 +146,9 @@ class Rule:
     #: not kept for the backward (less memory), and ``call.inputs`` holds tensors on the
     #: ``meta`` device with the inputs' shapes and dtypes.
     needs_inputs: bool = True
+    #: Whether the relevance at the (single, same-shaped) input is exactly the relevance at the
+    #: output; the backward then skips building a :class:`LayerCall` (see :class:`~lrpkit.rules.Pass`).
+    passes_relevance: bool = False
 
     def relevance(self, call: LayerCall, relevance: Tensor) -> tuple[Tensor | None, ...]:
         """Relevance of each of ``call.inputs`` given the ``relevance`` at the module's output."""
@@ -217,8 +220,12 @@ class _RelevanceFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         pending: PendingCall = ctx.pending
+        if not pending.session.active:
+            pending.session.require_active(f"'{pending.name}' ({type(pending.module).__name__})")
+        shapes = ctx.input_shapes
+        if pending.rule.passes_relevance and len(shapes) == 1 and shapes[0][0] == relevance.shape:
+            return (None, relevance)
         where = f"'{pending.name}' ({type(pending.module).__name__})"
-        pending.session.require_active(where)
         saved = ctx.saved_tensors
         if pending.rule.needs_inputs:
             inputs = tuple(saved[: len(ctx.input_shapes)])
@@ -273,6 +280,9 @@ class RuleHook:
         The registration this hook belongs to.
     """
 
+    #: Marks lrpkit's own hooks, which never change a module's output before a rule sees it.
+    lrpkit_hook = True
+
     def __init__(self, name: str, choose: RuleChoice, session: Session) -> None:
         self.name = name
         self.choose = choose
@@ -283,7 +293,9 @@ class RuleHook:
     ) -> Any:
         if hooks_are_suspended() or not torch.is_grad_enabled():
             return None
-        with hooks_suspended():  # nothing below is part of the model's computation
+        # nothing below is part of the model's computation: lrpkit's hooks and torch-function modes
+        # (FunctionalCapture's) stay out of it
+        with hooks_suspended(), torch._C.DisableTorchFunction():
             rule = self.choose(module)
             if rule is None:
                 return None
@@ -310,7 +322,9 @@ class RuleHook:
                 kwargs=kwargs,
                 input_positions=positions,
                 output=output.detach(),
-                known_nonnegative=tuple(produced_nonnegative(args[index]) for index in positions),
+                known_nonnegative=tuple(produced_nonnegative(args[index]) for index in positions)
+                if rule.needs_inputs
+                else (),
             )
             return route(pending, tuple(args[index] for index in positions))
 

@@ -15,7 +15,9 @@ every rule work on every layer type.
 
 from __future__ import annotations
 
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -96,6 +98,13 @@ class LayerOps:
     def without_bias(self, output: Tensor, params: Params) -> Tensor | None:
         """``output`` with the additive bias removed, or ``None`` when that is not closed-form."""
         return None
+
+    def output_has_no_negative_zero(self) -> bool:
+        """Whether the module's real output certainly holds no ``-0.0`` (``False``: unknown).
+
+        Lets :func:`lrpkit.rules.stabilize` skip the pass that turns ``-0.0`` into ``+0.0``.
+        """
+        return False
 
 
 def _generic_linearize(
@@ -197,13 +206,53 @@ class FunctionalOps(LayerOps):
         return _autograd_linearization(output, leaves, f"captured call {getattr(self.module, 'name', '')!r}")
 
 
-class DenseOps(LayerOps):
-    """Closed forms for ``nn.Linear``: ``z = a W^T + b`` and ``J^T s = s W``."""
+class _BiasedOps(LayerOps):
+    """Dense and convolutional layers: ``z_j = sum_i a_i w_ij + b_j``, closed forms."""
 
     fresh = True
 
     def params(self) -> Params:
         return _weight_and_bias(self.module)
+
+    def output_has_no_negative_zero(self) -> bool:
+        """True on the CPU for a standard layer, unhooked by others, whose bias holds no ``-0.0``.
+
+        Under IEEE round-to-nearest a floating-point sum is ``-0.0`` only if every summand is
+        ``-0.0``; the bias is a summand of every output, so a bias free of ``-0.0`` gives an output
+        free of ``-0.0``. That holds for the output of the layer's own ``forward`` -- not for a
+        subclass's ``forward`` or an output replaced by someone else's forward hook, which are
+        therefore excluded -- and on the CPU, where subnormal results are not flushed to a signed
+        zero unless ``torch.set_flush_denormal(True)`` was called (checked).
+        """
+        module = self.module
+        bias = getattr(module, "bias", None)
+        return (
+            isinstance(bias, Tensor)
+            and bias.device.type == "cpu"
+            and type(module).forward in _STANDARD_FORWARDS
+            and not _global_forward_hooks()
+            and all(getattr(hook, "lrpkit_hook", False) for hook in module._forward_hooks.values())
+            and not _flushes_denormals()
+            and _free_of_negative_zero(bias)
+        )
+
+
+#: The ``forward`` methods whose output is exactly ``W a + b`` (dense or convolution).
+_STANDARD_FORWARDS = frozenset(
+    cls.forward
+    for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+)
+
+
+def _global_forward_hooks() -> bool:
+    """Whether forward hooks for all modules are registered (they may replace any output)."""
+    from torch.nn.modules import module as module_file
+
+    return bool(module_file._global_forward_hooks)
+
+
+class DenseOps(_BiasedOps):
+    """Closed forms for ``nn.Linear``: ``z = a W^T + b`` and ``J^T s = s W``."""
 
     def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
         weight = params["weight"]
@@ -218,14 +267,12 @@ class DenseOps(LayerOps):
         return output if bias is None else output - bias
 
 
-class ConvOps(LayerOps):
+class ConvOps(_BiasedOps):
     """Closed forms for standard and transposed convolutions of any dimension.
 
     The forward is one ``F.conv{n}d`` / ``F.conv_transpose{n}d`` call; the transposed product is
     ``aten.convolution_backward`` with only the input gradient requested.
     """
-
-    fresh = True
 
     def __init__(self, module: nn.Module, *args: Any) -> None:
         super().__init__(module, *args)
@@ -237,9 +284,6 @@ class ConvOps(LayerOps):
         self.dilation = list(conv.dilation)
         self.output_padding = list(conv.output_padding)
         self.groups = int(conv.groups)
-
-    def params(self) -> Params:
-        return _weight_and_bias(self.module)
 
     def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
         return torch.convolution(
@@ -279,6 +323,37 @@ class ConvOps(LayerOps):
         if bias is None:
             return output
         return output - bias.view(-1, *([1] * self.dims))
+
+
+def _free_of_negative_zero(tensor: Tensor) -> bool:
+    """``tensor`` has no ``-0.0`` entry; cached per tensor until it is changed in place."""
+    key = id(tensor)
+    cached = _NEGATIVE_ZERO_FREE.get(key)
+    if cached is not None and cached[0]() is tensor and cached[1] == tensor._version:
+        return cached[2]
+    with torch.no_grad():
+        free = not bool(torch.signbit(tensor).logical_and_(tensor == 0).any())
+    reference = weakref.ref(tensor, lambda _: _NEGATIVE_ZERO_FREE.pop(key, None))
+    _NEGATIVE_ZERO_FREE[key] = (reference, tensor._version, free)
+    return free
+
+
+#: ``id(tensor) -> (weak reference, version, free of -0.0)`` (tensors compare element-wise, so
+#: they cannot be the keys of a ``WeakKeyDictionary``).
+_NEGATIVE_ZERO_FREE: dict[int, tuple["weakref.ReferenceType[Tensor]", int, bool]] = {}
+
+
+def _flushes_denormals() -> bool:
+    """Whether this thread flushes subnormal results to zero (``torch.set_flush_denormal(True)``).
+
+    The flag lives in the CPU's floating-point control register, which Python's own float
+    arithmetic obeys too: half the smallest normal double is ``0.0`` only when flushing is on.
+    """
+    return _SMALLEST_NORMAL * _HALF == 0.0
+
+
+_SMALLEST_NORMAL = sys.float_info.min
+_HALF = 0.5
 
 
 def _weight_and_bias(module: nn.Module) -> Params:

@@ -46,17 +46,22 @@ Relevances = tuple[Tensor | None, ...]
 ZeroParams = str | Sequence[str] | None
 
 
-def stabilize(value: Tensor, epsilon: float) -> Tensor:
+def stabilize(value: Tensor, epsilon: float, no_negative_zero: bool = False) -> Tensor:
     """``value + epsilon * sign(value)`` with ``sign(0) = +1`` for both zeros (zennit's stabiliser).
 
     Computed as ``copysign(epsilon, value + 0.0) + value`` in one new tensor: ``-0.0 + 0.0`` is
     ``+0.0``, so ``-0.0`` is stabilised upwards like ``+0.0``, and no boolean mask is built
-    (``torch.where`` with a comparison is several times slower on the CPU).
+    (``torch.where`` with a comparison is several times slower on the CPU). With
+    ``no_negative_zero`` (the caller knows ``value`` holds no ``-0.0``, see
+    :meth:`lrpkit.ops.LayerOps.output_has_no_negative_zero`) the ``+ 0.0`` pass is skipped.
     """
     if value.requires_grad and torch.is_grad_enabled():
         return value + torch.copysign(_scalar(epsilon, value), value + 0.0)
-    signs = value.add(0.0)
-    torch.copysign(_scalar(epsilon, value), signs, out=signs)
+    if no_negative_zero:
+        signs = torch.copysign(_scalar(epsilon, value), value)
+    else:
+        signs = value.add(0.0)
+        torch.copysign(_scalar(epsilon, value), signs, out=signs)
     return signs.add_(value)
 
 
@@ -70,13 +75,14 @@ def _cached_scalar(number: float, dtype: torch.dtype, device: torch.device) -> T
     return torch.full((), number, dtype=dtype, device=device)
 
 
-def divide(relevance: Tensor, denominator: Tensor, epsilon: float) -> Tensor:
+def divide(relevance: Tensor, denominator: Tensor, epsilon: float, no_negative_zero: bool = False) -> Tensor:
     """``relevance / stabilize(denominator, epsilon)``.
 
     With ``epsilon == 0`` (LRP-0) an exactly zero denominator gives zero instead of NaN.
+    ``no_negative_zero``: see :func:`stabilize`.
     """
     if epsilon > 0:
-        stabilized = stabilize(denominator, epsilon)
+        stabilized = stabilize(denominator, epsilon, no_negative_zero)
         if _can_overwrite(stabilized, relevance):
             return torch.div(relevance, stabilized, out=stabilized)
         return relevance / stabilized
@@ -245,7 +251,8 @@ class Epsilon(_Filtered):
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         params = call.params(self.zero_params)
         output = _output_under(call, params, self.zero_params)
-        scaled = divide(relevance, output, self.epsilon)
+        sign_known = output is call.output and call.ops.output_has_no_negative_zero()
+        scaled = divide(relevance, output, self.epsilon, sign_known)
         return tuple(_times(call.inputs, call.ops.transpose(call.inputs, params, scaled), call.ops.fresh))
 
 
@@ -848,6 +855,16 @@ class Pass(_ElementwiseRule):
     """Relevance passes unchanged through an element-wise module (activations)."""
 
     needs_inputs = False
+
+    @property
+    def passes_relevance(self) -> bool:  # type: ignore[override]
+        """True unless a subclass changes what passes (then the general path runs)."""
+        cls = type(self)
+        return (
+            cls.elementwise is Pass.elementwise
+            and cls.relevance is _ElementwiseRule.relevance
+            and cls.incoming is Rule.incoming
+        )
 
     def elementwise(self, call: LayerCall, relevance: Tensor) -> Tensor:
         return relevance

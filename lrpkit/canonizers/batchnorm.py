@@ -198,22 +198,19 @@ def merged_parameters(weight: Tensor, bias: Tensor | None, norm: nn.Module) -> t
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
 
 
-def _install_parameters(layer: nn.Module, weight: Tensor, bias: Tensor) -> Handle:
-    """Put new ``weight``/``bias`` Parameters on ``layer``; the handle puts the originals back."""
-    old_weight = layer._parameters["weight"]
-    old_bias = layer._parameters.get("bias")
-    assert old_weight is not None
-    requires_grad = (old_bias if old_bias is not None else old_weight).requires_grad
-    layer.weight = nn.Parameter(weight, requires_grad=old_weight.requires_grad)
-    try:
-        layer.bias = nn.Parameter(bias, requires_grad=requires_grad)
-    except BaseException:
-        layer.weight = old_weight
-        raise
+def _install_parameters(layer: nn.Module, weight: nn.Parameter, bias: nn.Parameter) -> Handle:
+    """Put the merged ``weight``/``bias`` Parameters on ``layer``; the handle puts the originals back.
+
+    Written straight into ``layer._parameters`` (what ``nn.Module.__setattr__`` ends with, without
+    its checks, which cost more than the rest of a merge): both names already hold Parameters, or
+    ``bias`` holds ``None``.
+    """
+    parameters = layer._parameters
+    old_weight, old_bias = parameters["weight"], parameters.get("bias")
+    parameters["weight"], parameters["bias"] = weight, bias
 
     def undo() -> None:
-        layer.weight = old_weight
-        layer.bias = old_bias
+        parameters["weight"], parameters["bias"] = old_weight, old_bias
 
     return CallbackHandle(undo)
 
@@ -242,23 +239,29 @@ def _swap_for_identity(model: nn.Module, norm: nn.Module, locations: list[tuple[
             f"the BatchNorm {type(norm).__name__} is not a submodule of {type(model).__name__} "
             "(the root module itself cannot be replaced)"
         )
-    identity = nn.Identity()
+    identity = _IDENTITIES.get(norm)
+    if identity is None:
+        identity = _IDENTITIES[norm] = nn.Identity()
     guard = norm.register_forward_hook(_pass_input)
     done: list[tuple[nn.Module, str]] = []
 
     def undo() -> None:
         for parent, name in reversed(done):
-            setattr(parent, name, norm)
+            parent._modules[name] = norm
         guard.remove()
 
-    try:
+    try:  # straight into ``_modules``, as in _install_parameters: the names already hold modules
         for parent, name in locations:
-            setattr(parent, name, identity)
+            parent._modules[name] = identity
             done.append((parent, name))
     except BaseException:
         undo()
         raise
     return CallbackHandle(undo)
+
+
+#: The ``nn.Identity`` that stands in for each merged BatchNorm (one per BatchNorm, reused).
+_IDENTITIES: "weakref.WeakKeyDictionary[nn.Module, nn.Identity]" = weakref.WeakKeyDictionary()
 
 
 def _pass_input(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -305,23 +308,25 @@ def merge_pairs(model: nn.Module, pairs: Sequence[tuple[str, nn.Module, str, nn.
     return MergeHandle([(layer_name, norm_name) for layer_name, _, norm_name, _ in pairs], steps)
 
 
-def _merged_for(layer: nn.Module, norm: nn.Module) -> tuple[Tensor, Tensor]:
-    """The merged weight and bias of ``layer -> norm``, computed once per state of both.
+def _merged_for(layer: nn.Module, norm: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    """The merged weight and bias Parameters of ``layer -> norm``, computed once per state of both.
 
     The result is cached per layer until any tensor it was computed from (or the result itself)
     is replaced or changed in place (``_version``), or ``eps`` changes: later contexts then merge
-    without recomputing, which saves a pass over every merged weight.
+    without recomputing, which saves a pass over every merged weight. The Parameters take the
+    ``requires_grad`` of the layer's own; cached ones are not reused once they hold a ``.grad``.
     """
     weight = layer._parameters["weight"]
     assert weight is not None
     bias = layer._parameters.get("bias")
     sources = (weight, bias, norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    requires_grad = (weight.requires_grad, (bias if bias is not None else weight).requires_grad)
     cached = _MERGED.get(layer)
-    if cached is not None and cached.eps == norm.eps and _unchanged(cached.stamp, (*sources, cached.weight, cached.bias)):
-        return cached.weight, cached.bias
-    merged_weight, merged_bias = merged_parameters(weight, bias, norm)
-    _MERGED[layer] = _Merged(_stamp((*sources, merged_weight, merged_bias)), float(norm.eps), merged_weight, merged_bias)
-    return merged_weight, merged_bias
+    if cached is None or cached.eps != norm.eps or not _unchanged(cached.stamp, (*sources, cached.weight, cached.bias)):
+        merged_weight, merged_bias = merged_parameters(weight, bias, norm)
+        cached = _Merged(_stamp((*sources, merged_weight, merged_bias)), float(norm.eps), merged_weight, merged_bias)
+        _MERGED[layer] = cached
+    return cached.parameters(requires_grad)
 
 
 @dataclass
@@ -332,6 +337,22 @@ class _Merged:
     eps: float
     weight: Tensor
     bias: Tensor
+    installed: tuple[nn.Parameter, nn.Parameter] | None = None
+
+    def parameters(self, requires_grad: tuple[bool, bool]) -> tuple[nn.Parameter, nn.Parameter]:
+        """``weight`` and ``bias`` as Parameters (made once; again if the flags differ or a grad was set)."""
+        installed = self.installed
+        if (
+            installed is None
+            or (installed[0].requires_grad, installed[1].requires_grad) != requires_grad
+            or installed[0].grad is not None
+            or installed[1].grad is not None
+        ):
+            installed = self.installed = (
+                nn.Parameter(self.weight, requires_grad=requires_grad[0]),
+                nn.Parameter(self.bias, requires_grad=requires_grad[1]),
+            )
+        return installed
 
 
 def _stamp(tensors: Sequence[Tensor | None]) -> tuple[tuple[Any, int], ...]:
@@ -353,17 +374,15 @@ _MERGED: "weakref.WeakKeyDictionary[nn.Module, _Merged]" = weakref.WeakKeyDictio
 
 def _resolve(model: nn.Module, pairs: Sequence[Pair]) -> list[tuple[str, nn.Module, str, nn.Module]]:
     """``(name, module)`` pairs for names; ``KeyError`` when a name does not exist."""
-    resolved = []
-    for layer_name, norm_name in pairs:
-        resolved.append((layer_name, _submodule(model, layer_name), norm_name, _submodule(model, norm_name)))
-    return resolved
+    modules = dict(model.named_modules(remove_duplicate=False))
 
+    def submodule(name: str) -> nn.Module:
+        try:
+            return modules[name]
+        except KeyError:
+            raise KeyError(f"{type(model).__name__} has no submodule named {name!r}") from None
 
-def _submodule(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise KeyError(f"{type(model).__name__} has no submodule named {name!r}") from None
+    return [(layer_name, submodule(layer_name), norm_name, submodule(norm_name)) for layer_name, norm_name in pairs]
 
 
 # --------------------------------------------------------------------------------------------

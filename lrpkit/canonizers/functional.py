@@ -231,6 +231,8 @@ class _Capture:
         if self.frames and self.frames.pop().paused:
             torch._C._push_on_torch_function_stack(self.mode)
 
+    _pop.lrpkit_hook = True  # type: ignore[attr-defined]  # observes only; see LayerOps.output_has_no_negative_zero
+
     # -- calls --------------------------------------------------------------------------------
     def capturing(self) -> bool:
         return bool(self.frames) and not self.frames[-1].hooked and not hooks_are_suspended()

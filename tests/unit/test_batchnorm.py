@@ -718,3 +718,27 @@ def test_unchanged_sources_reuse_the_cached_merge():
     (handle,) = canonizer.apply(model)
     assert model.conv.weight.data_ptr() == first.data_ptr()
     handle.remove()
+
+
+def test_cached_merge_reuses_its_parameters_unless_they_hold_a_grad_or_the_flags_differ():
+    model, x = randomized(RegisteredBackwards()), sample(2, 2, 5, 5)
+    canonizer = NamedMergeBatchNorm([("conv", "bn")])
+
+    def installed() -> tuple[nn.Parameter, nn.Parameter]:
+        (handle,) = canonizer.apply(model)
+        parameters = (model.conv.weight, model.conv.bias)
+        handle.remove()
+        return parameters
+
+    first = installed()
+    assert installed()[0] is first[0] and installed()[1] is first[1]  # no new Parameter per context
+    first[0].grad = torch.ones_like(first[0])
+    second = installed()
+    assert second[0] is not first[0] and second[0].grad is None  # a stale grad never reappears
+    model.conv.weight.requires_grad_(False)
+    third = installed()
+    assert not third[0].requires_grad and third[0] is not second[0]
+    assert model.conv.weight.requires_grad is False and isinstance(model.bn, nn.BatchNorm2d)
+    (handle,) = canonizer.apply(model)
+    assert model.bn is not None and model(x).shape[0] == 2
+    handle.remove()

@@ -225,3 +225,105 @@ def test_gamma_on_signed_input_computes_only_the_part_that_carries_relevance(mon
     x = torch.randn(3, 4, dtype=torch.float64)  # signed: the two-path form
     relevance = Gradient(model, composite)(x, target=0).relevance
     assert len(calls) == 2 and torch.isfinite(relevance).all()
+
+
+# -- the stabiliser's ``+ 0.0`` pass, skipped where the output cannot hold -0.0 ------------------
+
+
+def _zero_output_linear() -> nn.Linear:
+    """``z = x1 + x2`` with zero bias: exactly 0 for ``x = (1, -1)``, so the stabiliser's sign matters."""
+    layer = nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        layer.bias.zero_()
+    return layer
+
+
+def _epsilon_relevance(model: nn.Module) -> torch.Tensor:
+    composite = composites.LayerMapComposite([(nn.Linear, rules.Epsilon(epsilon=1e-3))], canonizers=[])
+    _, relevance = Gradient(model, composite)(torch.tensor([[1.0, -1.0]]), lambda output: torch.ones_like(output))
+    return relevance
+
+
+def test_a_forward_hook_that_writes_negative_zero_gets_the_upward_stabiliser():
+    layer = _zero_output_linear()
+    layer.register_forward_hook(lambda module, args, output: torch.where(output == 0, -0.0, output))
+    # R_in = x * w * R / stab(z) with stab(-0.0) = +eps (sign(0) = +1): (+1000, -1000)
+    torch.testing.assert_close(_epsilon_relevance(layer), torch.tensor([[1000.0, -1000.0]]))
+
+
+def test_the_negative_zero_shortcut_only_applies_to_standard_unhooked_layers_with_a_clean_bias():
+    from lrpkit.ops import layer_ops
+
+    def flag(module: nn.Module) -> bool:
+        return layer_ops(module, (torch.zeros(1, 2),), {}, (0,)).output_has_no_negative_zero()
+
+    assert flag(_zero_output_linear())
+    assert not flag(nn.Linear(2, 1, bias=False))
+    with_negative_zero = _zero_output_linear()
+    with torch.no_grad():
+        with_negative_zero.bias.fill_(-0.0)
+    assert not flag(with_negative_zero)  # the cached verdict follows the in-place change
+    hooked = _zero_output_linear()
+    hooked.register_forward_hook(lambda module, args, output: None)
+    assert not flag(hooked)
+
+    class Shifted(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) - 0.0
+
+    assert not flag(Shifted(2, 1))
+    supported = torch.set_flush_denormal(True)
+    try:
+        assert not flag(_zero_output_linear()) or not supported
+    finally:
+        torch.set_flush_denormal(False)
+
+
+# -- Pass rules skip building a LayerCall ---------------------------------------------------------
+
+
+class Halve(rules.Pass):
+    """A Pass subclass that changes what passes: the general path must run it."""
+
+    def elementwise(self, call, relevance):
+        return relevance / 2
+
+
+def test_pass_subclasses_that_change_the_relevance_are_not_short_cut():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.rand(2, 3)
+
+    def relevance(activation_rule: rules.Rule) -> torch.Tensor:
+        composite = composites.LayerMapComposite(
+            [(nn.ReLU, activation_rule), (nn.Linear, rules.Epsilon())], canonizers=[]
+        )
+        return Gradient(model, composite)(x).relevance
+
+    assert rules.Pass().passes_relevance and not Halve().passes_relevance
+    torch.testing.assert_close(relevance(Halve()), relevance(rules.Pass()) / 2)
+
+
+# -- rule hooks run outside every torch-function mode ---------------------------------------------
+
+
+def test_rule_hooks_make_no_calls_a_torch_function_mode_can_see():
+    from torch.overrides import TorchFunctionMode
+
+    class Names(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.rand(2, 3, requires_grad=True)
+    with Names() as plain:
+        model(x)
+    composite = composites.LayerMapComposite([(nn.ReLU, rules.Pass()), (nn.Linear, rules.Epsilon())], canonizers=[])
+    with composite.context(model), Names() as hooked:
+        model(x)
+    assert hooked.seen == plain.seen
