@@ -8,8 +8,9 @@ runs the module's backward and never computes a parameter gradient.
 
 Each forward call creates its own autograd node that holds that call's inputs (and output, when
 the rule needs it) -- this is the per-call state: a module called twice in one forward (weight
-sharing) gets the right inputs for each call, and the saved tensors are version-checked, so an
-in-place change of a saved tensor raises instead of giving silently wrong numbers.
+sharing) gets the right inputs for each call, and the kept tensors are version-checked, so an
+in-place change of a kept tensor raises instead of giving silently wrong numbers. A ReLU that
+consumes a rule's output may lend its own output in place of it (:mod:`lrpkit.rectified`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .ops import LayerOps, Params, hooks_are_suspended, hooks_suspended, layer_ops
+from .rectified import KeptOutput, certify, is_plain_relu, lend, rectified_output_usable
 
 
 @dataclass
@@ -44,6 +46,10 @@ class LayerCall:
     known_nonnegative
         Per input: ``True`` when the forward graph guarantees it is ``>= 0`` (it comes from a
         ReLU, or a pooling or reshape of one); see :func:`produced_nonnegative`.
+    output_rectified
+        ``True`` when ``output`` is ``relu`` of the real output, lent by the ReLU after the
+        module, and the relevance is zero wherever it is zero (see :mod:`lrpkit.rectified`).
+        Only rules marked ``reads_output_only_where_relevant`` ever see this.
     """
 
     name: str
@@ -52,6 +58,7 @@ class LayerCall:
     output: Tensor | None
     ops: LayerOps
     known_nonnegative: tuple[bool, ...] = ()
+    output_rectified: bool = False
 
     def params(self, zero: tuple[str, ...] = ()) -> Params:
         """The module's parameters, with those named in ``zero`` replaced by zeros."""
@@ -212,9 +219,9 @@ class _RelevanceFunction(torch.autograd.Function):
         pending.args = tuple(None if index in positions else arg for index, arg in enumerate(pending.args))
         ctx.pending = pending
         ctx.input_shapes = [(tensor.shape, tensor.dtype) for tensor in inputs]
-        kept = inputs if pending.rule.needs_inputs else ()
-        saved = (*kept, output) if pending.rule.needs_output else kept
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(*(inputs if pending.rule.needs_inputs else ()))
+        # a detached alias: the node holding its own output would be a reference cycle
+        ctx.kept_output = KeptOutput(output.detach()) if pending.rule.needs_output else None
         return output
 
     @staticmethod
@@ -231,21 +238,43 @@ class _RelevanceFunction(torch.autograd.Function):
             inputs = tuple(saved[: len(ctx.input_shapes)])
         else:  # shape and dtype only: tensors without data
             inputs = tuple(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in ctx.input_shapes)
-        output = saved[-1] if pending.rule.needs_output else None
         args = list(pending.args)
         for position, tensor in zip(pending.input_positions, inputs):
             args[position] = tensor
+        ops = pending.ops_factory(pending.module, tuple(args), pending.kwargs, pending.input_positions)
+        output, rectified = _output_for(ctx.kept_output, relevance, ops, inputs, where)
         call = LayerCall(
             name=pending.name,
             module=pending.module,
             inputs=inputs,
             output=output,
-            ops=pending.ops_factory(pending.module, tuple(args), pending.kwargs, pending.input_positions),
+            ops=ops,
             known_nonnegative=pending.known_nonnegative,
+            output_rectified=rectified,
         )
         with torch.no_grad():
-            result = pending.rule.relevance(call, pending.rule.incoming(relevance))
-        return (None, *_checked(result, inputs, pending.rule, where))
+            result = _checked(pending.rule.relevance(call, pending.rule.incoming(relevance)), inputs, pending.rule, where)
+        certify(pending.rule, result, inputs)
+        return (None, *result)
+
+
+def _output_for(
+    kept: KeptOutput | None, relevance: Tensor, ops: LayerOps, inputs: tuple[Tensor, ...], where: str
+) -> tuple[Tensor | None, bool]:
+    """The output a rule reads (``None`` if it needs none) and whether it is the lent ReLU output.
+
+    A lent ReLU output that cannot stand in for the output (relevance where it is zero) gives
+    way to the output itself, recomputed with one forward of the layer.
+    """
+    if kept is None:
+        return None, False
+    output = kept.checked(where)
+    if not kept.rectified:
+        return output, False
+    if rectified_output_usable(relevance, output):
+        return output, True
+    with torch.no_grad():
+        return ops.forward(inputs, ops.params()), False
 
 
 def _checked(
@@ -330,8 +359,15 @@ class RuleHook:
 
 
 def route(pending: PendingCall, inputs: tuple[Tensor, ...]) -> Tensor:
-    """Hand ``pending.output`` on as a tensor whose backward applies ``pending.rule`` to ``inputs``."""
-    return _RelevanceFunction.apply(pending, *inputs)
+    """Hand ``pending.output`` on as a tensor whose backward applies ``pending.rule`` to ``inputs``.
+
+    A ReLU whose rule passes relevance lends its output to the rule node before it, which then
+    keeps it instead of its own output (:func:`lrpkit.rectified.lend`).
+    """
+    routed = _RelevanceFunction.apply(pending, *inputs)
+    if len(inputs) == 1 and pending.rule.passes_relevance and is_plain_relu(pending.module):
+        lend(inputs[0], routed)
+    return routed
 
 
 def attach(module: nn.Module, hook: RuleHook) -> RemovableHandle:

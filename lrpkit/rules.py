@@ -41,6 +41,7 @@ from torch import Tensor
 
 from .core import LayerCall, Rule
 from .ops import FunctionalOps, Params, Transpose, hooks_suspended
+from .rectified import proportional_to_inputs, reads_output_only_where_relevant
 
 Relevances = tuple[Tensor | None, ...]
 ZeroParams = str | Sequence[str] | None
@@ -96,12 +97,12 @@ def _divide_by_signed(relevance: Tensor, denominator: Tensor, epsilon: float, si
     ``sign=+1``: ``denominator >= 0`` (``z+`` of non-negative inputs), stabilised as ``z + eps``,
     which is :func:`stabilize` there. ``sign=-1``: ``denominator <= 0`` (``z-``), stabilised as
     ``z - eps``; this differs from :func:`stabilize` only where ``z-`` is exactly zero, and there
-    every contribution ``a_i w-_ij`` is zero, so the relevance is the same. With ``owned`` the
-    denominator is overwritten: two passes, no new tensor.
+    every contribution ``a_i w-_ij`` is zero, so the relevance is the same. Two passes: with
+    ``owned`` the denominator is overwritten, else one new tensor is made.
     """
-    if epsilon > 0 and owned and _can_overwrite(denominator, relevance):
-        denominator.add_(sign * epsilon)
-        return torch.div(relevance, denominator, out=denominator)
+    if epsilon > 0 and _can_overwrite(denominator, relevance):
+        stabilized = denominator.add_(sign * epsilon) if owned else denominator.add(sign * epsilon)
+        return torch.div(relevance, stabilized, out=stabilized)
     return divide(relevance, denominator, epsilon)
 
 
@@ -248,12 +249,25 @@ class Epsilon(_Filtered):
         self.zero_params = _zero_names(zero_params)
         _set_top_k(self, top_k)
 
+    @proportional_to_inputs
+    @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         params = call.params(self.zero_params)
         output = _output_under(call, params, self.zero_params)
-        sign_known = output is call.output and call.ops.output_has_no_negative_zero()
-        scaled = divide(relevance, output, self.epsilon, sign_known)
+        scaled = _divide_by_output(call, relevance, output, self.epsilon)
         return tuple(_times(call.inputs, call.ops.transpose(call.inputs, params, scaled), call.ops.fresh))
+
+
+def _divide_by_output(call: LayerCall, relevance: Tensor, output: Tensor, epsilon: float) -> Tensor:
+    """``divide(relevance, output, epsilon)`` with the fewest passes what is known about ``output`` allows.
+
+    A lent ReLU output (``call.output_rectified``) is ``>= 0``: stabilised as ``output + eps``.
+    The real output of a layer whose bias holds no ``-0.0`` skips the ``-0.0`` pass.
+    """
+    if output is call.output and call.output_rectified:
+        return _divide_by_signed(relevance, output, epsilon, +1, owned=False)
+    sign_known = output is call.output and call.ops.output_has_no_negative_zero()
+    return divide(relevance, output, epsilon, sign_known)
 
 
 def _output_under(call: LayerCall, params: Params, zeroed: tuple[str, ...]) -> Tensor:
@@ -287,6 +301,7 @@ class ZPlus(_ParamRule):
         (:func:`relevance_filter`); ``None``: keep all.
     """
 
+    @proportional_to_inputs
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         params = call.params(self.zero_params)
         positive = _positive(params)
@@ -353,6 +368,8 @@ class AlphaBeta(_ParamRule):
         self.alpha = float(alpha)
         self.beta = float(beta)
 
+    @proportional_to_inputs
+    @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         params = call.params(self.zero_params)
         weight_pos, weight_neg = _positive(params), _negative(params)
@@ -460,14 +477,23 @@ class Gamma(_ParamRule):
         super().__init__(stabilizer, zero_params, top_k)
         self.gamma = float(gamma)
 
+    @proportional_to_inputs
+    @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
         params = call.params(self.zero_params)
-        relevance_pos, relevance_neg = _split_by_sign(relevance, call.output)
+        if call.output_rectified:  # no relevance where the output is <= 0: all of it is positive
+            relevance_pos, relevance_neg = relevance, torch.zeros_like(relevance)
+        else:
+            relevance_pos, relevance_neg = _split_by_sign(relevance, call.output)
         inputs = call.inputs
         if call.inputs_nonnegative():
             singles = [(self._lifted, relevance_pos), (self._lowered, relevance_neg)]
-            carried = [self._single(call, inputs, weights(params), rel) for weights, rel in singles if bool(rel.any())]
+            carried = [
+                self._single(call, inputs, weights(params), rel)
+                for weights, rel in singles
+                if (call.output_rectified and rel is relevance) or bool(rel.any())
+            ]
         else:
             inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
             inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
@@ -630,9 +656,11 @@ class Norm(_StabilizedRule):
         Added to the denominator with its sign; must be ``>= 0``.
     """
 
+    @proportional_to_inputs
+    @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
-        scaled = divide(relevance, call.output, self.stabilizer)
+        scaled = _divide_by_output(call, relevance, call.output, self.stabilizer)
         return tuple(_times(call.inputs, call.ops.transpose(call.inputs, call.params(), scaled)))
 
 
@@ -653,6 +681,8 @@ class Product(Norm):
         Added to the denominator with its sign; must be ``>= 0``.
     """
 
+    @proportional_to_inputs
+    @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         shares = super().relevance(call, relevance)
         return tuple(None if share is None else share / len(shares) for share in shares)
@@ -676,6 +706,8 @@ class LayerNormConstant(_StabilizedRule):
         Added to the denominator with its sign; must be ``>= 0``.
     """
 
+    @proportional_to_inputs
+    @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
         shape, weight, eps = _layer_norm_setup(call)
@@ -731,6 +763,8 @@ class AttentionValue(_StabilizedRule):
         Added to the denominator with its sign; must be ``>= 0``.
     """
 
+    @proportional_to_inputs
+    @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
         value_map = _value_map(call)

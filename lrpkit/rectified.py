@@ -1,0 +1,184 @@
+"""The outputs rules keep for their backward, and the ReLU outputs that may stand in for them.
+
+Epsilon, gamma, alpha-beta and the proportional rules divide the relevance at a layer's output
+``z`` by ``z`` (stabilised). Keeping ``z`` for the backward costs one layer-sized tensor per
+layer on top of what a plain gradient keeps, because ``z`` usually goes straight into a ReLU
+whose output ``a = relu(z)`` is kept anyway, as the next layer's input.
+
+``a`` can replace ``z`` exactly wherever the relevance is not zero:
+
+* where ``z > 0``, ``a`` *is* ``z``, bit for bit;
+* where ``z <= 0``, ``a == 0``, and the relevance arriving at ``z`` is zero there in every
+  ordinary network -- the ReLU passes on the relevance of ``a``, and a rule that multiplies by
+  its input (``R_i = a_i * ...``: epsilon, z+, gamma, alpha-beta, the proportional split)
+  gives ``a_i = 0`` no relevance. A rule that reads its output only where the relevance is
+  non-zero (marked with :func:`reads_output_only_where_relevant`) then computes the same
+  numbers from ``a``.
+
+So when a ReLU (with a rule that passes relevance unchanged) consumes a rule's output, it lends
+its output to that rule's autograd node (:func:`lend`), which drops ``z``. In the backward
+:func:`rectified_output_usable` checks the condition before the rule runs: either the relevance
+carries a certificate (:func:`certify`) from a rule that multiplied it by this very tensor, or
+one check over the values finds it zero wherever ``a`` is zero. When the check fails (another
+consumer of ``z``, or a rule such as flat above the ReLU), the rule recomputes ``z`` with one
+forward of its layer: the result is the same either way, only the cost differs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from . import captured
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def reads_output_only_where_relevant(method: Method) -> Method:
+    """Mark a rule's ``relevance`` method: it reads ``call.output`` only where the relevance is non-zero.
+
+    Where the relevance is zero such a rule gives zero (or the same value) whatever the output
+    holds there, and stays finite; the ReLU output may then stand in for the output. A subclass
+    that overrides ``relevance`` is not marked unless it says so itself.
+    """
+    method.reads_output_only_where_relevant = True  # type: ignore[attr-defined]
+    return method
+
+
+def proportional_to_inputs(method: Method) -> Method:
+    """Mark a rule's ``relevance`` method: each input's relevance is that input times something.
+
+    Its relevance is then exactly zero wherever its input is zero, which :func:`certify` records.
+    """
+    method.proportional_to_inputs = True  # type: ignore[attr-defined]
+    return method
+
+
+def _marked(rule: Any, mark: str) -> bool:
+    return bool(getattr(type(rule).relevance, mark, False))
+
+
+class KeptOutput:
+    """The output of one rule call as kept for its backward, or the ReLU output lent in its place.
+
+    Holds a detached alias (no reference cycle through the autograd node) and the version it had
+    when kept, so that an in-place change before the backward is detected.
+    """
+
+    __slots__ = ("tensor", "version", "rectified")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self.version = tensor._version
+        self.rectified = False
+
+    def borrow(self, rectified: Tensor) -> None:
+        """Keep ``rectified`` (``relu`` of the kept output) instead; the output itself is let go."""
+        self.tensor = rectified
+        self.version = rectified._version
+        self.rectified = True
+
+    def checked(self, where: str) -> Tensor:
+        """The kept tensor, after making sure it was not changed in place since it was kept."""
+        if self.tensor._version != self.version:
+            what = "the output of its ReLU" if self.rectified else "its output"
+            raise RuntimeError(
+                f"lrpkit: {what} of module {where} was modified by an in-place operation after the "
+                "forward; the rule needs it unchanged in the backward (use out-of-place operations)"
+            )
+        return self.tensor
+
+
+def is_plain_relu(module: Any) -> bool:
+    """An ``nn.ReLU`` (not a subclass) or a captured ``relu`` call: output ``max(z, 0)``."""
+    return type(module) is nn.ReLU or (isinstance(module, captured.ReLU) and module.op == "relu")
+
+
+def lend(source: Tensor, rectified: Tensor) -> None:
+    """Let the rule node that produced ``source`` keep ``rectified = relu(source)`` instead of it.
+
+    Only when ``source`` is exactly that node's output (not a view), the node still keeps the
+    output itself, and its rule reads the output only where relevance flows.
+    """
+    node = source.grad_fn
+    kept = getattr(node, "kept_output", None)
+    if not isinstance(kept, KeptOutput) or kept.rectified or source._base is not None:
+        return
+    if not _marked(node.pending.rule, "reads_output_only_where_relevant"):  # type: ignore[union-attr]
+        return
+    output = kept.tensor
+    if (
+        source.shape != output.shape
+        or source.stride() != output.stride()
+        or source.data_ptr() != output.data_ptr()
+        or rectified.shape != output.shape
+    ):
+        return
+    kept.borrow(rectified.detach())
+
+
+# -- certificates: relevance known to be zero wherever a given tensor is zero -------------------
+Certificate = tuple["weakref.ReferenceType[Tensor]", int, int, tuple[int, ...], tuple[int, ...]]
+_CERTIFIED: dict[int, Certificate] = {}
+
+
+def certify(rule: Any, relevances: tuple[Tensor | None, ...], inputs: tuple[Tensor, ...]) -> None:
+    """Record that each relevance of a rule marked :func:`proportional_to_inputs` is zero where its input is."""
+    if not _marked(rule, "proportional_to_inputs"):
+        return
+    for relevance, tensor in zip(relevances, inputs):
+        if relevance is None or tensor.device.type == "meta":
+            continue
+        key = id(relevance)
+        reference = weakref.ref(relevance, lambda _, key=key: _CERTIFIED.pop(key, None))  # type: ignore[misc]
+        _CERTIFIED[key] = (reference, relevance._version, tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+
+
+def _certified(relevance: Tensor, rectified: Tensor) -> bool:
+    """Whether ``relevance`` is, unchanged, a relevance certified zero wherever ``rectified`` is zero."""
+    entry = _CERTIFIED.get(id(relevance))
+    return (
+        entry is not None
+        and entry[0]() is relevance
+        and entry[1] == relevance._version
+        and entry[2] == rectified.data_ptr()
+        and entry[3] == tuple(rectified.shape)
+        and entry[4] == rectified.stride()
+    )
+
+
+def zero_where_zero(relevance: Tensor, rectified: Tensor) -> bool:
+    """Whether ``relevance`` is exactly zero wherever ``rectified`` (``>= 0``) is zero.
+
+    ``relevance - relevance * sign(rectified)`` is the relevance where ``rectified`` is zero and
+    exactly zero elsewhere (NaN for NaN or infinite values, which fail the check): three passes
+    without boolean tensors, which are slow on the CPU.
+    """
+    if relevance.shape != rectified.shape:
+        return False
+    leaked = torch.addcmul(relevance, relevance, torch.sign(rectified), value=-1)
+    if leaked.numel() == 0:
+        return True
+    low, high = torch.aminmax(leaked)
+    return bool(low == 0) and bool(high == 0)
+
+
+def rectified_output_usable(relevance: Tensor, rectified: Tensor) -> bool:
+    """Whether a lent ReLU output may stand in for the output, given the relevance that arrived."""
+    return _certified(relevance, rectified) or zero_where_zero(relevance, rectified)
+
+
+__all__ = [
+    "KeptOutput",
+    "certify",
+    "is_plain_relu",
+    "lend",
+    "proportional_to_inputs",
+    "reads_output_only_where_relevant",
+    "rectified_output_usable",
+    "zero_where_zero",
+]

@@ -1,0 +1,203 @@
+"""A ReLU lends its output to the rule before it (lrpkit.rectified): same numbers, less memory.
+
+Each test compares a model with ``nn.ReLU`` (which lends) against the same model with a ReLU
+subclass (which does not), so the only difference is the lending.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lrpkit import composites, rectified, rules
+from lrpkit.attribution import Gradient
+
+
+class NoLendReLU(nn.ReLU):
+    """A ReLU subclass: it never lends its output (only plain ``nn.ReLU`` does)."""
+
+
+class Block(nn.Module):
+    """A residual block: ``relu(conv(relu(conv(x))) + x)`` with a functional ReLU at the end."""
+
+    def __init__(self, relu: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv1, self.relu, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), relu(), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+
+def network(relu: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), relu(), Block(relu), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), relu(),
+        nn.Flatten(), nn.Linear(4 * 2 * 2, 6), relu(), nn.Linear(6, 3),
+    ).double().eval()
+
+
+def epsilon_only() -> composites.Composite:
+    return composites.LayerMapComposite(composites.layer_map_base() + [((nn.Conv2d, nn.Linear), rules.Epsilon())])
+
+
+COMPOSITES = {
+    "epsilon": epsilon_only,
+    "epsilon_plus_flat": composites.EpsilonPlusFlat,
+    "gamma_box": lambda: composites.EpsilonGammaBox(low=0.0, high=1.0),
+    "alpha2beta1": composites.EpsilonAlpha2Beta1,
+}
+
+
+def relevance(model: nn.Module, composite: composites.Composite, x: torch.Tensor) -> torch.Tensor:
+    return Gradient(model, composite)(x).relevance
+
+
+def kept_outputs(model: nn.Module, composite: composites.Composite, x: torch.Tensor) -> dict[str, bool]:
+    """``{module name: whether it keeps a lent ReLU output}`` for every rule node that keeps one."""
+    found = {}
+    with composite.context(model):
+        nodes, seen = [model(x.clone().requires_grad_(True)).grad_fn], set()
+        while nodes:
+            node = nodes.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            kept = getattr(node, "kept_output", None)
+            if kept is not None:
+                found[node.pending.name] = kept.rectified
+            nodes.extend(parent for parent, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_lending_gives_the_same_relevance(name):
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    lent = relevance(network(nn.ReLU), COMPOSITES[name](), x)
+    kept = relevance(network(NoLendReLU), COMPOSITES[name](), x)
+    torch.testing.assert_close(lent, kept, rtol=1e-12, atol=1e-15)
+
+
+def test_layers_before_a_plain_relu_keep_its_output_and_the_others_their_own():
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    found = kept_outputs(network(nn.ReLU), epsilon_only(), x)
+    assert found["0"] and found["4"] and found["7"] and found["2.conv1"]  # before nn.ReLU modules
+    assert found["2.add"]  # the residual sum, before the captured torch.relu
+    assert not found["2.conv2"] and not found["9"]  # before the sum, and the last layer
+    assert not any(kept_outputs(network(NoLendReLU), epsilon_only(), x)[name] for name in ("0", "4", "7"))
+
+
+class PreActivationReused(nn.Module):
+    """``lin2(relu(z)) + lin3(z)``: ``z`` has a second consumer that sends it relevance where ``z < 0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin1, self.relu, self.lin2, self.lin3 = nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.lin1(x)
+        return self.lin2(self.relu(z)) + self.lin3(z)
+
+
+def test_relevance_where_the_relu_output_is_zero_falls_back_to_the_real_output():
+    x = torch.randn(4, 5, dtype=torch.float64)
+    model = PreActivationReused().double().eval()
+    lent = relevance(model, epsilon_only(), x)
+    model.relu = NoLendReLU()
+    kept = relevance(model, epsilon_only(), x)
+    torch.testing.assert_close(lent, kept, rtol=1e-12, atol=1e-15)
+
+
+def test_flat_above_a_relu_falls_back_to_the_real_output():
+    """Flat sends relevance to neurons whose ReLU output is zero: the check must catch it."""
+    torch.manual_seed(2)
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def model(relu: type[nn.Module]) -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(5, 6), relu(), nn.Linear(6, 3)).double().eval()
+
+    def composite() -> composites.Composite:
+        return composites.NameMapComposite([(["0"], rules.Epsilon()), (["2"], rules.Flat()), (["1"], rules.Pass())])
+
+    torch.testing.assert_close(relevance(model(nn.ReLU), composite(), x), relevance(model(NoLendReLU), composite(), x))
+
+
+def test_certified_relevance_skips_the_value_check(monkeypatch):
+    calls = []
+    check = rectified.zero_where_zero
+
+    def counted(relevance: torch.Tensor, output: torch.Tensor) -> bool:
+        calls.append(tuple(output.shape))
+        return check(relevance, output)
+
+    monkeypatch.setattr(rectified, "zero_where_zero", counted)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    relevance(network(nn.ReLU), epsilon_only(), x)
+    # checked: the first ReLU (its output feeds a conv and the residual sum), the sum's ReLU
+    # (max pooling in between) and the ReLU before flatten; certified: the ReLUs whose output
+    # goes straight into one epsilon layer
+    assert (1, 4, 8, 8) in calls and (1, 4, 2, 2) in calls
+    assert len(calls) == 3
+
+
+def test_zero_where_zero_is_exact():
+    output = torch.tensor([0.0, 1.0, 0.0, 2.0])
+    assert rectified.zero_where_zero(torch.tensor([0.0, 3.0, -0.0, -1.0]), output)
+    assert not rectified.zero_where_zero(torch.tensor([0.0, 3.0, 1e-30, -1.0]), output)
+    assert not rectified.zero_where_zero(torch.tensor([float("nan"), 3.0, 0.0, -1.0]), output)
+    assert not rectified.zero_where_zero(torch.tensor([0.0, float("inf"), 0.0, 1.0]), output)
+
+
+class ScalesInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        out.mul_(2.0)
+        return out
+
+
+def test_an_output_changed_in_place_after_the_forward_is_refused():
+    composite = composites.LayerMapComposite([(nn.Linear, rules.Epsilon())], canonizers=[])
+    with pytest.raises(RuntimeError, match=r"'lin' \(Linear\) was modified by an in-place operation"):
+        Gradient(ScalesInPlace(), composite)(torch.rand(1, 3))
+
+
+def _kept_bytes(output: torch.Tensor, parameters: set[int]) -> int:
+    """Bytes of the distinct storages the autograd graph of ``output`` keeps (parameters excluded)."""
+    storages: dict[int, int] = {}
+    nodes, seen = [output.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        tensors = [getattr(node, name) for name in dir(node) if name.startswith("_saved_") and name != "_saved_tensors"]
+        tensors += list(getattr(node, "saved_tensors", ()))
+        kept = getattr(node, "kept_output", None)
+        tensors += [kept.tensor] if kept is not None else []
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        nodes.extend(parent for parent, _ in node.next_functions)
+    return sum(size for pointer, size in storages.items() if pointer not in parameters)
+
+
+def test_epsilon_keeps_no_more_activations_than_the_plain_gradient():
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8 * 8 * 8, 4),
+    ).eval().requires_grad_(False)
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    x = torch.rand(2, 3, 16, 16)
+    output = model(x.clone().requires_grad_(True))
+    gradient = _kept_bytes(output, parameters)
+    with epsilon_only().context(model):
+        lrp = _kept_bytes(model(x.clone().requires_grad_(True)), parameters)
+    assert lrp <= gradient + output.nbytes  # the last layer keeps its output: no ReLU follows it
