@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .memory import PeakRss, cuda_peak_mib, rss_method, run_in_child
 from .options import BenchOptions
-from .timing import elapsed_ms, frozen_parameters, median, ratio, set_threads
+from .timing import elapsed_ms, frozen_parameters, median, ratio, set_threads, tune_malloc
 
 Explainer = Callable[[Tensor], Tensor]
 
@@ -262,10 +262,12 @@ def initialise_runtime() -> None:
 
 
 def peak_rss_of_one_explanation(
-    model_name: str, batch: int, size: int, method: Method, threads: int | None
+    model_name: str, batch: int, size: int, method: Method, threads: int | None, malloc: str = "default"
 ) -> float:
     """Run in a fresh child process: peak RSS increase (MiB) of one explanation after setup."""
     set_threads(threads)
+    if malloc == "tuned":
+        tune_malloc()
     initialise_runtime()
     model = build_model(model_name)
     x = make_input(batch, size, "cpu")
@@ -365,7 +367,9 @@ def _measure_memory(
         if options.device.startswith("cuda"):
             rows[method]["peak_mib"] = cuda_peak_mib(lambda: explain(x), options.device)
         else:
-            result = run_in_child(peak_rss_of_one_explanation, model_name, batch, options.size, method, options.threads)
+            result = run_in_child(
+                peak_rss_of_one_explanation, model_name, batch, options.size, method, options.threads, options.malloc
+            )
             if result.error is not None:
                 rows[method]["error"] = f"memory: {result.error.splitlines()[0]}"
             rows[method]["peak_mib"] = result.value

@@ -39,6 +39,9 @@ class BenchOptions:
         Measure peak memory (models suite; on the CPU one child process per configuration).
     threads
         ``torch.set_num_threads`` for the run (``None``: torch's default).
+    malloc
+        ``"default"``: the C allocator as it comes; ``"tuned"``: glibc's heap trimming and
+        dynamic mmap threshold turned off for every method (see :func:`benchmarks.timing.tune_malloc`).
     """
 
     suite: str
@@ -52,6 +55,7 @@ class BenchOptions:
     quick: bool = False
     memory: bool = True
     threads: int | None = None
+    malloc: str = "default"
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> BenchOptions:
@@ -68,6 +72,7 @@ class BenchOptions:
             quick=args.quick,
             memory=not args.no_memory,
             threads=args.threads,
+            malloc=args.malloc,
         )
 
     def resolved(self, **defaults: Any) -> BenchOptions:

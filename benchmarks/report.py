@@ -117,6 +117,8 @@ def command_line(options: dict[str, Any]) -> str:
               "--warmup", str(options["warmup"])]
     if options["threads"] is not None:
         words += ["--threads", str(options["threads"])]
+    if options.get("malloc", "default") != "default":
+        words += ["--malloc", options["malloc"]]
     if options["suite"] == "models" and not options["memory"]:
         words.append("--no-memory")
     if options["quick"]:
@@ -156,6 +158,8 @@ def _header(title: str, payload: dict[str, Any]) -> list[str]:
         f"lrpkit commit {machine['lrpkit_commit']}",
         f"- date (UTC): {machine['date_utc']}",
         f"- command: `{payload['command']}`",
+        f"- C allocator: {payload['options'].get('malloc', 'default')}"
+        + (" (glibc heap trimming off for every method, see `--malloc`)" if payload["options"].get("malloc") == "tuned" else ""),
     ]
     if "memory_method" in payload:
         lines.append(f"- memory: {payload['memory_method']}")

@@ -11,7 +11,7 @@ import torch
 from . import models, rule_cost
 from .options import BenchOptions
 from .report import RENDERERS, command_line, machine_info, write_outputs
-from .timing import set_threads
+from .timing import set_threads, tune_malloc
 
 #: Suites by name: ``options -> payload`` (a JSON-ready dict with ``rows``).
 SUITES: dict[str, Callable[[BenchOptions], dict[str, Any]]] = {
@@ -32,6 +32,11 @@ def run_suite(options: BenchOptions) -> int:
         print("lrpkit bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     set_threads(options.threads)
+    if options.malloc == "tuned" and not tune_malloc():
+        print("lrpkit bench: --malloc tuned needs glibc's mallopt; measuring with the default allocator",
+              file=sys.stderr)
+        options = options.resolved()
+        options.malloc = "default"
     payload = SUITES[options.suite](options)
     payload["machine"] = machine_info(options.device)
     payload["command"] = command_line(payload["options"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import gc
 import statistics
 import time
@@ -77,3 +79,27 @@ def set_threads(threads: int | None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+#: glibc ``mallopt`` parameters (``malloc.h``).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc() -> bool:
+    """Stop glibc from returning freed heap memory to the kernel between calls; ``False`` if not glibc.
+
+    By default glibc trims the top of the heap once more than twice its (dynamic) mmap threshold
+    is free there, and the kernel then hands the pages back zeroed -- one page fault per 4 KiB --
+    the next time the heap grows. A method that allocates and frees more tensors per call (any
+    LRP backward against a plain gradient) pays for that in every call, and how much depends on
+    the allocation history, which makes repeated timings jump. Setting both thresholds (32 MiB
+    for mmap, the most glibc accepts, and 1 GiB for trimming) keeps freed memory for reuse, as
+    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` or jemalloc/tcmalloc would. It applies to
+    the whole process and to every method measured in it.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))

@@ -134,6 +134,9 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="models suite: skip the peak-memory measurement")
     parser.add_argument("--threads", type=int, metavar="N", default=None,
                         help="torch.set_num_threads for the run (default: torch's default)")
+    parser.add_argument("--malloc", choices=("default", "tuned"), default="default",
+                        help="tuned: keep freed memory in glibc's heap (no trimming) for every method, "
+                             "so that page faults do not dominate the timings (default: default)")
 
 
 def _import_benchmarks() -> Any:

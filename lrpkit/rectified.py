@@ -116,13 +116,16 @@ def lend(source: Tensor, rectified: Tensor) -> None:
         or source.stride() != output.stride()
         or source.data_ptr() != output.data_ptr()
         or rectified.shape != output.shape
+        or rectified.dtype != output.dtype
     ):
         return
     kept.borrow(rectified.detach())
 
 
 # -- certificates: relevance known to be zero wherever a given tensor is zero -------------------
-Certificate = tuple["weakref.ReferenceType[Tensor]", int, int, tuple[int, ...], tuple[int, ...]]
+#: ``(weak reference to the relevance, its version, and the data pointer, shape, strides and dtype
+#: of the tensor it is zero wherever ... is zero)``
+Certificate = tuple["weakref.ReferenceType[Tensor]", int, tuple[Any, ...]]
 _CERTIFIED: dict[int, Certificate] = {}
 
 
@@ -135,7 +138,12 @@ def certify(rule: Any, relevances: tuple[Tensor | None, ...], inputs: tuple[Tens
             continue
         key = id(relevance)
         reference = weakref.ref(relevance, lambda _, key=key: _CERTIFIED.pop(key, None))  # type: ignore[misc]
-        _CERTIFIED[key] = (reference, relevance._version, tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        _CERTIFIED[key] = (reference, relevance._version, _layout(tensor))
+
+
+def _layout(tensor: Tensor) -> tuple[Any, ...]:
+    """What makes two tensors the same values: memory, shape, strides and dtype."""
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
 
 
 def _certified(relevance: Tensor, rectified: Tensor) -> bool:
@@ -145,9 +153,7 @@ def _certified(relevance: Tensor, rectified: Tensor) -> bool:
         entry is not None
         and entry[0]() is relevance
         and entry[1] == relevance._version
-        and entry[2] == rectified.data_ptr()
-        and entry[3] == tuple(rectified.shape)
-        and entry[4] == rectified.stride()
+        and entry[2] == _layout(rectified)
     )
 
 

@@ -93,3 +93,11 @@ def test_bench_outside_a_checkout_says_so(monkeypatch, tmp_path, capsys):
 def test_bench_rejects_bad_numbers(capsys):
     assert main(["bench", "models", "--repeats", "0"]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_malloc_tuned_is_recorded(checkout, tmp_path, capsys):
+    assert main(["bench", "rules", "--quick", "--threads", "2", "--malloc", "tuned", "--out", str(tmp_path)]) == 0
+    payload, markdown = _load(tmp_path, "rules")
+    assert payload["options"]["malloc"] == "tuned"  # glibc on this machine: mallopt is there
+    assert payload["command"].endswith("--malloc tuned --quick")
+    assert "- C allocator: tuned (glibc heap trimming off for every method" in markdown
