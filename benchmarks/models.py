@@ -51,6 +51,15 @@ TIME_TARGETS: dict[str, tuple[float | None, float | None]] = {
 #: Issue 4's memory targets for every composite: lrpkit peak / gradient peak, lrpkit / zennit.
 MEMORY_TARGETS = (1.3, 0.6)
 
+#: lrpkit-only variants of EpsilonPlus that measure what FunctionalCapture costs (issue 4: at most
+#: 5% of the total time on ResNet50): without it (residual sums then get the plain gradient), and
+#: with it but with no rule for any captured call (the interception alone).
+NO_CAPTURE = "EpsilonPlus, no capture"
+CAPTURE_NO_RULES = "EpsilonPlus, capture without op rules"
+CAPTURE_VARIANTS = (NO_CAPTURE, CAPTURE_NO_RULES)
+#: Issue 4's target: FunctionalCapture's share of EpsilonPlus's time.
+CAPTURE_SHARE_TARGET = 0.05
+
 DEFAULTS = {"models": ["vgg16", "resnet50"], "repeats": 5, "warmup": 1, "size": 224}
 QUICK_DEFAULTS = {"models": ["tiny-vgg", "tiny-resnet"], "batches": [1], "repeats": 1, "warmup": 1, "size": 32}
 
@@ -146,6 +155,7 @@ def all_methods() -> list[Method]:
         methods.append(Method("lrpkit", composite))
         if available("zennit"):
             methods.append(Method("zennit", composite))
+    methods += [Method("lrpkit", variant) for variant in CAPTURE_VARIANTS]
     if available("captum"):
         methods.append(Method("captum", "Epsilon"))
     return methods
@@ -159,8 +169,13 @@ def one_hot_times_output(output: Tensor) -> Tensor:
 
 def lrpkit_composite(name: str) -> Any:
     """lrpkit's composite ``name`` (see :data:`COMPOSITES`) with its default canonizers."""
-    from lrpkit import composites, rules, types
+    from lrpkit import captured, composites, rules, types
+    from lrpkit.canonizers import MergeBatchNorm
 
+    if name == NO_CAPTURE:
+        return composites.EpsilonPlus(canonizers=[MergeBatchNorm()])
+    if name == CAPTURE_NO_RULES:
+        return composites.EpsilonPlus(layer_map=[(captured.CapturedOp, None)])
     if name == "Epsilon":
         return composites.LayerMapComposite(composites.layer_map_base() + [(types.AnyLinear, rules.Epsilon())])
     if name == "EpsilonGammaBox":

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .models import MEMORY_TARGETS, TIME_TARGETS
+from .models import CAPTURE_NO_RULES, CAPTURE_SHARE_TARGET, CAPTURE_VARIANTS, MEMORY_TARGETS, NO_CAPTURE, TIME_TARGETS
 
 #: Columns of the whole-model table: (header, row key, format).
 MODEL_COLUMNS = [
@@ -181,7 +181,7 @@ def targets_table(rows: Sequence[dict[str, Any]]) -> str:
     memory_vs_gradient, memory_vs_zennit = MEMORY_TARGETS
     lines = []
     for row in rows:
-        if row["library"] != "lrpkit":
+        if row["library"] != "lrpkit" or row["composite"] in CAPTURE_VARIANTS:
             continue
         time_limit, speedup = TIME_TARGETS.get(row["composite"], (None, None))
         lines.append([
@@ -213,7 +213,33 @@ def models_markdown(payload: dict[str, Any]) -> str:
         if errors:
             lines += ["", "Errors:", *errors]
     lines += ["", "## lrpkit against the targets of issue 4", "", targets_table(payload["rows"])]
+    capture = capture_table(payload["rows"])
+    if capture:
+        lines += ["", "## What FunctionalCapture costs (EpsilonPlus)", "", capture]
     return "\n".join(lines) + "\n"
+
+
+def capture_table(rows: Sequence[dict[str, Any]]) -> str:
+    """FunctionalCapture's share of EpsilonPlus's time, per (model, batch); ``""`` without the variants."""
+    times: dict[tuple[str, int], dict[str, float]] = {}
+    for row in rows:
+        if row["library"] == "lrpkit" and row["median_ms"] is not None:
+            times.setdefault((row["model"], row["batch"]), {})[row["composite"]] = row["median_ms"]
+    lines = []
+    for (model, batch), by_name in times.items():
+        full, without, bare = (by_name.get(name) for name in ("EpsilonPlus", NO_CAPTURE, CAPTURE_NO_RULES))
+        if full is None or without is None:
+            continue
+        share = (full - without) / full
+        interception = None if bare is None else (bare - without) / bare
+        lines.append([
+            model, str(batch), format_value(without, ".1f"), format_value(bare, ".1f"), format_value(full, ".1f"),
+            f"{share * 100:.1f} % ({'ok' if share <= CAPTURE_SHARE_TARGET else 'miss'})",
+            "-" if interception is None else f"{interception * 100:.1f} %",
+        ])
+    headers = ["model", "batch", "no capture ms", "capture, no op rules ms", "capture + rules ms",
+               f"share of the total (<= {CAPTURE_SHARE_TARGET * 100:.0f} %)", "interception alone"]
+    return markdown_table(headers, lines) if lines else ""
 
 
 def rules_pivot(rows: Sequence[dict[str, Any]]) -> str:

@@ -164,9 +164,10 @@ def zero_where_zero(relevance: Tensor, rectified: Tensor) -> bool:
     exactly zero elsewhere (NaN for NaN or infinite values, which fail the check): three passes
     without boolean tensors, which are slow on the CPU.
     """
-    if relevance.shape != rectified.shape:
+    if relevance.shape != rectified.shape or relevance.dtype != rectified.dtype:
         return False
-    leaked = torch.addcmul(relevance, relevance, torch.sign(rectified), value=-1)
+    leaked = torch.sign(rectified)
+    torch.addcmul(relevance, relevance, leaked, value=-1, out=leaked)  # one new tensor, not two
     if leaked.numel() == 0:
         return True
     low, high = torch.aminmax(leaked)
