@@ -170,12 +170,13 @@ def one_hot_times_output(output: Tensor) -> Tensor:
 def lrpkit_composite(name: str) -> Any:
     """lrpkit's composite ``name`` (see :data:`COMPOSITES`) with its default canonizers."""
     from lrpkit import captured, composites, rules, types
-    from lrpkit.canonizers import MergeBatchNorm
+    from lrpkit.canonizers import FunctionalCapture, MergeBatchNorm
 
     if name == NO_CAPTURE:
         return composites.EpsilonPlus(canonizers=[MergeBatchNorm()])
-    if name == CAPTURE_NO_RULES:
-        return composites.EpsilonPlus(layer_map=[(captured.CapturedOp, None)])
+    if name == CAPTURE_NO_RULES:  # neither the composite nor the capture's defaults give an op a rule
+        no_rule = [(captured.CapturedOp, None)]
+        return composites.EpsilonPlus(layer_map=no_rule, canonizers=[MergeBatchNorm(), FunctionalCapture(rules=no_rule)])
     if name == "Epsilon":
         return composites.LayerMapComposite(composites.layer_map_base() + [(types.AnyLinear, rules.Epsilon())])
     if name == "EpsilonGammaBox":

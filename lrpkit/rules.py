@@ -661,7 +661,28 @@ class Norm(_StabilizedRule):
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
         scaled = _divide_by_output(call, relevance, call.output, self.stabilizer)
-        return tuple(_times(call.inputs, call.ops.transpose(call.inputs, call.params(), scaled)))
+        gradients = call.ops.transpose(call.inputs, call.params(), scaled)
+        return tuple(_times_reusing(call.inputs, gradients, scaled, call.ops.fresh))
+
+
+def _times_reusing(
+    factors: Sequence[Tensor], gradients: Sequence[Tensor | None], scratch: Tensor, fresh: bool
+) -> list[Tensor]:
+    """``_times``, where the transposed product may hand back ``scratch`` itself (a sum's ``J^T s = s``).
+
+    ``scratch`` is a tensor the rule made and no longer needs: the last product that would read it
+    overwrites it instead of making a new tensor.
+    """
+    last = max((index for index, gradient in enumerate(gradients) if gradient is scratch), default=None)
+    products = []
+    for index, (factor, gradient) in enumerate(zip(factors, gradients)):
+        if index == last and _can_overwrite(scratch, factor):
+            products.append(scratch.mul_(factor))
+        elif gradient is scratch:
+            products.append(factor * scratch)
+        else:
+            products.extend(_times([factor], [gradient], fresh))
+    return products
 
 
 class Product(Norm):
