@@ -112,7 +112,8 @@ def lend(source: Tensor, rectified: Tensor) -> None:
         return
     output = kept.tensor
     if (
-        source.shape != output.shape
+        output._version != kept.version  # changed in place: the backward reports it
+        or source.shape != output.shape
         or source.stride() != output.stride()
         or source.data_ptr() != output.data_ptr()
         or rectified.shape != output.shape

@@ -488,27 +488,28 @@ class Gamma(_ParamRule):
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
         params = call.params(self.zero_params)
-        if call.output_rectified:  # no relevance where the output is <= 0: all of it is positive
-            relevance_pos, relevance_neg = relevance, torch.zeros_like(relevance)
-        else:
-            relevance_pos, relevance_neg = _split_by_sign(relevance, call.output)
         inputs = call.inputs
+        if call.output_rectified:  # relevance only where the output is > 0: nothing to split
+            parts = [(relevance, self._lifted, self._lowered)]
+        else:
+            positive, negative = _split_by_sign(relevance, call.output)
+            signs = [(positive, self._lifted, self._lowered), (negative, self._lowered, self._lifted)]
+            parts = [(rel, first, second) for rel, first, second in signs if bool(rel.any())]
         if call.inputs_nonnegative():
-            singles = [(self._lifted, relevance_pos), (self._lowered, relevance_neg)]
-            carried = [
-                self._single(call, inputs, weights(params), rel)
-                for weights, rel in singles
-                if (call.output_rectified and rel is relevance) or bool(rel.any())
-            ]
+            carried = [self._single(call, inputs, first(params), rel) for rel, first, _ in parts]
         else:
             inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
             inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
-            lifted, lowered = self._lifted(params), self._lowered(params)
-            paths = [(lifted, lowered, relevance_pos), (lowered, lifted, relevance_neg)]
+            made: dict[str, Params] = {}  # each modified weight set at most once
+
+            def weights(modify: Callable[[Params], Params]) -> Params:
+                if modify.__name__ not in made:
+                    made[modify.__name__] = modify(params)
+                return made[modify.__name__]
+
             carried = [
-                list(_two_path(call, inputs_pos, first, inputs_neg, _drop_bias(second), rel, self.stabilizer))
-                for first, second, rel in paths
-                if bool(rel.any())
+                list(_two_path(call, inputs_pos, weights(first), inputs_neg, _drop_bias(weights(second)), rel, self.stabilizer))
+                for rel, first, second in parts
             ]
         return _sum(*carried) if carried else tuple(torch.zeros_like(tensor) for tensor in inputs)
 

@@ -201,3 +201,20 @@ def test_epsilon_keeps_no_more_activations_than_the_plain_gradient():
     with epsilon_only().context(model):
         lrp = _kept_bytes(model(x.clone().requires_grad_(True)), parameters)
     assert lrp <= gradient + output.nbytes  # the last layer keeps its output: no ReLU follows it
+
+
+class ScalesBeforeTheReLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.relu = nn.Linear(3, 2), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        out.mul_(2.0)
+        return self.relu(out)
+
+
+def test_an_output_changed_in_place_is_not_lent_away_and_still_refused():
+    composite = composites.LayerMapComposite([(nn.Linear, rules.Epsilon()), (nn.ReLU, rules.Pass())], canonizers=[])
+    with pytest.raises(RuntimeError, match=r"'lin' \(Linear\) was modified by an in-place operation"):
+        Gradient(ScalesBeforeTheReLU(), composite)(torch.rand(1, 3))
