@@ -37,8 +37,9 @@ def run_suite(options: BenchOptions) -> int:
               file=sys.stderr)
         options = options.resolved()
         options.malloc = "default"
+    machine = machine_info(options.device)  # before the run: the commit that is measured
     payload = SUITES[options.suite](options)
-    payload["machine"] = machine_info(options.device)
+    payload["machine"] = machine
     payload["command"] = command_line(payload["options"])
     markdown = RENDERERS[options.suite](payload)
     print(markdown)
