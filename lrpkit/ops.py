@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_file
 
 Params = dict[str, Tensor]
 Transpose = Callable[[Tensor], tuple[Tensor | None, ...]]
@@ -246,9 +247,7 @@ _STANDARD_FORWARDS = frozenset(
 
 def _global_forward_hooks() -> bool:
     """Whether forward hooks for all modules are registered (they may replace any output)."""
-    from torch.nn.modules import module as module_file
-
-    return bool(module_file._global_forward_hooks)
+    return bool(_module_file._global_forward_hooks)
 
 
 class DenseOps(_BiasedOps):

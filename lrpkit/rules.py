@@ -500,15 +500,10 @@ class Gamma(_ParamRule):
         else:
             inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
             inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
-            made: dict[str, Params] = {}  # each modified weight set at most once
-
-            def weights(modify: Callable[[Params], Params]) -> Params:
-                if modify.__name__ not in made:
-                    made[modify.__name__] = modify(params)
-                return made[modify.__name__]
-
+            needed = dict.fromkeys(modify for _, first, second in parts for modify in (first, second))
+            modified = {modify: modify(params) for modify in needed}  # each weight set made once
             carried = [
-                list(_two_path(call, inputs_pos, weights(first), inputs_neg, _drop_bias(weights(second)), rel, self.stabilizer))
+                list(_two_path(call, inputs_pos, modified[first], inputs_neg, _drop_bias(modified[second]), rel, self.stabilizer))
                 for rel, first, second in parts
             ]
         return _sum(*carried) if carried else tuple(torch.zeros_like(tensor) for tensor in inputs)
