@@ -65,14 +65,22 @@ def _can_reset_peak() -> bool:
     return _status_kib("VmHWM") is not None
 
 
+#: How the second ("mapped") CPU memory column is taken, in words.
+MAPPED_METHOD = ("'mapped': the same in a second child whose glibc mmap threshold is fixed at 128 KiB "
+                 "(benchmarks.timing.map_large_allocations), so that every tensor is its own mapping "
+                 "and is returned on free: the peak RSS then follows the memory in use, not the "
+                 "heap's fragmentation")
+
+
 def rss_method() -> str:
     """How CPU peak memory is measured on this machine, in words (for the reports)."""
     if _can_reset_peak():
-        return ("peak RSS increase over the baseline after model construction, one fresh child "
-                "process per configuration (VmHWM from /proc/self/status, reset via "
-                "/proc/self/clear_refs after model construction)")
-    return ("peak RSS increase over the baseline after model construction, one fresh child "
-            "process per configuration (resource.getrusage ru_maxrss)")
+        how = ("VmHWM from /proc/self/status, reset via /proc/self/clear_refs after model "
+               "construction")
+    else:
+        how = "resource.getrusage ru_maxrss"
+    return (f"peak RSS increase over the baseline after model construction, one fresh child "
+            f"process per configuration ({how}); {MAPPED_METHOD}")
 
 
 class PeakRss:

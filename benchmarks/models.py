@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .memory import PeakRss, cuda_peak_mib, rss_method, run_in_child
 from .options import BenchOptions
-from .timing import elapsed_ms, frozen_parameters, median, ratio, set_threads, tune_malloc
+from .timing import elapsed_ms, frozen_parameters, map_large_allocations, median, ratio, set_threads, tune_malloc
 
 Explainer = Callable[[Tensor], Tensor]
 
@@ -280,10 +280,16 @@ def initialise_runtime() -> None:
 def peak_rss_of_one_explanation(
     model_name: str, batch: int, size: int, method: Method, threads: int | None, malloc: str = "default"
 ) -> float:
-    """Run in a fresh child process: peak RSS increase (MiB) of one explanation after setup."""
+    """Run in a fresh child process: peak RSS increase (MiB) of one explanation after setup.
+
+    ``malloc``: ``"default"``, ``"tuned"`` (:func:`~benchmarks.timing.tune_malloc`) or
+    ``"mapped"`` (:func:`~benchmarks.timing.map_large_allocations`).
+    """
     set_threads(threads)
     if malloc == "tuned":
         tune_malloc()
+    elif malloc == "mapped" and not map_large_allocations():
+        raise RuntimeError("glibc's mallopt is not available: no mapped measurement")
     initialise_runtime()
     model = build_model(model_name)
     x = make_input(batch, size, "cpu")
@@ -365,6 +371,9 @@ def _empty_row(model_name: str, batch: int, options: BenchOptions, method: Metho
         "peak_mib": None,
         "memory_vs_gradient": None,
         "memory_lrpkit_over_zennit": None,
+        "peak_mib_mapped": None,
+        "memory_vs_gradient_mapped": None,
+        "memory_lrpkit_over_zennit_mapped": None,
         "max_rel_diff_vs_zennit": None,
         "error": None,
     }
@@ -380,16 +389,19 @@ def _measure_memory(
     rows: dict[Method, dict[str, Any]],
 ) -> None:
     for method, explain in explainers.items():
+        row = rows[method]
         if options.device.startswith("cuda"):
-            rows[method]["peak_mib"] = cuda_peak_mib(lambda: explain(x), options.device)
-        else:
+            row["peak_mib"] = cuda_peak_mib(lambda: explain(x), options.device)
+            _progress(f"  {method.name}: peak {row['peak_mib']} MiB")
+            continue
+        for key, malloc in (("peak_mib", options.malloc), ("peak_mib_mapped", "mapped")):
             result = run_in_child(
-                peak_rss_of_one_explanation, model_name, batch, options.size, method, options.threads, options.malloc
+                peak_rss_of_one_explanation, model_name, batch, options.size, method, options.threads, malloc
             )
             if result.error is not None:
-                rows[method]["error"] = f"memory: {result.error.splitlines()[0]}"
-            rows[method]["peak_mib"] = result.value
-        _progress(f"  {method.name}: peak {rows[method]['peak_mib']} MiB")
+                row["error"] = f"memory ({malloc} allocator): {result.error.splitlines()[0]}"
+            row[key] = result.value
+        _progress(f"  {method.name}: peak {row['peak_mib']} MiB, {row['peak_mib_mapped']} MiB mapped")
 
 
 def _add_ratios(rows: dict[Method, dict[str, Any]], relevances: dict[Method, Tensor]) -> None:
@@ -397,6 +409,7 @@ def _add_ratios(rows: dict[Method, dict[str, Any]], relevances: dict[Method, Ten
     for method, row in rows.items():
         row["ratio_vs_gradient"] = ratio(row["median_ms"], gradient.get("median_ms"))
         row["memory_vs_gradient"] = ratio(row["peak_mib"], gradient.get("peak_mib"))
+        row["memory_vs_gradient_mapped"] = ratio(row["peak_mib_mapped"], gradient.get("peak_mib_mapped"))
         if method.library != "lrpkit":
             continue
         theirs = Method("zennit", method.composite)
@@ -404,6 +417,7 @@ def _add_ratios(rows: dict[Method, dict[str, Any]], relevances: dict[Method, Ten
             continue
         row["zennit_over_lrpkit"] = ratio(rows[theirs]["median_ms"], row["median_ms"])
         row["memory_lrpkit_over_zennit"] = ratio(row["peak_mib"], rows[theirs]["peak_mib"])
+        row["memory_lrpkit_over_zennit_mapped"] = ratio(row["peak_mib_mapped"], rows[theirs]["peak_mib_mapped"])
         if method in relevances and theirs in relevances:
             ours, reference = relevances[method].double().cpu(), relevances[theirs].double().cpu()
             scale = float(reference.abs().max())

@@ -97,9 +97,30 @@ def tune_malloc() -> bool:
     ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` or jemalloc/tcmalloc would. It applies to
     the whole process and to every method measured in it.
     """
+    return _mallopt((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 2**30))
+
+
+#: The mmap threshold of :func:`map_large_allocations`: glibc's initial one, held fixed.
+MAPPED_THRESHOLD = 128 * 1024
+
+
+def map_large_allocations() -> bool:
+    """Give every allocation above 128 KiB its own mapping, returned on free; ``False`` if not glibc.
+
+    glibc starts with this threshold but raises it (up to 32 MiB) whenever a mapped block is
+    freed, so later tensors of that size come from the heap, where a freed block below a live one
+    stays resident: the peak RSS then depends on the order of allocations (fragmentation) as much
+    as on what is alive. Setting the threshold explicitly turns the raising off, so the peak RSS
+    follows the memory actually in use. For memory measurements only (each allocation faults its
+    pages in afresh, which is slow).
+    """
+    return _mallopt((_M_MMAP_THRESHOLD, MAPPED_THRESHOLD))
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Apply glibc ``mallopt(parameter, value)`` settings; ``False`` if that is not possible."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
+    return all(bool(mallopt(parameter, value)) for parameter, value in settings)

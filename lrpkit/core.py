@@ -242,7 +242,7 @@ class _RelevanceFunction(torch.autograd.Function):
         for position, tensor in zip(pending.input_positions, inputs):
             args[position] = tensor
         ops = pending.ops_factory(pending.module, tuple(args), pending.kwargs, pending.input_positions)
-        output, rectified = _output_for(ctx.kept_output, relevance, ops, inputs, where)
+        output, rectified = _output_for(ctx.kept_output, relevance, ops, inputs, pending.rule, where)
         call = LayerCall(
             name=pending.name,
             module=pending.module,
@@ -255,19 +255,32 @@ class _RelevanceFunction(torch.autograd.Function):
         with torch.no_grad():
             result = _checked(pending.rule.relevance(call, pending.rule.incoming(relevance)), inputs, pending.rule, where)
         certify(pending.rule, result, inputs)
+        if ctx.kept_output is not None:
+            # a tensor set on ctx lives as long as the graph; saved tensors go after their backward
+            ctx.kept_output.release()
         return (None, *result)
 
 
 def _output_for(
-    kept: KeptOutput | None, relevance: Tensor, ops: LayerOps, inputs: tuple[Tensor, ...], where: str
+    kept: KeptOutput | None, relevance: Tensor, ops: LayerOps, inputs: tuple[Tensor, ...], rule: Rule, where: str
 ) -> tuple[Tensor | None, bool]:
     """The output a rule reads (``None`` if it needs none) and whether it is the lent ReLU output.
 
     A lent ReLU output that cannot stand in for the output (relevance where it is zero) gives
-    way to the output itself, recomputed with one forward of the layer.
+    way to the output itself, recomputed with one forward of the layer; so does an output let go
+    by an earlier backward through the same graph (``retain_graph=True``).
     """
     if kept is None:
         return None, False
+    if kept.tensor is None:
+        if not rule.needs_inputs:
+            raise RuntimeError(
+                f"lrpkit: rule {rule!r} on module {where} needs the layer's output but not its inputs, "
+                "and the output was let go after the first backward through this graph; run the "
+                "forward again for each backward"
+            )
+        with torch.no_grad():
+            return ops.forward(inputs, ops.params()), False
     output = kept.checked(where)
     if not kept.rectified:
         return output, False

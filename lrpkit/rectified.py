@@ -72,7 +72,7 @@ class KeptOutput:
     __slots__ = ("tensor", "version", "rectified")
 
     def __init__(self, tensor: Tensor) -> None:
-        self.tensor = tensor
+        self.tensor: Tensor | None = tensor
         self.version = tensor._version
         self.rectified = False
 
@@ -82,8 +82,13 @@ class KeptOutput:
         self.version = rectified._version
         self.rectified = True
 
+    def release(self) -> None:
+        """Let the kept tensor go once the backward has read it (autograd frees saved tensors so)."""
+        self.tensor = None
+
     def checked(self, where: str) -> Tensor:
         """The kept tensor, after making sure it was not changed in place since it was kept."""
+        assert self.tensor is not None, "released: read it before the backward lets it go"
         if self.tensor._version != self.version:
             what = "the output of its ReLU" if self.rectified else "its output"
             raise RuntimeError(
@@ -112,7 +117,8 @@ def lend(source: Tensor, rectified: Tensor) -> None:
         return
     output = kept.tensor
     if (
-        output._version != kept.version  # changed in place: the backward reports it
+        output is None  # already let go by a backward through the node
+        or output._version != kept.version  # changed in place: the backward reports it
         or source.shape != output.shape
         or source.stride() != output.stride()
         or source.data_ptr() != output.data_ptr()

@@ -372,14 +372,14 @@ class AlphaBeta(_ParamRule):
     @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         params = call.params(self.zero_params)
-        weight_pos, weight_neg = _positive(params), _negative(params)
         inputs = call.inputs
         if call.inputs_nonnegative():
             fresh = call.ops.fresh
-            out_pos, transpose_pos = call.ops.linearize(inputs, weight_pos)
+            out_pos, transpose_pos = call.ops.linearize(inputs, _positive(params))
             if self.beta != 0:  # z- first: the division below overwrites z+
-                out_neg, transpose_neg, owned = _negative_part(call, params, weight_neg, out_pos, self.zero_params)
+                out_neg, transpose_neg, owned = _negative_part(call, params, out_pos, self.zero_params)
             share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
+            del transpose_pos  # lets W+ go before W- is made
             if self.beta == 0:
                 return tuple(_times(inputs, share_pos, fresh))
             share_neg = transpose_neg(_divide_by_signed(relevance, out_neg, self.stabilizer, -1, owned))
@@ -387,6 +387,7 @@ class AlphaBeta(_ParamRule):
                 _weighted_difference(a, p, n, self.alpha, self.beta, fresh)
                 for a, p, n in zip(inputs, share_pos, share_neg)
             )
+        weight_pos, weight_neg = _positive(params), _negative(params)
         inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
         inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
         positive = _two_path(call, inputs_pos, weight_pos, inputs_neg, _drop_bias(weight_neg), relevance, self.stabilizer)
@@ -414,7 +415,7 @@ _CANCELLATION_ULPS = 2.0**12
 
 
 def _negative_part(
-    call: LayerCall, params: Params, weight_neg: Params, out_pos: Tensor, zeroed: tuple[str, ...]
+    call: LayerCall, params: Params, out_pos: Tensor, zeroed: tuple[str, ...]
 ) -> tuple[Tensor, Transpose, bool]:
     """``z- = W- a + b-``, its transposed product, and whether ``z-`` may be overwritten.
 
@@ -423,18 +424,24 @@ def _negative_part(
     ``z = z+ + z-`` for ``a >= 0``, so ``z-`` is taken as ``z - z+`` from the saved output ``z``:
     one layer-sized forward less. Where that difference is small against ``z+`` it would be
     mostly rounding error (cancellation), so then ``z-`` is computed directly, as without the
-    shortcut: the result is accurate to the dtype either way.
+    shortcut: the result is accurate to the dtype either way. On the shortcut, ``W-`` is made
+    only by the transposed product, so it need not live at the same time as ``W+``.
     """
-    inputs = call.inputs
-    transpose = lambda grad: call.ops.transpose(inputs, weight_neg, grad)  # noqa: E731
     if call.output is None or any(name in params and name != "bias" for name in zeroed):
-        return call.ops.forward(inputs, weight_neg), transpose, call.ops.fresh
+        return _direct_negative_part(call, params)
     derived = _output_under(call, params, zeroed) - out_pos
     tolerance = _CANCELLATION_ULPS * torch.finfo(derived.dtype).eps
     # z+ >= 0 and z- <= 0 here, so "|z-| >= tolerance * |z+|" is "z- + tolerance * z+ <= 0"
     if derived.numel() == 0 or bool(torch.add(derived, out_pos, alpha=tolerance).max() <= 0):
-        return derived, transpose, True
-    return call.ops.forward(inputs, weight_neg), transpose, call.ops.fresh
+        return derived, lambda grad: call.ops.transpose(call.inputs, _negative(params), grad), True
+    return _direct_negative_part(call, params)
+
+
+def _direct_negative_part(call: LayerCall, params: Params) -> tuple[Tensor, Transpose, bool]:
+    """``z- = W- a + b-`` by a forward with ``W-``, its transposed product, whether it is owned."""
+    weight_neg = _negative(params)
+    output = call.ops.forward(call.inputs, weight_neg)
+    return output, lambda grad: call.ops.transpose(call.inputs, weight_neg, grad), call.ops.fresh
 
 
 def _two_path(
@@ -570,14 +577,20 @@ class ZBox(_ParamRule):
         inputs = call.inputs
         lows = [_bound(self.low, tensor, "low", call) for tensor in inputs]
         highs = [_bound(self.high, tensor, "high", call) for tensor in inputs]
-        out, transpose = call.ops.linearize(inputs, params)
+        fresh = call.ops.fresh  # then the outputs are ours to overwrite: two layer-sized tensors at a time
+        denominator, transpose = call.ops.linearize(inputs, params)
         out_low, transpose_low = call.ops.linearize(lows, _positive(params))
+        denominator = denominator.sub_(out_low) if fresh else denominator - out_low
+        del out_low
         out_high, transpose_high = call.ops.linearize(highs, _negative(params))
-        scaled = divide(relevance, out - out_low - out_high, self.stabilizer)
+        denominator = denominator.sub_(out_high) if fresh else denominator - out_high
+        del out_high
+        scaled = divide(relevance, denominator, self.stabilizer)
+        del denominator
         return tuple(
-            a - lo - hi
+            a.sub_(lo).sub_(hi) if fresh else a - lo - hi
             for a, lo, hi in zip(
-                _times(inputs, transpose(scaled)),
+                _times(inputs, transpose(scaled), fresh),
                 _times(lows, transpose_low(scaled)),
                 _times(highs, transpose_high(scaled)),
             )

@@ -18,7 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_KEYS = {
     "model", "batch", "size", "device", "method", "library", "composite", "median_ms", "times_ms",
     "ratio_vs_gradient", "zennit_over_lrpkit", "peak_mib", "memory_vs_gradient",
-    "memory_lrpkit_over_zennit", "max_rel_diff_vs_zennit", "error",
+    "memory_lrpkit_over_zennit", "max_rel_diff_vs_zennit", "error", "peak_mib_mapped",
+    "memory_vs_gradient_mapped", "memory_lrpkit_over_zennit_mapped",
 }
 RULE_KEYS = {
     "layer", "batch", "rule", "input", "gradient_ms", "rule_ms", "ratio_vs_gradient", "floor_products",
@@ -64,7 +65,7 @@ def test_bench_models_quick(checkout, tmp_path, capsys):
     assert main(["bench", "models", "--quick", "--threads", "2", "--out", str(tmp_path)]) == 0
     payload, markdown = _load(tmp_path, "models")
     rows = payload["rows"]
-    assert "peak RSS" in payload["memory_method"]
+    assert "peak RSS" in payload["memory_method"] and "'mapped'" in payload["memory_method"]
     assert all(set(row) == MODEL_KEYS for row in rows)
     assert all(row["error"] is None for row in rows), [row["error"] for row in rows]
     for model in ("tiny-vgg", "tiny-resnet"):
@@ -73,12 +74,14 @@ def test_bench_models_quick(checkout, tmp_path, capsys):
         assert {f"lrpkit {name}" for name in COMPOSITES} <= methods
         assert {f"zennit {name}" for name in COMPOSITES} <= methods
     for row in rows:
-        assert row["median_ms"] > 0 and row["peak_mib"] is not None and row["ratio_vs_gradient"] > 0
+        assert row["median_ms"] > 0 and row["ratio_vs_gradient"] > 0
+        assert row["peak_mib"] is not None and row["peak_mib_mapped"] is not None
         if row["library"] == "lrpkit" and "capture" not in row["composite"]:
             assert row["zennit_over_lrpkit"] > 0 and row["memory_lrpkit_over_zennit"] is not None
             # both libraries did the same work: float32 round-off apart
             assert row["max_rel_diff_vs_zennit"] < 1e-3
     assert "| method | median ms | x grad | zennit/lrpkit | peak MiB | mem x grad |" in markdown
+    assert "| peak MiB, mapped | mapped x grad | mapped lrpkit/zennit |" in markdown
     assert "## lrpkit against the targets of issue 4" in markdown
     assert "## What FunctionalCapture costs (EpsilonPlus)" in markdown
     assert {row["composite"] for row in rows if row["library"] == "lrpkit"} >= {
@@ -104,3 +107,28 @@ def test_bench_malloc_tuned_is_recorded(checkout, tmp_path, capsys):
     assert payload["options"]["malloc"] == "tuned"  # glibc on this machine: mallopt is there
     assert payload["command"].endswith("--malloc tuned --quick")
     assert "- C allocator: tuned (glibc heap trimming off for every method" in markdown
+
+
+def _resident_after_free(mapped: bool) -> float:
+    """In a child: MiB still resident after allocating and freeing 8 MiB twice (glibc)."""
+    from benchmarks.memory import _status_kib
+    from benchmarks.timing import map_large_allocations
+
+    if mapped:
+        assert map_large_allocations()
+    import torch
+
+    before = _status_kib("VmRSS") or 0
+    for _ in range(2):  # the first free raises glibc's dynamic threshold, the second block stays
+        block = torch.ones(2 * 2**20)
+        del block
+    return ((_status_kib("VmRSS") or 0) - before) / 1024
+
+
+def test_mapped_allocations_are_returned_on_free(checkout):
+    from benchmarks.memory import run_in_child
+
+    mapped, default = run_in_child(_resident_after_free, True), run_in_child(_resident_after_free, False)
+    assert mapped.error is None and default.error is None, (mapped.error, default.error)
+    # by default the second 8 MiB block comes from the heap and stays resident; mapped, it goes back
+    assert mapped.value < default.value - 6

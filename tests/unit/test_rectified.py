@@ -218,3 +218,63 @@ def test_an_output_changed_in_place_is_not_lent_away_and_still_refused():
     composite = composites.LayerMapComposite([(nn.Linear, rules.Epsilon()), (nn.ReLU, rules.Pass())], canonizers=[])
     with pytest.raises(RuntimeError, match=r"'lin' \(Linear\) was modified by an in-place operation"):
         Gradient(ScalesBeforeTheReLU(), composite)(torch.rand(1, 3))
+
+
+def _kept(output: torch.Tensor) -> list[rectified.KeptOutput]:
+    """Every kept output in the autograd graph of ``output``."""
+    found, nodes, seen = [], [output.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "kept_output", None) is not None:
+            found.append(node.kept_output)
+        nodes.extend(parent for parent, _ in node.next_functions)
+    return found
+
+
+def test_kept_outputs_are_let_go_by_the_backward_while_the_graph_lives_on():
+    """A tensor set on an autograd ctx lives as long as the graph: the backward must drop it."""
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    model = network(nn.ReLU)
+    with composites.EpsilonAlpha2Beta1().context(model):
+        output = model(x)
+        kept = _kept(output)
+        assert len(kept) >= 5 and all(entry.tensor is not None for entry in kept)
+        torch.autograd.grad(output, x, output.detach())
+        assert all(entry.tensor is None for entry in kept)
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_a_second_backward_through_a_retained_graph_recomputes_what_the_first_let_go(name):
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    model = network(nn.ReLU)
+    with COMPOSITES[name]().context(model):
+        output = model(x)
+        start = torch.zeros_like(output)
+        start[:, 1] = output[:, 1].detach()
+        (first,) = torch.autograd.grad(output, x, start, retain_graph=True)
+        (second,) = torch.autograd.grad(output, x, start)
+    torch.testing.assert_close(second, first, rtol=1e-12, atol=1e-15)
+
+
+class OutputOnly(rules.Rule):
+    """A custom rule that reads the output and not the inputs: nothing to recompute it from."""
+
+    needs_output = True
+    needs_inputs = False
+
+    def relevance(self, call, relevance):  # type: ignore[no-untyped-def]
+        return (relevance * (call.output > 0),)
+
+
+def test_a_second_backward_without_inputs_to_recompute_the_output_says_so():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    composite = composites.LayerMapComposite([(nn.Linear, rules.Epsilon()), (nn.Tanh, OutputOnly())], canonizers=[])
+    x = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    with composite.context(model):
+        output = model(x)
+        torch.autograd.grad(output, x, output.detach(), retain_graph=True)
+        with pytest.raises(RuntimeError, match=r"module '1' \(Tanh\) needs the layer's output but not its inputs"):
+            torch.autograd.grad(output, x, output.detach())
