@@ -107,6 +107,10 @@ class LayerOps:
         """
         return False
 
+    def computes_no_negative_zero(self, params: Params) -> bool:
+        """Whether outputs of :meth:`forward`/:meth:`linearize` under ``params`` hold no ``-0.0``."""
+        return False
+
 
 def _generic_linearize(
     ops: LayerOps, inputs: Sequence[Tensor], params: Params
@@ -236,6 +240,18 @@ class _BiasedOps(LayerOps):
             and not _flushes_denormals()
             and _free_of_negative_zero(bias)
         )
+
+    def computes_no_negative_zero(self, params: Params) -> bool:
+        """True on the CPU, without flushing of subnormals, for a bias that holds no ``-0.0``.
+
+        The outputs of this class's own forward are ``W a + b`` (one library call, no hooks), so
+        the argument of :meth:`output_has_no_negative_zero` needs only the bias: every output
+        is a floating-point sum with the bias as one summand.
+        """
+        bias = params.get("bias")
+        if bias is None or bias.device.type != "cpu" or _flushes_denormals():
+            return False
+        return not bool(torch.signbit(bias).logical_and_(bias == 0).any())
 
 
 #: The ``forward`` methods whose output is exactly ``W a + b`` (dense or convolution).

@@ -501,8 +501,10 @@ class Gamma(_ParamRule):
         else:
             positive, negative = _split_by_sign(relevance, call.output)
             signs = [(positive, self._lifted, self._lowered), (negative, self._lowered, self._lifted)]
-            parts = [(rel, first, second) for rel, first, second in signs if bool(rel.any())]
+            parts = [(rel, first, second) for rel, first, second in signs if _any_nonzero(rel)]
         if call.inputs_nonnegative():
+            if len(parts) == 2 and not any(name in params and name != "bias" for name in _zero_names(self.zero_params)):
+                return self._both_signs(call, params, parts[0][0], parts[1][0])
             carried = [self._single(call, inputs, first(params), rel) for rel, first, _ in parts]
         else:
             inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
@@ -525,7 +527,46 @@ class Gamma(_ParamRule):
 
     def _single(self, call: LayerCall, inputs: Sequence[Tensor], params: Params, relevance: Tensor) -> list[Tensor]:
         output, transpose = call.ops.linearize(inputs, params)
-        return _times(inputs, transpose(divide(relevance, output, self.stabilizer)), call.ops.fresh)
+        scaled = divide(relevance, output, self.stabilizer, call.ops.computes_no_negative_zero(params))
+        return _times(inputs, transpose(scaled), call.ops.fresh)
+
+    def _both_signs(self, call: LayerCall, params: Params, positive: Tensor, negative: Tensor) -> Relevances:
+        """Relevance of outputs of both signs on inputs ``a >= 0``, with one modified forward.
+
+        With ``p = W+ a + b+`` the lifted output is ``z + gamma p`` and the lowered one
+        ``z + gamma (z - p)``, from the real output ``z``; and since ``W + gamma W- =
+        (1 + gamma) W - gamma W+``, the two transposed products are
+        ``W^T (s_L + (1 + gamma) s_D) + gamma W+^T (s_L - s_D)``: one forward and two transposed
+        products with ``W`` and ``W+`` instead of two of each with two modified weight sets.
+        Both denominators add terms of one sign where their relevance lives (``z > 0`` for the
+        lifted, ``z < 0`` for the lowered one), so nothing cancels; and both hold ``-0.0`` only
+        where ``z`` does.
+        """
+        gamma, fresh = self.gamma, call.ops.fresh
+        output = _output_under(call, params, _zero_names(self.zero_params))
+        sign_known = output is call.output and call.ops.output_has_no_negative_zero()
+        lifted, transpose_pos = call.ops.linearize(call.inputs, _positive(params))
+        lowered = torch.mul(output, 1 + gamma).sub_(lifted, alpha=gamma)
+        lifted = lifted.mul_(gamma).add_(output) if fresh else torch.add(output, lifted, alpha=gamma)
+        share_lifted = divide(positive, lifted, self.stabilizer, sign_known)
+        share_lowered = divide(negative, lowered, self.stabilizer, sign_known)
+        del lifted, lowered
+        through_weight = torch.add(share_lifted, share_lowered, alpha=1 + gamma)
+        through_positive = transpose_pos(torch.sub(share_lifted, share_lowered, out=share_lifted))
+        del share_lifted, share_lowered
+        combined = [
+            None if plain is None else (plain.add_(extra, alpha=gamma) if fresh else plain + gamma * extra)
+            for plain, extra in zip(call.ops.transpose(call.inputs, params, through_weight), through_positive)
+        ]
+        return tuple(_times(call.inputs, combined, fresh))
+
+
+def _any_nonzero(tensor: Tensor) -> bool:
+    """Whether ``tensor`` has a non-zero (or NaN) entry: one reduction, no boolean copy."""
+    if tensor.numel() == 0:
+        return False
+    low, high = torch.aminmax(tensor)
+    return bool((low != 0) | (high != 0))
 
 
 def _split_by_sign(relevance: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
