@@ -287,13 +287,16 @@ class MergeHandle:
         undo_all(steps)
 
 
-def merge_pairs(model: nn.Module, pairs: Sequence[tuple[str, nn.Module, str, nn.Module]]) -> MergeHandle:
+def merge_pairs(
+    model: nn.Module, pairs: Sequence[tuple[str, nn.Module, str, nn.Module]], keep_merged: bool = True
+) -> MergeHandle:
     """Merge each ``(layer_name, layer, norm_name, norm)``; on any error nothing stays changed.
 
     All new parameters are computed before anything is installed. A BatchNorm may follow several
-    layers (it is called once after each); each layer takes exactly one BatchNorm.
+    layers (it is called once after each); each layer takes exactly one BatchNorm. With
+    ``keep_merged`` the merged parameters are kept for later merges (see :func:`_merged_for`).
     """
-    plans = [(layer, *_merged_for(layer, norm)) for _, layer, _, norm in pairs]
+    plans = [(layer, *_merged_for(layer, norm, keep_merged)) for _, layer, _, norm in pairs]
     steps: list[Handle] = []
     try:
         for layer, weight, bias in plans:
@@ -308,12 +311,14 @@ def merge_pairs(model: nn.Module, pairs: Sequence[tuple[str, nn.Module, str, nn.
     return MergeHandle([(layer_name, norm_name) for layer_name, _, norm_name, _ in pairs], steps)
 
 
-def _merged_for(layer: nn.Module, norm: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+def _merged_for(layer: nn.Module, norm: nn.Module, keep: bool = True) -> tuple[nn.Parameter, nn.Parameter]:
     """The merged weight and bias Parameters of ``layer -> norm``, computed once per state of both.
 
-    The result is cached per layer until any tensor it was computed from (or the result itself)
-    is replaced or changed in place (``_version``), or ``eps`` changes: later contexts then merge
-    without recomputing, which saves a pass over every merged weight. The Parameters take the
+    With ``keep`` the result is cached per layer (as long as the layer lives, or until
+    :func:`release_merged`) until any tensor it was computed from (or the result itself) is
+    replaced or changed in place (``_version``), or ``eps`` changes: later contexts then merge
+    without recomputing, which saves a pass over every merged weight but keeps a copy of them.
+    Without ``keep`` nothing is cached (and a cached copy is dropped). The Parameters take the
     ``requires_grad`` of the layer's own; cached ones are not reused once they hold a ``.grad``.
     """
     weight = layer._parameters["weight"]
@@ -321,12 +326,26 @@ def _merged_for(layer: nn.Module, norm: nn.Module) -> tuple[nn.Parameter, nn.Par
     bias = layer._parameters.get("bias")
     sources = (weight, bias, norm.running_mean, norm.running_var, norm.weight, norm.bias)
     requires_grad = (weight.requires_grad, (bias if bias is not None else weight).requires_grad)
-    cached = _MERGED.get(layer)
-    if cached is None or cached.eps != norm.eps or not _unchanged(cached.stamp, (*sources, cached.weight, cached.bias)):
+    cached = _MERGED.get(layer) if keep else _MERGED.pop(layer, None)
+    if not keep or cached is None or cached.eps != norm.eps or not _unchanged(cached.stamp, (*sources, cached.weight, cached.bias)):
         merged_weight, merged_bias = merged_parameters(weight, bias, norm)
         cached = _Merged(_stamp((*sources, merged_weight, merged_bias)), float(norm.eps), merged_weight, merged_bias)
-        _MERGED[layer] = cached
+        if keep:
+            _MERGED[layer] = cached
     return cached.parameters(requires_grad)
+
+
+def release_merged(model: nn.Module | None = None) -> None:
+    """Drop the merged parameters kept for the layers of ``model`` (for every layer if ``None``).
+
+    The memory of one copy of each merged layer's weight goes back (once no context uses them);
+    the next merge computes them again.
+    """
+    if model is None:
+        _MERGED.clear()
+        return
+    for module in model.modules():
+        _MERGED.pop(module, None)
 
 
 @dataclass
@@ -614,6 +633,11 @@ class MergeBatchNorm(Canonizer):
     cache
         Reuse the pairs found for a model in earlier contexts. Turn off for models whose graph
         depends on the input.
+    keep_merged
+        Keep the merged weights and biases after the context, for as long as the layers live (or
+        until :meth:`forget`), so that later contexts merge without a pass over the weights. That
+        costs one copy of every merged layer's weight (about 90 MiB for a ResNet50); turn off to
+        compute them in every context instead.
 
     Notes
     -----
@@ -631,8 +655,9 @@ class MergeBatchNorm(Canonizer):
 
     _cache: ClassVar["weakref.WeakKeyDictionary[nn.Module, _CacheEntry]"] = weakref.WeakKeyDictionary()
 
-    def __init__(self, cache: bool = True) -> None:
+    def __init__(self, cache: bool = True, keep_merged: bool = True) -> None:
         self.cache = cache
+        self.keep_merged = keep_merged
 
     def apply(self, model: nn.Module) -> list[Handle]:
         """Merge now (pairs known) or at the first forward call; the handle undoes either."""
@@ -657,19 +682,21 @@ class MergeBatchNorm(Canonizer):
 
     @classmethod
     def forget(cls, model: nn.Module | None = None) -> None:
-        """Drop the cached pairs of ``model`` (of every model if ``None``)."""
+        """Drop the cached pairs and the kept merged parameters of ``model`` (of every model if ``None``)."""
         if model is None:
             cls._cache.clear()
         else:
             cls._cache.pop(model, None)
+        release_merged(model)
 
     def _merge(self, model: nn.Module, pairs: list[Pair]) -> MergeHandle:
         check_eval(model, type(self).__name__)
         resolved = [pair for pair in _resolve(model, pairs) if _merge_problem(pair[1], pair[3]) is None]
-        return merge_pairs(model, resolved)
+        return merge_pairs(model, resolved, self.keep_merged)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()" if self.cache else f"{type(self).__name__}(cache=False)"
+        options = ([] if self.cache else ["cache=False"]) + ([] if self.keep_merged else ["keep_merged=False"])
+        return f"{type(self).__name__}({', '.join(options)})"
 
 
 class _LazyMerge:
@@ -727,6 +754,8 @@ class NamedMergeBatchNorm(Canonizer):
         ``[(layer_name, batchnorm_name), ...]``: qualified module names as in
         ``model.named_modules()``. A layer takes at most one BatchNorm; a BatchNorm may be named
         with several layers (it must then follow each of them, and only them).
+    keep_merged
+        Keep the merged parameters for later contexts, as :class:`MergeBatchNorm` does.
 
     Raises
     ------
@@ -739,7 +768,8 @@ class NamedMergeBatchNorm(Canonizer):
         channels do not match the layer's, or a layer is named twice.
     """
 
-    def __init__(self, pairs: PairSpec) -> None:
+    def __init__(self, pairs: PairSpec, keep_merged: bool = True) -> None:
+        self.keep_merged = keep_merged
         self.pairs: list[Pair] = []
         for pair in pairs:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(n, str) for n in pair)):
@@ -753,7 +783,7 @@ class NamedMergeBatchNorm(Canonizer):
         """Validate every pair, then merge them all (nothing is changed if one is wrong)."""
         resolved = _resolve(model, self.pairs)
         self._validate(resolved)
-        return [merge_pairs(model, resolved)]
+        return [merge_pairs(model, resolved, self.keep_merged)]
 
     def _validate(self, resolved: list[tuple[str, nn.Module, str, nn.Module]]) -> None:
         who = type(self).__name__
@@ -778,7 +808,8 @@ class NamedMergeBatchNorm(Canonizer):
                 raise ValueError(f"{who}: cannot merge {norm_name!r} into {layer_name!r}: {problem}")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.pairs!r})"
+        keep = "" if self.keep_merged else ", keep_merged=False"
+        return f"{type(self).__name__}({self.pairs!r}{keep})"
 
 
 __all__ = [
@@ -791,4 +822,5 @@ __all__ = [
     "find_batchnorm_pairs",
     "merge_pairs",
     "merged_parameters",
+    "release_merged",
 ]

@@ -742,3 +742,31 @@ def test_cached_merge_reuses_its_parameters_unless_they_hold_a_grad_or_the_flags
     (handle,) = canonizer.apply(model)
     assert model.bn is not None and model(x).shape[0] == 2
     handle.remove()
+
+
+def test_merged_parameters_are_kept_only_when_asked_and_forget_lets_them_go():
+    import weakref
+
+    model, x = randomized(RegisteredBackwards()), sample(2, 2, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+
+    def merged_weight(canonizer: NamedMergeBatchNorm | MergeBatchNorm) -> "weakref.ReferenceType[torch.Tensor]":
+        (handle,) = canonizer.apply(model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0.0, atol=ATOL)
+        reference = weakref.ref(model.conv.weight)
+        handle.remove()
+        return reference
+
+    assert merged_weight(NamedMergeBatchNorm([("conv", "bn")], keep_merged=False))() is None
+    kept = merged_weight(NamedMergeBatchNorm([("conv", "bn")]))
+    assert kept() is not None  # kept for the next context
+    assert merged_weight(NamedMergeBatchNorm([("conv", "bn")], keep_merged=False))() is None
+    assert kept() is None  # a context that does not keep them drops the kept copy too
+    kept = merged_weight(MergeBatchNorm())
+    assert kept() is not None
+    MergeBatchNorm.forget(model)
+    assert kept() is None
+    assert repr(MergeBatchNorm(keep_merged=False)) == "MergeBatchNorm(keep_merged=False)"
+    assert repr(MergeBatchNorm(cache=False, keep_merged=False)) == "MergeBatchNorm(cache=False, keep_merged=False)"

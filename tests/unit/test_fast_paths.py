@@ -280,6 +280,21 @@ def test_the_negative_zero_shortcut_only_applies_to_standard_unhooked_layers_wit
         torch.set_flush_denormal(False)
 
 
+def test_outputs_the_rules_compute_skip_the_negative_zero_pass_only_with_a_clean_bias_on_the_cpu():
+    from lrpkit.ops import layer_ops
+
+    ops = layer_ops(_zero_output_linear(), (torch.zeros(1, 2),), {}, (0,))
+    weight = torch.ones(1, 2)
+    assert ops.computes_no_negative_zero({"weight": weight, "bias": torch.zeros(1)})
+    assert not ops.computes_no_negative_zero({"weight": weight, "bias": torch.tensor([-0.0])})
+    assert not ops.computes_no_negative_zero({"weight": weight})
+    supported = torch.set_flush_denormal(True)
+    try:
+        assert not ops.computes_no_negative_zero({"weight": weight, "bias": torch.zeros(1)}) or not supported
+    finally:
+        torch.set_flush_denormal(False)
+
+
 # -- Pass rules skip building a LayerCall ---------------------------------------------------------
 
 
