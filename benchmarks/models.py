@@ -410,18 +410,19 @@ def _add_ratios(rows: dict[Method, dict[str, Any]], relevances: dict[Method, Ten
         row["ratio_vs_gradient"] = ratio(row["median_ms"], gradient.get("median_ms"))
         row["memory_vs_gradient"] = ratio(row["peak_mib"], gradient.get("peak_mib"))
         row["memory_vs_gradient_mapped"] = ratio(row["peak_mib_mapped"], gradient.get("peak_mib_mapped"))
-        if method.library != "lrpkit":
+        if method.library not in ("lrpkit", "captum"):
             continue
         theirs = Method("zennit", method.composite)
         if theirs not in rows:
             continue
-        row["zennit_over_lrpkit"] = ratio(rows[theirs]["median_ms"], row["median_ms"])
-        row["memory_lrpkit_over_zennit"] = ratio(row["peak_mib"], rows[theirs]["peak_mib"])
-        row["memory_lrpkit_over_zennit_mapped"] = ratio(row["peak_mib_mapped"], rows[theirs]["peak_mib_mapped"])
-        if method in relevances and theirs in relevances:
+        if method in relevances and theirs in relevances:  # captum: its epsilon rules against zennit's
             ours, reference = relevances[method].double().cpu(), relevances[theirs].double().cpu()
             scale = float(reference.abs().max())
             row["max_rel_diff_vs_zennit"] = float((ours - reference).abs().max()) / scale if scale > 0 else None
+        if method.library == "lrpkit":
+            row["zennit_over_lrpkit"] = ratio(rows[theirs]["median_ms"], row["median_ms"])
+            row["memory_lrpkit_over_zennit"] = ratio(row["peak_mib"], rows[theirs]["peak_mib"])
+            row["memory_lrpkit_over_zennit_mapped"] = ratio(row["peak_mib_mapped"], rows[theirs]["peak_mib_mapped"])
 
 
 def run(options: BenchOptions) -> dict[str, Any]:

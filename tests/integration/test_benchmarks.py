@@ -67,13 +67,19 @@ def test_bench_models_quick(checkout, tmp_path, capsys):
     rows = payload["rows"]
     assert "peak RSS" in payload["memory_method"] and "'mapped'" in payload["memory_method"]
     assert all(set(row) == MODEL_KEYS for row in rows)
-    assert all(row["error"] is None for row in rows), [row["error"] for row in rows]
+    # Captum's LRP runs where its rules cover every module: tiny-vgg's nn.Flatten has none
+    assert all(row["error"] is None for row in rows if row["library"] != "captum"), [row["error"] for row in rows]
+    captum = [row for row in rows if row["library"] == "captum"]
+    assert len(captum) == 2  # installed with the test dependencies: one row per model
+    assert all(row["error"] is None or "Flatten" in row["error"] for row in captum), [row["error"] for row in captum]
     for model in ("tiny-vgg", "tiny-resnet"):
         methods = {row["method"] for row in rows if row["model"] == model}
         assert "gradient x input" in methods
         assert {f"lrpkit {name}" for name in COMPOSITES} <= methods
         assert {f"zennit {name}" for name in COMPOSITES} <= methods
     for row in rows:
+        if row["error"] is not None:
+            continue
         assert row["median_ms"] > 0 and row["ratio_vs_gradient"] > 0
         assert row["peak_mib"] is not None and row["peak_mib_mapped"] is not None
         if row["library"] == "lrpkit" and "capture" not in row["composite"]:
