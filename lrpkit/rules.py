@@ -379,7 +379,7 @@ class AlphaBeta(_ParamRule):
             if self.beta != 0:  # z- first: the division below overwrites z+
                 out_neg, transpose_neg, owned = _negative_part(call, params, out_pos, self.zero_params)
             share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
-            del transpose_pos  # lets W+ go before W- is made
+            del transpose_pos, out_pos  # lets W+ and the positive quotient go before W- is made
             if self.beta == 0:
                 return tuple(_times(inputs, share_pos, fresh))
             share_neg = transpose_neg(_divide_by_signed(relevance, out_neg, self.stabilizer, -1, owned))
@@ -528,6 +528,7 @@ class Gamma(_ParamRule):
     def _single(self, call: LayerCall, inputs: Sequence[Tensor], params: Params, relevance: Tensor) -> list[Tensor]:
         output, transpose = call.ops.linearize(inputs, params)
         scaled = divide(relevance, output, self.stabilizer, call.ops.computes_no_negative_zero(params))
+        del output  # not alive during the transposed product
         return _times(inputs, transpose(scaled), call.ops.fresh)
 
     def _both_signs(self, call: LayerCall, params: Params, positive: Tensor, negative: Tensor) -> Relevances:
