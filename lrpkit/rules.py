@@ -496,15 +496,17 @@ class Gamma(_ParamRule):
         assert call.output is not None
         params = call.params(self.zero_params)
         inputs = call.inputs
+        nonnegative = call.inputs_nonnegative()
+        weights_kept = not any(name in params and name != "bias" for name in _zero_names(self.zero_params))
+        if not call.output_rectified and nonnegative and weights_kept and _has_both_signs(call.output):
+            return self._both_signs(call, params, relevance)
         if call.output_rectified:  # relevance only where the output is > 0: nothing to split
             parts = [(relevance, self._lifted, self._lowered)]
         else:
             positive, negative = _split_by_sign(relevance, call.output)
             signs = [(positive, self._lifted, self._lowered), (negative, self._lowered, self._lifted)]
             parts = [(rel, first, second) for rel, first, second in signs if _any_nonzero(rel)]
-        if call.inputs_nonnegative():
-            if len(parts) == 2 and not any(name in params and name != "bias" for name in _zero_names(self.zero_params)):
-                return self._both_signs(call, params, parts[0][0], parts[1][0])
+        if nonnegative:
             carried = [self._single(call, inputs, first(params), rel) for rel, first, _ in parts]
         else:
             inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
@@ -531,35 +533,46 @@ class Gamma(_ParamRule):
         del output  # not alive during the transposed product
         return _times(inputs, transpose(scaled), call.ops.fresh)
 
-    def _both_signs(self, call: LayerCall, params: Params, positive: Tensor, negative: Tensor) -> Relevances:
-        """Relevance of outputs of both signs on inputs ``a >= 0``, with one modified forward.
+    def _both_signs(self, call: LayerCall, params: Params, relevance: Tensor) -> Relevances:
+        """Gamma for an output ``z`` of both signs on inputs ``a >= 0``, with one modified forward.
 
-        With ``p = W+ a + b+`` the lifted output is ``z + gamma p`` and the lowered one
-        ``z + gamma (z - p)``, from the real output ``z``; and since ``W + gamma W- =
-        (1 + gamma) W - gamma W+``, the two transposed products are
-        ``W^T (s_L + (1 + gamma) s_D) + gamma W+^T (s_L - s_D)``: one forward and two transposed
-        products with ``W`` and ``W+`` instead of two of each with two modified weight sets.
-        Both denominators add terms of one sign where their relevance lives (``z > 0`` for the
-        lifted, ``z < 0`` for the lowered one), so nothing cancels; and both hold ``-0.0`` only
-        where ``z`` does.
+        Relevance at ``z > 0`` is divided by the lifted output ``z_L = z + gamma p`` and at
+        ``z < 0`` by the lowered one ``z_D = z + gamma (z - p)``, where ``p = W+ a + b+`` (so
+        ``z - p = W- a + b-``); at ``z == 0`` it is dropped. With ``sigma = sign(z)`` and
+        ``c = 1, 1 + gamma, 0`` where ``z > 0, < 0, == 0``, both denominators are
+        ``D = c z + gamma sigma p`` and the quotient ``s = R / D`` is one tensor. Since
+        ``W + gamma W- = (1 + gamma) W - gamma W+``, the two transposed products become
+        ``W^T (c s) + gamma W+^T (sigma s)``: one forward and two transposed products, with ``W``
+        and ``W+``, instead of two of each with two modified weight sets, and a third of the
+        element-wise passes of splitting the relevance by sign. Each denominator adds terms of
+        one sign where its relevance lives, so nothing cancels.
         """
         gamma, fresh = self.gamma, call.ops.fresh
         output = _output_under(call, params, _zero_names(self.zero_params))
-        sign_known = output is call.output and call.ops.output_has_no_negative_zero()
+        sign = torch.sign(call.output)
+        weight = torch.mul(sign, -gamma / 2).addcmul_(sign, sign, value=1 + gamma / 2)  # c: 1, 1 + gamma, 0
         lifted, transpose_pos = call.ops.linearize(call.inputs, _positive(params))
-        lowered = torch.mul(output, 1 + gamma).sub_(lifted, alpha=gamma)
-        lifted = lifted.mul_(gamma).add_(output) if fresh else torch.add(output, lifted, alpha=gamma)
-        share_lifted = divide(positive, lifted, self.stabilizer, sign_known)
-        share_lowered = divide(negative, lowered, self.stabilizer, sign_known)
-        del lifted, lowered
-        through_weight = torch.add(share_lifted, share_lowered, alpha=1 + gamma)
-        through_positive = transpose_pos(torch.sub(share_lifted, share_lowered, out=share_lifted))
-        del share_lifted, share_lowered
+        denominator = lifted.mul_(sign) if fresh else lifted * sign
+        denominator = denominator.mul_(gamma).addcmul_(output, weight)
+        del lifted
+        scaled = divide(relevance, denominator, self.stabilizer)
+        del denominator
+        through_positive = transpose_pos(sign.mul_(scaled))
+        through_weight = call.ops.transpose(call.inputs, params, weight.mul_(scaled))
+        del scaled, sign, weight
         combined = [
             None if plain is None else (plain.add_(extra, alpha=gamma) if fresh else plain + gamma * extra)
-            for plain, extra in zip(call.ops.transpose(call.inputs, params, through_weight), through_positive)
+            for plain, extra in zip(through_weight, through_positive)
         ]
         return tuple(_times(call.inputs, combined, fresh))
+
+
+def _has_both_signs(tensor: Tensor) -> bool:
+    """Whether ``tensor`` has a positive and a negative entry: one reduction."""
+    if tensor.numel() == 0:
+        return False
+    low, high = torch.aminmax(tensor)
+    return bool((low < 0) & (high > 0))
 
 
 def _any_nonzero(tensor: Tensor) -> bool:
