@@ -543,9 +543,11 @@ class Gamma(_ParamRule):
         ``D = c z + gamma sigma p`` and the quotient ``s = R / D`` is one tensor. Since
         ``W + gamma W- = (1 + gamma) W - gamma W+``, the two transposed products become
         ``W^T (c s) + gamma W+^T (sigma s)``: one forward and two transposed products, with ``W``
-        and ``W+``, instead of two of each with two modified weight sets, and a third of the
+        and ``W+``, instead of two of each with two modified weight sets, and about half the
         element-wise passes of splitting the relevance by sign. Each denominator adds terms of
-        one sign where its relevance lives, so nothing cancels.
+        one sign where its relevance lives, so nothing cancels. Where no relevance sits at
+        ``z < 0`` (``c s == sigma s``, one comparison; e.g. a ReLU above that does not lend its
+        output) the two products are one, with ``W + gamma W+``.
         """
         gamma, fresh = self.gamma, call.ops.fresh
         output = _output_under(call, params, _zero_names(self.zero_params))
@@ -557,9 +559,14 @@ class Gamma(_ParamRule):
         del lifted
         scaled = divide(relevance, denominator, self.stabilizer)
         del denominator
-        through_positive = transpose_pos(sign.mul_(scaled))
-        through_weight = call.ops.transpose(call.inputs, params, weight.mul_(scaled))
-        del scaled, sign, weight
+        weighted, signed = weight.mul_(scaled), sign.mul_(scaled)
+        del scaled
+        if torch.equal(weighted, signed):  # no relevance where z < 0: W^T s + gamma W+^T s in one product
+            del signed, transpose_pos
+            return tuple(_times(call.inputs, call.ops.transpose(call.inputs, self._lifted(params), weighted), fresh))
+        through_positive = transpose_pos(signed)
+        through_weight = call.ops.transpose(call.inputs, params, weighted)
+        del signed, weighted
         combined = [
             None if plain is None else (plain.add_(extra, alpha=gamma) if fresh else plain + gamma * extra)
             for plain, extra in zip(through_weight, through_positive)

@@ -227,6 +227,47 @@ def test_gamma_on_signed_input_computes_only_the_part_that_carries_relevance(mon
     assert len(calls) == 2 and torch.isfinite(relevance).all()
 
 
+def _gamma_reference(layer: nn.Linear, x: torch.Tensor, relevance: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Gamma by its definition: lifted weights where z > 0, lowered where z < 0, nothing at z == 0."""
+    weight, bias = layer.weight.detach(), layer.bias.detach()
+    z = x @ weight.T + bias
+    result = torch.zeros_like(x)
+    for modify, mask in ((lambda v: v + gamma * v.clamp(min=0), z > 0), (lambda v: v + gamma * v.clamp(max=0), z < 0)):
+        modified = x @ modify(weight).T + modify(bias)
+        share = torch.where(mask, relevance, 0.0) / stabilize(modified, 1e-6)
+        result += x * (share @ modify(weight))
+    return result
+
+
+@pytest.mark.parametrize("where", ["both signs", "z > 0 only"])
+def test_gamma_on_outputs_of_both_signs_matches_its_definition_with_the_fewest_products(monkeypatch, where):
+    from lrpkit.ops import DenseOps
+
+    calls = []  # transposed products, through transpose() or through linearize()'s closure
+    transpose, linearize = DenseOps.transpose, DenseOps.linearize
+
+    def counted_linearize(self, inputs, params):  # type: ignore[no-untyped-def]
+        output, product = linearize(self, inputs, params)
+        return output, lambda grad: calls.append(1) or product(grad)
+
+    monkeypatch.setattr(DenseOps, "transpose", lambda self, *args: calls.append(1) or transpose(self, *args))
+    monkeypatch.setattr(DenseOps, "linearize", counted_linearize)
+    torch.manual_seed(6)
+    layer = nn.Linear(5, 7).double().eval()
+    x = torch.rand(4, 5, dtype=torch.float64)  # non-negative: the single-path form
+    weights = torch.rand(4, 7, dtype=torch.float64)
+
+    def start(output: torch.Tensor) -> torch.Tensor:
+        # "z > 0 only": as below a ReLU that does not lend its output
+        return (output.clamp(min=0) if where == "z > 0 only" else output) * weights
+
+    composite = composites.LayerMapComposite([(nn.Linear, rules.Gamma(0.25))], canonizers=[])
+    output, relevance = Gradient(layer, composite)(x, start)
+    assert (output > 0).any() and (output < 0).any()
+    torch.testing.assert_close(relevance, _gamma_reference(layer, x, start(output), 0.25), rtol=1e-10, atol=1e-12)
+    assert len(calls) == (2 if where == "both signs" else 1)
+
+
 # -- the stabiliser's ``+ 0.0`` pass, skipped where the output cannot hold -0.0 ------------------
 
 
