@@ -553,7 +553,8 @@ class Gamma(_ParamRule):
         output = _output_under(call, params, _zero_names(self.zero_params))
         sign = torch.sign(call.output)
         weight = torch.mul(sign, -gamma / 2).addcmul_(sign, sign, value=1 + gamma / 2)  # c: 1, 1 + gamma, 0
-        lifted, transpose_pos = call.ops.linearize(call.inputs, _positive(params))
+        positive = _positive(params)
+        lifted, transpose_pos = call.ops.linearize(call.inputs, positive)
         denominator = lifted.mul_(sign) if fresh else lifted * sign
         denominator = denominator.mul_(gamma).addcmul_(output, weight)
         del lifted
@@ -563,7 +564,9 @@ class Gamma(_ParamRule):
         del scaled
         if torch.equal(weighted, signed):  # no relevance where z < 0: W^T s + gamma W+^T s in one product
             del signed, transpose_pos
-            return tuple(_times(call.inputs, call.ops.transpose(call.inputs, self._lifted(params), weighted), fresh))
+            lifted_params = {key: value.mul_(gamma).add_(params[key]) for key, value in positive.items()}  # in W+
+            return tuple(_times(call.inputs, call.ops.transpose(call.inputs, lifted_params, weighted), fresh))
+        del positive
         through_positive = transpose_pos(signed)
         through_weight = call.ops.transpose(call.inputs, params, weighted)
         del signed, weighted
