@@ -268,6 +268,36 @@ def test_gamma_on_outputs_of_both_signs_matches_its_definition_with_the_fewest_p
     assert len(calls) == (2 if where == "both signs" else 1)
 
 
+class FunctionalLinear(nn.Module):
+    """``F.linear`` in a module of its own: no closed form, the generic (autograd) layer ops."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("where", ["both signs", "z > 0 only"])
+def test_gamma_on_outputs_of_both_signs_through_the_generic_layer_ops(where):
+    from lrpkit.ops import layer_ops
+
+    torch.manual_seed(7)
+    linear = nn.Linear(5, 7).double().eval()
+    layer = FunctionalLinear(linear)
+    x = torch.rand(4, 5, dtype=torch.float64)
+    assert not layer_ops(layer, (x,), {}, (0,)).fresh  # outputs that must not be overwritten
+    weights = torch.rand(4, 7, dtype=torch.float64)
+
+    def start(output: torch.Tensor) -> torch.Tensor:
+        return (output.clamp(min=0) if where == "z > 0 only" else output) * weights
+
+    composite = composites.NameMapComposite([([""], rules.Gamma(0.25))], canonizers=[])
+    output, relevance = Gradient(layer, composite)(x, start)
+    torch.testing.assert_close(relevance, _gamma_reference(linear, x, start(output), 0.25), rtol=1e-10, atol=1e-12)
+
+
 # -- the stabiliser's ``+ 0.0`` pass, skipped where the output cannot hold -0.0 ------------------
 
 
