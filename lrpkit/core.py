@@ -279,15 +279,19 @@ def _output_for(
                 "and the output was let go after the first backward through this graph; run the "
                 "forward again for each backward"
             )
-        with torch.no_grad():
-            return ops.forward(inputs, ops.params()), False
+        return _recomputed(ops, inputs), False
     output = kept.checked(where)
     if not kept.rectified:
         return output, False
     if rectified_output_usable(relevance, output):
         return output, True
+    return _recomputed(ops, inputs), False
+
+
+def _recomputed(ops: LayerOps, inputs: tuple[Tensor, ...]) -> Tensor:
+    """The layer's output, computed again with one forward."""
     with torch.no_grad():
-        return ops.forward(inputs, ops.params()), False
+        return ops.forward(inputs, ops.params())
 
 
 def _checked(

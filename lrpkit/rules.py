@@ -427,7 +427,7 @@ def _negative_part(
     shortcut: the result is accurate to the dtype either way. On the shortcut, ``W-`` is made
     only by the transposed product, so it need not live at the same time as ``W+``.
     """
-    if call.output is None or any(name in params and name != "bias" for name in zeroed):
+    if call.output is None or _zeroes_weights(params, zeroed):
         return _direct_negative_part(call, params)
     derived = _output_under(call, params, zeroed) - out_pos
     tolerance = _CANCELLATION_ULPS * torch.finfo(derived.dtype).eps
@@ -435,6 +435,11 @@ def _negative_part(
     if derived.numel() == 0 or bool(torch.add(derived, out_pos, alpha=tolerance).max() <= 0):
         return derived, lambda grad: call.ops.transpose(call.inputs, _negative(params), grad), True
     return _direct_negative_part(call, params)
+
+
+def _zeroes_weights(params: Params, zeroed: tuple[str, ...]) -> bool:
+    """Whether ``zeroed`` names a parameter other than the bias (the output then cannot be reused)."""
+    return any(name in params and name != "bias" for name in zeroed)
 
 
 def _direct_negative_part(call: LayerCall, params: Params) -> tuple[Tensor, Transpose, bool]:
@@ -497,7 +502,7 @@ class Gamma(_ParamRule):
         params = call.params(self.zero_params)
         inputs = call.inputs
         nonnegative = call.inputs_nonnegative()
-        weights_kept = not any(name in params and name != "bias" for name in _zero_names(self.zero_params))
+        weights_kept = not _zeroes_weights(params, _zero_names(self.zero_params))
         if not call.output_rectified and nonnegative and weights_kept and _has_both_signs(call.output):
             return self._both_signs(call, params, relevance)
         if call.output_rectified:  # relevance only where the output is > 0: nothing to split

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 #: Every per-module hook dict of ``nn.Module``; lrpkit must leave all of them empty.
@@ -46,3 +47,15 @@ def zero_batchnorm_eps(model: nn.Module) -> Iterator[None]:
     finally:
         for norm, eps in zip(norms, saved):
             norm.eps = eps
+
+
+def graph_nodes(output: torch.Tensor) -> Iterator[object]:
+    """Every autograd node behind ``output``, each once (depth first)."""
+    stack, seen = [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(parent for parent, _ in node.next_functions)

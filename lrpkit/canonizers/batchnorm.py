@@ -326,8 +326,10 @@ def _merged_for(layer: nn.Module, norm: nn.Module, keep: bool = True) -> tuple[n
     bias = layer._parameters.get("bias")
     sources = (weight, bias, norm.running_mean, norm.running_var, norm.weight, norm.bias)
     requires_grad = (weight.requires_grad, (bias if bias is not None else weight).requires_grad)
-    cached = _MERGED.get(layer) if keep else _MERGED.pop(layer, None)
-    if not keep or cached is None or cached.eps != norm.eps or not _unchanged(cached.stamp, (*sources, cached.weight, cached.bias)):
+    if not keep:
+        _MERGED.pop(layer, None)
+    cached = _MERGED.get(layer)
+    if cached is None or cached.eps != norm.eps or not _unchanged(cached.stamp, (*sources, cached.weight, cached.bias)):
         merged_weight, merged_bias = merged_parameters(weight, bias, norm)
         cached = _Merged(_stamp((*sources, merged_weight, merged_bias)), float(norm.eps), merged_weight, merged_bias)
         if keep:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import graph_nodes
 from lrpkit import composites, rules
 from lrpkit.attribution import Gradient
 from lrpkit.core import produced_nonnegative
@@ -183,16 +184,7 @@ def test_capture_mode_is_off_the_stack_after_an_exception_inside_a_hooked_module
 
 def rule_nodes(output: torch.Tensor) -> list:
     """The autograd nodes of lrpkit's rules behind ``output``."""
-    found, stack, seen = [], [output.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if getattr(node, "pending", None) is not None:
-            found.append(node)
-        stack.extend(parent for parent, _ in node.next_functions)
-    return found
+    return [node for node in graph_nodes(output) if getattr(node, "pending", None) is not None]
 
 
 def test_rules_keep_only_the_tensors_they_need():

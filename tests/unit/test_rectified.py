@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import graph_nodes
 from lrpkit import composites, rectified, rules
 from lrpkit.attribution import Gradient
 
@@ -55,19 +56,13 @@ def relevance(model: nn.Module, composite: composites.Composite, x: torch.Tensor
 
 def kept_outputs(model: nn.Module, composite: composites.Composite, x: torch.Tensor) -> dict[str, bool]:
     """``{module name: whether it keeps a lent ReLU output}`` for every rule node that keeps one."""
-    found = {}
     with composite.context(model):
-        nodes, seen = [model(x.clone().requires_grad_(True)).grad_fn], set()
-        while nodes:
-            node = nodes.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            kept = getattr(node, "kept_output", None)
-            if kept is not None:
-                found[node.pending.name] = kept.rectified
-            nodes.extend(parent for parent, _ in node.next_functions)
-    return found
+        output = model(x.clone().requires_grad_(True))
+        return {node.pending.name: node.kept_output.rectified for node in graph_nodes(output) if _keeps(node)}
+
+
+def _keeps(node: object) -> bool:
+    return getattr(node, "kept_output", None) is not None
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSITES))
@@ -170,12 +165,7 @@ def test_an_output_changed_in_place_after_the_forward_is_refused():
 def _kept_bytes(output: torch.Tensor, parameters: set[int]) -> int:
     """Bytes of the distinct storages the autograd graph of ``output`` keeps (parameters excluded)."""
     storages: dict[int, int] = {}
-    nodes, seen = [output.grad_fn], set()
-    while nodes:
-        node = nodes.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    for node in graph_nodes(output):
         tensors = [getattr(node, name) for name in dir(node) if name.startswith("_saved_") and name != "_saved_tensors"]
         tensors += list(getattr(node, "saved_tensors", ()))
         kept = getattr(node, "kept_output", None)
@@ -184,7 +174,6 @@ def _kept_bytes(output: torch.Tensor, parameters: set[int]) -> int:
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
-        nodes.extend(parent for parent, _ in node.next_functions)
     return sum(size for pointer, size in storages.items() if pointer not in parameters)
 
 
@@ -222,16 +211,7 @@ def test_an_output_changed_in_place_is_not_lent_away_and_still_refused():
 
 def _kept(output: torch.Tensor) -> list[rectified.KeptOutput]:
     """Every kept output in the autograd graph of ``output``."""
-    found, nodes, seen = [], [output.grad_fn], set()
-    while nodes:
-        node = nodes.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if getattr(node, "kept_output", None) is not None:
-            found.append(node.kept_output)
-        nodes.extend(parent for parent, _ in node.next_functions)
-    return found
+    return [node.kept_output for node in graph_nodes(output) if _keeps(node)]
 
 
 def test_kept_outputs_are_let_go_by_the_backward_while_the_graph_lives_on():
