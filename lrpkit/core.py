@@ -24,7 +24,16 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .ops import LayerOps, Params, hooks_are_suspended, hooks_suspended, layer_ops
-from .rectified import KeptOutput, certify, is_plain_relu, lend, rectified_output_usable
+from .rectified import (
+    KeptOutput,
+    certify,
+    inputs_to_save,
+    is_plain_relu,
+    lend,
+    offer_recompute,
+    recomputed_inputs,
+    rectified_output_usable,
+)
 
 
 @dataclass
@@ -219,7 +228,8 @@ class _RelevanceFunction(torch.autograd.Function):
         pending.args = tuple(None if index in positions else arg for index, arg in enumerate(pending.args))
         ctx.pending = pending
         ctx.input_shapes = [(tensor.shape, tensor.dtype) for tensor in inputs]
-        ctx.save_for_backward(*(inputs if pending.rule.needs_inputs else ()))
+        saved, ctx.recomputed = inputs_to_save(inputs) if pending.rule.needs_inputs else ((), None)
+        ctx.save_for_backward(*saved)
         # a detached alias: the node holding its own output would be a reference cycle
         ctx.kept_output = KeptOutput(output.detach()) if pending.rule.needs_output else None
         return output
@@ -236,6 +246,8 @@ class _RelevanceFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         if pending.rule.needs_inputs:
             inputs = tuple(saved[: len(ctx.input_shapes)])
+            if ctx.recomputed is not None:
+                inputs = recomputed_inputs(inputs, ctx.recomputed)
         else:  # shape and dtype only: tensors without data
             inputs = tuple(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in ctx.input_shapes)
         args = list(pending.args)
@@ -379,11 +391,15 @@ def route(pending: PendingCall, inputs: tuple[Tensor, ...]) -> Tensor:
     """Hand ``pending.output`` on as a tensor whose backward applies ``pending.rule`` to ``inputs``.
 
     A ReLU whose rule passes relevance lends its output to the rule node before it, which then
-    keeps it instead of its own output (:func:`lrpkit.rectified.lend`).
+    keeps it instead of its own output (:func:`lrpkit.rectified.lend`); another activation lets
+    its consumers keep its input instead of its output (:func:`lrpkit.rectified.offer_recompute`).
     """
     routed = _RelevanceFunction.apply(pending, *inputs)
-    if len(inputs) == 1 and pending.rule.passes_relevance and is_plain_relu(pending.module):
-        lend(inputs[0], routed)
+    if len(inputs) == 1 and pending.rule.passes_relevance:
+        if is_plain_relu(pending.module):
+            lend(inputs[0], routed)
+        else:
+            offer_recompute(inputs[0], routed, pending)
     return routed
 
 

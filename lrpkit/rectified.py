@@ -22,6 +22,15 @@ carries a certificate (:func:`certify`) from a rule that multiplied it by this v
 one check over the values finds it zero wherever ``a`` is zero. When the check fails (another
 consumer of ``z``, or a rule such as flat above the ReLU), the rule recomputes ``z`` with one
 forward of its layer: the result is the same either way, only the cost differs.
+
+The same idea spares the output of a smooth activation (GELU, SiLU, tanh, ...). A plain
+gradient keeps the activation's *input* ``z`` (its derivative needs it), and so does the rule of
+the layer that produced ``z``. The layer after the activation keeps its input ``f(z)`` for its
+rule: a second tensor of the same size, which the gradient never keeps. So when an activation
+whose rule passes relevance consumes the output a rule node keeps, it offers that output to its
+consumers (:func:`offer_recompute`); a consumer keeps ``z`` instead of ``f(z)``
+(:func:`inputs_to_save`) and computes ``f(z)`` again in its backward
+(:func:`recomputed_inputs`): one element-wise pass for one layer-sized tensor less.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import captured
+from . import captured, types
+from .ops import hooks_suspended
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -186,13 +196,84 @@ def rectified_output_usable(relevance: Tensor, rectified: Tensor) -> bool:
     return _certified(relevance, rectified) or zero_where_zero(relevance, rectified)
 
 
+# -- activations computed again from the output their producer keeps ---------------------------
+#: Activations that may not be recomputed: random (RReLU), or holding a learnable parameter (PReLU),
+#: or handled by lending (ReLU).
+_NOT_RECOMPUTED: tuple[type[nn.Module], ...] = (nn.RReLU, nn.PReLU, nn.ReLU, captured.ReLU)
+_NOT_RECOMPUTED_OPS = frozenset({"relu", "prelu"})
+
+
+def _recomputable(pending: Any) -> bool:
+    """An element-wise activation call that is a pure function of its input, cheap to compute again."""
+    module = pending.module
+    if not isinstance(module, types.Activation) or isinstance(module, _NOT_RECOMPUTED):
+        return False
+    if getattr(module, "inplace", False) or pending.kwargs.get("inplace", False):
+        return False
+    return not (isinstance(module, captured.CapturedOp) and module.op in _NOT_RECOMPUTED_OPS)
+
+
+def offer_recompute(source: Tensor, activated: Tensor, pending: Any) -> None:
+    """Let the consumers of ``activated`` (an activation of ``source``) keep ``source`` instead.
+
+    Only when ``source`` is, unchanged, exactly the output its rule node keeps (so keeping it costs
+    nothing more) and the activation (``pending.module``) can be computed again exactly.
+    """
+    kept = getattr(source.grad_fn, "kept_output", None)
+    if not isinstance(kept, KeptOutput) or kept.rectified or kept.tensor is None:
+        return
+    output = kept.tensor
+    if output._version != kept.version or _layout(source) != _layout(output) or not _recomputable(pending):
+        return
+    activated.grad_fn.recompute_from = (kept, _layout(activated), pending)  # type: ignore[union-attr]
+
+
+def inputs_to_save(inputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[Any, ...] | None]:
+    """The tensors a rule node saves for ``inputs``, and per input the activation to compute again.
+
+    An input that is an offered activation output (:func:`offer_recompute`) is saved as the
+    activation's input; ``None`` for the second item when every input is saved as it is.
+    """
+    saved = list(inputs)
+    recipes: list[Any] | None = None
+    for index, tensor in enumerate(inputs):
+        offer = getattr(tensor.grad_fn, "recompute_from", None)
+        if offer is None:
+            continue
+        kept, layout, pending = offer
+        source = kept.tensor
+        if source is None or source._version != kept.version or _layout(tensor) != layout:
+            continue
+        saved[index] = source
+        if recipes is None:
+            recipes = [None] * len(inputs)
+        recipes[index] = pending
+    return tuple(saved), None if recipes is None else tuple(recipes)
+
+
+def recomputed_inputs(saved: tuple[Tensor, ...], recipes: tuple[Any, ...]) -> tuple[Tensor, ...]:
+    """The inputs of a rule node, computing the activations :func:`inputs_to_save` replaced."""
+    return tuple(tensor if pending is None else _activation_of(pending, tensor) for tensor, pending in zip(saved, recipes))
+
+
+def _activation_of(pending: Any, source: Tensor) -> Tensor:
+    """The output of the activation call ``pending`` for the input ``source``, computed again."""
+    args = list(pending.args)
+    args[pending.input_positions[0]] = source
+    with torch.no_grad(), hooks_suspended(), torch._C.DisableTorchFunction():
+        return pending.module.forward(*args, **pending.kwargs)
+
+
 __all__ = [
     "KeptOutput",
     "certify",
+    "inputs_to_save",
     "is_plain_relu",
     "lend",
+    "offer_recompute",
     "proportional_to_inputs",
     "reads_output_only_where_relevant",
+    "recomputed_inputs",
     "rectified_output_usable",
     "zero_where_zero",
 ]

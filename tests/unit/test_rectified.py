@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from helpers import graph_nodes
-from lrpkit import composites, rectified, rules
+from lrpkit import composites, core, rectified, rules
 from lrpkit.attribution import Gradient
 
 
@@ -258,3 +258,93 @@ def test_a_second_backward_without_inputs_to_recompute_the_output_says_so():
         torch.autograd.grad(output, x, output.detach(), retain_graph=True)
         with pytest.raises(RuntimeError, match=r"module '1' \(Tanh\) needs the layer's output but not its inputs"):
             torch.autograd.grad(output, x, output.detach())
+
+
+# -- a smooth activation is computed again from its input, which the layer before it keeps ----------
+
+
+class SmoothMLP(nn.Module):
+    """``fc2(dropout(activation(fc1(x))))``: the MLP of a transformer block."""
+
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.fc1, self.activation, self.dropout, self.fc2 = nn.Linear(5, 16), activation, nn.Dropout(0.1), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.activation(self.fc1(x))))
+
+
+class FunctionalGeluMLP(SmoothMLP):
+    """The same with ``F.gelu`` called in ``forward`` (seen through FunctionalCapture)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+ACTIVATIONS = {
+    "gelu": lambda: SmoothMLP(nn.GELU()),
+    "gelu_tanh": lambda: SmoothMLP(nn.GELU(approximate="tanh")),
+    "silu": lambda: SmoothMLP(nn.SiLU()),
+    "tanh": lambda: SmoothMLP(nn.Tanh()),
+    "softplus": lambda: SmoothMLP(nn.Softplus(beta=2.0)),
+    "elu_inplace": lambda: SmoothMLP(nn.ELU(inplace=True)),  # run out of place inside the context
+    "functional_gelu": FunctionalGeluMLP,
+}
+
+
+def epsilon_with_capture() -> composites.Composite:
+    return composites.LayerMapComposite(composites.layer_map_base() + [(nn.Linear, rules.Epsilon())])
+
+
+def _fc2_saves_fc1_output(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether fc2's rule node saved fc1's kept output in place of the activation's output."""
+    with epsilon_with_capture().context(model):
+        output = model(x.clone().requires_grad_(True))
+        nodes = {node.pending.name: node for node in graph_nodes(output) if hasattr(node, "pending")}
+        (saved,) = nodes["fc2"].saved_tensors
+        recomputed = nodes["fc2"].recomputed is not None
+        assert not recomputed or saved.data_ptr() == nodes["fc1"].kept_output.tensor.data_ptr()
+        return recomputed
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_an_activation_output_is_computed_again_not_kept(name, monkeypatch):
+    model = ACTIVATIONS[name]().double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    assert _fc2_saves_fc1_output(model, x)
+    recomputed = relevance(model, epsilon_with_capture(), x)
+    monkeypatch.setattr(core, "offer_recompute", lambda *args: None)
+    assert not _fc2_saves_fc1_output(model, x)
+    assert torch.equal(recomputed, relevance(model, epsilon_with_capture(), x))
+
+
+@pytest.mark.parametrize("activation", [nn.PReLU, nn.RReLU])
+def test_activations_with_parameters_or_randomness_are_kept(activation):
+    model = SmoothMLP(activation()).double().eval()
+    assert not _fc2_saves_fc1_output(model, torch.randn(4, 5, dtype=torch.float64))
+
+
+def test_with_an_activation_computed_again_lrp_keeps_no_more_than_the_gradient():
+    model = SmoothMLP(nn.GELU()).eval().requires_grad_(False)
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    x = torch.rand(4, 5)
+    gradient = _kept_bytes(model(x.clone().requires_grad_(True)), parameters)  # GELU's input
+    with epsilon_only().context(model):
+        output = model(x.clone().requires_grad_(True))
+        lrp = _kept_bytes(output, parameters)
+    # and the rules keep what the gradient does not: fc1's input, fc2's output
+    assert lrp <= gradient + x.nbytes + output.nbytes
+
+
+def test_a_second_backward_through_a_retained_graph_computes_the_activation_again():
+    model = SmoothMLP(nn.GELU()).double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    with epsilon_with_capture().context(model):
+        output = model(x)
+        (first,) = torch.autograd.grad(output, x, output.detach(), retain_graph=True)
+        (second,) = torch.autograd.grad(output, x, output.detach())
+    assert torch.equal(first, second)
