@@ -376,12 +376,15 @@ class AlphaBeta(_ParamRule):
         if call.inputs_nonnegative():
             fresh = call.ops.fresh
             out_pos, transpose_pos = call.ops.linearize(inputs, _positive(params))
-            if self.beta != 0:  # z- first: the division below overwrites z+
-                out_neg, transpose_neg, owned = _negative_part(call, params, out_pos, self.zero_params)
-            share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
-            del transpose_pos, out_pos  # lets W+ and the positive quotient go before W- is made
             if self.beta == 0:
+                share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
                 return tuple(_times(inputs, share_pos, fresh))
+            derived = _derived_negative_part(call, params, out_pos, self.zero_params)
+            if derived is not None:
+                return self._through_plain_weights(call, params, relevance, out_pos, transpose_pos, derived)
+            out_neg, transpose_neg, owned = _direct_negative_part(call, params)
+            share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
+            del transpose_pos, out_pos  # lets the positive quotient go before the second product
             share_neg = transpose_neg(_divide_by_signed(relevance, out_neg, self.stabilizer, -1, owned))
             return tuple(
                 _weighted_difference(a, p, n, self.alpha, self.beta, fresh)
@@ -395,6 +398,43 @@ class AlphaBeta(_ParamRule):
             return positive
         negative = _two_path(call, inputs_pos, weight_neg, inputs_neg, _drop_bias(weight_pos), relevance, self.stabilizer)
         return tuple(self.alpha * p - self.beta * n for p, n in zip(positive, negative))
+
+
+    def _through_plain_weights(
+        self,
+        call: LayerCall,
+        params: Params,
+        relevance: Tensor,
+        out_pos: Tensor,
+        transpose_pos: Transpose,
+        out_neg: Tensor,
+    ) -> Relevances:
+        """Non-negative inputs, ``z-`` derived from the output: two products and no ``W-``.
+
+        ``W-^T t = W^T t - W+^T t`` turns ``alpha W+^T s+ - beta W-^T s-`` into
+        ``beta (W+^T u - W^T s-)`` with ``u = s- + (alpha / beta) s+``, computed in one
+        ``addcdiv`` pass together with ``s+`` itself. The transposed product with the layer's own
+        weight takes the place of the one with ``W-``, which is never built (one pass over the
+        weights and one weight-sized tensor less). ``out_pos`` and ``out_neg`` are overwritten.
+        """
+        fresh = call.ops.fresh
+        scaled_neg = _divide_by_signed(relevance, out_neg, self.stabilizer, -1, owned=True)
+        stabilized_pos = out_pos.add_(self.stabilizer) if fresh else out_pos + self.stabilizer
+        combined = torch.addcdiv(scaled_neg, relevance, stabilized_pos, value=self.alpha / self.beta, out=stabilized_pos)
+        share_pos = transpose_pos(combined)
+        del transpose_pos, combined, out_pos, stabilized_pos
+        share_plain = call.ops.transpose(call.inputs, params, scaled_neg)
+        return tuple(
+            _scaled_difference(a, p, n, self.beta, fresh) for a, p, n in zip(call.inputs, share_pos, share_plain)
+        )
+
+
+def _scaled_difference(factor: Tensor, positive: Tensor, negative: Tensor, scale: float, owned: bool) -> Tensor:
+    """``scale * factor * (positive - negative)``, in place when the shares are owned."""
+    if owned and _can_overwrite(positive, factor) and _can_overwrite(negative, factor):
+        difference = positive.sub_(negative).mul_(factor)
+        return difference if scale == 1 else difference.mul_(scale)
+    return scale * factor * (positive - negative)
 
 
 def _weighted_difference(factor: Tensor, positive: Tensor, negative: Tensor, alpha: float, beta: float, owned: bool) -> Tensor:
@@ -414,27 +454,22 @@ def _weighted_difference(factor: Tensor, positive: Tensor, negative: Tensor, alp
 _CANCELLATION_ULPS = 2.0**12
 
 
-def _negative_part(
-    call: LayerCall, params: Params, out_pos: Tensor, zeroed: tuple[str, ...]
-) -> tuple[Tensor, Transpose, bool]:
-    """``z- = W- a + b-``, its transposed product, and whether ``z-`` may be overwritten.
+def _derived_negative_part(call: LayerCall, params: Params, out_pos: Tensor, zeroed: tuple[str, ...]) -> Tensor | None:
+    """``z- = W- a + b-`` as ``z - z+`` from the saved output ``z`` (non-negative inputs only), or ``None``.
 
-    For non-negative inputs only.
-
-    ``z = z+ + z-`` for ``a >= 0``, so ``z-`` is taken as ``z - z+`` from the saved output ``z``:
-    one layer-sized forward less. Where that difference is small against ``z+`` it would be
-    mostly rounding error (cancellation), so then ``z-`` is computed directly, as without the
-    shortcut: the result is accurate to the dtype either way. On the shortcut, ``W-`` is made
-    only by the transposed product, so it need not live at the same time as ``W+``.
+    ``z = z+ + z-`` for ``a >= 0``: one layer-sized forward less. Where that difference is small
+    against ``z+`` it would be mostly rounding error (cancellation), so then (and when the output
+    cannot be reused) ``None`` tells the caller to compute ``z-`` directly: the result is
+    accurate to the dtype either way. The result is a new tensor.
     """
     if call.output is None or _zeroes_weights(params, zeroed):
-        return _direct_negative_part(call, params)
+        return None
     derived = _output_under(call, params, zeroed) - out_pos
     tolerance = _CANCELLATION_ULPS * torch.finfo(derived.dtype).eps
     # z+ >= 0 and z- <= 0 here, so "|z-| >= tolerance * |z+|" is "z- + tolerance * z+ <= 0"
     if derived.numel() == 0 or bool(torch.add(derived, out_pos, alpha=tolerance).max() <= 0):
-        return derived, lambda grad: call.ops.transpose(call.inputs, _negative(params), grad), True
-    return _direct_negative_part(call, params)
+        return derived
+    return None
 
 
 def _zeroes_weights(params: Params, zeroed: tuple[str, ...]) -> bool:

@@ -95,15 +95,17 @@ def test_known_nonnegative_shortcut_equals_the_checked_result():
     torch.testing.assert_close(fast, checked, rtol=1e-12, atol=1e-12)
 
 
-def alpha_beta_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """Alpha2Beta1 on a dense layer with non-negative input, in float64, from the formula."""
+def alpha_beta_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relevance: torch.Tensor, alpha: float = 2.0, beta: float = 1.0
+) -> torch.Tensor:
+    """Alpha-beta on a dense layer with non-negative input, in float64, from the formula."""
     x, weight, bias, relevance = (t.double() for t in (x, weight, bias, relevance))
     contributions = x[:, None, :] * weight[None]  # (batch, out, in)
     positive = contributions.clamp(min=0).sum(-1) + bias.clamp(min=0)
     negative = contributions.clamp(max=0).sum(-1) + bias.clamp(max=0)
     share_pos = contributions.clamp(min=0) / reference_stabilize(positive, 1e-6)[..., None]
     share_neg = contributions.clamp(max=0) / reference_stabilize(negative, 1e-6)[..., None]
-    return ((2 * share_pos - share_neg) * relevance[..., None]).sum(1)
+    return ((alpha * share_pos - beta * share_neg) * relevance[..., None]).sum(1)
 
 
 def test_alpha_beta_falls_back_to_the_direct_negative_part_under_cancellation():
@@ -128,6 +130,30 @@ def test_alpha_beta_shortcut_matches_the_formula_on_random_layers():
     relevance = Gradient(nn.Sequential(layer), composite)(x, target=lambda output: start).relevance
     expected = alpha_beta_reference(x, layer.weight.detach(), layer.bias.detach(), start)
     torch.testing.assert_close(relevance.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(2.0, 1.0), (1.5, 0.5), (4.0, 3.0)])
+@pytest.mark.parametrize("generic", [False, True], ids=["dense ops", "generic ops"])
+def test_alpha_beta_never_builds_the_negative_weights_when_z_minus_comes_from_the_output(monkeypatch, alpha, beta, generic):
+    from lrpkit import ops
+
+    built = []  # every parameter set a forward or transposed product was asked to use
+    for cls in (ops.DenseOps, ops.LayerOps):
+        for method in ("forward", "transpose", "linearize"):
+            original = getattr(cls, method)
+            monkeypatch.setattr(
+                cls, method, lambda self, inputs, params, *rest, _f=original: built.append(params["weight"]) or _f(self, inputs, params, *rest)
+            )
+    torch.manual_seed(8)
+    linear = nn.Linear(6, 5).double().eval()
+    layer = FunctionalLinear(linear) if generic else linear
+    x = torch.rand(3, 6, dtype=torch.float64)
+    start = torch.randn(3, 5, dtype=torch.float64)
+    composite = composites.NameMapComposite([([""], rules.AlphaBeta(alpha, beta))], canonizers=[])
+    _, relevance = Gradient(layer, composite)(x, lambda output: start)
+    expected = alpha_beta_reference(x, linear.weight.detach(), linear.bias.detach(), start, alpha, beta)
+    torch.testing.assert_close(relevance, expected, rtol=1e-10, atol=1e-12)
+    assert built and not any(bool((weight <= 0).all()) for weight in built)  # W+ and W only
 
 
 class Residual(nn.Module):
