@@ -111,6 +111,14 @@ class LayerOps:
         """Whether outputs of :meth:`forward`/:meth:`linearize` under ``params`` hold no ``-0.0``."""
         return False
 
+    def call(self, inputs: Sequence[Tensor]) -> Any:
+        """The module's own forward (real parameters, no hooks, no graph) for ``inputs``."""
+        args = list(self.args)
+        for position, tensor in zip(self.input_positions, inputs):
+            args[position] = tensor
+        with torch.no_grad(), hooks_suspended(), torch._C.DisableTorchFunction():
+            return self.module.forward(*args, **self.kwargs)
+
 
 def _generic_linearize(
     ops: LayerOps, inputs: Sequence[Tensor], params: Params
@@ -180,6 +188,11 @@ class FunctionalOps(LayerOps):
             leaves[position] = tensor
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return tuple(args), dict(kwargs)
+
+    def call(self, inputs: Sequence[Tensor]) -> Any:
+        args, kwargs = self.arguments(inputs)
+        with torch.no_grad(), hooks_suspended(), torch._C.DisableTorchFunction():
+            return self.func(*args, **kwargs)
 
     def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor) -> tuple[Tensor | None, ...]:
         signs = self._sum_signs(grad)

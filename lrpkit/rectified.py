@@ -43,7 +43,6 @@ import torch
 from torch import Tensor, nn
 
 from . import captured, types
-from .ops import hooks_suspended
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -208,7 +207,7 @@ def _recomputable(pending: Any) -> bool:
     module = pending.module
     if not isinstance(module, types.Activation) or isinstance(module, _NOT_RECOMPUTED):
         return False
-    if getattr(module, "inplace", False) or pending.kwargs.get("inplace", False):
+    if getattr(module, "inplace", False):  # (FunctionalCapture runs captured calls out of place)
         return False
     return not (isinstance(module, captured.CapturedOp) and module.op in _NOT_RECOMPUTED_OPS)
 
@@ -258,10 +257,7 @@ def recomputed_inputs(saved: tuple[Tensor, ...], recipes: tuple[Any, ...]) -> tu
 
 def _activation_of(pending: Any, source: Tensor) -> Tensor:
     """The output of the activation call ``pending`` for the input ``source``, computed again."""
-    args = list(pending.args)
-    args[pending.input_positions[0]] = source
-    with torch.no_grad(), hooks_suspended(), torch._C.DisableTorchFunction():
-        return pending.module.forward(*args, **pending.kwargs)
+    return pending.ops_factory(pending.module, pending.args, pending.kwargs, pending.input_positions).call([source])
 
 
 __all__ = [

@@ -6,6 +6,8 @@ subclass (which does not), so the only difference is the lending.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -275,14 +277,15 @@ class SmoothMLP(nn.Module):
         return self.fc2(self.dropout(self.activation(self.fc1(x))))
 
 
-class FunctionalGeluMLP(SmoothMLP):
-    """The same with ``F.gelu`` called in ``forward`` (seen through FunctionalCapture)."""
+class FunctionalMLP(SmoothMLP):
+    """The same with a functional activation called in ``forward`` (seen through FunctionalCapture)."""
 
-    def __init__(self) -> None:
+    def __init__(self, activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__(nn.Identity())
+        self.function = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x)))
+        return self.fc2(self.function(self.fc1(x)))
 
 
 ACTIVATIONS = {
@@ -292,7 +295,10 @@ ACTIVATIONS = {
     "tanh": lambda: SmoothMLP(nn.Tanh()),
     "softplus": lambda: SmoothMLP(nn.Softplus(beta=2.0)),
     "elu_inplace": lambda: SmoothMLP(nn.ELU(inplace=True)),  # run out of place inside the context
-    "functional_gelu": FunctionalGeluMLP,
+    "functional_gelu": lambda: FunctionalMLP(nn.functional.gelu),
+    "functional_gelu_tanh": lambda: FunctionalMLP(lambda x: nn.functional.gelu(x, approximate="tanh")),
+    "functional_softplus": lambda: FunctionalMLP(lambda x: nn.functional.softplus(x, beta=2.0)),
+    "method_tanh": lambda: FunctionalMLP(torch.Tensor.tanh),
 }
 
 
