@@ -374,22 +374,7 @@ class AlphaBeta(_ParamRule):
         params = call.params(self.zero_params)
         inputs = call.inputs
         if call.inputs_nonnegative():
-            fresh = call.ops.fresh
-            out_pos, transpose_pos = call.ops.linearize(inputs, _positive(params))
-            if self.beta == 0:
-                share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
-                return tuple(_times(inputs, share_pos, fresh))
-            derived = _derived_negative_part(call, params, out_pos, self.zero_params)
-            if derived is not None:
-                return self._through_plain_weights(call, params, relevance, out_pos, transpose_pos, derived)
-            out_neg, transpose_neg, owned = _direct_negative_part(call, params)
-            share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, self.stabilizer, +1, fresh))
-            del transpose_pos, out_pos  # lets the positive quotient go before the second product
-            share_neg = transpose_neg(_divide_by_signed(relevance, out_neg, self.stabilizer, -1, owned))
-            return tuple(
-                _weighted_difference(a, p, n, self.alpha, self.beta, fresh)
-                for a, p, n in zip(inputs, share_pos, share_neg)
-            )
+            return self._nonnegative(call, params, relevance)
         weight_pos, weight_neg = _positive(params), _negative(params)
         inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
         inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
@@ -399,34 +384,42 @@ class AlphaBeta(_ParamRule):
         negative = _two_path(call, inputs_pos, weight_neg, inputs_neg, _drop_bias(weight_pos), relevance, self.stabilizer)
         return tuple(self.alpha * p - self.beta * n for p, n in zip(positive, negative))
 
-
-    def _through_plain_weights(
-        self,
-        call: LayerCall,
-        params: Params,
-        relevance: Tensor,
-        out_pos: Tensor,
-        transpose_pos: Transpose,
-        out_neg: Tensor,
-    ) -> Relevances:
-        """Non-negative inputs, ``z-`` derived from the output: two products and no ``W-``.
+    def _nonnegative(self, call: LayerCall, params: Params, relevance: Tensor) -> Relevances:
+        """Inputs ``a >= 0``: ``z+ = W+ a + b+`` by one forward, ``z- = z - z+`` from the output.
 
         ``W-^T t = W^T t - W+^T t`` turns ``alpha W+^T s+ - beta W-^T s-`` into
         ``beta (W+^T u - W^T s-)`` with ``u = s- + (alpha / beta) s+``, computed in one
         ``addcdiv`` pass together with ``s+`` itself. The transposed product with the layer's own
         weight takes the place of the one with ``W-``, which is never built (one pass over the
-        weights and one weight-sized tensor less). ``out_pos`` and ``out_neg`` are overwritten.
+        weights and one weight-sized tensor less). Where ``z - z+`` cannot be trusted
+        (:func:`_derived_negative_part`), ``z-`` is computed with ``W-``. Every tensor is let go
+        as soon as it has been read, so that at most two layer-sized tensors are alive during a
+        transposed product.
         """
-        fresh = call.ops.fresh
-        scaled_neg = _divide_by_signed(relevance, out_neg, self.stabilizer, -1, owned=True)
-        stabilized_pos = out_pos.add_(self.stabilizer) if fresh else out_pos + self.stabilizer
+        fresh, inputs, epsilon = call.ops.fresh, call.inputs, self.stabilizer
+        out_pos, transpose_pos = call.ops.linearize(inputs, _positive(params))
+        if self.beta == 0:
+            return tuple(_times(inputs, transpose_pos(_divide_by_signed(relevance, out_pos, epsilon, +1, fresh)), fresh))
+        out_neg = _derived_negative_part(call, params, out_pos, self.zero_params)
+        if out_neg is None:
+            out_neg, transpose_neg, owned = _direct_negative_part(call, params)
+            share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, epsilon, +1, fresh))
+            del transpose_pos, out_pos
+            share_neg = transpose_neg(_divide_by_signed(relevance, out_neg, epsilon, -1, owned))
+            return tuple(
+                _weighted_difference(a, p, n, self.alpha, self.beta, fresh) for a, p, n in zip(inputs, share_pos, share_neg)
+            )
+        scaled_neg = _divide_by_signed(relevance, out_neg, epsilon, -1, owned=True)
+        del out_neg
+        stabilized_pos = out_pos.add_(epsilon) if fresh else out_pos + epsilon
+        del out_pos
         combined = torch.addcdiv(scaled_neg, relevance, stabilized_pos, value=self.alpha / self.beta, out=stabilized_pos)
+        del stabilized_pos
         share_pos = transpose_pos(combined)
-        del transpose_pos, combined, out_pos, stabilized_pos
-        share_plain = call.ops.transpose(call.inputs, params, scaled_neg)
-        return tuple(
-            _scaled_difference(a, p, n, self.beta, fresh) for a, p, n in zip(call.inputs, share_pos, share_plain)
-        )
+        del transpose_pos, combined  # W+ and u
+        share_plain = call.ops.transpose(inputs, params, scaled_neg)
+        del scaled_neg
+        return tuple(_scaled_difference(a, p, n, self.beta, fresh) for a, p, n in zip(inputs, share_pos, share_plain))
 
 
 def _scaled_difference(factor: Tensor, positive: Tensor, negative: Tensor, scale: float, owned: bool) -> Tensor:
@@ -908,29 +901,31 @@ class AttentionValue(_StabilizedRule):
     @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
-        value_map = _value_map(call)
-        (value,) = call.inputs
-        leaf = value.detach().requires_grad_(True)
-        with torch.enable_grad():
-            output = value_map(leaf)
+        transpose = _value_transpose(call)
         scaled = divide(relevance, call.output, self.stabilizer)
-        (gradient,) = torch.autograd.grad(output, leaf, scaled)
-        return (value * gradient,)
+        (value,) = call.inputs
+        gradient = transpose(scaled)
+        return (gradient.mul_(value) if _can_overwrite(gradient, value) else value * gradient,)
 
 
-def _value_map(call: LayerCall) -> Callable[[Tensor], Tensor]:
-    """The attention call as a function of its value input, the attention weights fixed."""
+def _value_transpose(call: LayerCall) -> Callable[[Tensor], Tensor]:
+    """``grad -> J^T grad`` of the attention call as a linear map of its value input (weights fixed).
+
+    Closed form: no forward of the value path and no autograd graph, only the transposed
+    products (the output projection, the attention weights, the value projection).
+    """
     op = getattr(call.module, "op", None)
     if not isinstance(call.ops, FunctionalOps) or len(call.inputs) != 1:
         op = None
     if op == "scaled_dot_product_attention":
-        return _sdpa_value_map(_bind(_sdpa_signature, call.ops.arguments()))
+        return _sdpa_value_transpose(_bind(_sdpa_signature, call.ops.arguments()), call.inputs[0])
     if op == "multi_head_attention_forward":
-        return _mha_value_map(_bind(torch.nn.functional.multi_head_attention_forward, call.ops.arguments()), call)
+        return _mha_value_transpose(_bind(torch.nn.functional.multi_head_attention_forward, call.ops.arguments()), call)
     raise TypeError(
         f"AttentionValue explains captured scaled_dot_product_attention and "
         f"multi_head_attention_forward calls; {call.describe()} is neither"
     )
+
 
 def _sdpa_signature(
     query: Tensor,
@@ -958,7 +953,8 @@ def _attention_weights(query: Tensor, key: Tensor, mask: Tensor | None, causal: 
     return torch.softmax(scores, dim=-1)
 
 
-def _sdpa_value_map(bound: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+def _sdpa_value_transpose(bound: dict[str, Any], value: Tensor) -> Callable[[Tensor], Tensor]:
+    """``grad -> A^T grad`` for ``out = A value``, summed over the batch dimensions ``value`` is broadcast in."""
     if bound["dropout_p"] or bound["enable_gqa"]:
         raise NotImplementedError(
             "AttentionValue needs scaled_dot_product_attention without dropout and without "
@@ -967,11 +963,15 @@ def _sdpa_value_map(bound: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     weights = _attention_weights(
         bound["query"], bound["key"], bound["attn_mask"], bound["is_causal"], bound["scale"]
     )
-    return lambda value: weights @ value
+    return lambda grad: (weights.transpose(-2, -1) @ grad).sum_to_size(value.shape)
 
 
-def _mha_value_map(bound: dict[str, Any], call: LayerCall) -> Callable[[Tensor], Tensor]:
-    """``multi_head_attention_forward`` as an affine map of ``value`` (sequence-first layout)."""
+def _mha_value_transpose(bound: dict[str, Any], call: LayerCall) -> Callable[[Tensor], Tensor]:
+    """``multi_head_attention_forward`` as an affine map of ``value`` (sequence-first): its transposed product.
+
+    The map is ``out = W_o merge(A split(W_v value + b_v)) + b_o`` with the attention weights ``A``
+    of every head fixed, so ``J^T g = W_v^T merge(A^T split(W_o^T g))``.
+    """
     unsupported = [
         name
         for name in ("bias_k", "bias_v", "static_k", "static_v")
@@ -982,31 +982,59 @@ def _mha_value_map(bound: dict[str, Any], call: LayerCall) -> Callable[[Tensor],
             f"AttentionValue does not support {', '.join(unsupported) or 'dropout in training mode'} "
             f"in {call.describe()}; map that call to None (plain gradient) or call model.eval()"
         )
-    query = bound["query"]
-    batched = query.dim() == 3
+    batched = bound["query"].dim() == 3
     heads = int(bound["num_heads"])
-    with torch.no_grad(), hooks_suspended():
-        arguments = {**bound, "need_weights": True, "average_attn_weights": False, "training": False}
-        _, weights = torch.nn.functional.multi_head_attention_forward(**arguments)
-    embed = query.shape[-1]
+    embed = bound["query"].shape[-1]
+    weights = _mha_weights(bound, heads)  # (batch * heads, target length, source length)
     if bound["use_separate_proj_weight"]:
-        weight = bound["v_proj_weight"]
+        value_weight = bound["v_proj_weight"]
     else:
-        weight = bound["in_proj_weight"][2 * embed :]
-    bias = None if bound["in_proj_bias"] is None else bound["in_proj_bias"][2 * embed :]
-    out_weight, out_bias = bound["out_proj_weight"], bound["out_proj_bias"]
+        value_weight = bound["in_proj_weight"][2 * embed :]
+    out_weight = bound["out_proj_weight"]
 
-    def value_map(value_input: Tensor) -> Tensor:
-        values = value_input if batched else value_input.unsqueeze(1)
-        source, batch = values.shape[:2]
-        projected = torch.nn.functional.linear(values, weight, bias)
-        per_head = projected.reshape(source, batch * heads, -1).transpose(0, 1)
-        mixed = weights.reshape(batch * heads, -1, source) @ per_head
+    def transpose(grad: Tensor) -> Tensor:
+        grads = grad if batched else grad.unsqueeze(1)
+        length, batch = grads.shape[:2]
+        per_head = (grads @ out_weight).reshape(length, batch * heads, -1).transpose(0, 1)
+        mixed = weights.transpose(1, 2) @ per_head  # (batch * heads, source length, head width)
         merged = mixed.transpose(0, 1).reshape(-1, batch, embed)
-        output = torch.nn.functional.linear(merged, out_weight, out_bias)
-        return output if batched else output.squeeze(1)
+        result = merged @ value_weight
+        return result if batched else result.squeeze(1)
 
-    return value_map
+    return transpose
+
+
+def _mha_weights(bound: dict[str, Any], heads: int) -> Tensor:
+    """The attention weights of every head, ``(batch * heads, target length, source length)``.
+
+    Without masks and with the packed input projection they are computed from the query and key
+    projections alone, as ``multi_head_attention_forward`` does (scaled query, ``bmm``, softmax);
+    otherwise torch's own function is run once more with ``need_weights=True``.
+    """
+    query, key = bound["query"], bound["key"]
+    batched = query.dim() == 3
+    plain = (
+        bound["attn_mask"] is None
+        and bound["key_padding_mask"] is None
+        and not bound.get("is_causal", False)
+        and not bound["use_separate_proj_weight"]
+        and bound["in_proj_weight"] is not None
+    )
+    with torch.no_grad(), hooks_suspended():
+        if not plain:
+            arguments = {**bound, "need_weights": True, "average_attn_weights": False, "training": False}
+            _, weights = torch.nn.functional.multi_head_attention_forward(**arguments)
+            return weights.reshape(-1, *weights.shape[-2:])
+        embed = query.shape[-1]
+        width = embed // heads
+        weight, bias = bound["in_proj_weight"], bound["in_proj_bias"]
+        queries = torch.nn.functional.linear(query, weight[:embed], None if bias is None else bias[:embed])
+        keys = torch.nn.functional.linear(key, weight[embed : 2 * embed], None if bias is None else bias[embed : 2 * embed])
+        if not batched:
+            queries, keys = queries.unsqueeze(1), keys.unsqueeze(1)
+        queries = queries.reshape(queries.shape[0], -1, width).transpose(0, 1) * math.sqrt(1.0 / width)
+        keys = keys.reshape(keys.shape[0], -1, width).transpose(0, 1)
+        return torch.softmax(torch.bmm(queries, keys.transpose(1, 2)), dim=-1)
 
 
 class _ElementwiseRule(Rule):

@@ -156,6 +156,35 @@ def test_alpha_beta_never_builds_the_negative_weights_when_z_minus_comes_from_th
     assert built and not any(bool((weight <= 0).all()) for weight in built)  # W+ and W only
 
 
+def test_alpha_beta_lets_w_plus_and_its_quotient_go_before_the_product_with_the_plain_weight(monkeypatch):
+    import gc
+    import weakref
+
+    from lrpkit import ops
+
+    made = []  # weak references to W+ and z+ (later u) from the modified forward
+    alive_at_plain_product = []
+    linearize, transpose = ops.DenseOps.linearize, ops.DenseOps.transpose
+
+    def recording_linearize(self, inputs, params):  # type: ignore[no-untyped-def]
+        output, product = linearize(self, inputs, params)
+        made.extend([weakref.ref(params["weight"]), weakref.ref(output)])
+        return output, product
+
+    def recording_transpose(self, inputs, params, grad):  # type: ignore[no-untyped-def]
+        gc.collect()
+        alive_at_plain_product.append([reference() is not None for reference in made])
+        return transpose(self, inputs, params, grad)
+
+    monkeypatch.setattr(ops.DenseOps, "linearize", recording_linearize)
+    monkeypatch.setattr(ops.DenseOps, "transpose", recording_transpose)
+    torch.manual_seed(9)
+    layer = nn.Linear(6, 5).double().eval()
+    composite = composites.LayerMapComposite([(nn.Linear, rules.AlphaBeta(2, 1))], canonizers=[])
+    Gradient(layer, composite)(torch.rand(3, 6, dtype=torch.float64), lambda output: torch.randn(3, 5, dtype=torch.float64))
+    assert alive_at_plain_product == [[False, False]]
+
+
 class Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -778,6 +778,64 @@ def test_attention_value_with_default_need_weights() -> None:
     assert torch.allclose(result, expected, rtol=1e-9, atol=1e-11)
 
 
+class MaskedAttention(nn.Module):
+    """Self-attention with masks, unbatched input or separate projections (``kdim``)."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        kdim = 4 if case == "separate projections" else None
+        self.attention = nn.MultiheadAttention(6, 2, bias=True, kdim=kdim, vdim=kdim)
+        self.lift = nn.Linear(4, 6)  # the query from a 4-wide input, for kdim = vdim = 4
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lift(x) if self.case == "separate projections" else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(self.query(x), x, x, need_weights=False, **self.masks(x))[0]
+
+    def masks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        length = x.shape[0]
+        if self.case == "causal mask":
+            return {"attn_mask": torch.ones(length, length, dtype=torch.bool).triu(1)}
+        if self.case == "padding mask":
+            padding = torch.zeros(x.shape[1], length, dtype=torch.bool)
+            padding[0, -1] = True
+            return {"key_padding_mask": padding}
+        if self.case == "float mask":
+            return {"attn_mask": _random(length, length, seed=21)}
+        return {}
+
+
+@pytest.mark.parametrize("case", ["causal mask", "padding mask", "float mask", "unbatched", "separate projections"])
+def test_attention_value_with_masks_unbatched_input_or_separate_projections(case: str) -> None:
+    torch.manual_seed(1)
+    model = MaskedAttention(case).to(DTYPE).eval()
+    with torch.no_grad():
+        for name, parameter in model.attention.named_parameters():
+            if "bias" in name:
+                parameter.normal_()
+    width = 4 if case == "separate projections" else 6
+    x = _random(4, 2, width, seed=22)[:, 0] if case == "unbatched" else _random(4, 2, width, seed=22)
+    relevance = _random(*x.shape[:-1], 6, seed=23)
+    _, result = Gradient(model, composites.EpsilonPlus())(x, target=relevance)
+    mha = model.attention
+    with torch.no_grad():
+        _, weights = mha(model.query(x), x, x, need_weights=True, average_attn_weights=False, **model.masks(x))
+    value_weight = mha.v_proj_weight if case == "separate projections" else mha.in_proj_weight[12:]
+    value_bias = mha.in_proj_bias[12:]
+
+    def value_path(value: torch.Tensor) -> torch.Tensor:  # (L, [B,] E) with the weights held fixed
+        heads = (value @ value_weight.T + value_bias).unflatten(-1, (2, 3)).movedim(0, -2)  # ([B,] H, L, d)
+        mixed = (weights.detach() @ heads).movedim(-2, 0).flatten(-2)
+        return mixed @ mha.out_proj.weight.T + mha.out_proj.bias
+
+    with torch.no_grad():
+        assert torch.allclose(value_path(x), model(x), atol=1e-12)  # the reference is the same function
+    expected = epsilon_reference(value_path, x, relevance)
+    assert torch.allclose(result, expected, rtol=1e-9, atol=1e-11)
+
+
 class Sdpa(nn.Module):
     """``F.scaled_dot_product_attention`` with queries/keys computed from the input (or fixed)."""
 
