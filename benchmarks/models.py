@@ -91,7 +91,9 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
     """Model ``name`` with seeded random weights, in eval mode.
 
     ``name`` is ``tiny-vgg``, ``tiny-resnet`` or a torchvision classification model
-    (``vgg16``, ``resnet50``, ...; ``weights=None``).
+    (``vgg16``, ``resnet50``, ...; ``weights=None``). A dense layer that torchvision initialises
+    to zero (the classification head of the vision transformers) gets PyTorch's default random
+    initialisation instead: with a zero head every output, and so every relevance, is zero.
 
     Raises
     ------
@@ -104,6 +106,9 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = factory() if name in _CUSTOM_MODELS else factory(weights=None)
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and not module.weight.any():
+                module.reset_parameters()
     return model.eval()
 
 
