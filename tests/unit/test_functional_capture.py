@@ -876,6 +876,22 @@ def test_attention_value_on_scaled_dot_product_attention(from_input: bool, causa
     assert torch.allclose(result, expected, rtol=1e-10, atol=1e-12)
 
 
+@ignore_uncovered
+@pytest.mark.parametrize("value_shape", [(1, 2, 3, 5), (3, 5)], ids=["batch of one", "no batch dimensions"])
+def test_attention_value_with_a_value_broadcast_over_the_batch(value_shape: tuple[int, ...]) -> None:
+    model = Sdpa(from_input=False, causal=False).eval()  # queries and keys: (2, 2, 3, 5) parameters
+    x, relevance = _random(*value_shape, seed=17), _random(2, 2, 3, 5, seed=18)
+    _, result = Gradient(model, composites.EpsilonPlus())(x, target=relevance)
+    with torch.no_grad():
+        weights = torch.softmax(model.q @ model.k.transpose(-1, -2) / math.sqrt(5), dim=-1)
+        output = weights @ x
+        assert torch.allclose(output, model(x), atol=1e-12)
+        shares = weights.transpose(-1, -2) @ (relevance / stabilize(output))  # per batch element
+        expected = x * shares.sum_to_size(x.shape)
+    assert result.shape == x.shape
+    assert torch.allclose(result, expected, rtol=1e-10, atol=1e-12)
+
+
 class Multiply(nn.Module):
     """``a * b`` of two slices of the input; ``broadcast`` makes ``b`` one column."""
 
