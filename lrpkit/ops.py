@@ -111,13 +111,22 @@ class LayerOps:
         """Whether outputs of :meth:`forward`/:meth:`linearize` under ``params`` hold no ``-0.0``."""
         return False
 
-    def call(self, inputs: Sequence[Tensor]) -> Any:
-        """The module's own forward (real parameters, no hooks, no graph) for ``inputs``."""
+    def arguments(self, inputs: Sequence[Tensor] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's ``(args, kwargs)``, with ``inputs`` in place of the relevance inputs if given."""
         args = list(self.args)
-        for position, tensor in zip(self.input_positions, inputs):
+        for position, tensor in zip(self.input_positions, inputs or ()):
             args[position] = tensor
+        return tuple(args), self.kwargs
+
+    def function(self) -> Callable[..., Any]:
+        """What the call ran: the module's own ``forward`` (its real parameters, no hooks)."""
+        return self.module.forward
+
+    def call(self, inputs: Sequence[Tensor]) -> Any:
+        """The call's output for ``inputs``, computed again (no graph, no hooks, no torch-function modes)."""
+        args, kwargs = self.arguments(inputs)
         with torch.no_grad(), hooks_suspended(), torch._C.DisableTorchFunction():
-            return self.module.forward(*args, **self.kwargs)
+            return self.function()(*args, **kwargs)
 
 
 def _generic_linearize(
@@ -125,11 +134,9 @@ def _generic_linearize(
 ) -> tuple[Tensor, Transpose]:
     """Re-run the module with modified parameters and take input gradients with autograd."""
     leaves = _leaves(inputs)
-    args = list(ops.args)
-    for position, leaf in zip(ops.input_positions, leaves):
-        args[position] = leaf
+    args, kwargs = ops.arguments(leaves)
     with torch.enable_grad(), hooks_suspended():
-        output = torch.func.functional_call(ops.module, params, tuple(args), ops.kwargs)
+        output = torch.func.functional_call(ops.module, params, args, kwargs)
     return _autograd_linearization(output, leaves, type(ops.module).__name__)
 
 
@@ -182,17 +189,13 @@ class FunctionalOps(LayerOps):
         return {}
 
     def arguments(self, inputs: Sequence[Tensor] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The call's ``(args, kwargs)``, with ``inputs`` in place of the relevance inputs if given."""
-        leaves = list(self.args)
-        for position, tensor in zip(self.input_positions, inputs or ()):
-            leaves[position] = tensor
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        """The call's ``(args, kwargs)`` rebuilt from its leaves, ``inputs`` in place of the relevance inputs."""
+        leaves, _ = super().arguments(inputs)
+        args, kwargs = pytree.tree_unflatten(list(leaves), self.spec)
         return tuple(args), dict(kwargs)
 
-    def call(self, inputs: Sequence[Tensor]) -> Any:
-        args, kwargs = self.arguments(inputs)
-        with torch.no_grad(), hooks_suspended(), torch._C.DisableTorchFunction():
-            return self.func(*args, **kwargs)
+    def function(self) -> Callable[..., Any]:
+        return self.func
 
     def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor) -> tuple[Tensor | None, ...]:
         signs = self._sum_signs(grad)

@@ -419,27 +419,23 @@ class AlphaBeta(_ParamRule):
         del transpose_pos, combined  # W+ and u
         share_plain = call.ops.transpose(inputs, params, scaled_neg)
         del scaled_neg
-        return tuple(_scaled_difference(a, p, n, self.beta, fresh) for a, p, n in zip(inputs, share_pos, share_plain))
-
-
-def _scaled_difference(factor: Tensor, positive: Tensor, negative: Tensor, scale: float, owned: bool) -> Tensor:
-    """``scale * factor * (positive - negative)``, in place when the shares are owned."""
-    if owned and _can_overwrite(positive, factor) and _can_overwrite(negative, factor):
-        difference = positive.sub_(negative).mul_(factor)
-        return difference if scale == 1 else difference.mul_(scale)
-    return scale * factor * (positive - negative)
+        return tuple(
+            _weighted_difference(a, p, n, self.beta, self.beta, fresh) for a, p, n in zip(inputs, share_pos, share_plain)
+        )
 
 
 def _weighted_difference(factor: Tensor, positive: Tensor, negative: Tensor, alpha: float, beta: float, owned: bool) -> Tensor:
     """``factor * (alpha * positive - beta * negative)``, in place when the shares are owned.
 
-    With ``alpha - beta == 1`` (always, for :class:`AlphaBeta`) the weighted difference is
-    ``positive + (-beta) * (negative - positive)``: one ``lerp_`` pass instead of two.
+    With ``alpha - beta == 1`` the weighted difference is ``positive + (-beta) * (negative -
+    positive)``: one ``lerp_`` pass instead of two; with ``alpha == 1`` no scaling pass of
+    ``positive`` is needed.
     """
     if owned and _can_overwrite(positive, factor) and _can_overwrite(negative, factor):
         if alpha - beta == 1:
             return positive.lerp_(negative, -beta).mul_(factor)
-        return positive.mul_(alpha).sub_(negative, alpha=beta).mul_(factor)
+        scaled = positive if alpha == 1 else positive.mul_(alpha)
+        return scaled.sub_(negative, alpha=beta).mul_(factor)
     return factor * (alpha * positive - beta * negative)
 
 
@@ -918,7 +914,7 @@ def _value_transpose(call: LayerCall) -> Callable[[Tensor], Tensor]:
     if not isinstance(call.ops, FunctionalOps) or len(call.inputs) != 1:
         op = None
     if op == "scaled_dot_product_attention":
-        return _sdpa_value_transpose(_bind(_sdpa_signature, call.ops.arguments()), call.inputs[0])
+        return _sdpa_value_transpose(_bind(_sdpa_signature, call.ops.arguments()), call.inputs[0].shape)
     if op == "multi_head_attention_forward":
         return _mha_value_transpose(_bind(torch.nn.functional.multi_head_attention_forward, call.ops.arguments()), call)
     raise TypeError(
@@ -953,7 +949,7 @@ def _attention_weights(query: Tensor, key: Tensor, mask: Tensor | None, causal: 
     return torch.softmax(scores, dim=-1)
 
 
-def _sdpa_value_transpose(bound: dict[str, Any], value: Tensor) -> Callable[[Tensor], Tensor]:
+def _sdpa_value_transpose(bound: dict[str, Any], value_shape: torch.Size) -> Callable[[Tensor], Tensor]:
     """``grad -> A^T grad`` for ``out = A value``, summed over the batch dimensions ``value`` is broadcast in."""
     if bound["dropout_p"] or bound["enable_gqa"]:
         raise NotImplementedError(
@@ -963,7 +959,7 @@ def _sdpa_value_transpose(bound: dict[str, Any], value: Tensor) -> Callable[[Ten
     weights = _attention_weights(
         bound["query"], bound["key"], bound["attn_mask"], bound["is_causal"], bound["scale"]
     )
-    return lambda grad: (weights.transpose(-2, -1) @ grad).sum_to_size(value.shape)
+    return lambda grad: (weights.transpose(-2, -1) @ grad).sum_to_size(value_shape)
 
 
 def _mha_value_transpose(bound: dict[str, Any], call: LayerCall) -> Callable[[Tensor], Tensor]:
