@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .ops import LayerOps, Params, hooks_are_suspended, hooks_suspended, layer_ops
+from .ops import LayerOps, Params, hooks_are_suspended, hooks_suspended, layer_ops, with_values
 from .rectified import (
     KeptOutput,
     certify,
@@ -69,10 +69,20 @@ class LayerCall:
     known_nonnegative: tuple[bool, ...] = ()
     output_rectified: bool = False
 
-    def params(self, zero: tuple[str, ...] = ()) -> Params:
-        """The module's parameters, with those named in ``zero`` replaced by zeros."""
-        params = self.ops.params()
-        return {key: torch.zeros_like(value) if key in zero else value for key, value in params.items()}
+    def params(self, zero: tuple[str, ...] = (), homogeneous: bool = False) -> Params:
+        """The module's parameters, with those named in ``zero`` replaced by zeros.
+
+        With ``homogeneous`` the caller promises to change the weights only in ways that commute
+        with a non-negative scale per output channel (``f(W * c) = f(W) * c`` for ``c >= 0``:
+        clamps at zero, sums of them, zeroing) and to build modified parameters with
+        :func:`lrpkit.ops.with_values`. A layer with a BatchNorm merged into it then hands its
+        own weight and the BatchNorm's scale (:class:`lrpkit.ops.ScaledParams`) instead of a new
+        merged weight. Without it, the parameters are those of the merged layer, as they are.
+        """
+        params = self.ops.scaled_params() if homogeneous else self.ops.params()
+        if not zero:
+            return params
+        return with_values(params, {key: torch.zeros_like(value) if key in zero else value for key, value in params.items()})
 
     def inputs_nonnegative(self) -> bool:
         """Whether every input is ``>= 0`` (the single-path shortcut of z+/gamma/alpha-beta).
@@ -303,7 +313,7 @@ def _output_for(
 def _recomputed(ops: LayerOps, inputs: tuple[Tensor, ...]) -> Tensor:
     """The layer's output, computed again with one forward."""
     with torch.no_grad():
-        return ops.forward(inputs, ops.params())
+        return ops.forward(inputs, ops.scaled_params())
 
 
 def _checked(

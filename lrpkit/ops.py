@@ -29,7 +29,77 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_file
 
 Params = dict[str, Tensor]
-Transpose = Callable[[Tensor], tuple[Tensor | None, ...]]
+#: ``(grad, owned=False) -> J^T grad`` per input; ``owned``: the caller lets the product overwrite ``grad``.
+Transpose = Callable[..., tuple[Tensor | None, ...]]
+
+
+class OutputScaling:
+    """A BatchNorm merged into the layer before it without copying the layer's weight.
+
+    The merged layer computes ``z * scale + shift`` per output channel, where ``z = W a + b`` is
+    the layer's own output; as one affine layer that is ``W' = W * scale`` and
+    ``b' = b * scale + shift`` (``bias``). :mod:`lrpkit.canonizers.batchnorm` registers one per
+    merged layer (:func:`set_output_scaling`) and scales the layer's output with a forward hook.
+
+    Parameters
+    ----------
+    scale, shift, bias
+        Per output channel (1-D, in the weight's dtype); ``scale >= 0`` everywhere, so that the
+        rules' weight modifications (clamps, sums of them, zeroing) commute with it.
+    channel_dims
+        Trailing dimensions after the channel in the layer's output (0 for ``Linear``, whose
+        channels are the last dimension; the number of spatial dimensions for a convolution).
+    """
+
+    def __init__(self, scale: Tensor, shift: Tensor, bias: Tensor, channel_dims: int) -> None:
+        shape = (-1, *([1] * channel_dims))
+        self.scale = scale.reshape(shape)
+        self.shift = shift.reshape(shape)
+        self.bias = bias
+
+    def weight(self, weight: Tensor) -> Tensor:
+        """``W * scale`` per output channel (a new tensor the size of the weight)."""
+        return weight * self.scale.reshape(-1, *([1] * (weight.ndim - 1)))
+
+
+class ScaledParams(dict[str, Tensor]):
+    """A merged layer's parameters as its own weight and a per-channel output scale.
+
+    ``{"weight": W, "bias": b'}`` with ``scale``: the layer is ``(W a) * scale + b'``. Rules whose
+    weight modifications commute with a non-negative per-channel scale get these from
+    ``LayerCall.params(..., homogeneous=True)`` and modify them with :func:`with_values`, which
+    keeps the scale; the closed-form ops apply it to outputs and output gradients, so the merged
+    weight is never materialised. A plain ``dict`` always holds the merged layer's weights as they
+    are.
+    """
+
+    def __init__(self, values: dict[str, Tensor], scale: Tensor) -> None:
+        super().__init__(values)
+        self.scale = scale
+
+
+def with_values(params: Params, values: dict[str, Tensor]) -> Params:
+    """``values`` as parameters of the same kind as ``params`` (a :class:`ScaledParams` keeps its scale)."""
+    if isinstance(params, ScaledParams):
+        return ScaledParams(values, params.scale)
+    return values
+
+
+#: The merged layers whose BatchNorm is applied as an output scaling, by module.
+_OUTPUT_SCALINGS: "weakref.WeakKeyDictionary[nn.Module, OutputScaling]" = weakref.WeakKeyDictionary()
+
+
+def set_output_scaling(module: nn.Module, scaling: OutputScaling | None) -> None:
+    """Register (or with ``None`` remove) ``module``'s output scaling."""
+    if scaling is None:
+        _OUTPUT_SCALINGS.pop(module, None)
+    else:
+        _OUTPUT_SCALINGS[module] = scaling
+
+
+def output_scaling(module: nn.Module) -> OutputScaling | None:
+    """The output scaling of a layer merged with :class:`OutputScaling`, or ``None``."""
+    return _OUTPUT_SCALINGS.get(module)
 
 _state = threading.local()
 
@@ -77,12 +147,16 @@ class LayerOps:
         self.args = args
         self.kwargs = kwargs
         self.input_positions = input_positions
+        self.scaling = output_scaling(module)
 
     def params(self) -> Params:
-        """The module's own parameters (not its children's), detached."""
-        return {
-            name: param.detach() for name, param in self.module.named_parameters(recurse=False)
-        }
+        """The module's own parameters (not its children's), detached; merged ones if it is scaled."""
+        params = {name: param.detach() for name, param in self.module.named_parameters(recurse=False)}
+        return _merged(params, self.scaling)
+
+    def scaled_params(self) -> Params:
+        """:meth:`params`, as :class:`ScaledParams` where the ops can apply the scale themselves."""
+        return self.params()
 
     def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
         """Output of the module for ``inputs`` under ``params``."""
@@ -92,8 +166,13 @@ class LayerOps:
         """Output for ``inputs`` under ``params`` and the transposed product at that point."""
         return _generic_linearize(self, inputs, params)
 
-    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor) -> tuple[Tensor | None, ...]:
-        """``J^T grad`` for each input, the Jacobian taken at ``inputs`` under ``params``."""
+    def transpose(
+        self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False
+    ) -> tuple[Tensor | None, ...]:
+        """``J^T grad`` for each input, the Jacobian taken at ``inputs`` under ``params``.
+
+        ``owned``: ``grad`` is the caller's and not read again, so the product may overwrite it.
+        """
         return self.linearize(inputs, params)[1](grad)
 
     def without_bias(self, output: Tensor, params: Params) -> Tensor | None:
@@ -152,7 +231,7 @@ def _autograd_linearization(output: Any, leaves: list[Tensor], what: str) -> tup
             "tensor output"
         )
 
-    def transpose(grad: Tensor) -> tuple[Tensor | None, ...]:
+    def transpose(grad: Tensor, owned: bool = False) -> tuple[Tensor | None, ...]:
         if not output.requires_grad:
             return tuple(torch.zeros_like(leaf) for leaf in leaves)
         grads = torch.autograd.grad(output, leaves, grad, allow_unused=True)
@@ -197,7 +276,9 @@ class FunctionalOps(LayerOps):
     def function(self) -> Callable[..., Any]:
         return self.func
 
-    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def transpose(
+        self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False
+    ) -> tuple[Tensor | None, ...]:
         signs = self._sum_signs(grad)
         if signs is not None:
             return tuple(grad if sign > 0 else -grad for sign in signs)
@@ -227,13 +308,32 @@ class FunctionalOps(LayerOps):
         return _autograd_linearization(output, leaves, f"captured call {getattr(self.module, 'name', '')!r}")
 
 
+def _merged(params: Params, scaling: OutputScaling | None) -> Params:
+    """``params`` of a layer scaled by ``scaling`` as the merged layer's (a new weight); else as given."""
+    if scaling is None:
+        return params
+    return {**params, "weight": scaling.weight(params["weight"]), "bias": scaling.bias}
+
+
 class _BiasedOps(LayerOps):
-    """Dense and convolutional layers: ``z_j = sum_i a_i w_ij + b_j``, closed forms."""
+    """Dense and convolutional layers: ``z_j = sum_i a_i w_ij + b_j``, closed forms.
+
+    For a layer merged with an :class:`OutputScaling`, the parameters may come as
+    :class:`ScaledParams`; the products then scale the output (forward) or the output gradient
+    (transposed product) instead of the weight.
+    """
 
     fresh = True
 
     def params(self) -> Params:
-        return _weight_and_bias(self.module)
+        return _merged(_weight_and_bias(self.module), self.scaling)
+
+    def scaled_params(self) -> Params:
+        scaling = self.scaling
+        if scaling is None:
+            return _weight_and_bias(self.module)
+        weight = self.module.weight.detach()  # type: ignore[union-attr]
+        return ScaledParams({"weight": weight, "bias": scaling.bias}, scaling.scale)
 
     def output_has_no_negative_zero(self) -> bool:
         """True on the CPU for a standard layer, unhooked by others, whose bias holds no ``-0.0``.
@@ -246,7 +346,8 @@ class _BiasedOps(LayerOps):
         zero unless ``torch.set_flush_denormal(True)`` was called (checked).
         """
         module = self.module
-        bias = getattr(module, "bias", None)
+        # the output of a merged layer is ``z * scale + shift``: ``shift`` is then the summand
+        bias = getattr(module, "bias", None) if self.scaling is None else self.scaling.shift
         return (
             isinstance(bias, Tensor)
             and bias.device.type == "cpu"
@@ -260,9 +361,10 @@ class _BiasedOps(LayerOps):
     def computes_no_negative_zero(self, params: Params) -> bool:
         """True on the CPU, without flushing of subnormals, for a bias that holds no ``-0.0``.
 
-        The outputs of this class's own forward are ``W a + b`` (one library call, no hooks), so
-        the argument of :meth:`output_has_no_negative_zero` needs only the bias: every output
-        is a floating-point sum with the bias as one summand.
+        The outputs of this class's own forward are ``W a + b`` (one library call, no hooks) or,
+        for :class:`ScaledParams`, ``(W a) * scale + b`` (the bias added last), so the argument
+        of :meth:`output_has_no_negative_zero` needs only the bias: every output is a
+        floating-point sum with the bias as one summand.
         """
         bias = params.get("bias")
         if bias is None or bias.device.type != "cpu" or _flushes_denormals():
@@ -285,13 +387,18 @@ def _global_forward_hooks() -> bool:
 class DenseOps(_BiasedOps):
     """Closed forms for ``nn.Linear``: ``z = a W^T + b`` and ``J^T s = s W``."""
 
-    def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
-        weight = params["weight"]
-        output = F.linear(inputs[0], weight, params.get("bias"))
-        return output, lambda grad: (grad @ weight,)
+    def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
+        if isinstance(params, ScaledParams):
+            return _scaled_output(F.linear(inputs[0], params["weight"]), params)
+        return F.linear(inputs[0], params["weight"], params.get("bias"))
 
-    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor) -> tuple[Tensor, ...]:
-        return (grad @ params["weight"],)
+    def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
+        weight, scale = params["weight"], _scale_of(params)
+        output = self.forward(inputs, params)
+        return output, lambda grad, owned=False: (_scaled(grad, scale, owned) @ weight,)
+
+    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False) -> tuple[Tensor, ...]:
+        return (_scaled(grad, _scale_of(params), owned) @ params["weight"],)
 
     def without_bias(self, output: Tensor, params: Params) -> Tensor:
         bias = params.get("bias")
@@ -317,10 +424,15 @@ class ConvOps(_BiasedOps):
         self.groups = int(conv.groups)
 
     def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
+        if isinstance(params, ScaledParams):
+            return _scaled_output(self._convolution(inputs[0], params["weight"], None), params)
+        return self._convolution(inputs[0], params["weight"], params.get("bias"))
+
+    def _convolution(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return torch.convolution(
-            inputs[0],
-            params["weight"],
-            params.get("bias"),
+            input,
+            weight,
+            bias,
             self.stride,
             self.padding,
             self.dilation,
@@ -331,11 +443,11 @@ class ConvOps(_BiasedOps):
 
     def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
         output = self.forward(inputs, params)
-        return output, lambda grad: self.transpose(inputs, params, grad)
+        return output, lambda grad, owned=False: self.transpose(inputs, params, grad, owned)
 
-    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor) -> tuple[Tensor, ...]:
+    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False) -> tuple[Tensor, ...]:
         grad_input = torch.ops.aten.convolution_backward(
-            grad,
+            _scaled(grad, _scale_of(params), owned),
             inputs[0],
             params["weight"],
             None,
@@ -354,6 +466,25 @@ class ConvOps(_BiasedOps):
         if bias is None:
             return output
         return output - bias.view(-1, *([1] * self.dims))
+
+
+def _scaled_output(product: Tensor, params: ScaledParams) -> Tensor:
+    """``product * scale + bias`` (the bias added last), ``product`` being ``W a`` without bias."""
+    scaled = product.mul_(params.scale)  # in place: a broadcasting addcmul is several times slower
+    bias = params.get("bias")
+    return scaled if bias is None else scaled.add_(bias.view(params.scale.shape))
+
+
+def _scale_of(params: Params) -> Tensor | None:
+    """The output scale of :class:`ScaledParams`, ``None`` for plain parameters."""
+    return params.scale if isinstance(params, ScaledParams) else None
+
+
+def _scaled(grad: Tensor, scale: Tensor | None, owned: bool) -> Tensor:
+    """``grad * scale`` (the transposed product of the output scaling), in place if ``owned``."""
+    if scale is None:
+        return grad
+    return grad.mul_(scale) if owned else grad * scale
 
 
 def _free_of_negative_zero(tensor: Tensor) -> bool:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .core import LayerCall, Rule
-from .ops import FunctionalOps, Params, Transpose, hooks_suspended
+from .ops import FunctionalOps, Params, Transpose, hooks_suspended, with_values
 from .rectified import proportional_to_inputs, reads_output_only_where_relevant
 
 Relevances = tuple[Tensor | None, ...]
@@ -134,7 +134,8 @@ def _check_nonnegative(name: str, value: float) -> None:
 
 
 def _modified(params: Params, modify: Callable[[Tensor], Tensor]) -> Params:
-    return {key: modify(value) for key, value in params.items()}
+    """``modify`` applied to every parameter; ``modify`` must commute with a non-negative scale."""
+    return with_values(params, {key: modify(value) for key, value in params.items()})
 
 
 def _positive(params: Params) -> Params:
@@ -146,9 +147,7 @@ def _negative(params: Params) -> Params:
 
 
 def _drop_bias(params: Params) -> Params:
-    return {key: value for key, value in params.items() if key != "bias"} | (
-        {"bias": torch.zeros_like(params["bias"])} if "bias" in params else {}
-    )
+    return with_values(params, {key: torch.zeros_like(value) if key == "bias" else value for key, value in params.items()})
 
 
 def _times(factors: Sequence[Tensor], gradients: Sequence[Tensor | None], owned: bool = False) -> list[Tensor]:
@@ -252,10 +251,10 @@ class Epsilon(_Filtered):
     @proportional_to_inputs
     @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
-        params = call.params(self.zero_params)
+        params = call.params(self.zero_params, homogeneous=True)
         output = _output_under(call, params, self.zero_params)
         scaled = _divide_by_output(call, relevance, output, self.epsilon)
-        return tuple(_times(call.inputs, call.ops.transpose(call.inputs, params, scaled), call.ops.fresh))
+        return tuple(_times(call.inputs, call.ops.transpose(call.inputs, params, scaled, owned=True), call.ops.fresh))
 
 
 def _divide_by_output(call: LayerCall, relevance: Tensor, output: Tensor, epsilon: float) -> Tensor:
@@ -277,7 +276,7 @@ def _output_under(call: LayerCall, params: Params, zeroed: tuple[str, ...]) -> T
     if not present:
         return call.output
     if present == ["bias"]:
-        without = call.ops.without_bias(call.output, call.ops.params())
+        without = call.ops.without_bias(call.output, call.ops.scaled_params())
         if without is not None:
             return without
     return call.ops.forward(call.inputs, params)
@@ -303,13 +302,13 @@ class ZPlus(_ParamRule):
 
     @proportional_to_inputs
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
-        params = call.params(self.zero_params)
+        params = call.params(self.zero_params, homogeneous=True)
         positive = _positive(params)
         inputs = call.inputs
         if call.inputs_nonnegative():
             output, transpose = call.ops.linearize(inputs, positive)
             scaled = _divide_by_signed(relevance, output, self.stabilizer, +1, call.ops.fresh)
-            return tuple(_times(inputs, transpose(scaled), call.ops.fresh))
+            return tuple(_times(inputs, transpose(scaled, owned=True), call.ops.fresh))
         negative = _drop_bias(_negative(params))
         inputs_pos = [tensor.clamp(min=0) for tensor in inputs]
         inputs_neg = [tensor.clamp(max=0) for tensor in inputs]
@@ -371,7 +370,7 @@ class AlphaBeta(_ParamRule):
     @proportional_to_inputs
     @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
-        params = call.params(self.zero_params)
+        params = call.params(self.zero_params, homogeneous=True)
         inputs = call.inputs
         if call.inputs_nonnegative():
             return self._nonnegative(call, params, relevance)
@@ -399,13 +398,13 @@ class AlphaBeta(_ParamRule):
         fresh, inputs, epsilon = call.ops.fresh, call.inputs, self.stabilizer
         out_pos, transpose_pos = call.ops.linearize(inputs, _positive(params))
         if self.beta == 0:
-            return tuple(_times(inputs, transpose_pos(_divide_by_signed(relevance, out_pos, epsilon, +1, fresh)), fresh))
+            return tuple(_times(inputs, transpose_pos(_divide_by_signed(relevance, out_pos, epsilon, +1, fresh), owned=True), fresh))
         out_neg = _derived_negative_part(call, params, out_pos, self.zero_params)
         if out_neg is None:
             out_neg, transpose_neg, owned = _direct_negative_part(call, params)
-            share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, epsilon, +1, fresh))
+            share_pos = transpose_pos(_divide_by_signed(relevance, out_pos, epsilon, +1, fresh), owned=True)
             del transpose_pos, out_pos
-            share_neg = transpose_neg(_divide_by_signed(relevance, out_neg, epsilon, -1, owned))
+            share_neg = transpose_neg(_divide_by_signed(relevance, out_neg, epsilon, -1, owned), owned=True)
             return tuple(
                 _weighted_difference(a, p, n, self.alpha, self.beta, fresh) for a, p, n in zip(inputs, share_pos, share_neg)
             )
@@ -415,9 +414,9 @@ class AlphaBeta(_ParamRule):
         del out_pos
         combined = torch.addcdiv(scaled_neg, relevance, stabilized_pos, value=self.alpha / self.beta, out=stabilized_pos)
         del stabilized_pos
-        share_pos = transpose_pos(combined)
+        share_pos = transpose_pos(combined, owned=True)
         del transpose_pos, combined  # W+ and u
-        share_plain = call.ops.transpose(inputs, params, scaled_neg)
+        share_plain = call.ops.transpose(inputs, params, scaled_neg, owned=True)
         del scaled_neg
         return tuple(
             _weighted_difference(a, p, n, self.beta, self.beta, fresh) for a, p, n in zip(inputs, share_pos, share_plain)
@@ -470,7 +469,7 @@ def _direct_negative_part(call: LayerCall, params: Params) -> tuple[Tensor, Tran
     """``z- = W- a + b-`` by a forward with ``W-``, its transposed product, whether it is owned."""
     weight_neg = _negative(params)
     output = call.ops.forward(call.inputs, weight_neg)
-    return output, lambda grad: call.ops.transpose(call.inputs, weight_neg, grad), call.ops.fresh
+    return output, lambda grad, owned=False: call.ops.transpose(call.inputs, weight_neg, grad, owned), call.ops.fresh
 
 
 def _two_path(
@@ -523,7 +522,7 @@ class Gamma(_ParamRule):
     @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
-        params = call.params(self.zero_params)
+        params = call.params(self.zero_params, homogeneous=True)
         inputs = call.inputs
         nonnegative = call.inputs_nonnegative()
         weights_kept = not _zeroes_weights(params, _zero_names(self.zero_params))
@@ -560,7 +559,7 @@ class Gamma(_ParamRule):
         output, transpose = call.ops.linearize(inputs, params)
         scaled = divide(relevance, output, self.stabilizer, call.ops.computes_no_negative_zero(params))
         del output  # not alive during the transposed product
-        return _times(inputs, transpose(scaled), call.ops.fresh)
+        return _times(inputs, transpose(scaled, owned=True), call.ops.fresh)
 
     def _both_signs(self, call: LayerCall, params: Params, relevance: Tensor) -> Relevances:
         """Gamma for an output ``z`` of both signs on inputs ``a >= 0``, with one modified forward.
@@ -593,11 +592,11 @@ class Gamma(_ParamRule):
         del scaled
         if torch.equal(weighted, signed):  # no relevance where z < 0: W^T s + gamma W+^T s in one product
             del signed, transpose_pos
-            lifted_params = {key: value.mul_(gamma).add_(params[key]) for key, value in positive.items()}  # in W+
-            return tuple(_times(call.inputs, call.ops.transpose(call.inputs, lifted_params, weighted), fresh))
+            lifted_params = with_values(params, {key: value.mul_(gamma).add_(params[key]) for key, value in positive.items()})  # in W+
+            return tuple(_times(call.inputs, call.ops.transpose(call.inputs, lifted_params, weighted, owned=True), fresh))
         del positive
-        through_positive = transpose_pos(signed)
-        through_weight = call.ops.transpose(call.inputs, params, weighted)
+        through_positive = transpose_pos(signed, owned=True)
+        through_weight = call.ops.transpose(call.inputs, params, weighted, owned=True)
         del signed, weighted
         combined = [
             None if plain is None else (plain.add_(extra, alpha=gamma) if fresh else plain + gamma * extra)
@@ -667,7 +666,7 @@ class ZBox(_ParamRule):
         self.high = high
 
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
-        params = call.params(self.zero_params)
+        params = call.params(self.zero_params, homogeneous=True)
         inputs = call.inputs
         lows = [_bound(self.low, tensor, "low", call) for tensor in inputs]
         highs = [_bound(self.high, tensor, "high", call) for tensor in inputs]

@@ -8,10 +8,12 @@ that single layer, so merging is what makes them applicable to BatchNorm network
 
 :class:`MergeBatchNorm` finds the pairs by itself, from the graph the model actually executes
 (one probe forward at the first call inside the context, cached per model afterwards);
-:class:`NamedMergeBatchNorm` takes them by name. Both install new ``Parameter`` objects on the
-layer, replace the BatchNorm by ``nn.Identity`` in its parent(s), and put the original objects
-back on ``remove()``: parameters are never modified in place, so ``state_dict()`` is bitwise the
-same afterwards.
+:class:`NamedMergeBatchNorm` takes them by name. Both replace the BatchNorm by ``nn.Identity``
+in its parent(s) and merge it into the layer in one of two ways: a large layer (by default one
+with at least ``2**17`` weight elements) keeps its weight, and a forward hook scales its output
+per channel, the rules applying that scale in their products (no copy of the weight is made);
+a small one gets new merged ``Parameter`` objects. ``remove()`` puts the original objects back:
+parameters are never modified in place, so ``state_dict()`` is bitwise the same afterwards.
 
 Examples
 --------
@@ -36,7 +38,7 @@ from __future__ import annotations
 import sys
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
@@ -46,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from ..ops import hooks_are_suspended, hooks_suspended
+from ..ops import OutputScaling, hooks_are_suspended, hooks_suspended, set_output_scaling
 from .base import CallbackHandle, Canonizer, Handle, undo_all
 
 #: Layers a BatchNorm can be merged into (transposed convolutions are not: their weight's output
@@ -288,19 +290,25 @@ class MergeHandle:
 
 
 def merge_pairs(
-    model: nn.Module, pairs: Sequence[tuple[str, nn.Module, str, nn.Module]], keep_merged: bool = True
+    model: nn.Module,
+    pairs: Sequence[tuple[str, nn.Module, str, nn.Module]],
+    keep_merged: bool = True,
+    virtual_from: int | None = None,
 ) -> MergeHandle:
     """Merge each ``(layer_name, layer, norm_name, norm)``; on any error nothing stays changed.
 
     All new parameters are computed before anything is installed. A BatchNorm may follow several
-    layers (it is called once after each); each layer takes exactly one BatchNorm. With
-    ``keep_merged`` the merged parameters are kept for later merges (see :func:`_merged_for`).
+    layers (it is called once after each); each layer takes exactly one BatchNorm. A layer whose
+    weight has at least ``virtual_from`` elements (never, if ``None``) and whose BatchNorm scale
+    is ``>= 0`` everywhere is merged without a new weight (:func:`_install_scaling`); the others
+    get merged Parameters, which with ``keep_merged`` are kept for later merges (see
+    :func:`_merged_for`).
     """
-    plans = [(layer, *_merged_for(layer, norm, keep_merged)) for _, layer, _, norm in pairs]
+    plans = [_plan(layer, norm, keep_merged, virtual_from) for _, layer, _, norm in pairs]
     steps: list[Handle] = []
     try:
-        for layer, weight, bias in plans:
-            steps.append(_install_parameters(layer, weight, bias))
+        for install in plans:
+            steps.append(install())
         norms = list({id(norm): norm for _, _, _, norm in pairs}.values())
         locations = _locations(model)
         for norm in norms:
@@ -309,6 +317,92 @@ def merge_pairs(
         undo_all(steps)
         raise
     return MergeHandle([(layer_name, norm_name) for layer_name, _, norm_name, _ in pairs], steps)
+
+
+#: The default ``virtual_from``: weights of at least this many elements (512 KiB in float32) are
+#: merged without a copy. Those hold nearly all of a deep network's weights (about 97 % of
+#: ResNet50's convolution weights), while the smaller, early layers have the largest outputs, where applying the
+#: scale to outputs and output gradients costs the most time.
+VIRTUAL_FROM = 2**17
+
+
+def _plan(layer: nn.Module, norm: nn.Module, keep: bool, virtual_from: int | None) -> Callable[[], Handle]:
+    """How ``norm`` will be merged into ``layer``: everything computed, nothing installed yet."""
+    weight = layer._parameters["weight"]
+    assert weight is not None
+    virtual = virtual_from is not None and weight.numel() >= virtual_from
+    scaling = _scaling_for(layer, norm) if virtual else None
+    if scaling is not None:
+        return lambda: _install_scaling(layer, scaling)
+    weight, bias = _merged_for(layer, norm, keep)
+    return lambda: _install_parameters(layer, weight, bias)
+
+
+def _install_scaling(layer: nn.Module, scaling: OutputScaling) -> Handle:
+    """Merge by scaling ``layer``'s output: ``z * scale + shift`` by a forward hook, no new weight.
+
+    The hook runs before every other forward hook of the layer (lrpkit's rule hooks included),
+    so they see the merged layer's output; :mod:`lrpkit.ops` knows the scaling, so the rules'
+    products use ``W`` and the scale instead of a merged copy of ``W``. The layer's Parameters
+    stay as they are.
+    """
+    hook = layer.register_forward_hook(_ScaleOutput(scaling), prepend=True)
+    set_output_scaling(layer, scaling)
+
+    def undo() -> None:
+        set_output_scaling(layer, None)
+        hook.remove()
+
+    return CallbackHandle(undo)
+
+
+class _ScaleOutput:
+    """Forward hook of a layer merged by :func:`_install_scaling`: the BatchNorm's affine map.
+
+    It stands aside while a rule re-runs the layer itself (with the merged parameters).
+    """
+
+    #: One of lrpkit's hooks; the ops account for it (``OutputScaling.shift`` is the summand).
+    lrpkit_hook = True
+
+    def __init__(self, scaling: OutputScaling) -> None:
+        self.scaling = scaling
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+        if hooks_are_suspended():
+            return None
+        # in place (autograd records it; nothing saved the layer's fresh output): a broadcasting
+        # ``addcmul`` into a new tensor takes about three times as long on the CPU
+        return output.mul_(self.scaling.scale).add_(self.scaling.shift)
+
+
+def _scaling_for(layer: nn.Module, norm: nn.Module) -> OutputScaling | None:
+    """The :class:`OutputScaling` of ``layer -> norm``, or ``None`` where a scale is negative.
+
+    Cached per layer until any tensor it was computed from is replaced or changed in place, or
+    ``eps`` changes (it holds three numbers per channel).
+    """
+    weight = layer._parameters["weight"]
+    assert weight is not None
+    bias = layer._parameters.get("bias")
+    sources = (weight, bias, norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    cached = _SCALINGS.get(layer)
+    if cached is not None and cached[1] == norm.eps and _unchanged(cached[0], sources):
+        return cached[2]
+    with torch.no_grad():
+        mean, scale, beta = batchnorm_affine(norm)
+        scale = scale.to(weight.dtype)
+        shift = (beta - mean * scale).to(weight.dtype)
+        merged_bias = shift if bias is None else torch.addcmul(shift, bias.detach(), scale)
+    channel_dims = weight.ndim - 2 if isinstance(layer, nn.modules.conv._ConvNd) else 0
+    scaling = OutputScaling(scale, shift, merged_bias, channel_dims) if bool((scale >= 0).all()) else None
+    _SCALINGS[layer] = (_stamp(sources), float(norm.eps), scaling)
+    return scaling
+
+
+_SCALINGS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[Any, int], ...], float, OutputScaling | None]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _merged_for(layer: nn.Module, norm: nn.Module, keep: bool = True) -> tuple[nn.Parameter, nn.Parameter]:
@@ -345,9 +439,11 @@ def release_merged(model: nn.Module | None = None) -> None:
     """
     if model is None:
         _MERGED.clear()
+        _SCALINGS.clear()
         return
     for module in model.modules():
         _MERGED.pop(module, None)
+        _SCALINGS.pop(module, None)
 
 
 @dataclass
@@ -636,10 +732,22 @@ class MergeBatchNorm(Canonizer):
         Reuse the pairs found for a model in earlier contexts. Turn off for models whose graph
         depends on the input.
     keep_merged
-        Keep the merged weights and biases after the context, for as long as the layers live (or
-        until :meth:`forget`), so that later contexts merge without a pass over the weights. That
-        costs one copy of every merged layer's weight (about 90 MiB for a ResNet50); turn off to
+        Where merged Parameters are installed (layers below ``virtual_from``, or a BatchNorm
+        with a negative scale): keep them after the context, for as long as the layers live (or until
+        :meth:`forget`), so that later contexts merge without a pass over the weights. That costs
+        one copy of every such layer's weight (about 90 MiB for a whole ResNet50); turn off to
         compute them in every context instead.
+    virtual_from
+        Merge a layer whose weight has at least this many elements without copying the weight,
+        where every channel's scale ``gamma / sqrt(var + eps)`` is ``>= 0`` (the rules' weight
+        modifications commute with it): a forward hook applies the BatchNorm's affine map to the
+        layer's output, the layer's Parameters stay as they are, and the rules apply the scale
+        to the layer's outputs and output gradients (:class:`lrpkit.ops.ScaledParams`). That
+        saves the memory of a merged weight at the cost of one pass over the layer's output in
+        the forward and one in the backward. Smaller layers get merged Parameters (then
+        ``layer.weight`` is the merged weight inside the context). ``0``: every layer;
+        ``None``: none. The default, :data:`VIRTUAL_FROM` (``2**17``), merges about 97 % of a
+        ResNet50's merged weights without a copy.
 
     Notes
     -----
@@ -657,9 +765,10 @@ class MergeBatchNorm(Canonizer):
 
     _cache: ClassVar["weakref.WeakKeyDictionary[nn.Module, _CacheEntry]"] = weakref.WeakKeyDictionary()
 
-    def __init__(self, cache: bool = True, keep_merged: bool = True) -> None:
+    def __init__(self, cache: bool = True, keep_merged: bool = True, virtual_from: int | None = VIRTUAL_FROM) -> None:
         self.cache = cache
         self.keep_merged = keep_merged
+        self.virtual_from = _check_virtual_from(virtual_from, type(self).__name__)
 
     def apply(self, model: nn.Module) -> list[Handle]:
         """Merge now (pairs known) or at the first forward call; the handle undoes either."""
@@ -694,11 +803,22 @@ class MergeBatchNorm(Canonizer):
     def _merge(self, model: nn.Module, pairs: list[Pair]) -> MergeHandle:
         check_eval(model, type(self).__name__)
         resolved = [pair for pair in _resolve(model, pairs) if _merge_problem(pair[1], pair[3]) is None]
-        return merge_pairs(model, resolved, self.keep_merged)
+        return merge_pairs(model, resolved, self.keep_merged, self.virtual_from)
 
     def __repr__(self) -> str:
-        options = ([] if self.cache else ["cache=False"]) + ([] if self.keep_merged else ["keep_merged=False"])
+        options = (
+            ([] if self.cache else ["cache=False"])
+            + ([] if self.keep_merged else ["keep_merged=False"])
+            + ([] if self.virtual_from == VIRTUAL_FROM else [f"virtual_from={self.virtual_from}"])
+        )
         return f"{type(self).__name__}({', '.join(options)})"
+
+
+def _check_virtual_from(virtual_from: int | None, who: str) -> int | None:
+    """``virtual_from`` if it is ``None`` or a non-negative int, else a ``ValueError``."""
+    if virtual_from is not None and (isinstance(virtual_from, bool) or not isinstance(virtual_from, int) or virtual_from < 0):
+        raise ValueError(f"{who}: virtual_from must be None or an int >= 0 (weight elements), got {virtual_from!r}")
+    return virtual_from
 
 
 class _LazyMerge:
@@ -757,7 +877,10 @@ class NamedMergeBatchNorm(Canonizer):
         ``model.named_modules()``. A layer takes at most one BatchNorm; a BatchNorm may be named
         with several layers (it must then follow each of them, and only them).
     keep_merged
-        Keep the merged parameters for later contexts, as :class:`MergeBatchNorm` does.
+        Keep merged Parameters for later contexts, as :class:`MergeBatchNorm` does.
+    virtual_from
+        Merge layers with at least this many weight elements without copying their weight, as
+        :class:`MergeBatchNorm` does.
 
     Raises
     ------
@@ -770,8 +893,9 @@ class NamedMergeBatchNorm(Canonizer):
         channels do not match the layer's, or a layer is named twice.
     """
 
-    def __init__(self, pairs: PairSpec, keep_merged: bool = True) -> None:
+    def __init__(self, pairs: PairSpec, keep_merged: bool = True, virtual_from: int | None = VIRTUAL_FROM) -> None:
         self.keep_merged = keep_merged
+        self.virtual_from = _check_virtual_from(virtual_from, type(self).__name__)
         self.pairs: list[Pair] = []
         for pair in pairs:
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(n, str) for n in pair)):
@@ -785,7 +909,7 @@ class NamedMergeBatchNorm(Canonizer):
         """Validate every pair, then merge them all (nothing is changed if one is wrong)."""
         resolved = _resolve(model, self.pairs)
         self._validate(resolved)
-        return [merge_pairs(model, resolved, self.keep_merged)]
+        return [merge_pairs(model, resolved, self.keep_merged, self.virtual_from)]
 
     def _validate(self, resolved: list[tuple[str, nn.Module, str, nn.Module]]) -> None:
         who = type(self).__name__
@@ -811,11 +935,13 @@ class NamedMergeBatchNorm(Canonizer):
 
     def __repr__(self) -> str:
         keep = "" if self.keep_merged else ", keep_merged=False"
-        return f"{type(self).__name__}({self.pairs!r}{keep})"
+        virtual = "" if self.virtual_from == VIRTUAL_FROM else f", virtual_from={self.virtual_from}"
+        return f"{type(self).__name__}({self.pairs!r}{keep}{virtual})"
 
 
 __all__ = [
     "MERGEABLE_LAYERS",
+    "VIRTUAL_FROM",
     "MergeBatchNorm",
     "MergeHandle",
     "NamedMergeBatchNorm",

@@ -323,14 +323,15 @@ class Boom(Rule):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("virtual_from", [None, 0], ids=["merged-parameters", "virtual"])
 @pytest.mark.parametrize("case", list(SIMPLE_CASES))
-def test_merge_is_exact_and_undone(case):
+def test_merge_is_exact_and_undone(case, virtual_from):
     factory, shape = SIMPLE_CASES[case]
     model, x = factory(), sample(*shape)
     with torch.no_grad():
         expected = model(x)
     snapshot = Snapshot(model)
-    output, seen = output_inside(model, x)
+    output, seen = output_inside(model, x, merge_only(MergeBatchNorm(cache=False, virtual_from=virtual_from)))
     assert not has_norm(seen), "the BatchNorm was not merged"
     assert nn.Identity in seen
     torch.testing.assert_close(output, expected, rtol=0.0, atol=ATOL)
@@ -770,3 +771,24 @@ def test_merged_parameters_are_kept_only_when_asked_and_forget_lets_them_go():
     assert kept() is None
     assert repr(MergeBatchNorm(keep_merged=False)) == "MergeBatchNorm(keep_merged=False)"
     assert repr(MergeBatchNorm(cache=False, keep_merged=False)) == "MergeBatchNorm(cache=False, keep_merged=False)"
+    assert repr(MergeBatchNorm(virtual_from=None)) == "MergeBatchNorm(virtual_from=None)"
+    assert repr(NamedMergeBatchNorm([("conv", "bn")], virtual_from=0)) == "NamedMergeBatchNorm([('conv', 'bn')], virtual_from=0)"
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "all"])
+def test_virtual_from_must_be_a_count_of_weight_elements(value):
+    for make in (lambda: MergeBatchNorm(virtual_from=value), lambda: NamedMergeBatchNorm([("a", "b")], virtual_from=value)):
+        with pytest.raises(ValueError, match="virtual_from must be None or an int >= 0"):
+            make()
+
+
+@pytest.mark.parametrize("virtual_from, virtual", [(None, False), (0, True), (13, False), (12, True)])
+def test_layers_with_at_least_virtual_from_weight_elements_are_merged_without_a_copy(virtual_from, virtual):
+    from lrpkit.ops import output_scaling
+
+    model = randomized(nn.Sequential(nn.Conv2d(2, 6, 1), nn.BatchNorm2d(6)))  # 12 weight elements
+    original = model[0].weight
+    with merge_only(MergeBatchNorm(cache=False, virtual_from=virtual_from)).context(model):
+        model(sample(1, 2, 3, 3))
+        assert (output_scaling(model[0]) is not None) is virtual
+        assert (model[0].weight is original) is virtual

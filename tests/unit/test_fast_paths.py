@@ -142,7 +142,7 @@ def test_alpha_beta_never_builds_the_negative_weights_when_z_minus_comes_from_th
         for method in ("forward", "transpose", "linearize"):
             original = getattr(cls, method)
             monkeypatch.setattr(
-                cls, method, lambda self, inputs, params, *rest, _f=original: built.append(params["weight"]) or _f(self, inputs, params, *rest)
+                cls, method, lambda self, inputs, params, *rest, _f=original, **kwargs: built.append(params["weight"]) or _f(self, inputs, params, *rest, **kwargs)
             )
     torch.manual_seed(8)
     linear = nn.Linear(6, 5).double().eval()
@@ -171,10 +171,10 @@ def test_alpha_beta_lets_w_plus_and_its_quotient_go_before_the_product_with_the_
         made.extend([weakref.ref(params["weight"]), weakref.ref(output)])
         return output, product
 
-    def recording_transpose(self, inputs, params, grad):  # type: ignore[no-untyped-def]
+    def recording_transpose(self, inputs, params, grad, owned=False):  # type: ignore[no-untyped-def]
         gc.collect()
         alive_at_plain_product.append([reference() is not None for reference in made])
-        return transpose(self, inputs, params, grad)
+        return transpose(self, inputs, params, grad, owned)
 
     monkeypatch.setattr(ops.DenseOps, "linearize", recording_linearize)
     monkeypatch.setattr(ops.DenseOps, "transpose", recording_transpose)
@@ -295,9 +295,9 @@ def test_gamma_on_outputs_of_both_signs_matches_its_definition_with_the_fewest_p
 
     def counted_linearize(self, inputs, params):  # type: ignore[no-untyped-def]
         output, product = linearize(self, inputs, params)
-        return output, lambda grad: calls.append(1) or product(grad)
+        return output, lambda grad, owned=False: calls.append(1) or product(grad, owned)
 
-    monkeypatch.setattr(DenseOps, "transpose", lambda self, *args: calls.append(1) or transpose(self, *args))
+    monkeypatch.setattr(DenseOps, "transpose", lambda self, *args, **kwargs: calls.append(1) or transpose(self, *args, **kwargs))
     monkeypatch.setattr(DenseOps, "linearize", counted_linearize)
     torch.manual_seed(6)
     layer = nn.Linear(5, 7).double().eval()
