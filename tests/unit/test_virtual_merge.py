@@ -184,3 +184,20 @@ def test_scaled_products_equal_the_products_with_the_merged_weight():
         (through_merged,) = ops.transpose([x], merged, grad)
         torch.testing.assert_close(through_scaled, through_merged, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(ops.forward([x], scaled), model[1](x), rtol=1e-12, atol=1e-14)
+
+
+def test_a_layer_without_a_rule_passes_the_merged_layers_gradient_under_functional_capture():
+    """A layer with no rule passes the merged layer's gradient; FunctionalCapture leaves the scaling alone."""
+    from lrpkit.canonizers import FunctionalCapture
+
+    model = model_for("conv2d", "signed", "relu")
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def relevance(virtual_from: int | None) -> torch.Tensor:
+        canonizers = [MergeBatchNorm(cache=False, virtual_from=virtual_from), FunctionalCapture()]
+        composite = LayerMapComposite([(nn.Linear, rules.Epsilon())], canonizers=canonizers)
+        return Gradient(model, composite)(x, target=0).relevance
+
+    virtual, installed = relevance(0), relevance(None)
+    assert virtual.abs().sum() > 0
+    torch.testing.assert_close(virtual, installed, rtol=1e-12, atol=1e-14)
