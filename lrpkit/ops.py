@@ -15,6 +15,7 @@ every rule work on every layer type.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import weakref
@@ -335,6 +336,23 @@ class _BiasedOps(LayerOps):
         weight = self.module.weight.detach()  # type: ignore[union-attr]
         return ScaledParams({"weight": weight, "bias": scaling.bias}, scaling.scale)
 
+    def output_size(self, input: Tensor, weight: Tensor) -> int:
+        """Number of elements of the layer's output for ``input``."""
+        raise NotImplementedError
+
+    def _merged_if_cheaper(self, params: Params, passes: int, output_size: Callable[[], int]) -> Params:
+        """:class:`ScaledParams` as the merged layer's weights where that costs less.
+
+        Applying the scale costs ``passes`` passes over an output of ``output_size()`` elements
+        (``passes`` is 2 when one forward and one transposed product share the parameters);
+        making the merged weight costs one pass over the weight, which is then let go with the
+        parameters. Both are exact; the cheaper one is taken.
+        """
+        if not isinstance(params, ScaledParams) or params["weight"].numel() > passes * output_size():
+            return params
+        weight = params["weight"]
+        return {**params, "weight": weight * params.scale.reshape(-1, *([1] * (weight.ndim - 1)))}
+
     def output_has_no_negative_zero(self) -> bool:
         """True on the CPU for a standard layer, unhooked by others, whose bias holds no ``-0.0``.
 
@@ -388,17 +406,23 @@ class DenseOps(_BiasedOps):
     """Closed forms for ``nn.Linear``: ``z = a W^T + b`` and ``J^T s = s W``."""
 
     def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
+        params = self._merged_if_cheaper(params, 1, lambda: self.output_size(inputs[0], params["weight"]))
         if isinstance(params, ScaledParams):
             return _scaled_output(F.linear(inputs[0], params["weight"]), params)
         return F.linear(inputs[0], params["weight"], params.get("bias"))
 
     def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
+        params = self._merged_if_cheaper(params, 2, lambda: self.output_size(inputs[0], params["weight"]))
         weight, scale = params["weight"], _scale_of(params)
         output = self.forward(inputs, params)
         return output, lambda grad, owned=False: (_scaled(grad, scale, owned) @ weight,)
 
     def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False) -> tuple[Tensor, ...]:
+        params = self._merged_if_cheaper(params, 1, grad.numel)
         return (_scaled(grad, _scale_of(params), owned) @ params["weight"],)
+
+    def output_size(self, input: Tensor, weight: Tensor) -> int:
+        return input.numel() // max(1, input.shape[-1]) * weight.shape[0]
 
     def without_bias(self, output: Tensor, params: Params) -> Tensor:
         bias = params.get("bias")
@@ -424,9 +448,21 @@ class ConvOps(_BiasedOps):
         self.groups = int(conv.groups)
 
     def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
+        params = self._merged_if_cheaper(params, 1, lambda: self.output_size(inputs[0], params["weight"]))
         if isinstance(params, ScaledParams):
             return _scaled_output(self._convolution(inputs[0], params["weight"], None), params)
         return self._convolution(inputs[0], params["weight"], params.get("bias"))
+
+    def output_size(self, input: Tensor, weight: Tensor) -> int:
+        """For a standard convolution (the only kind merged with a BatchNorm)."""
+        spatial = input.shape[-self.dims:]
+        leading = input.numel() // max(1, math.prod(spatial) * input.shape[-self.dims - 1])
+        kernel = weight.shape[2:]
+        sizes = [
+            (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+            for size, pad, dilation, k, stride in zip(spatial, self.padding, self.dilation, kernel, self.stride)
+        ]
+        return leading * weight.shape[0] * math.prod(sizes)
 
     def _convolution(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return torch.convolution(
@@ -442,10 +478,12 @@ class ConvOps(_BiasedOps):
         )
 
     def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
+        params = self._merged_if_cheaper(params, 2, lambda: self.output_size(inputs[0], params["weight"]))
         output = self.forward(inputs, params)
         return output, lambda grad, owned=False: self.transpose(inputs, params, grad, owned)
 
     def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False) -> tuple[Tensor, ...]:
+        params = self._merged_if_cheaper(params, 1, grad.numel)
         grad_input = torch.ops.aten.convolution_backward(
             _scaled(grad, _scale_of(params), owned),
             inputs[0],

@@ -42,8 +42,29 @@ LAYERS = {
     "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1), lambda: nn.BatchNorm2d(4), (2, 3, 5, 5)),
     "conv1d-no-bias": (lambda: nn.Conv1d(3, 4, 3, bias=False), lambda: nn.BatchNorm1d(4), (2, 3, 7)),
     "linear": (lambda: nn.Linear(6, 5), lambda: nn.BatchNorm1d(5), (3, 6)),
+    # weights larger than the outputs: the products scale outputs and gradients instead of the weight
+    "conv2d-wide": (lambda: nn.Conv2d(8, 6, 3), lambda: nn.BatchNorm2d(6), (2, 8, 3, 3)),
+    "linear-wide": (lambda: nn.Linear(40, 5), lambda: nn.BatchNorm1d(5), (3, 40)),
     "conv2d-reflect": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), lambda: nn.BatchNorm2d(4), (2, 3, 5, 5)),
 }
+
+
+@pytest.mark.parametrize("layer_kind, scaled_in_products", [("conv2d", False), ("conv2d-wide", True), ("linear-wide", True)])
+def test_the_cheaper_of_scaling_the_outputs_and_making_the_merged_weight_is_taken(layer_kind, scaled_in_products):
+    """Layers whose weight is smaller than their output get the merged weight for a product."""
+    model = model_for(layer_kind, "relu", "relu")
+    x = torch.rand(LAYERS[layer_kind][2], dtype=torch.float64)
+    with LayerMapComposite([], canonizers=[MergeBatchNorm(cache=False, virtual_from=0)]).context(model):
+        model(x)  # merges
+        x = model[0](x)
+        output = model[1](x)  # the merged layer's output
+        ops = (ConvOps if "conv" in layer_kind else DenseOps)(model[1], (x,), {}, (0,))
+        params = ops.scaled_params()
+        assert ops.output_size(x, params["weight"]) == output.numel()
+        for passes in (1, 2):
+            chosen = ops._merged_if_cheaper(params, passes, output.numel)
+            assert (chosen is params) is scaled_in_products
+            torch.testing.assert_close(ops.forward([x], chosen), output, rtol=1e-12, atol=1e-14)
 
 
 def model_for(layer_kind: str, before: str, after: str, negative_channel: bool = False, seed: int = 0) -> nn.Sequential:
