@@ -761,6 +761,9 @@ class MergeBatchNorm(Canonizer):
       it through a reference of its own.
     * The returned handle's ``pairs`` lists the merged ``(layer, batchnorm)`` names once the merge
       happened (in execution order).
+    * Move or cast the model (``model.to(...)``, ``model.half()``) before entering a context, not
+      inside it: a merged BatchNorm is out of the module tree meanwhile, so the call would not
+      reach it (nor the scales of the layers merged without a copy).
     """
 
     _cache: ClassVar["weakref.WeakKeyDictionary[nn.Module, _CacheEntry]"] = weakref.WeakKeyDictionary()
