@@ -321,8 +321,8 @@ def merge_pairs(
 
 #: The default ``virtual_from``: weights of at least this many elements (512 KiB in float32) are
 #: merged without a copy. Those hold nearly all of a deep network's weights (about 97 % of
-#: ResNet50's convolution weights), while the smaller, early layers have the largest outputs, where applying the
-#: scale to outputs and output gradients costs the most time.
+#: ResNet50's convolution weights), while the smaller, early layers have the largest outputs,
+#: where applying the scale to outputs and output gradients costs the most time.
 VIRTUAL_FROM = 2**17
 
 
@@ -733,18 +733,19 @@ class MergeBatchNorm(Canonizer):
         depends on the input.
     keep_merged
         Where merged Parameters are installed (layers below ``virtual_from``, or a BatchNorm
-        with a negative scale): keep them after the context, for as long as the layers live (or until
-        :meth:`forget`), so that later contexts merge without a pass over the weights. That costs
-        one copy of every such layer's weight (about 90 MiB for a whole ResNet50); turn off to
-        compute them in every context instead.
+        with a negative scale): keep them after the context, for as long as the layers live (or
+        until :meth:`forget`), so that later contexts merge without a pass over the weights.
+        That costs one copy of every such layer's weight (about 90 MiB if every layer of a
+        ResNet50 got one); turn off to compute them in every context instead.
     virtual_from
         Merge a layer whose weight has at least this many elements without copying the weight,
         where every channel's scale ``gamma / sqrt(var + eps)`` is ``>= 0`` (the rules' weight
         modifications commute with it): a forward hook applies the BatchNorm's affine map to the
         layer's output, the layer's Parameters stay as they are, and the rules apply the scale
-        to the layer's outputs and output gradients (:class:`lrpkit.ops.ScaledParams`). That
-        saves the memory of a merged weight at the cost of one pass over the layer's output in
-        the forward and one in the backward. Smaller layers get merged Parameters (then
+        to the layer's outputs and output gradients (:class:`lrpkit.ops.ScaledParams`), or make
+        the merged weight for one product where that is cheaper. That saves the memory of a
+        merged weight at the cost of one pass over the layer's output in the forward and about
+        one per product in the backward. Smaller layers get merged Parameters (then
         ``layer.weight`` is the merged weight inside the context). ``0``: every layer;
         ``None``: none. The default, :data:`VIRTUAL_FROM` (``2**17``), merges about 97 % of a
         ResNet50's merged weights without a copy.
