@@ -222,3 +222,15 @@ def test_a_layer_without_a_rule_passes_the_merged_layers_gradient_under_function
     virtual, installed = relevance(0), relevance(None)
     assert virtual.abs().sum() > 0
     torch.testing.assert_close(virtual, installed, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("layer_kind", ["conv2d", "conv2d-wide", "linear-wide"])
+@pytest.mark.parametrize("rule_name", ["Epsilon", "ZPlus", "Gamma", "AlphaBeta-2-1"])
+def test_the_virtual_merge_on_cuda_gives_the_relevance_of_the_installed_merge_on_the_cpu(rule_name, layer_kind):
+    model = model_for(layer_kind, "relu", "relu")
+    x = torch.randn(LAYERS[layer_kind][2], dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    expected = relevance_of(model, x, RULES[rule_name](), virtual=False)
+    on_gpu = relevance_of(model.cuda(), x.cuda(), RULES[rule_name](), virtual=True)
+    model.cpu()
+    torch.testing.assert_close(on_gpu.cpu(), expected, rtol=1e-9, atol=1e-12)
