@@ -82,7 +82,8 @@ class LayerCall:
         params = self.ops.scaled_params() if homogeneous else self.ops.params()
         if not zero:
             return params
-        return with_values(params, {key: torch.zeros_like(value) if key in zero else value for key, value in params.items()})
+        zeroed = {key: torch.zeros_like(value) if key in zero else value for key, value in params.items()}
+        return with_values(params, zeroed)
 
     def inputs_nonnegative(self) -> bool:
         """Whether every input is ``>= 0`` (the single-path shortcut of z+/gamma/alpha-beta).

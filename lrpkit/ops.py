@@ -58,10 +58,6 @@ class OutputScaling:
         self.shift = shift.reshape(shape)
         self.bias = bias
 
-    def weight(self, weight: Tensor) -> Tensor:
-        """``W * scale`` per output channel (a new tensor the size of the weight)."""
-        return weight * self.scale.reshape(-1, *([1] * (weight.ndim - 1)))
-
 
 class ScaledParams(dict[str, Tensor]):
     """A merged layer's parameters as its own weight and a per-channel output scale.
@@ -77,6 +73,21 @@ class ScaledParams(dict[str, Tensor]):
     def __init__(self, values: dict[str, Tensor], scale: Tensor) -> None:
         super().__init__(values)
         self.scale = scale
+
+
+def _with_scaling(params: Params, scaling: OutputScaling | None) -> Params:
+    """A layer's own ``params`` with its output scaling (the merged bias in place of its own), if any."""
+    if scaling is None:
+        return params
+    return ScaledParams({**params, "bias": scaling.bias}, scaling.scale)
+
+
+def _materialized(params: Params) -> Params:
+    """:class:`ScaledParams` as the merged layer's parameters, ``W * scale`` a new weight; others as given."""
+    if not isinstance(params, ScaledParams):
+        return params
+    weight = params["weight"]
+    return {**params, "weight": weight * params.scale.reshape(-1, *([1] * (weight.ndim - 1)))}
 
 
 def with_values(params: Params, values: dict[str, Tensor]) -> Params:
@@ -153,7 +164,7 @@ class LayerOps:
     def params(self) -> Params:
         """The module's own parameters (not its children's), detached; merged ones if it is scaled."""
         params = {name: param.detach() for name, param in self.module.named_parameters(recurse=False)}
-        return _merged(params, self.scaling)
+        return _materialized(_with_scaling(params, self.scaling))
 
     def scaled_params(self) -> Params:
         """:meth:`params`, as :class:`ScaledParams` where the ops can apply the scale themselves."""
@@ -309,13 +320,6 @@ class FunctionalOps(LayerOps):
         return _autograd_linearization(output, leaves, f"captured call {getattr(self.module, 'name', '')!r}")
 
 
-def _merged(params: Params, scaling: OutputScaling | None) -> Params:
-    """``params`` of a layer scaled by ``scaling`` as the merged layer's (a new weight); else as given."""
-    if scaling is None:
-        return params
-    return {**params, "weight": scaling.weight(params["weight"]), "bias": scaling.bias}
-
-
 class _BiasedOps(LayerOps):
     """Dense and convolutional layers: ``z_j = sum_i a_i w_ij + b_j``, closed forms.
 
@@ -327,16 +331,26 @@ class _BiasedOps(LayerOps):
     fresh = True
 
     def params(self) -> Params:
-        return _merged(_weight_and_bias(self.module), self.scaling)
+        return _materialized(self.scaled_params())
 
     def scaled_params(self) -> Params:
-        scaling = self.scaling
-        if scaling is None:
-            return _weight_and_bias(self.module)
-        weight = self.module.weight.detach()  # type: ignore[union-attr]
-        return ScaledParams({"weight": weight, "bias": scaling.bias}, scaling.scale)
+        return _with_scaling(_weight_and_bias(self.module), self.scaling)
 
-    def output_size(self, input: Tensor, weight: Tensor) -> int:
+    def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
+        chosen = self._merged_if_cheaper(params, 1, lambda: self.output_size(inputs[0], params))
+        return self._product(inputs[0], chosen)
+
+    def _product(self, input: Tensor, params: Params) -> Tensor:
+        """``W a + b`` under ``params``, the scale applied to the output for :class:`ScaledParams`."""
+        if isinstance(params, ScaledParams):
+            return _scaled_output(self._affine(input, params["weight"], None), params)
+        return self._affine(input, params["weight"], params.get("bias"))
+
+    def _affine(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The layer's own operation with ``weight`` and ``bias``."""
+        raise NotImplementedError
+
+    def output_size(self, input: Tensor, params: Params) -> int:
         """Number of elements of the layer's output for ``input``."""
         raise NotImplementedError
 
@@ -350,8 +364,7 @@ class _BiasedOps(LayerOps):
         """
         if not isinstance(params, ScaledParams) or params["weight"].numel() > passes * output_size():
             return params
-        weight = params["weight"]
-        return {**params, "weight": weight * params.scale.reshape(-1, *([1] * (weight.ndim - 1)))}
+        return _materialized(params)
 
     def output_has_no_negative_zero(self) -> bool:
         """True on the CPU for a standard layer, unhooked by others, whose bias holds no ``-0.0``.
@@ -405,24 +418,23 @@ def _global_forward_hooks() -> bool:
 class DenseOps(_BiasedOps):
     """Closed forms for ``nn.Linear``: ``z = a W^T + b`` and ``J^T s = s W``."""
 
-    def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
-        params = self._merged_if_cheaper(params, 1, lambda: self.output_size(inputs[0], params["weight"]))
-        if isinstance(params, ScaledParams):
-            return _scaled_output(F.linear(inputs[0], params["weight"]), params)
-        return F.linear(inputs[0], params["weight"], params.get("bias"))
+    def _affine(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(input, weight, bias)
 
     def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
-        params = self._merged_if_cheaper(params, 2, lambda: self.output_size(inputs[0], params["weight"]))
+        params = self._merged_if_cheaper(params, 2, lambda: self.output_size(inputs[0], params))
         weight, scale = params["weight"], _scale_of(params)
-        output = self.forward(inputs, params)
+        output = self._product(inputs[0], params)
         return output, lambda grad, owned=False: (_scaled(grad, scale, owned) @ weight,)
 
-    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False) -> tuple[Tensor, ...]:
+    def transpose(
+        self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False
+    ) -> tuple[Tensor, ...]:
         params = self._merged_if_cheaper(params, 1, grad.numel)
         return (_scaled(grad, _scale_of(params), owned) @ params["weight"],)
 
-    def output_size(self, input: Tensor, weight: Tensor) -> int:
-        return input.numel() // max(1, input.shape[-1]) * weight.shape[0]
+    def output_size(self, input: Tensor, params: Params) -> int:
+        return input.numel() // max(1, input.shape[-1]) * params["weight"].shape[0]
 
     def without_bias(self, output: Tensor, params: Params) -> Tensor:
         bias = params.get("bias")
@@ -447,14 +459,9 @@ class ConvOps(_BiasedOps):
         self.output_padding = list(conv.output_padding)
         self.groups = int(conv.groups)
 
-    def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
-        params = self._merged_if_cheaper(params, 1, lambda: self.output_size(inputs[0], params["weight"]))
-        if isinstance(params, ScaledParams):
-            return _scaled_output(self._convolution(inputs[0], params["weight"], None), params)
-        return self._convolution(inputs[0], params["weight"], params.get("bias"))
-
-    def output_size(self, input: Tensor, weight: Tensor) -> int:
+    def output_size(self, input: Tensor, params: Params) -> int:
         """For a standard convolution (the only kind merged with a BatchNorm)."""
+        weight = params["weight"]
         spatial = input.shape[-self.dims:]
         leading = input.numel() // max(1, math.prod(spatial) * input.shape[-self.dims - 1])
         kernel = weight.shape[2:]
@@ -464,7 +471,7 @@ class ConvOps(_BiasedOps):
         ]
         return leading * weight.shape[0] * math.prod(sizes)
 
-    def _convolution(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _affine(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return torch.convolution(
             input,
             weight,
@@ -478,11 +485,13 @@ class ConvOps(_BiasedOps):
         )
 
     def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
-        params = self._merged_if_cheaper(params, 2, lambda: self.output_size(inputs[0], params["weight"]))
-        output = self.forward(inputs, params)
+        params = self._merged_if_cheaper(params, 2, lambda: self.output_size(inputs[0], params))
+        output = self._product(inputs[0], params)
         return output, lambda grad, owned=False: self.transpose(inputs, params, grad, owned)
 
-    def transpose(self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False) -> tuple[Tensor, ...]:
+    def transpose(
+        self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False
+    ) -> tuple[Tensor, ...]:
         params = self._merged_if_cheaper(params, 1, grad.numel)
         grad_input = torch.ops.aten.convolution_backward(
             _scaled(grad, _scale_of(params), owned),

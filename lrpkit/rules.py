@@ -147,7 +147,8 @@ def _negative(params: Params) -> Params:
 
 
 def _drop_bias(params: Params) -> Params:
-    return with_values(params, {key: torch.zeros_like(value) if key == "bias" else value for key, value in params.items()})
+    zeroed = {key: torch.zeros_like(value) if key == "bias" else value for key, value in params.items()}
+    return with_values(params, zeroed)
 
 
 def _times(factors: Sequence[Tensor], gradients: Sequence[Tensor | None], owned: bool = False) -> list[Tensor]:
@@ -398,7 +399,8 @@ class AlphaBeta(_ParamRule):
         fresh, inputs, epsilon = call.ops.fresh, call.inputs, self.stabilizer
         out_pos, transpose_pos = call.ops.linearize(inputs, _positive(params))
         if self.beta == 0:
-            return tuple(_times(inputs, transpose_pos(_divide_by_signed(relevance, out_pos, epsilon, +1, fresh), owned=True), fresh))
+            scaled = _divide_by_signed(relevance, out_pos, epsilon, +1, fresh)
+            return tuple(_times(inputs, transpose_pos(scaled, owned=True), fresh))
         out_neg = _derived_negative_part(call, params, out_pos, self.zero_params)
         if out_neg is None:
             out_neg, transpose_neg, owned = _direct_negative_part(call, params)
@@ -592,8 +594,10 @@ class Gamma(_ParamRule):
         del scaled
         if torch.equal(weighted, signed):  # no relevance where z < 0: W^T s + gamma W+^T s in one product
             del signed, transpose_pos
-            lifted_params = with_values(params, {key: value.mul_(gamma).add_(params[key]) for key, value in positive.items()})  # in W+
-            return tuple(_times(call.inputs, call.ops.transpose(call.inputs, lifted_params, weighted, owned=True), fresh))
+            lifted = {key: value.mul_(gamma).add_(params[key]) for key, value in positive.items()}  # in W+
+            lifted_params = with_values(params, lifted)
+            products = call.ops.transpose(call.inputs, lifted_params, weighted, owned=True)
+            return tuple(_times(call.inputs, products, fresh))
         del positive
         through_positive = transpose_pos(signed, owned=True)
         through_weight = call.ops.transpose(call.inputs, params, weighted, owned=True)

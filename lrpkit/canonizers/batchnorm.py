@@ -820,7 +820,10 @@ class MergeBatchNorm(Canonizer):
 
 def _check_virtual_from(virtual_from: int | None, who: str) -> int | None:
     """``virtual_from`` if it is ``None`` or a non-negative int, else a ``ValueError``."""
-    if virtual_from is not None and (isinstance(virtual_from, bool) or not isinstance(virtual_from, int) or virtual_from < 0):
+    valid = virtual_from is None or (
+        isinstance(virtual_from, int) and not isinstance(virtual_from, bool) and virtual_from >= 0
+    )
+    if not valid:
         raise ValueError(f"{who}: virtual_from must be None or an int >= 0 (weight elements), got {virtual_from!r}")
     return virtual_from
 

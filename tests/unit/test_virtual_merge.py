@@ -60,7 +60,7 @@ def test_the_cheaper_of_scaling_the_outputs_and_making_the_merged_weight_is_take
         output = model[1](x)  # the merged layer's output
         ops = (ConvOps if "conv" in layer_kind else DenseOps)(model[1], (x,), {}, (0,))
         params = ops.scaled_params()
-        assert ops.output_size(x, params["weight"]) == output.numel()
+        assert ops.output_size(x, params) == output.numel()
         for passes in (1, 2):
             chosen = ops._merged_if_cheaper(params, passes, output.numel)
             assert (chosen is params) is scaled_in_products
