@@ -30,8 +30,10 @@ from .rectified import (
     inputs_to_save,
     is_plain_relu,
     lend,
+    mark_saved,
     offer_recompute,
     recomputed_inputs,
+    rectified_before,
     rectified_output_usable,
 )
 
@@ -118,6 +120,15 @@ _SIGN_KEEPING_NODES = frozenset(
         "CloneBackward0", "ExpandBackward0", "PermuteBackward0", "TransposeBackward0",
     }
 )
+#: Sign-keeping nodes whose output is a view of their input, or that save their input (so that a
+#: change of it in place before the backward is an error there).
+_IN_TIME_NODES = frozenset(
+    {
+        "MaxPool1DWithIndicesBackward0", "MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0",
+        "AdaptiveMaxPool2DBackward0", "ViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0",
+        "PermuteBackward0", "TransposeBackward0",
+    }
+)
 #: Modules (or captured calls, by ``op``) whose output is never negative.
 _NONNEGATIVE_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.Sigmoid, nn.Softmax)
 _NONNEGATIVE_OPS = frozenset({"relu", "sigmoid", "softmax"})
@@ -136,11 +147,16 @@ def produced_nonnegative(tensor: Tensor, depth: int = 8) -> bool:
     means "unknown", not "negative".
     """
     node = tensor.grad_fn
+    # every step so far reads its input's memory or saved it: a rectification in place at the end
+    # came before it (or the backward reports the change), so it saw the rectified values
+    in_time = True
     for _ in range(depth):
         if node is None:
             return False
         name = type(node).__name__
         if name in _NONNEGATIVE_NODES:
+            return True
+        if in_time and rectified_before(node):
             return True
         pending = getattr(node, "pending", None)
         module = getattr(pending, "module", None)
@@ -150,8 +166,13 @@ def produced_nonnegative(tensor: Tensor, depth: int = 8) -> bool:
                 return True
             if not (isinstance(module, _SIGN_KEEPING_MODULES) or op in _SIGN_KEEPING_OPS):
                 return False
+            if pending.known_nonnegative:  # judged when the node was made
+                return pending.known_nonnegative[0]
+            in_time = False
         elif name not in _SIGN_KEEPING_NODES:
             return False
+        elif name not in _IN_TIME_NODES:
+            in_time = False
         parents = node.next_functions
         if len(parents) != 1:
             return False
@@ -241,6 +262,7 @@ class _RelevanceFunction(torch.autograd.Function):
         ctx.input_shapes = [(tensor.shape, tensor.dtype) for tensor in inputs]
         saved, ctx.recomputed = inputs_to_save(inputs) if pending.rule.needs_inputs else ((), None)
         ctx.save_for_backward(*saved)
+        mark_saved(saved)
         # a detached alias: the node holding its own output would be a reference cycle
         ctx.kept_output = KeptOutput(output.detach()) if pending.rule.needs_output else None
         return output
@@ -366,8 +388,8 @@ class RuleHook:
         # (FunctionalCapture's) stay out of it
         with hooks_suspended(), torch._C.DisableTorchFunction():
             rule = self.choose(module)
-            if rule is None:
-                return None
+            if rule is None or (rule.passes_relevance and len(args) == 1 and output is args[0]):
+                return None  # (the relevance of an unchanged input is its own: nothing to route)
             positions = tuple(
                 index
                 for index, arg in enumerate(args)

@@ -118,24 +118,70 @@ def lend(source: Tensor, rectified: Tensor) -> None:
     Only when ``source`` is exactly that node's output (not a view), the node still keeps the
     output itself, and its rule reads the output only where relevance flows.
     """
-    node = source.grad_fn
-    kept = getattr(node, "kept_output", None)
-    if not isinstance(kept, KeptOutput) or kept.rectified or source._base is not None:
+    kept = getattr(source.grad_fn, "kept_output", None)
+    if not isinstance(kept, KeptOutput) or not _lendable(source, kept):
         return
-    if not _marked(node.pending.rule, "reads_output_only_where_relevant"):  # type: ignore[union-attr]
-        return
-    output = kept.tensor
-    if (
-        output is None  # already let go by a backward through the node
-        or output._version != kept.version  # changed in place: the backward reports it
-        or source.shape != output.shape
-        or source.stride() != output.stride()
-        or source.data_ptr() != output.data_ptr()
-        or rectified.shape != output.shape
-        or rectified.dtype != output.dtype
-    ):
+    if rectified.shape != source.shape or rectified.dtype != source.dtype:
         return
     kept.borrow(rectified.detach())
+
+
+def _lendable(source: Tensor, kept: KeptOutput) -> bool:
+    """Whether ``kept`` (of the node that produced ``source``) may give way to ``relu(source)``."""
+    if kept.rectified or source._base is not None:
+        return False
+    if not _marked(source.grad_fn.pending.rule, "reads_output_only_where_relevant"):  # type: ignore[union-attr]
+        return False
+    output = kept.tensor
+    return not (
+        output is None  # already let go by a backward through the node
+        or output._version != kept.version  # changed in place: the backward reports it
+        or _layout(source) != _layout(output)
+    )
+
+
+def rectify_in_place(source: Tensor) -> bool:
+    """``relu`` ``source`` in place, unrecorded, if it is the untouched output of a rule node.
+
+    What an ``nn.ReLU(inplace=True)`` whose rule passes relevance does inside a context: the
+    relevance then reaches the node unchanged, as the pass rule hands it on, with no node and
+    no new tensor for the ReLU; a node that keeps its output keeps the rectified tensor
+    (:func:`lend`), and consumers know it is non-negative (:func:`rectified_before`). ``False``
+    (nothing done) when ``source`` is a view, not a rule node's output, or its node keeps an
+    output it may not give up.
+    """
+    node = source.grad_fn
+    if node is None or source._base is not None or getattr(node, "pending", None) is None:
+        return False
+    if getattr(node, "output_saved", False):  # a rule node saved it (or a view of it) as an input
+        return False
+    kept = node.kept_output
+    if kept is not None and not _lendable(source, kept):
+        return False
+    with torch.no_grad():
+        source.relu_()
+    if kept is not None:
+        kept.borrow(source.detach())
+    node.rectified_output = True
+    return True
+
+
+def mark_saved(saved: tuple[Tensor, ...]) -> None:
+    """Note on the rule nodes that produced ``saved`` (or the bases of views in it) that a rule node saved them.
+
+    A rule node saves inputs the plain gradient may not (an average pool's, a sum's): an
+    ``nn.ReLU(inplace=True)`` after such a consumer must not overwrite them (:func:`rectify_in_place`).
+    """
+    for tensor in saved:
+        base = tensor if tensor._base is None else tensor._base
+        node = base.grad_fn
+        if getattr(node, "pending", None) is not None:
+            node.output_saved = True  # type: ignore[union-attr]
+
+
+def rectified_before(node: Any) -> bool:
+    """Whether :func:`rectify_in_place` rectified the output of ``node``."""
+    return getattr(node, "rectified_output", False)
 
 
 # -- certificates: relevance known to be zero wherever a given tensor is zero -------------------
@@ -266,10 +312,13 @@ __all__ = [
     "inputs_to_save",
     "is_plain_relu",
     "lend",
+    "mark_saved",
     "offer_recompute",
     "proportional_to_inputs",
     "reads_output_only_where_relevant",
     "recomputed_inputs",
+    "rectified_before",
+    "rectify_in_place",
     "rectified_output_usable",
     "zero_where_zero",
 ]

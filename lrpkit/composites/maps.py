@@ -26,10 +26,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..canonizers import Canonizer, CompositeCanonizer, RuleBinding, default_canonizers
 from ..core import Rule, RuleChoice, RuleHook, Session, attach
+from ..ops import hooks_are_suspended
+from ..rectified import rectify_in_place
 
 Ctx = dict[str, Any]
 ModuleTypes = Union[type, tuple[type, ...]]
@@ -161,7 +164,7 @@ class Composite:
             )
             for handle in canonizer.bind(model, binding):
                 stack.callback(handle.remove)
-            _disable_inplace(model, stack)
+            _disable_inplace(model, self._choices, stack)
         except BaseException:
             stack.close()
             raise
@@ -230,15 +233,44 @@ def _has_own_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
-def _disable_inplace(model: nn.Module, stack: ExitStack) -> None:
+def _disable_inplace(model: nn.Module, choices: dict[int, RuleChoice], stack: ExitStack) -> None:
     """Turn ``inplace`` off on modules such as ``ReLU(inplace=True)`` until the context closes.
 
-    An in-place activation would overwrite the output a rule keeps for its backward.
+    An in-place activation would overwrite the output a rule keeps for its backward. A plain
+    ``nn.ReLU(inplace=True)`` with a rule instead gets :class:`_RectifyInPlace` as its
+    ``forward``, which stays in place where that is safe.
     """
     for module in model.modules():
-        if getattr(module, "inplace", False) is True:
-            module.inplace = False  # type: ignore[assignment]
-            stack.callback(setattr, module, "inplace", True)
+        if getattr(module, "inplace", False) is not True:
+            continue
+        module.inplace = False  # type: ignore[assignment]
+        stack.callback(setattr, module, "inplace", True)
+        choose = choices.get(id(module))
+        if type(module) is nn.ReLU and choose is not None and "forward" not in vars(module):
+            module.forward = _RectifyInPlace(module, choose)  # type: ignore[method-assign]
+            stack.callback(delattr, module, "forward")
+
+
+class _RectifyInPlace:
+    """``forward`` of an ``nn.ReLU(inplace=True)`` inside a context.
+
+    When the module's rule passes relevance and its input is the untouched output of a rule node,
+    the input is rectified in place without autograd recording it
+    (:func:`lrpkit.rectified.rectify_in_place`): the relevance reaches that node unchanged, as
+    the pass rule gives it, without a node or a new tensor for the ReLU. Otherwise the ReLU runs
+    out of place.
+    """
+
+    def __init__(self, module: nn.Module, choose: RuleChoice) -> None:
+        self.module = module  # (a cycle through the module's __dict__ until the context closes)
+        self.choose = choose
+
+    def __call__(self, input: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and not hooks_are_suspended() and isinstance(input, Tensor):
+            rule = self.choose(self.module)
+            if rule is not None and rule.passes_relevance and rectify_in_place(input):
+                return input
+        return torch.nn.functional.relu(input)
 
 
 def _first_match(layer_map: LayerMap, module: nn.Module) -> Rule | None:

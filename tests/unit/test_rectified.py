@@ -354,3 +354,125 @@ def test_a_second_backward_through_a_retained_graph_computes_the_activation_agai
         (first,) = torch.autograd.grad(output, x, output.detach(), retain_graph=True)
         (second,) = torch.autograd.grad(output, x, output.detach())
     assert torch.equal(first, second)
+
+
+# -- an nn.ReLU(inplace=True) rectifies its input in place, unrecorded --------------------------
+
+
+def inplace_relu() -> nn.Module:
+    return nn.ReLU(inplace=True)
+
+
+def relu_nodes(output: torch.Tensor) -> list[object]:
+    """The autograd nodes of ReLUs behind ``output``: lrpkit rule nodes of ReLU modules and native ones."""
+    return [
+        node
+        for node in graph_nodes(output)
+        if isinstance(getattr(getattr(node, "pending", None), "module", None), nn.ReLU)
+        or type(node).__name__.startswith(("ReluBackward", "ThresholdBackward"))
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_an_inplace_relu_gives_the_same_relevance(name):
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    in_place = relevance(network(inplace_relu), COMPOSITES[name](), x)
+    kept = relevance(network(NoLendReLU), COMPOSITES[name](), x)
+    torch.testing.assert_close(in_place, kept, rtol=1e-12, atol=1e-15)
+
+
+def test_an_inplace_relu_makes_no_node_and_no_tensor_and_the_layer_keeps_its_output():
+    model = network(inplace_relu)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    produced = {}
+    model[1].register_forward_pre_hook(lambda module, args: produced.update(conv=args[0]))
+    model[1].register_forward_hook(lambda module, args, output: produced.update(relu=output))
+    with epsilon_only().context(model):
+        output = model(x.clone().requires_grad_(True))
+        assert produced["relu"] is produced["conv"]  # the same tensor, rectified
+        assert bool((produced["relu"] >= 0).all())
+        assert core.produced_nonnegative(produced["relu"])
+        assert not relu_nodes(output)
+        found = {node.pending.name: node.kept_output.rectified for node in graph_nodes(output) if _keeps(node)}
+    assert found["0"] and found["4"] and found["7"] and found["2.conv1"]
+    assert model[1].inplace is True and "forward" not in vars(model[1])  # the module is as it was
+
+
+class UsedBeforeTheReLU(nn.Module):
+    """``signed(flatten(f(z))) + rectified(flatten(relu(z)))``, ``f(z)`` computed before the ReLU."""
+
+    def __init__(self, relu: Callable[[], nn.Module], before: str) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv, self.relu, self.pool = nn.Conv2d(3, 4, 3, padding=1), relu(), nn.AvgPool2d(1)
+        self.signed, self.rectified = nn.Linear(4 * 8 * 8, 3), nn.Linear(4 * 8 * 8, 3)
+        self.before = before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        signed = z.clone() if self.before == "clone" else self.pool(z)  # before the ReLU overwrites z
+        rectified = self.rectified(torch.flatten(self.relu(z), 1))
+        return self.signed(torch.flatten(signed, 1)) + rectified  # the signed layer runs after the ReLU
+
+
+@pytest.mark.parametrize("before", ["clone", "pool"])
+def test_what_was_computed_from_the_output_before_an_inplace_relu_stays_signed(before):
+    """A copy of ``z`` is not taken for non-negative (z+ must take both signs); a pool saved ``z``."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    composite = lambda: composites.LayerMapComposite(  # noqa: E731
+        composites.layer_map_base() + [((nn.Conv2d, nn.Linear), rules.ZPlus())]
+    )
+    model = UsedBeforeTheReLU(inplace_relu, before).double().eval()
+    with composite().context(model):
+        output = model(x.clone().requires_grad_(True))
+        assert len(relu_nodes(output)) == (0 if before == "clone" else 1)  # the pool keeps z: out of place
+    in_place = relevance(model, composite(), x)
+    kept = relevance(UsedBeforeTheReLU(NoLendReLU, before).double().eval(), composite(), x)
+    torch.testing.assert_close(in_place, kept, rtol=1e-12, atol=1e-15)
+
+
+def test_an_inplace_relu_on_the_model_input_leaves_the_input_alone():
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    original = x.clone()
+    relevance(model, epsilon_only(), x)
+    torch.testing.assert_close(x, original, rtol=0, atol=0)
+
+
+def test_an_inplace_relu_after_a_rule_that_reads_its_whole_output_runs_out_of_place():
+    """OutputOnly reads the output everywhere: it keeps it, and the ReLU may not overwrite it."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.ReLU(inplace=True), nn.Linear(4, 2)).double().eval()
+    composite = composites.LayerMapComposite(
+        [(nn.Linear, rules.Epsilon()), (nn.Tanh, OutputOnly()), (nn.ReLU, rules.Pass())], canonizers=[]
+    )
+    x = torch.randn(5, 3, dtype=torch.float64)
+    expected_model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), NoLendReLU(), nn.Linear(4, 2)).double().eval()
+    expected_model.load_state_dict(model.state_dict())
+    with composite.context(model):
+        output = model(x.clone().requires_grad_(True))
+        assert len(relu_nodes(output)) == 1  # the ReLU's own node: out of place
+    torch.testing.assert_close(relevance(model, composite, x), relevance(expected_model, composite, x))
+
+
+def test_flat_above_an_inplace_relu_recomputes_the_overwritten_output():
+    torch.manual_seed(2)
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def model(relu: Callable[[], nn.Module]) -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(5, 6), relu(), nn.Linear(6, 3)).double().eval()
+
+    def composite() -> composites.Composite:
+        return composites.NameMapComposite([(["0"], rules.Epsilon()), (["2"], rules.Flat()), (["1"], rules.Pass())])
+
+    torch.testing.assert_close(relevance(model(inplace_relu), composite(), x), relevance(model(NoLendReLU), composite(), x))
+
+
+def test_an_inplace_relu_whose_rule_does_not_pass_relevance_runs_out_of_place():
+    model = network(inplace_relu)
+    composite = composites.LayerMapComposite([(nn.ReLU, rules.Epsilon()), ((nn.Conv2d, nn.Linear), rules.Epsilon())])
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    with composite.context(model):
+        output = model(x.clone().requires_grad_(True))
+        assert len(relu_nodes(output)) == 4  # every nn.ReLU call has its own rule node
+    torch.testing.assert_close(relevance(model, composite, x), relevance(network(NoLendReLU), composite, x))
