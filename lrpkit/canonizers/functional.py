@@ -21,7 +21,9 @@ while the model runs and gives it a rule:
 
 In-place forms are made out-of-place while captured, so that no saved tensor is overwritten:
 augmented assignments (``out += identity``, recognised from the calling bytecode, where Python
-rebinds the name) and ``inplace=True`` arguments (``F.relu(x, inplace=True)``). An in-place
+rebinds the name) and ``inplace=True`` arguments (``F.relu(x, inplace=True)``), except a ReLU
+whose rule passes relevance on the untouched output of a rule node, which stays in place
+(:func:`lrpkit.rectified.rectify_in_place`). An in-place
 *method* called for its side effect (``x.relu_()`` as a statement) is left in place and not
 captured; if it overwrites a tensor a rule saved, autograd raises instead of giving wrong numbers.
 
@@ -69,6 +71,7 @@ from torch.utils.hooks import RemovableHandle
 from .. import captured
 from ..core import PendingCall, Rule, Session, route
 from ..ops import FunctionalOps, hooks_are_suspended, hooks_suspended
+from ..rectified import rectify_in_place
 from ..rules import AttentionValue, LayerNormConstant, Norm, Pass, Product
 from .base import CallbackHandle, Canonizer, Handle, RuleBinding, undo_all
 
@@ -276,22 +279,38 @@ class _Capture:
                 return func(*args, **kwargs)
             op = op[:-1]
             func = getattr(torch.Tensor, op)
+        rectify = False
         if kwargs.get("inplace") is True:
             if references > _BASELINES["inplace_argument"] or _result_discarded(caller):
                 _warn_in_place(op, caller)
                 return func(*args, **kwargs)
+            rectify = op == "relu" and activations == [0] and torch.is_grad_enabled()
             kwargs = {**kwargs, "inplace": False}
             leaves, spec = pytree.tree_flatten((args, kwargs))
-        output = func(*args, **kwargs)
-        if not _carries_grad(output):
-            return output
-        name = self.name(op)
-        pseudo = self.op(name, op, func)
-        rule = self.rule(name, pseudo) if torch.is_grad_enabled() else None
+        if rectify:  # F.relu(x, inplace=True): in place where that is safe, as nn.ReLU(inplace=True)
+            name, pseudo, rule = self.identify(op, func)
+            if rule is not None and rule.passes_relevance and rectify_in_place(leaves[0]):
+                return self.observed(name, pseudo, rule, leaves[0])
+            output = func(*args, **kwargs)
+        else:
+            output = func(*args, **kwargs)
+            if not _carries_grad(output):
+                return output
+            name, pseudo, rule = self.identify(op, func)
         if rule is not None:
             output = self.attach(rule, pseudo, func, leaves, spec, activations, output)
+        return self.observed(name, pseudo, rule, output)
+
+    def identify(self, op: str, func: Callable[..., Any]) -> tuple[str, captured.CapturedOp, Rule | None]:
+        """Name a captured call; its pseudo-module and its rule (none without grad mode)."""
+        name = self.name(op)
+        pseudo = self.op(name, op, func)
+        return name, pseudo, self.rule(name, pseudo) if torch.is_grad_enabled() else None
+
+    def observed(self, name: str, op: captured.CapturedOp, rule: Rule | None, output: Any) -> Any:
+        """``output``, after telling every observer about the call."""
         for observer in self.observers:
-            observer(name, pseudo, rule, output)
+            observer(name, op, rule, output)
         return output
 
     def attach(

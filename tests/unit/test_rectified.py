@@ -11,8 +11,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from helpers import graph_nodes
+import lrpkit
 from lrpkit import composites, core, rectified, rules
 from lrpkit.attribution import Gradient
 
@@ -476,3 +478,32 @@ def test_an_inplace_relu_whose_rule_does_not_pass_relevance_runs_out_of_place():
         output = model(x.clone().requires_grad_(True))
         assert len(relu_nodes(output)) == 4  # every nn.ReLU call has its own rule node
     torch.testing.assert_close(relevance(model, composite, x), relevance(network(NoLendReLU), composite, x))
+
+
+class FunctionalReLUs(nn.Module):
+    """``fc(flatten(F.relu(conv2(F.relu(conv1(x))))))`` with ``inplace`` as given."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc, self.in_place = nn.Linear(4 * 8 * 8, 3), inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x), inplace=self.in_place)
+        h = F.relu(self.conv2(h), inplace=self.in_place)
+        return self.fc(torch.flatten(h, 1))
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_a_functional_inplace_relu_is_rectified_in_place_with_the_same_relevance(name):
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    model = FunctionalReLUs(inplace=True).double().eval()
+    with COMPOSITES[name]().context(model):
+        output = model(x.clone().requires_grad_(True))
+        assert not [node for node in graph_nodes(output) if rectified.is_plain_relu(getattr(getattr(node, "pending", None), "module", None))]
+    in_place = relevance(model, COMPOSITES[name](), x)
+    out_of_place = relevance(FunctionalReLUs(inplace=False).double().eval(), COMPOSITES[name](), x)
+    torch.testing.assert_close(in_place, out_of_place, rtol=1e-12, atol=1e-15)
+    names = [row.name for row in lrpkit.describe(model, x, composite=COMPOSITES[name]()).rows]
+    assert "relu" in names and "relu_1" in names  # still captured and named
