@@ -230,10 +230,11 @@ def test_kept_outputs_are_let_go_by_the_backward_while_the_graph_lives_on():
         assert all(entry.tensor is None for entry in kept)
 
 
+@pytest.mark.parametrize("relu", [nn.ReLU, lambda: nn.ReLU(inplace=True)], ids=["relu", "inplace_relu"])
 @pytest.mark.parametrize("name", sorted(COMPOSITES))
-def test_a_second_backward_through_a_retained_graph_recomputes_what_the_first_let_go(name):
+def test_a_second_backward_through_a_retained_graph_recomputes_what_the_first_let_go(name, relu):
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
-    model = network(nn.ReLU)
+    model = network(relu)
     with COMPOSITES[name]().context(model):
         output = model(x)
         start = torch.zeros_like(output)
