@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from .ops import LayerOps, Params, hooks_are_suspended, hooks_suspended, layer_ops, with_values
 from .rectified import (
     KeptOutput,
+    certified_arrivals,
     certify,
     inputs_to_save,
     is_plain_relu,
@@ -287,7 +288,7 @@ class _RelevanceFunction(torch.autograd.Function):
         for position, tensor in zip(pending.input_positions, inputs):
             args[position] = tensor
         ops = pending.ops_factory(pending.module, tuple(args), pending.kwargs, pending.input_positions)
-        output, rectified = _output_for(ctx.kept_output, relevance, ops, inputs, pending.rule, where)
+        output, rectified = _output_for(ctx, relevance, ops, inputs, pending.rule, where)
         call = LayerCall(
             name=pending.name,
             module=pending.module,
@@ -299,7 +300,7 @@ class _RelevanceFunction(torch.autograd.Function):
         )
         with torch.no_grad():
             result = _checked(pending.rule.relevance(call, pending.rule.incoming(relevance)), inputs, pending.rule, where)
-        certify(pending.rule, result, inputs)
+        certify(pending.rule, result, inputs, ctx.next_functions)
         if ctx.kept_output is not None:
             # a tensor set on ctx lives as long as the graph; saved tensors go after their backward
             ctx.kept_output.release()
@@ -307,14 +308,16 @@ class _RelevanceFunction(torch.autograd.Function):
 
 
 def _output_for(
-    kept: KeptOutput | None, relevance: Tensor, ops: LayerOps, inputs: tuple[Tensor, ...], rule: Rule, where: str
+    node: Any, relevance: Tensor, ops: LayerOps, inputs: tuple[Tensor, ...], rule: Rule, where: str
 ) -> tuple[Tensor | None, bool]:
     """The output a rule reads (``None`` if it needs none) and whether it is the lent ReLU output.
 
     A lent ReLU output that cannot stand in for the output (relevance where it is zero) gives
     way to the output itself, recomputed with one forward of the layer; so does an output let go
-    by an earlier backward through the same graph (``retain_graph=True``).
+    by an earlier backward through the same graph (``retain_graph=True``). ``node``: the rule
+    node, which holds the kept output and counts the certified relevances sent to it.
     """
+    kept: KeptOutput | None = node.kept_output
     if kept is None:
         return None, False
     if kept.tensor is None:
@@ -328,7 +331,7 @@ def _output_for(
     output = kept.checked(where)
     if not kept.rectified:
         return output, False
-    if rectified_output_usable(relevance, output):
+    if rectified_output_usable(relevance, output, certified_arrivals(node)):
         return output, True
     return _recomputed(ops, inputs), False
 

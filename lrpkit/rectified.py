@@ -191,16 +191,48 @@ Certificate = tuple["weakref.ReferenceType[Tensor]", int, tuple[Any, ...]]
 _CERTIFIED: dict[int, Certificate] = {}
 
 
-def certify(rule: Any, relevances: tuple[Tensor | None, ...], inputs: tuple[Tensor, ...]) -> None:
-    """Record that each relevance of a rule marked :func:`proportional_to_inputs` is zero where its input is."""
+def certify(
+    rule: Any, relevances: tuple[Tensor | None, ...], inputs: tuple[Tensor, ...], producers: tuple[Any, ...] = ()
+) -> None:
+    """Record that each relevance of a rule marked :func:`proportional_to_inputs` is zero where its input is.
+
+    ``producers`` (the node's ``next_functions``, one per input): a rule node among them counts
+    the certified relevances it is sent in this backward (:func:`certified_arrivals`).
+    """
     if not _marked(rule, "proportional_to_inputs"):
         return
-    for relevance, tensor in zip(relevances, inputs):
+    for index, (relevance, tensor) in enumerate(zip(relevances, inputs)):
         if relevance is None or tensor.device.type == "meta":
             continue
         key = id(relevance)
         reference = weakref.ref(relevance, lambda _, key=key: _CERTIFIED.pop(key, None))  # type: ignore[misc]
         _CERTIFIED[key] = (reference, relevance._version, _layout(tensor))
+        if index < len(producers):
+            _count_arrival(producers[index][0], tensor)
+
+
+def _count_arrival(node: Any, tensor: Tensor) -> None:
+    """Count one certified relevance sent to ``node`` for its output ``tensor`` (rule nodes only)."""
+    if getattr(node, "pending", None) is None:
+        return
+    task = torch._C._current_graph_task_id()
+    count = node.certified_arrivals[1] if getattr(node, "certified_arrivals", (None,))[0] == task else 0
+    node.certified_arrivals = (task, count + 1)
+
+
+def certified_arrivals(node: Any) -> int:
+    """How many certified relevances rule nodes sent ``node`` in the running backward; resets the count.
+
+    Autograd adds the relevances that reach a node into the first one to arrive, in place when
+    nothing else holds it (one version step per addition). So a certified relevance whose
+    version moved by exactly ``arrivals - 1`` is the sum of the certified ones alone: zero
+    wherever the tensor they were certified for is zero.
+    """
+    arrivals = getattr(node, "certified_arrivals", None)
+    if arrivals is None:
+        return 0
+    del node.certified_arrivals
+    return arrivals[1] if arrivals[0] == torch._C._current_graph_task_id() else 0
 
 
 def _layout(tensor: Tensor) -> tuple[Any, ...]:
@@ -208,13 +240,17 @@ def _layout(tensor: Tensor) -> tuple[Any, ...]:
     return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
 
 
-def _certified(relevance: Tensor, rectified: Tensor) -> bool:
-    """Whether ``relevance`` is, unchanged, a relevance certified zero wherever ``rectified`` is zero."""
+def _certified(relevance: Tensor, rectified: Tensor, arrivals: int = 0) -> bool:
+    """Whether ``relevance`` is a relevance certified zero wherever ``rectified`` is zero.
+
+    Unchanged since, or changed only by autograd adding ``arrivals - 1`` further certified
+    relevances into it (:func:`certified_arrivals`).
+    """
     entry = _CERTIFIED.get(id(relevance))
     return (
         entry is not None
         and entry[0]() is relevance
-        and entry[1] == relevance._version
+        and relevance._version - entry[1] == max(arrivals - 1, 0)
         and entry[2] == _layout(rectified)
     )
 
@@ -236,9 +272,12 @@ def zero_where_zero(relevance: Tensor, rectified: Tensor) -> bool:
     return bool((low == 0) & (high == 0))  # one read back to the host (a sync on a GPU), not two
 
 
-def rectified_output_usable(relevance: Tensor, rectified: Tensor) -> bool:
-    """Whether a lent ReLU output may stand in for the output, given the relevance that arrived."""
-    return _certified(relevance, rectified) or zero_where_zero(relevance, rectified)
+def rectified_output_usable(relevance: Tensor, rectified: Tensor, arrivals: int = 0) -> bool:
+    """Whether a lent ReLU output may stand in for the output, given the relevance that arrived.
+
+    ``arrivals``: the certified relevances counted for the node (:func:`certified_arrivals`).
+    """
+    return _certified(relevance, rectified, arrivals) or zero_where_zero(relevance, rectified)
 
 
 # -- activations computed again from the output their producer keeps ---------------------------
@@ -308,6 +347,7 @@ def _activation_of(pending: Any, source: Tensor) -> Tensor:
 
 __all__ = [
     "KeptOutput",
+    "certified_arrivals",
     "certify",
     "inputs_to_save",
     "is_plain_relu",

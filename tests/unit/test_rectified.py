@@ -508,3 +508,73 @@ def test_a_functional_inplace_relu_is_rectified_in_place_with_the_same_relevance
     torch.testing.assert_close(in_place, out_of_place, rtol=1e-12, atol=1e-15)
     names = [row.name for row in lrpkit.describe(model, x, composite=COMPOSITES[name]()).rows]
     assert "relu" in names and "relu_1" in names  # still captured and named
+
+
+# -- certified relevances added up by autograd stay certified ---------------------------------
+
+
+class TwoConsumers(nn.Module):
+    """``top(relu(lin(x))) + side(relu(lin(x)))``: the ReLU's output feeds two layers."""
+
+    def __init__(self, relu: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.lin, self.relu, self.top, self.side = nn.Linear(5, 8), relu(), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu(self.lin(x))
+        side = self.side(a)  # made first, so its node runs last: its relevance is added to top's
+        return self.top(a) + side
+
+
+def counted_checks(monkeypatch) -> list[tuple[int, ...]]:  # type: ignore[no-untyped-def]
+    calls: list[tuple[int, ...]] = []
+    check = rectified.zero_where_zero
+
+    def counted(relevance: torch.Tensor, output: torch.Tensor) -> bool:
+        calls.append(tuple(output.shape))
+        return check(relevance, output)
+
+    monkeypatch.setattr(rectified, "zero_where_zero", counted)
+    return calls
+
+
+@pytest.mark.parametrize("side", ["epsilon", "flat"])
+def test_certified_relevances_added_by_autograd_skip_the_check_and_others_do_not(side, monkeypatch):
+    """Two epsilon consumers: their sum is certified. A flat one sends relevance where ``a == 0``."""
+    x = torch.randn(6, 5, dtype=torch.float64)
+
+    def composite() -> composites.Composite:
+        side_rule = rules.Epsilon() if side == "epsilon" else rules.Flat()
+        return composites.NameMapComposite(
+            [(["lin", "top"], rules.Epsilon()), (["side"], side_rule), (["relu"], rules.Pass())], canonizers=[]
+        )
+
+    reference = relevance(TwoConsumers(NoLendReLU).double().eval(), composite(), x)
+    calls = counted_checks(monkeypatch)
+    in_place = relevance(TwoConsumers(inplace_relu).double().eval(), composite(), x)
+    assert len(calls) == (0 if side == "epsilon" else 1)
+    torch.testing.assert_close(in_place, reference, rtol=1e-12, atol=1e-15)
+
+
+def test_a_backward_that_stops_above_a_node_leaves_no_count_for_the_next():
+    """Relevance sent to a node by a backward that ends above it does not count in a later one."""
+    x = torch.randn(6, 5, dtype=torch.float64)
+    composite = composites.NameMapComposite(
+        [(["lin", "top"], rules.Epsilon()), (["side"], rules.Flat()), (["relu"], rules.Pass())], canonizers=[]
+    )
+
+    def explain(relu: Callable[[], nn.Module], stop_above_first: bool) -> torch.Tensor:
+        model = TwoConsumers(relu).double().eval()
+        seen: dict[str, torch.Tensor] = {}
+        model.relu.register_forward_hook(lambda module, args, output: seen.update(a=output))
+        inputs = x.clone().requires_grad_(True)
+        with composite.context(model):
+            output = model(inputs)
+            start = output.detach()
+            if stop_above_first:  # the top layer sends its certified relevance; the ReLU's node does not run
+                torch.autograd.grad(output, seen["a"], start, retain_graph=True)
+            (gradient,) = torch.autograd.grad(output, inputs, start)
+        return gradient
+
+    torch.testing.assert_close(explain(inplace_relu, True), explain(NoLendReLU, False), rtol=1e-12, atol=1e-15)
