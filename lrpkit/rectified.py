@@ -208,16 +208,19 @@ def certify(
         reference = weakref.ref(relevance, lambda _, key=key: _CERTIFIED.pop(key, None))  # type: ignore[misc]
         _CERTIFIED[key] = (reference, relevance._version, _layout(tensor))
         if index < len(producers):
-            _count_arrival(producers[index][0], tensor)
+            _count_arrival(producers[index][0])
 
 
-def _count_arrival(node: Any, tensor: Tensor) -> None:
-    """Count one certified relevance sent to ``node`` for its output ``tensor`` (rule nodes only)."""
-    if getattr(node, "pending", None) is None:
-        return
-    task = torch._C._current_graph_task_id()
-    count = node.certified_arrivals[1] if getattr(node, "certified_arrivals", (None,))[0] == task else 0
-    node.certified_arrivals = (task, count + 1)
+def _count_arrival(node: Any) -> None:
+    """Count one certified relevance sent to ``node`` in the running backward (rule nodes only)."""
+    if getattr(node, "pending", None) is not None:
+        node.certified_arrivals = (torch._C._current_graph_task_id(), _arrivals(node) + 1)
+
+
+def _arrivals(node: Any) -> int:
+    """The certified relevances counted for ``node`` in the running backward (none from another)."""
+    counted = getattr(node, "certified_arrivals", None)
+    return counted[1] if counted is not None and counted[0] == torch._C._current_graph_task_id() else 0
 
 
 def certified_arrivals(node: Any) -> int:
@@ -228,11 +231,9 @@ def certified_arrivals(node: Any) -> int:
     version moved by exactly ``arrivals - 1`` is the sum of the certified ones alone: zero
     wherever the tensor they were certified for is zero.
     """
-    arrivals = getattr(node, "certified_arrivals", None)
-    if arrivals is None:
-        return 0
-    del node.certified_arrivals
-    return arrivals[1] if arrivals[0] == torch._C._current_graph_task_id() else 0
+    count = _arrivals(node)
+    node.certified_arrivals = None
+    return count
 
 
 def _layout(tensor: Tensor) -> tuple[Any, ...]:
