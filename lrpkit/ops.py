@@ -19,8 +19,7 @@ import math
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -116,13 +115,17 @@ def output_scaling(module: nn.Module) -> OutputScaling | None:
 _state = threading.local()
 
 
-@contextmanager
-def hooks_suspended() -> Iterator[None]:
-    """Make lrpkit's hooks pass through while a rule re-runs a module itself."""
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
+class hooks_suspended:  # noqa: N801 - used like a function: ``with hooks_suspended():``
+    """Make lrpkit's hooks pass through while a rule re-runs a module itself.
+
+    A class rather than a generator-based context manager: it is entered a few times per module
+    call, where a generator's setup costs more than the rest.
+    """
+
+    def __enter__(self) -> None:
+        _state.depth = getattr(_state, "depth", 0) + 1
+
+    def __exit__(self, *exception: object) -> None:
         _state.depth -= 1
 
 

@@ -489,9 +489,15 @@ def _unchanged(stamp: tuple[tuple[Any, int], ...], tensors: Sequence[Tensor | No
 _MERGED: "weakref.WeakKeyDictionary[nn.Module, _Merged]" = weakref.WeakKeyDictionary()
 
 
-def _resolve(model: nn.Module, pairs: Sequence[Pair]) -> list[tuple[str, nn.Module, str, nn.Module]]:
-    """``(name, module)`` pairs for names; ``KeyError`` when a name does not exist."""
-    modules = dict(model.named_modules(remove_duplicate=False))
+def _resolve(
+    model: nn.Module, pairs: Sequence[Pair], modules: dict[str, nn.Module] | None = None
+) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """``(name, module)`` pairs for names; ``KeyError`` when a name does not exist.
+
+    ``modules``: ``model``'s modules by name, if already at hand.
+    """
+    if modules is None:
+        modules = dict(model.named_modules(remove_duplicate=False))
 
     def submodule(name: str) -> nn.Module:
         try:
@@ -703,12 +709,14 @@ class _CacheEntry:
     signature: list[tuple[str, "weakref.ReferenceType[nn.Module]"]]
     pairs: list[Pair]
 
-    def matches(self, model: nn.Module) -> bool:
+    def matches(self, model: nn.Module) -> dict[str, nn.Module] | None:
+        """``model``'s modules by name if its tree is the one the pairs were found in, else ``None``."""
         current = list(model.named_modules(remove_duplicate=False))
-        return len(current) == len(self.signature) and all(
+        same = len(current) == len(self.signature) and all(
             name == cached_name and module is ref()
             for (name, module), (cached_name, ref) in zip(current, self.signature)
         )
+        return dict(current) if same else None
 
 
 def _signature(model: nn.Module) -> list[tuple[str, "weakref.ReferenceType[nn.Module]"]]:
@@ -777,15 +785,16 @@ class MergeBatchNorm(Canonizer):
     def apply(self, model: nn.Module) -> list[Handle]:
         """Merge now (pairs known) or at the first forward call; the handle undoes either."""
         check_eval(model, type(self).__name__)
-        pairs = self.cached_pairs(model)
-        if pairs is not None:
-            return [self._merge(model, pairs)]
+        entry = self._cache.get(model) if self.cache else None
+        modules = entry.matches(model) if entry is not None else None
+        if entry is not None and modules is not None:
+            return [self._merge(model, list(entry.pairs), modules)]
         return [_LazyMerge(self, model)]
 
     def cached_pairs(self, model: nn.Module) -> list[Pair] | None:
         """The pairs found for ``model`` before, if still valid (and caching is on)."""
         entry = self._cache.get(model) if self.cache else None
-        return list(entry.pairs) if entry is not None and entry.matches(model) else None
+        return list(entry.pairs) if entry is not None and entry.matches(model) is not None else None
 
     def find_pairs(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Pair]:
         """Probe ``model`` with ``args``/``kwargs`` (see :func:`find_batchnorm_pairs`) and cache the pairs."""
@@ -804,9 +813,11 @@ class MergeBatchNorm(Canonizer):
             cls._cache.pop(model, None)
         release_merged(model)
 
-    def _merge(self, model: nn.Module, pairs: list[Pair]) -> MergeHandle:
-        check_eval(model, type(self).__name__)
-        resolved = [pair for pair in _resolve(model, pairs) if _merge_problem(pair[1], pair[3]) is None]
+    def _merge(self, model: nn.Module, pairs: list[Pair], checked: dict[str, nn.Module] | None = None) -> MergeHandle:
+        """Merge ``pairs``; ``checked``: the modules by name, when ``apply`` has just checked the model."""
+        if checked is None:
+            check_eval(model, type(self).__name__)
+        resolved = [pair for pair in _resolve(model, pairs, checked) if _merge_problem(pair[1], pair[3]) is None]
         return merge_pairs(model, resolved, self.keep_merged, self.virtual_from)
 
     def __repr__(self) -> str:

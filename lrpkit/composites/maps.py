@@ -28,8 +28,10 @@ from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..canonizers import Canonizer, CompositeCanonizer, RuleBinding, default_canonizers
+from ..canonizers.base import undo_all
 from ..core import Rule, RuleChoice, RuleHook, Session, attach
 from ..ops import hooks_are_suspended
 from ..rectified import rectify_in_place
@@ -142,19 +144,20 @@ class Composite:
                 f"{type(self).__name__} is already registered on a model; call remove() (or leave "
                 "its context) before registering it again"
             )
-        busy = [name for name, module in model.named_modules() if module in _MODULES_IN_CONTEXT]
-        if busy:
+        modules = list(model.modules())
+        if any(module in _MODULES_IN_CONTEXT for module in modules):
+            busy = next(name for name, module in model.named_modules() if module in _MODULES_IN_CONTEXT)
             raise RuntimeError(
-                f"module '{busy[0] or type(model).__name__}' is already inside a composite's "
+                f"module '{busy or type(model).__name__}' is already inside a composite's "
                 "context; leave that context before entering another one on the same model"
             )
         stack = ExitStack()
         session = Session()
         try:
-            self._claim(model, stack, session)
+            _MODULES_IN_CONTEXT.update(modules)
+            stack.callback(_release, modules, session)
             canonizer = CompositeCanonizer(self.canonizers)
-            for handle in canonizer.apply(model):
-                stack.callback(handle.remove)
+            stack.callback(undo_all, canonizer.apply(model))
             ctx: Ctx = {}
             self._attach_rules(model, ctx, canonizer, stack, session)
             binding = RuleBinding(
@@ -162,8 +165,7 @@ class Composite:
                 hooked=set(self._choices),
                 session=session,
             )
-            for handle in canonizer.bind(model, binding):
-                stack.callback(handle.remove)
+            stack.callback(undo_all, canonizer.bind(model, binding))
             _disable_inplace(model, self._choices, stack)
         except BaseException:
             stack.close()
@@ -176,12 +178,6 @@ class Composite:
         if registration is not None:
             registration[0].close()
 
-    @staticmethod
-    def _claim(model: nn.Module, stack: ExitStack, session: Session) -> None:
-        modules = list(model.modules())
-        _MODULES_IN_CONTEXT.update(modules)
-        stack.callback(_release, modules, session)
-
     def rule_of(self, module: nn.Module) -> Rule | None:
         """The rule the registered composite gives ``module`` (``None``: no rule hook)."""
         choose = self._choices.get(id(module))
@@ -193,6 +189,8 @@ class Composite:
         uncovered = []
         self._choices = {}
         stack.callback(self._choices.clear)
+        handles: list[RemovableHandle] = []
+        stack.callback(undo_all, handles)
         for name, module in model.named_modules():
             choice = self.module_map(ctx, name, module)
             if choice is None:
@@ -201,7 +199,7 @@ class Composite:
                 continue
             choose: RuleChoice = choice if isinstance(choice, FirstLayerChoice) else _constant(choice)
             self._choices[id(module)] = choose
-            stack.callback(attach(module, RuleHook(name, choose, session)).remove)
+            handles.append(attach(module, RuleHook(name, choose, session)))
         if uncovered and self.warn_uncovered:
             message = (
                 f"{type(self).__name__}: no rule for the module(s) with parameters "
@@ -223,6 +221,9 @@ def _constant(rule: Rule) -> RuleChoice:
     return lambda module: rule
 
 
+_ABSENT = object()
+
+
 def _release(modules: list[nn.Module], session: Session) -> None:
     session.active = False
     for module in modules:
@@ -241,7 +242,11 @@ def _disable_inplace(model: nn.Module, choices: dict[int, RuleChoice], stack: Ex
     ``forward``, which stays in place where that is safe.
     """
     for module in model.modules():
-        if getattr(module, "inplace", False) is not True:
+        # looked up without nn.Module.__getattr__, whose AttributeError costs more than the rest
+        inplace = vars(module).get("inplace", _ABSENT)
+        if inplace is _ABSENT:
+            inplace = getattr(module, "inplace", False) if hasattr(type(module), "inplace") else False
+        if inplace is not True:
             continue
         module.inplace = False  # type: ignore[assignment]
         stack.callback(setattr, module, "inplace", True)

@@ -95,6 +95,29 @@ def test_context_restores_model_and_removes_hooks() -> None:
     assert model[1].inplace is True
 
 
+class ClassLevelInplace(nn.Module):
+    """An activation whose ``inplace`` flag is a class attribute, not an instance one."""
+
+    inplace = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.relu_() if self.inplace else torch.relu(x)
+
+
+def test_inplace_flag_of_the_class_is_turned_off_inside_the_context() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), ClassLevelInplace(), nn.Linear(4, 2)).double().eval()
+    reference = nn.Sequential(model[0], nn.ReLU(), model[2])
+    x = torch.rand(2, 3, dtype=torch.float64)
+    composite = composites.LayerMapComposite([(nn.Linear, rules.Epsilon()), (ClassLevelInplace, rules.Pass())])
+    with composite.context(model):
+        assert model[1].inplace is False
+        relevance = Gradient(model)(x, target=1).relevance
+    assert model[1].inplace is True
+    expected = Gradient(reference, composites.LayerMapComposite([(nn.Linear, rules.Epsilon())]))(x, target=1)
+    torch.testing.assert_close(relevance, expected.relevance)
+
+
 def test_exception_in_canonizer_restores_model() -> None:
     model = small_cnn()
     before, attributes = snapshot(model), attributes_of(model)

@@ -502,6 +502,37 @@ def test_names_follow_the_documented_scheme_and_are_stable() -> None:
     assert isinstance(ops["flatten"], captured.Reshape)
 
 
+class NormedBlock(nn.Module):
+    """``relu(bn(lin(x)) + skip(x))`` with an ``nn.Identity`` skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.skip = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.lin(x)) + self.skip(x))
+
+
+def test_names_are_the_same_when_the_batchnorm_merge_is_cached() -> None:
+    """The first context merges at the first call, the next ones at once (identities in the tree)."""
+    model = nn.Sequential(NormedBlock(), NormedBlock()).to(DTYPE).eval()
+    for block in model:
+        block.bn.running_mean.uniform_(-0.5, 0.5)
+        block.bn.running_var.uniform_(0.5, 2.0)
+    names = []
+    for _ in range(2):
+        capture = FunctionalCapture()
+        with composites.EpsilonPlus(canonizers=[lrpkit.canonizers.MergeBatchNorm(), capture]).context(model):
+            model(vectors().requires_grad_(True))
+            names.append(list(capture.ops(model)))
+            identities = [module for module in model.modules() if type(module) is nn.Identity]
+            assert len(identities) == 4  # the two skips and the two merged BatchNorms' stand-ins
+            assert all(not module._forward_pre_hooks and not module._forward_hooks for module in identities)
+    assert names == [["0.add", "0.relu", "1.add", "1.relu"]] * 2
+
+
 def _linear_epsilon(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
