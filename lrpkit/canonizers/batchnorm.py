@@ -785,16 +785,21 @@ class MergeBatchNorm(Canonizer):
     def apply(self, model: nn.Module) -> list[Handle]:
         """Merge now (pairs known) or at the first forward call; the handle undoes either."""
         check_eval(model, type(self).__name__)
-        entry = self._cache.get(model) if self.cache else None
-        modules = entry.matches(model) if entry is not None else None
-        if entry is not None and modules is not None:
-            return [self._merge(model, list(entry.pairs), modules)]
+        cached = self._cached(model)
+        if cached is not None:
+            return [self._merge(model, *cached)]
         return [_LazyMerge(self, model)]
 
     def cached_pairs(self, model: nn.Module) -> list[Pair] | None:
         """The pairs found for ``model`` before, if still valid (and caching is on)."""
+        cached = self._cached(model)
+        return None if cached is None else cached[0]
+
+    def _cached(self, model: nn.Module) -> tuple[list[Pair], dict[str, nn.Module]] | None:
+        """The cached pairs and ``model``'s modules by name, if its tree is still the cached one."""
         entry = self._cache.get(model) if self.cache else None
-        return list(entry.pairs) if entry is not None and entry.matches(model) is not None else None
+        modules = entry.matches(model) if entry is not None else None
+        return None if entry is None or modules is None else (list(entry.pairs), modules)
 
     def find_pairs(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Pair]:
         """Probe ``model`` with ``args``/``kwargs`` (see :func:`find_batchnorm_pairs`) and cache the pairs."""
@@ -813,11 +818,16 @@ class MergeBatchNorm(Canonizer):
             cls._cache.pop(model, None)
         release_merged(model)
 
-    def _merge(self, model: nn.Module, pairs: list[Pair], checked: dict[str, nn.Module] | None = None) -> MergeHandle:
-        """Merge ``pairs``; ``checked``: the modules by name, when ``apply`` has just checked the model."""
-        if checked is None:
+    def _merge(self, model: nn.Module, pairs: list[Pair], modules: dict[str, nn.Module] | None = None) -> MergeHandle:
+        """Merge ``pairs``.
+
+        ``modules``: ``model``'s modules by name, passed by :meth:`apply`, which has just checked
+        the model and walked its tree; without them both are done here (the merge at the first
+        forward call, which may come after the model was switched to training mode).
+        """
+        if modules is None:
             check_eval(model, type(self).__name__)
-        resolved = [pair for pair in _resolve(model, pairs, checked) if _merge_problem(pair[1], pair[3]) is None]
+        resolved = [pair for pair in _resolve(model, pairs, modules) if _merge_problem(pair[1], pair[3]) is None]
         return merge_pairs(model, resolved, self.keep_merged, self.virtual_from)
 
     def __repr__(self) -> str:

@@ -30,8 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..canonizers import Canonizer, CompositeCanonizer, RuleBinding, default_canonizers
-from ..canonizers.base import undo_all
+from ..canonizers import Canonizer, CompositeCanonizer, RuleBinding, default_canonizers, undo_all
 from ..core import Rule, RuleChoice, RuleHook, Session, attach
 from ..ops import hooks_are_suspended
 from ..rectified import rectify_in_place
@@ -221,9 +220,6 @@ def _constant(rule: Rule) -> RuleChoice:
     return lambda module: rule
 
 
-_ABSENT = object()
-
-
 def _release(modules: list[nn.Module], session: Session) -> None:
     session.active = False
     for module in modules:
@@ -232,6 +228,10 @@ def _release(modules: list[nn.Module], session: Session) -> None:
 
 def _has_own_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
+
+
+#: Marks a flag a module's ``__dict__`` does not hold.
+_ABSENT = object()
 
 
 def _disable_inplace(model: nn.Module, choices: dict[int, RuleChoice], stack: ExitStack) -> None:
