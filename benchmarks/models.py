@@ -15,7 +15,9 @@ default:
 
 Parameters are frozen (``requires_grad_(False)``) for every method during the measurement and
 restored afterwards. The timed repeats are interleaved across methods (repeat 1 of every method,
-then repeat 2, ...), so a change of machine load affects all methods alike.
+then repeat 2, ...), so a change of machine load affects all methods alike. One more, untimed
+call per method counts the FLOPs of its products (:mod:`benchmarks.flops`): the arithmetic,
+which no load changes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from .flops import count_flops
 from .memory import PeakRss, cuda_peak_mib, rss_method, run_in_child
 from .options import BenchOptions
 from .timing import elapsed_ms, frozen_parameters, map_large_allocations, median, ratio, set_threads, tune_malloc
@@ -354,6 +357,8 @@ def measure_configuration(
             rows[method]["times_ms"] = [round(value, 3) for value in values]
             rows[method]["median_ms"] = median(values)
             _progress(f"  {method.name}: {median(values):.1f} ms")
+        for method, explain in explainers.items():  # untimed: counting slows every operation down
+            rows[method]["gflop"] = count_flops(lambda: explain(x)) / 1e9
         if options.memory:
             _measure_memory(model, model_name, batch, x, options, explainers, rows)
     _add_ratios(rows, relevances)
@@ -373,6 +378,8 @@ def _empty_row(model_name: str, batch: int, options: BenchOptions, method: Metho
         "times_ms": [],
         "ratio_vs_gradient": None,
         "zennit_over_lrpkit": None,
+        "gflop": None,
+        "flops_vs_gradient": None,
         "peak_mib": None,
         "memory_vs_gradient": None,
         "memory_lrpkit_over_zennit": None,
@@ -413,6 +420,7 @@ def _add_ratios(rows: dict[Method, dict[str, Any]], relevances: dict[Method, Ten
     gradient = rows.get(GRADIENT, {})
     for method, row in rows.items():
         row["ratio_vs_gradient"] = ratio(row["median_ms"], gradient.get("median_ms"))
+        row["flops_vs_gradient"] = ratio(row["gflop"], gradient.get("gflop"))
         row["memory_vs_gradient"] = ratio(row["peak_mib"], gradient.get("peak_mib"))
         row["memory_vs_gradient_mapped"] = ratio(row["peak_mib_mapped"], gradient.get("peak_mib_mapped"))
         if method.library not in ("lrpkit", "captum"):
@@ -446,6 +454,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
     notes = [
         "parameters frozen (requires_grad=False) for every method during the measurement, restored afterwards",
         "timed repeats interleaved across methods; median reported",
+        "GFLOP: matrix products and convolutions of one explanation, forward and backward, counted "
+        "exactly in a separate untimed call (benchmarks/flops.py); element-wise work not counted",
         "lrpkit and zennit enter their composite (canonizers included) for every call",
     ]
     if not available("captum"):

@@ -23,6 +23,8 @@ MODEL_COLUMNS = [
     ("median ms", "median_ms", ".1f"),
     ("x grad", "ratio_vs_gradient", ".2f"),
     ("zennit/lrpkit", "zennit_over_lrpkit", ".2f"),
+    ("GFLOP", "gflop", ".3g"),
+    ("FLOP x grad", "flops_vs_gradient", ".2f"),
     ("peak MiB", "peak_mib", ".0f"),
     ("mem x grad", "memory_vs_gradient", ".2f"),
     ("mem lrpkit/zennit", "memory_lrpkit_over_zennit", ".2f"),
@@ -193,6 +195,7 @@ def targets_table(rows: Sequence[dict[str, Any]]) -> str:
             row["model"], str(row["batch"]), row["composite"],
             _check(row["ratio_vs_gradient"], time_limit, at_most=True),
             "-" if time_limit is None else f"<= {time_limit}",
+            format_value(row.get("flops_vs_gradient"), ".2f"),
             _check(row["zennit_over_lrpkit"], speedup, at_most=False),
             "-" if speedup is None else f">= {speedup}",
             _check(row["memory_vs_gradient"], memory_vs_gradient, at_most=True),
@@ -200,7 +203,7 @@ def targets_table(rows: Sequence[dict[str, Any]]) -> str:
             _check(row.get("memory_vs_gradient_mapped"), memory_vs_gradient, at_most=True),
             _check(row.get("memory_lrpkit_over_zennit_mapped"), memory_vs_zennit, at_most=True),
         ])
-    headers = ["model", "batch", "composite", "time x grad", "target", "zennit/lrpkit", "target",
+    headers = ["model", "batch", "composite", "time x grad", "target", "FLOP x grad", "zennit/lrpkit", "target",
                f"mem x grad (<= {memory_vs_gradient})", f"mem lrpkit/zennit (<= {memory_vs_zennit})",
                "mapped x grad", "mapped lrpkit/zennit"]
     return markdown_table(headers, lines)
@@ -215,7 +218,7 @@ def models_markdown(payload: dict[str, Any]) -> str:
     for (model, batch), rows in groups.items():
         size, device = rows[0]["size"], rows[0]["device"]
         lines += ["", f"## {model}, batch {batch}, {size}x{size}, {device}", ""]
-        table = [[format_value(row[key], spec) for _, key, spec in MODEL_COLUMNS] for row in rows]
+        table = [[format_value(row.get(key), spec) for _, key, spec in MODEL_COLUMNS] for row in rows]
         lines.append(markdown_table([header for header, _, _ in MODEL_COLUMNS], table))
         errors = [f"- {row['method']}: {row['error']}" for row in rows if row["error"]]
         if errors:

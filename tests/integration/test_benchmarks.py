@@ -19,7 +19,7 @@ MODEL_KEYS = {
     "model", "batch", "size", "device", "method", "library", "composite", "median_ms", "times_ms",
     "ratio_vs_gradient", "zennit_over_lrpkit", "peak_mib", "memory_vs_gradient",
     "memory_lrpkit_over_zennit", "max_rel_diff_vs_zennit", "error", "peak_mib_mapped",
-    "memory_vs_gradient_mapped", "memory_lrpkit_over_zennit_mapped",
+    "memory_vs_gradient_mapped", "memory_lrpkit_over_zennit_mapped", "gflop", "flops_vs_gradient",
 }
 RULE_KEYS = {
     "layer", "batch", "rule", "input", "gradient_ms", "rule_ms", "ratio_vs_gradient", "floor_products",
@@ -80,13 +80,16 @@ def test_bench_models_quick(checkout, tmp_path, capsys):
     for row in rows:
         if row["error"] is not None:
             continue
-        assert row["median_ms"] > 0 and row["ratio_vs_gradient"] > 0
+        assert row["median_ms"] > 0 and row["ratio_vs_gradient"] > 0 and row["gflop"] > 0
         assert row["peak_mib"] is not None and row["peak_mib_mapped"] is not None
+        if row["composite"] == "Epsilon" and row["library"] != "captum":
+            # exactly one transposed product per layer in lrpkit; zennit: a forward and a transposed one
+            assert row["flops_vs_gradient"] == (1.0 if row["library"] == "lrpkit" else 2.0)
         if row["library"] == "lrpkit" and "capture" not in row["composite"]:
             assert row["zennit_over_lrpkit"] > 0 and row["memory_lrpkit_over_zennit"] is not None
             # both libraries did the same work: float32 round-off apart
             assert row["max_rel_diff_vs_zennit"] < 1e-3
-    assert "| method | median ms | x grad | zennit/lrpkit | peak MiB | mem x grad |" in markdown
+    assert "| method | median ms | x grad | zennit/lrpkit | GFLOP | FLOP x grad | peak MiB | mem x grad |" in markdown
     assert "| peak MiB, mapped | mapped x grad | mapped lrpkit/zennit |" in markdown
     assert "## lrpkit against the targets of issue 4" in markdown
     assert "## What FunctionalCapture costs (EpsilonPlus)" in markdown
