@@ -43,6 +43,7 @@ RULE_COLUMNS = [
     ("rule bwd ms", "rule_ms", ".3f"),
     ("x grad", "ratio_vs_gradient", ".2f"),
     ("floor (layer products)", "floor_products", "d"),
+    ("counted", "products_counted", ".2f"),
     ("x grad / floor", "ratio_over_floor", ".2f"),
     ("algebraic min", "algebraic_min_products", "s"),
     ("fwd x plain", "forward_ratio", ".2f"),
@@ -261,10 +262,12 @@ def rules_pivot(rows: Sequence[dict[str, Any]]) -> str:
     table = []
     for rule, kind in keys:
         first = cells[(rule, kind, layers[0])]
-        line = [rule, kind, str(first["floor_products"]), first["algebraic_min_products"]]
+        counted = dict.fromkeys(format_value(cells[(rule, kind, layer)].get("products_counted"), ".2f")
+                                for layer in layers if (rule, kind, layer) in cells)
+        line = [rule, kind, str(first["floor_products"]), " / ".join(counted), first["algebraic_min_products"]]
         line += [format_value(cells.get((rule, kind, layer), {}).get("ratio_vs_gradient"), ".2f") for layer in layers]
         table.append(line)
-    return markdown_table(["rule", "input", "floor (layer products)", "algebraic min", *layers], table)
+    return markdown_table(["rule", "input", "floor (layer products)", "counted", "algebraic min", *layers], table)
 
 
 def rules_markdown(payload: dict[str, Any]) -> str:

@@ -1,24 +1,27 @@
 """Rule-cost suite: each rule's backward on single layers, relative to the plain input gradient.
 
-For every layer and rule, the same input ``x`` and the same output relevance ``R`` go through
+Each layer is followed by a ReLU, as in a network. For every layer and rule, the same input
+``x`` and the same relevance ``R`` at the ReLU's output go through
 
-- the plain layer (parameters frozen): ``torch.autograd.grad(layer(x), x, R)``, one transposed
-  product -- the reference;
-- a copy of the layer with the rule attached by an lrpkit composite (``canonizers=[]``): the same
-  call, whose backward is the rule.
+- the plain layer and ReLU (parameters frozen): ``torch.autograd.grad(relu(layer(x)), x, R)``,
+  one transposed product -- the reference;
+- a copy of both with the rule attached to the layer by an lrpkit composite (the ReLU passes the
+  relevance on and lends its output to the rule; ``canonizers=[]``): the same call, whose
+  backward is the rule.
 
-``R = relu(z) * u`` with ``z`` the layer's output and ``u`` uniform in ``[0, 1]``: relevance as it
-arrives at a layer followed by a ReLU (none where ``z <= 0``). Rules whose cost depends on the sign
+``R = relu(z) * u`` with ``z`` the layer's output and ``u`` uniform in ``[0, 1]``. Rules whose cost depends on the sign
 of the input (z+, gamma, alpha-beta) run on a non-negative input (``>=0``, uniform in ``[0, 1]``:
 the input of any layer after a ReLU) and on a signed one (``signed``, standard normal); the others
 on the non-negative input (``any``).
 
 The floor is the number of layer-sized products (a forward of the layer, or its transposed
 product) that the rule's formulation in :mod:`lrpkit.rules` needs, skipping parts that carry no
-relevance; the plain gradient is 1. ``time ratio / floor`` near 1 means the rule costs what its
-products cost; above 1 is overhead (element-wise work, allocations, Python). The algebraic
-minimum is what the products could be cut to by reusing the forward output ``z`` or by
-caching input-independent terms.
+relevance; the plain gradient is 1. The products the rule actually ran are counted too, exactly,
+in one more untimed backward (:mod:`benchmarks.flops`: the backward's FLOPs over the layer's
+forward FLOPs). ``time ratio / floor`` near 1 means the rule costs what its products cost; above
+1 is overhead (element-wise work, allocations, Python). The algebraic minimum is what the
+products could be cut to by reusing the forward output ``z`` or by caching input-independent
+terms.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .flops import count_flops
 from .options import BenchOptions
 from .timing import elapsed_ms, frozen_parameters, median, ratio
 
@@ -144,6 +148,12 @@ class Participant:
             elapsed_ms(lambda: torch.autograd.grad(result["output"], inputs, self.relevance), device)
         )
 
+    def backward_flops(self) -> int:
+        """The FLOPs of one backward (one forward before it, not counted)."""
+        inputs = self.x.detach().requires_grad_(True)
+        output = self.model(inputs)
+        return count_flops(lambda: torch.autograd.grad(output, inputs, self.relevance))
+
 
 def _inputs(case: LayerCase, batch: int, device: str) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(1)
@@ -163,7 +173,7 @@ def _relevance(layer: nn.Module, x: Tensor) -> Tensor:
 def measure_layer(case: LayerCase, batch: int, options: BenchOptions) -> list[dict[str, Any]]:
     """Time the plain gradient and every rule on one layer; one row per (rule, input)."""
     from lrpkit import types
-    from lrpkit.composites import LayerMapComposite
+    from lrpkit.composites import LayerMapComposite, layer_map_base
 
     assert options.repeats is not None and options.warmup is not None
     device = options.device
@@ -172,13 +182,14 @@ def measure_layer(case: LayerCase, batch: int, options: BenchOptions) -> list[di
         layer = case.make().to(device).eval()
     inputs = _inputs(case, batch, device)
     relevances = {kind: _relevance(layer, x) for kind, x in inputs.items()}
-    participants = [Participant("gradient", ">=0", nn.Sequential(layer), inputs[">=0"], relevances[">=0"], [], [])]
+    plain = nn.Sequential(layer, nn.ReLU())
+    participants = [Participant("gradient", ">=0", plain, inputs[">=0"], relevances[">=0"], [], [])]
     with ExitStack() as stack:
         stack.enter_context(frozen_parameters(layer))
         for rule, factory in rule_factories().items():
             for kind in input_kinds(rule):
-                model = nn.Sequential(copy.deepcopy(layer))
-                composite = LayerMapComposite([(types.AnyLinear, factory())], canonizers=[])
+                model = nn.Sequential(copy.deepcopy(layer), nn.ReLU())
+                composite = LayerMapComposite(layer_map_base() + [(types.AnyLinear, factory())], canonizers=[])
                 stack.enter_context(composite.context(model))
                 participants.append(Participant(rule, kind, model, inputs[kind], relevances[kind], [], []))
         for _ in range(options.warmup):
@@ -190,14 +201,18 @@ def measure_layer(case: LayerCase, batch: int, options: BenchOptions) -> list[di
         for _ in range(options.repeats):
             for participant in participants:
                 participant.step(device)
-    return _rows(case, batch, participants)
+        with torch.no_grad():
+            layer_flops = count_flops(lambda: layer(inputs[">=0"]))
+        counted = [ratio(float(participant.backward_flops()), float(layer_flops)) for participant in participants]
+    return _rows(case, batch, participants, counted)
 
 
-def _rows(case: LayerCase, batch: int, participants: list[Participant]) -> list[dict[str, Any]]:
+def _rows(case: LayerCase, batch: int, participants: list[Participant], counted: list[float | None]) -> list[dict[str, Any]]:
+    """One row per rule; ``counted``: the layer products each participant's backward ran."""
     plain = participants[0]
     plain_backward, plain_forward = median(plain.backward_ms), median(plain.forward_ms)
     rows = []
-    for participant in participants[1:]:
+    for participant, products in zip(participants[1:], counted[1:]):
         floor = FLOORS[(participant.rule, participant.kind)]
         backward = median(participant.backward_ms)
         time_ratio = ratio(backward, plain_backward)
@@ -210,6 +225,7 @@ def _rows(case: LayerCase, batch: int, participants: list[Participant]) -> list[
             "rule_ms": backward,
             "ratio_vs_gradient": time_ratio,
             "floor_products": floor.products,
+            "products_counted": products,
             "ratio_over_floor": ratio(time_ratio, float(floor.products)),
             "algebraic_min_products": floor.minimum,
             "forward_ratio": ratio(median(participant.forward_ms), plain_forward),
@@ -235,9 +251,11 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "notes": [
             "backward time of the rule / backward time of the plain layer (input gradient only, "
             "parameters frozen); median of the repeats, interleaved across rules",
-            "relevance at the output: relu(z) * uniform[0, 1] (a layer followed by a ReLU)",
+            "relevance at the ReLU's output: relu(z) * uniform[0, 1]",
+            "each layer is followed by a ReLU, which passes the relevance on (and lends the rule its output)",
             "floor: layer-sized products (forwards + transposed products) the rule's formulation "
-            "needs; plain gradient = 1",
+            "needs; plain gradient = 1; counted: the backward's FLOPs over the layer's forward FLOPs, "
+            "in one more untimed call",
             "forward x plain: the forward with the rule's hook attached / the plain forward",
         ],
         "rows": rows,

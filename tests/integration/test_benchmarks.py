@@ -24,7 +24,7 @@ MODEL_KEYS = {
 RULE_KEYS = {
     "layer", "batch", "rule", "input", "gradient_ms", "rule_ms", "ratio_vs_gradient", "floor_products",
     "ratio_over_floor", "algebraic_min_products", "forward_ratio", "floor_note", "times_ms",
-    "gradient_times_ms",
+    "gradient_times_ms", "products_counted",
 }
 COMPOSITES = {"Epsilon", "EpsilonPlus", "EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1"}
 
@@ -56,7 +56,11 @@ def test_bench_rules_quick(checkout, tmp_path, capsys):
     assert {(row["rule"], row["input"]) for row in rows if row["input"] == "signed"} == {
         ("ZPlus", "signed"), ("Gamma", "signed"), ("AlphaBeta", "signed")}
     assert all(row["rule_ms"] > 0 and row["gradient_ms"] > 0 and row["floor_products"] >= 1 for row in rows)
-    assert "| layer | rule | input | grad bwd ms | rule bwd ms | x grad | floor (layer products) |" in markdown
+    # the products each rule ran, counted from its FLOPs, are exactly its floor on every layer
+    assert all(row["products_counted"] == row["floor_products"] for row in rows), [
+        (row["layer"], row["rule"], row["input"], row["products_counted"]) for row in rows]
+    assert "| layer | rule | input | grad bwd ms | rule bwd ms | x grad | floor (layer products) | counted |" in markdown
+    assert "| rule | input | floor (layer products) | counted | algebraic min |" in markdown
     assert "## Floors" in markdown
     assert markdown in capsys.readouterr().out
 
