@@ -94,7 +94,7 @@ FLOORS: dict[tuple[str, str], Floor] = {
     ("AlphaBeta", ">=0"): Floor(3, "3", "1 forward (W+) + 2 transposed; W- a + b- = z - (W+ a + b+) from "
                                          "the saved output (a direct forward where that cancels)"),
     ("AlphaBeta", "signed"): Floor(8, "7", "4 forwards + 4 transposed; one forward follows from z"),
-    ("ZBox", "any"): Floor(6, "5", "3 forwards (W a, W+ l, W- h) + 3 transposed; W a + b is the "
+    ("ZBox", "any"): Floor(5, "5", "2 forwards (W+ l, W- h) + 3 transposed; W a + b is the saved "
                                    "forward output"),
     ("Flat", "any"): Floor(2, "<1", "1 forward (ones) + 1 transposed; both are independent of W and of "
                                     "the input: a cached count and a channel sum + box filter"),

@@ -669,25 +669,29 @@ class ZBox(_ParamRule):
         self.low = low
         self.high = high
 
+    #: ``W a + b`` is the saved output: two forwards instead of three.
+    needs_output = True
+
+    @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         params = call.params(self.zero_params, homogeneous=True)
         inputs = call.inputs
         lows = [_bound(self.low, tensor, "low", call) for tensor in inputs]
         highs = [_bound(self.high, tensor, "high", call) for tensor in inputs]
         fresh = call.ops.fresh  # then the outputs are ours to overwrite: two layer-sized tensors at a time
-        denominator, transpose = call.ops.linearize(inputs, params)
+        output = _output_under(call, params, self.zero_params)
         out_low, transpose_low = call.ops.linearize(lows, _positive(params))
-        denominator = denominator.sub_(out_low) if fresh else denominator - out_low
-        del out_low
+        denominator = torch.sub(output, out_low, out=out_low) if fresh else output - out_low
+        del out_low, output
         out_high, transpose_high = call.ops.linearize(highs, _negative(params))
-        denominator = denominator.sub_(out_high) if fresh else denominator - out_high
+        denominator = denominator.sub_(out_high)  # a new tensor either way
         del out_high
         scaled = divide(relevance, denominator, self.stabilizer)
         del denominator
         return tuple(
             a.sub_(lo).sub_(hi) if fresh else a - lo - hi
             for a, lo, hi in zip(
-                _times(inputs, transpose(scaled), fresh),
+                _times(inputs, call.ops.transpose(inputs, params, scaled), fresh),
                 _times(lows, transpose_low(scaled)),
                 _times(highs, transpose_high(scaled)),
             )

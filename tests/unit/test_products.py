@@ -5,7 +5,7 @@ matrix products and convolutions does not. Each test counts them for one explana
 network (``benchmarks.flops``, a dispatch mode) and compares with the floor of the docs' table:
 the model's own forward, plus per layer the rule's products times the layer's forward FLOPs
 (Epsilon 1, z+ and gamma on non-negative inputs 2, gamma on an output of both signs 3,
-alpha-beta 3, ZBox 6, flat 2). A recomputed forward, a lent ReLU output that is not used, or a
+alpha-beta 3, ZBox 5, flat 2). A recomputed forward, a lent ReLU output that is not used, or a
 second path where one suffices shows up here as a larger count.
 """
 
@@ -151,12 +151,12 @@ def test_z_plus_and_alpha_beta_cost_their_floor_on_every_convolution(which, comp
 
 def test_gamma_and_zbox_cost_their_floor(vgg, resnet):
     model, x, flops = vgg
-    products = {"0": 6, "4": 2, "9": 1, "11": 1}  # ZBox first; gamma below a ReLU: one sign only
+    products = {"0": 5, "4": 2, "9": 1, "11": 1}  # ZBox first; gamma below a ReLU: one sign only
     assert explanation_flops(model, x, composites.EpsilonGammaBox(low=0.0, high=1.0)) == floor(flops, products)
     model, x, flops = resnet
     # into a residual sum (conv2, downsample) the output has both signs: 3 products; below a ReLU 2
     products = {
-        name: 6 if name == "conv1" else 1 if name == "fc" else 3 if name.endswith(("conv2", "downsample.0")) else 2
+        name: 5 if name == "conv1" else 1 if name == "fc" else 3 if name.endswith(("conv2", "downsample.0")) else 2
         for name in flops
     }
     assert explanation_flops(model, x, composites.EpsilonGammaBox(low=0.0, high=1.0)) == floor(flops, products)
