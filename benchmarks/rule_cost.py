@@ -9,10 +9,10 @@ Each layer is followed by a ReLU, as in a network. For every layer and rule, the
   relevance on and lends its output to the rule; ``canonizers=[]``): the same call, whose
   backward is the rule.
 
-``R = relu(z) * u`` with ``z`` the layer's output and ``u`` uniform in ``[0, 1]``. Rules whose cost depends on the sign
-of the input (z+, gamma, alpha-beta) run on a non-negative input (``>=0``, uniform in ``[0, 1]``:
-the input of any layer after a ReLU) and on a signed one (``signed``, standard normal); the others
-on the non-negative input (``any``).
+``R = relu(z) * u`` with ``z`` the layer's output and ``u`` uniform in ``[0, 1]``. Rules whose
+cost depends on the sign of the input (z+, gamma, alpha-beta) run on a non-negative input
+(``>=0``, uniform in ``[0, 1]``: the input of any layer after a ReLU) and on a signed one
+(``signed``, standard normal); the others on the non-negative input (``any``).
 
 The floor is the number of layer-sized products (a forward of the layer, or its transposed
 product) that the rule's formulation in :mod:`lrpkit.rules` needs, skipping parts that carry no

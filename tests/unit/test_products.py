@@ -12,6 +12,7 @@ second path where one suffices shows up here as a larger count.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,12 @@ def small_resnet() -> nn.Module:
     return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5)
 
 
-def _seeded(factory, seed: int = 0) -> nn.Module:
+def _seeded(factory: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    """``factory()`` in eval mode with seeded weights, BatchNorm statistics that are not the identity, frozen."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = factory().eval()
-        for module in model.modules():  # BatchNorms that are not the identity
+        for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
@@ -64,6 +66,12 @@ def _input(size: int) -> torch.Tensor:
 def layer_flops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """The forward FLOPs of every dense and convolutional layer, by name (2 per multiply-add)."""
     flops: dict[str, int] = {}
+
+    def record(name: str, per_output: int):  # multiply-adds per output element
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            flops[name] = 2 * output.numel() * per_output
+        return hook
+
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
@@ -72,9 +80,7 @@ def layer_flops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
             per_output = module.in_features
         else:
             continue
-        handles.append(module.register_forward_hook(
-            lambda _, __, output, name=name, per_output=per_output: flops.__setitem__(name, 2 * output.numel() * per_output)
-        ))
+        handles.append(module.register_forward_hook(record(name, per_output)))
     with torch.no_grad():
         model(x)
     for handle in handles:
@@ -82,7 +88,7 @@ def layer_flops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     return flops
 
 
-def explanation_flops(model: nn.Module, x: torch.Tensor, composite) -> int:
+def explanation_flops(model: nn.Module, x: torch.Tensor, composite: composites.Composite) -> int:
     """FLOPs of one explanation after a first call (which probes the model for its BatchNorm pairs)."""
     attributor = Gradient(model, composite)
     attributor(x)
@@ -90,6 +96,7 @@ def explanation_flops(model: nn.Module, x: torch.Tensor, composite) -> int:
 
 
 def gradient_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of gradient x input's forward and backward."""
     def gradient() -> None:
         inputs = x.clone().requires_grad_(True)
         torch.autograd.grad(model(inputs).sum(), inputs)
