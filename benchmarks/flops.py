@@ -7,6 +7,10 @@ requested, or a matrix product) is counted with the formulas of
 :mod:`torch.utils.flop_counter` (``2 * N * in * out`` for a dense layer, likewise per output
 element for a convolution). Element-wise work is not counted.
 
+torch's own ``FlopCounterMode`` is not used because it tracks modules with global forward hooks,
+and lrpkit takes its shortcut for ``-0.0``-free outputs only when no global hook may replace an
+output: under it lrpkit would run a different path than the one being measured.
+
 Counting runs every operation through a :class:`~torch.utils._python_dispatch.TorchDispatchMode`,
 which slows it down and makes autograd add the relevances meeting at a branch out of place, so
 the count comes from a separate, untimed call. The products themselves do not change under the
