@@ -23,8 +23,10 @@ In-place forms are made out-of-place while captured, so that no saved tensor is 
 augmented assignments (``out += identity``, recognised from the calling bytecode, where Python
 rebinds the name) and ``inplace=True`` arguments (``F.relu(x, inplace=True)``), except a ReLU
 whose rule passes relevance on the untouched output of a rule node, which stays in place
-(:func:`lrpkit.rectified.rectify_in_place`). An in-place
-*method* called for its side effect (``x.relu_()`` as a statement) is left in place and not
+(:func:`lrpkit.rectified.rectify_in_place`). A tensor that something else still refers to
+(``b = a; a += x``) is seen from its reference count and left in place with an
+``InPlaceWarning``; the snapshots of frame locals that debuggers and profilers read are not
+counted as such references. An in-place *method* called for its side effect (``x.relu_()`` as a statement) is left in place and not
 captured; if it overwrites a tensor a rule saved, autograd raises instead of giving wrong numbers.
 
 Only calls made while the root module runs are captured, and nothing is added to the model.
@@ -53,6 +55,7 @@ from __future__ import annotations
 import bisect
 import dis
 import functools
+import inspect
 import os
 import sys
 import warnings
@@ -397,7 +400,8 @@ class _CaptureMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.capture.capturing():
             return func(*args, **kwargs)
-        return self.capture.call(func, args, kwargs, sys._getframe(1), _references(args))
+        caller = sys._getframe(1)
+        return self.capture.call(func, args, kwargs, caller, _references(args, caller))
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -555,9 +559,39 @@ def _result_discarded(caller: FrameType | None) -> bool:
     return following < len(names) and names[following] == "POP_TOP"
 
 
-def _references(args: tuple[Any, ...]) -> int:
-    """Python references to the first argument, as seen from ``__torch_function__``."""
-    return sys.getrefcount(args[0]) if args else 0
+def _references(args: tuple[Any, ...], caller: FrameType | None) -> int:
+    """Python references to the first argument, as seen from ``__torch_function__``.
+
+    Those held by snapshots of frame locals are not counted: a debugger or profiler that reads
+    ``frame.f_locals`` (under ``sys.settrace`` or ``sys.setprofile``) leaves each frame it looked
+    at a dict of its locals that refers to the same objects (before Python 3.13), which would
+    make every tensor look shared. Under a tracer, the frames from ``caller`` outwards are synced
+    first, so each of their snapshots refers to exactly what the frame's names are bound to.
+    """
+    if not args:
+        return 0
+    if not _LOCALS_SNAPSHOTS or (sys.gettrace() is None and sys.getprofile() is None):
+        return sys.getrefcount(args[0])
+    snapshot_references = _bindings_in_synced_snapshots(args[0], caller)
+    return sys.getrefcount(args[0]) - snapshot_references
+
+
+#: Whether ``frame.f_locals`` of a function frame is a dict cached on the frame (Python < 3.13;
+#: PEP 667 made it a view that holds no references of its own).
+_LOCALS_SNAPSHOTS = sys.version_info < (3, 13)
+
+
+def _bindings_in_synced_snapshots(value: Any, frame: FrameType | None) -> int:
+    """Sync the locals snapshot of each function frame from ``frame`` outwards; count its references to ``value``.
+
+    A module or class body's ``f_locals`` is its namespace itself, not a snapshot: skipped.
+    """
+    count = 0
+    while frame is not None:
+        if frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+            count += sum(1 for bound in frame.f_locals.values() if bound is value)
+        frame = frame.f_back
+    return count
 
 
 class _ReferenceProbe(TorchFunctionMode):
@@ -571,7 +605,7 @@ class _ReferenceProbe(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         if self.seen is None and (getattr(func, "__name__", "") == "add_" or (kwargs or {}).get("inplace")):
-            self.seen = _references(args)
+            self.seen = _references(args, sys._getframe(1))
         return func(*args, **(kwargs or {}))
 
 

@@ -15,9 +15,14 @@ inplace=True)`` as a statement) run in place with an ``InPlaceWarning``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
 import warnings
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
 
 import pytest
 import torch
@@ -1157,6 +1162,43 @@ def test_augmented_assignment_with_an_alias_keeps_the_forward() -> None:
     reference = model(x)
     with composites.EpsilonPlus().context(model), pytest.warns(InPlaceWarning, match="not captured"):
         inside = model(x.clone().requires_grad_(True))
+    assert torch.equal(inside.detach(), reference.detach())
+
+
+def _frame_locals_reader(frame: FrameType, event: str, arg: object) -> object:
+    """What debuggers (pdb, IDEs) and some profilers do: read each frame's locals."""
+    frame.f_locals
+    return _frame_locals_reader
+
+
+@contextlib.contextmanager
+def _locals_read_by(install: Callable[[Any], None]) -> Iterator[None]:
+    install(_frame_locals_reader)
+    try:
+        yield
+    finally:
+        install(None)
+
+
+@pytest.mark.parametrize("install", [sys.settrace, sys.setprofile], ids=["settrace", "setprofile"])
+def test_augmented_assignment_is_captured_under_a_debugger(install: Callable[[Any], None]) -> None:
+    """A snapshot of ``f_locals`` refers to ``out``: it must not make ``out += identity`` look shared."""
+    model = build(InplaceBlock)
+    x = images()
+    expected = Gradient(model, composites.EpsilonPlus())(x)
+    with warnings.catch_warnings(), _locals_read_by(install):
+        warnings.simplefilter("error", InPlaceWarning)
+        traced = Gradient(model, composites.EpsilonPlus())(x)
+    assert torch.equal(traced.relevance, expected.relevance)
+
+
+def test_an_alias_is_still_seen_under_a_debugger() -> None:
+    model = init_weights(AliasedAugmentedAdd())
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(42), dtype=DTYPE)
+    reference = model(x)
+    with composites.EpsilonPlus().context(model), pytest.warns(InPlaceWarning, match="not captured"):
+        with _locals_read_by(sys.settrace):
+            inside = model(x.clone().requires_grad_(True))
     assert torch.equal(inside.detach(), reference.detach())
 
 
