@@ -229,14 +229,31 @@ def _one_hot(output: Tensor, indices: Tensor) -> Tensor:
     return mask.scatter_(1, index, 1.0)
 
 
-def check_input(x: Any) -> None:
-    """Raise a clear error for inputs that cannot carry relevance."""
+def check_input(x: Any, autograd: bool = True) -> None:
+    """Raise a clear error for inputs that cannot carry relevance.
+
+    ``autograd``: the attributor runs a backward pass, which ``torch.inference_mode()`` rules out,
+    both while it is active and for tensors made inside it.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"the input must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(
             f"the input must be a floating-point tensor to carry relevance, got dtype {x.dtype}; "
             "convert it first, e.g. x.float()"
+        )
+    if not autograd:
+        return
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "lrpkit: attributions need autograd, which torch.inference_mode() switches off for the "
+            "whole block; call the attributor outside `with torch.inference_mode():` "
+            "(torch.no_grad() is fine: attributors switch gradients on themselves)"
+        )
+    if x.is_inference():
+        raise RuntimeError(
+            "lrpkit: the input was made under torch.inference_mode(), and autograd cannot track "
+            "such a tensor; pass a copy made outside it (x.clone() outside the block)"
         )
 
 
@@ -1280,7 +1297,7 @@ class Occlusion(_Batched):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        check_input(x)
+        check_input(x, autograd=False)
         x = x.detach()
         windows = _windows(x.shape, self.window, self.stride)
         fill = self._fill(x)

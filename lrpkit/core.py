@@ -15,6 +15,7 @@ consumes a rule's output may lend its own output in place of it (:mod:`lrpkit.re
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -246,6 +247,8 @@ class PendingCall:
     output: Tensor | None = None
     ops_factory: OpsFactory = layer_ops
     known_nonnegative: tuple[bool, ...] = ()
+    #: Whether the module ran under ``torch.autocast`` (its tensors may then differ in dtype).
+    autocast: bool = False
 
 
 class _RelevanceFunction(torch.autograd.Function):
@@ -276,7 +279,6 @@ class _RelevanceFunction(torch.autograd.Function):
         shapes = ctx.input_shapes
         if pending.rule.passes_relevance and len(shapes) == 1 and shapes[0][0] == relevance.shape:
             return (None, relevance)
-        where = f"'{pending.name}' ({type(pending.module).__name__})"
         saved = ctx.saved_tensors
         if pending.rule.needs_inputs:
             inputs = tuple(saved[: len(ctx.input_shapes)])
@@ -284,27 +286,58 @@ class _RelevanceFunction(torch.autograd.Function):
                 inputs = recomputed_inputs(inputs, ctx.recomputed)
         else:  # shape and dtype only: tensors without data
             inputs = tuple(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in ctx.input_shapes)
-        args = list(pending.args)
-        for position, tensor in zip(pending.input_positions, inputs):
-            args[position] = tensor
-        ops = pending.ops_factory(pending.module, tuple(args), pending.kwargs, pending.input_positions)
-        output, rectified = _output_for(ctx, relevance, ops, inputs, pending.rule, where)
-        call = LayerCall(
-            name=pending.name,
-            module=pending.module,
-            inputs=inputs,
-            output=output,
-            ops=ops,
-            known_nonnegative=pending.known_nonnegative,
-            output_rectified=rectified,
-        )
-        with torch.no_grad():
-            result = _checked(pending.rule.relevance(call, pending.rule.incoming(relevance)), inputs, pending.rule, where)
-        certify(pending.rule, result, inputs, ctx.next_functions)
-        if ctx.kept_output is not None:
-            # a tensor set on ctx lives as long as the graph; saved tensors go after their backward
-            ctx.kept_output.release()
-        return (None, *result)
+        if pending.autocast:
+            return _under_autocast(ctx, pending, inputs, relevance)
+        return _rule_backward(ctx, pending, inputs, relevance)
+
+
+def _rule_backward(node: Any, pending: PendingCall, inputs: tuple[Tensor, ...], relevance: Tensor) -> tuple[Tensor | None, ...]:
+    """The rule's relevance for ``inputs``: the backward of the rule node ``node``."""
+    where = f"'{pending.name}' ({type(pending.module).__name__})"
+    args = list(pending.args)
+    for position, tensor in zip(pending.input_positions, inputs):
+        args[position] = tensor
+    ops = pending.ops_factory(pending.module, tuple(args), pending.kwargs, pending.input_positions)
+    output, rectified = _output_for(node, relevance, ops, inputs, pending.rule, where)
+    if output is not None and output.dtype != relevance.dtype:  # kept from a forward under autocast
+        output = output.to(relevance.dtype)
+    call = LayerCall(
+        name=pending.name,
+        module=pending.module,
+        inputs=inputs,
+        output=output,
+        ops=ops,
+        known_nonnegative=pending.known_nonnegative,
+        output_rectified=rectified,
+    )
+    with torch.no_grad():
+        result = _checked(pending.rule.relevance(call, pending.rule.incoming(relevance)), inputs, pending.rule, where)
+    certify(pending.rule, result, inputs, node.next_functions)
+    if node.kept_output is not None:
+        # a tensor set on ctx lives as long as the graph; saved tensors go after their backward
+        node.kept_output.release()
+    return (None, *result)
+
+
+def _under_autocast(node: Any, pending: PendingCall, inputs: tuple[Tensor, ...], relevance: Tensor) -> tuple[Tensor | None, ...]:
+    """The rule's backward for a module that ran under ``torch.autocast``.
+
+    Autocast runs products in a lower precision, so the module's inputs, output and parameters
+    may differ in dtype. The rule computes in the widest of them with autocast off, as it would
+    without autocast; each input's relevance is handed back in that input's dtype.
+    """
+    dtype = _widest_dtype(pending.module, (*inputs, relevance))
+    widened = tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in inputs)
+    with torch.autocast(relevance.device.type, enabled=False):
+        result = _rule_backward(node, pending, widened, relevance.to(dtype))
+    return (None, *(None if rel is None else rel.to(tensor.dtype) for rel, tensor in zip(result[1:], inputs)))
+
+
+def _widest_dtype(module: nn.Module, tensors: tuple[Tensor, ...]) -> torch.dtype:
+    """The floating dtype that holds every floating tensor and direct parameter of ``module``."""
+    dtypes = [tensor.dtype for tensor in tensors if tensor.is_floating_point()]
+    dtypes += [param.dtype for param in module.parameters(recurse=False) if param.is_floating_point()]
+    return functools.reduce(torch.promote_types, dtypes)
 
 
 def _output_for(
@@ -430,6 +463,8 @@ def route(pending: PendingCall, inputs: tuple[Tensor, ...]) -> Tensor:
     keeps it instead of its own output (:func:`lrpkit.rectified.lend`); another activation lets
     its consumers keep its input instead of its output (:func:`lrpkit.rectified.offer_recompute`).
     """
+    assert pending.output is not None
+    pending.autocast = _autocast_enabled(pending.output.device.type)
     routed = _RelevanceFunction.apply(pending, *inputs)
     if len(inputs) == 1 and pending.rule.passes_relevance:
         if is_plain_relu(pending.module):
@@ -437,6 +472,14 @@ def route(pending: PendingCall, inputs: tuple[Tensor, ...]) -> Tensor:
         else:
             offer_recompute(inputs[0], routed, pending)
     return routed
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (never for devices without autocast, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def attach(module: nn.Module, hook: RuleHook) -> RemovableHandle:

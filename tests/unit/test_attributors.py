@@ -376,3 +376,30 @@ def test_no_hooks_left_after_an_exception_in_the_model(make) -> None:
 def FunctionalCaptureOnly() -> composites.Composite:  # noqa: N802 - reads like a preset
     """EpsilonPlus without MergeBatchNorm (whose probe pass runs the whole model once per context)."""
     return composites.EpsilonPlus(canonizers=[FunctionalCapture()])
+
+
+# -- torch.inference_mode: a clear error where autograd is needed ------------------------------
+GRADIENT_ATTRIBUTORS = [Gradient, SmoothGrad, IntegratedGradients]
+
+
+@pytest.mark.parametrize("attributor", GRADIENT_ATTRIBUTORS, ids=lambda cls: cls.__name__)
+def test_inside_inference_mode_the_error_says_so(attributor: type) -> None:
+    model = relu_net()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"outside `with torch.inference_mode\(\):`"):
+        attributor(model, composite=composites.EpsilonPlus())(inputs(), target=0)
+    assert hooks_left(model) == []
+
+
+def test_an_input_made_under_inference_mode_gets_a_clear_error() -> None:
+    with torch.inference_mode():
+        x = inputs()
+    with pytest.raises(RuntimeError, match=r"made under torch.inference_mode\(\).*x.clone\(\)"):
+        Gradient(relu_net(), composite=composites.EpsilonPlus())(x, target=0)
+
+
+def test_occlusion_needs_no_autograd_and_runs_in_inference_mode() -> None:
+    model = relu_net()
+    expected = Occlusion(model, window=1)(inputs(), target=0).relevance
+    with torch.inference_mode():
+        inside = Occlusion(model, window=1)(inputs(), target=0).relevance
+    assert torch.equal(inside, expected)
