@@ -86,3 +86,18 @@ def test_under_autocast_relevance_is_conserved_to_bfloat16_precision() -> None:
             result = Gradient(model, composite(epsilon=1e-9, stabilizer=1e-9))(x, target=0)
         totals = result.relevance.sum(dim=(1, 2, 3))
         torch.testing.assert_close(totals, result.output[:, 0].float(), rtol=5e-2, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("composite", COMPOSITES.values(), ids=COMPOSITES.keys())
+@pytest.mark.parametrize("build", MODELS.values(), ids=MODELS.keys())
+def test_under_cuda_autocast_in_float16_the_explanation_is_the_float32_one(build, composite) -> None:
+    factory, size = build
+    model, x = factory().cuda(), images(size).cuda()
+    expected = Gradient(model, composite())(x, target=1)
+    with torch.autocast("cuda", dtype=torch.float16):
+        result = Gradient(model, composite())(x, target=1)
+    assert result.output.dtype == torch.float16 and result.relevance.dtype == x.dtype
+    similarity = nn.functional.cosine_similarity(result.relevance.flatten(), expected.relevance.flatten(), dim=0)
+    assert similarity > 0.98
+    assert hooks_left(model) == []
