@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from . import captured
 from .canonizers import CompositeCanonizer, FunctionalCapture
 from .canonizers.base import CallbackHandle, Canonizer, Handle
-from .composites.maps import Composite, in_context
+from .composites.maps import Composite, eager_module, in_context
 from .ops import hooks_are_suspended, hooks_suspended
 from .progress import Progress
 
@@ -390,7 +390,7 @@ class _Session:
         record: Record = None,
     ) -> None:
         _check_layer(layer)
-        self.model = model
+        self.model = eager_module(model)
         self.composite = composite
         self.selector = selector
         self.layer = layer
@@ -846,7 +846,7 @@ class Gradient:
         composite: Composite | None = None,
         output: OutputSelector = None,
     ) -> None:
-        self.model = model
+        self.model = eager_module(model)
         self.composite = composite
         self.output = output
 
@@ -869,7 +869,7 @@ class _ScoreGradient:
     """Shared by GradientXInput and Sensitivity: the gradient of the score ``sum(w * output)``."""
 
     def __init__(self, model: nn.Module, composite: Composite | None = None, output: OutputSelector = None) -> None:
-        self.model = model
+        self.model = eager_module(model)
         self.composite = composite
         self.output = output
 
@@ -1006,7 +1006,7 @@ class _Batched:
         batch_size: int,
         progress: bool | None,
     ) -> None:
-        self.model = model
+        self.model = eager_module(model)
         self.composite = composite
         self.output = output
         self.batch_size = _positive_int(batch_size, "batch_size")

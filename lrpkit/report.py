@@ -31,6 +31,7 @@ from .canonizers import FunctionalCapture
 from .captured import CapturedOp
 from .composites import Composite
 from .composites import get_for_input
+from .composites.maps import eager_module
 from .ops import hooks_are_suspended
 
 
@@ -140,6 +141,7 @@ def describe(
         ``.rows`` (a list of :class:`Row`), ``.output``, ``.relevance``; ``print()`` it for a table.
     """
     check_input(x)
+    model = eager_module(model)
     if isinstance(composite, str):
         composite = get_for_input(composite, x)
     table = Description()

@@ -144,6 +144,8 @@ class Composite:
                 "its context) before registering it again"
             )
         modules = list(model.modules())
+        if any(_is_compiled(module) for module in modules):
+            raise TypeError(_compiled_message(model))
         if any(module in _MODULES_IN_CONTEXT for module in modules):
             busy = next(name for name, module in model.named_modules() if module in _MODULES_IN_CONTEXT)
             raise RuntimeError(
@@ -407,3 +409,30 @@ class MixedComposite(Composite):
             if choice is not None:
                 return choice
         return None
+
+
+def eager_module(model: nn.Module) -> nn.Module:
+    """``model``, or the module that ``torch.compile`` wrapped into it.
+
+    Rules are forward hooks and autograd nodes made while the model runs eagerly; compiled code
+    does not call them. The compiled and the original module compute the same function, so an
+    attributor explains the original one.
+    """
+    return model._orig_mod if _is_compiled(model) else model  # type: ignore[return-value]
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is the wrapper ``torch.compile`` returns (checked by name: importing dynamo is slow)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+def _compiled_message(model: nn.Module) -> str:
+    name = next(name for name, module in model.named_modules() if _is_compiled(module))
+    if name == "":
+        where, remedy = "the model", "explain the original module, model._orig_mod (attributors unwrap it themselves)"
+    else:
+        where, remedy = f"module {name!r}", "put the original module (its ._orig_mod) back in its place to explain the model"
+    return (
+        f"lrpkit: {where} was compiled with torch.compile; rules are hooks that only run eagerly, "
+        f"and compiled code does not call them: {remedy}"
+    )

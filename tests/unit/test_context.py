@@ -350,3 +350,31 @@ def test_plain_gradient_without_composite_is_untouched_autograd() -> None:
     start[range(2), output.argmax(1)] = output.detach()[range(2), output.argmax(1)]
     (expected,) = torch.autograd.grad(output, x, start)
     torch.testing.assert_close(Gradient(copy.deepcopy(model))(x).relevance, expected)
+
+
+# -- torch.compile: rules are eager hooks ------------------------------------------------------
+def test_attributors_explain_the_module_a_compiled_model_wraps() -> None:
+    """Nothing is compiled: the attributor explains ``_orig_mod``, the same function, eagerly."""
+    model = small_cnn()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = Gradient(model, composites.EpsilonPlusFlat())(x, target=1)
+    compiled = torch.compile(model)
+    result = Gradient(compiled, composites.EpsilonPlusFlat())(x, target=1)
+    assert torch.equal(result.relevance, expected.relevance)
+    assert [row.name for row in lrpkit.describe(compiled, x).rows] == [row.name for row in lrpkit.describe(model, x).rows]
+
+
+def test_a_context_on_a_compiled_model_says_what_to_explain_instead() -> None:
+    model = small_cnn()
+    compiled = torch.compile(model)
+    before, attributes = snapshot(model), attributes_of(model)
+    with pytest.raises(TypeError, match=r"compiled with torch.compile.*model\._orig_mod"):
+        with composites.EpsilonPlusFlat().context(compiled):
+            pass
+    assert_pristine(model, before, attributes)
+
+
+def test_a_compiled_submodule_is_named() -> None:
+    model = nn.Sequential(torch.compile(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.raises(TypeError, match=r"module '0' was compiled with torch.compile.*\._orig_mod"):
+        Gradient(model, composites.EpsilonPlus())(torch.rand(2, 4), target=0)
