@@ -29,11 +29,13 @@ from .rectified import (
     KeptOutput,
     certified_arrivals,
     certify,
+    certify_through_max_pool,
     inputs_to_save,
     is_plain_relu,
     lend,
     mark_saved,
     offer_recompute,
+    proportional,
     recomputed_inputs,
     rectified_before,
     rectified_output_usable,
@@ -466,6 +468,9 @@ def route(pending: PendingCall, inputs: tuple[Tensor, ...]) -> Tensor:
     assert pending.output is not None
     pending.autocast = _autocast_enabled(pending.output.device.type)
     routed = _RelevanceFunction.apply(pending, *inputs)
+    if proportional(pending.rule):  # its relevances will be certified: carry that back past max pooling
+        for tensor in inputs:
+            certify_through_max_pool(tensor)
     if len(inputs) == 1 and pending.rule.passes_relevance:
         if is_plain_relu(pending.module):
             lend(inputs[0], routed)

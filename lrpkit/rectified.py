@@ -67,6 +67,11 @@ def proportional_to_inputs(method: Method) -> Method:
     return method
 
 
+def proportional(rule: Any) -> bool:
+    """Whether ``rule``'s relevance is certified zero wherever its input is (:func:`proportional_to_inputs`)."""
+    return _marked(rule, "proportional_to_inputs")
+
+
 def _marked(rule: Any, mark: str) -> bool:
     return bool(getattr(type(rule).relevance, mark, False))
 
@@ -204,11 +209,64 @@ def certify(
     for index, (relevance, tensor) in enumerate(zip(relevances, inputs)):
         if relevance is None or tensor.device.type == "meta":
             continue
-        key = id(relevance)
-        reference = weakref.ref(relevance, lambda _, key=key: _CERTIFIED.pop(key, None))  # type: ignore[misc]
-        _CERTIFIED[key] = (reference, relevance._version, _layout(tensor))
+        _record(relevance, _layout(tensor))
         if index < len(producers):
             _count_arrival(producers[index][0])
+
+
+def _record(relevance: Tensor, layout: tuple[Any, ...]) -> None:
+    """Certify ``relevance`` as zero wherever the tensor of ``layout`` is zero."""
+    key = id(relevance)
+    reference = weakref.ref(relevance, lambda _, key=key: _CERTIFIED.pop(key, None))  # type: ignore[misc]
+    _CERTIFIED[key] = (reference, relevance._version, layout)
+
+
+#: Autograd nodes of max pooling (``_saved_self``: the pooled tensor).
+_MAX_POOL_NODES = frozenset(
+    {
+        "MaxPool1DWithIndicesBackward0", "MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0",
+        "AdaptiveMaxPool1DBackward0", "AdaptiveMaxPool2DBackward0", "AdaptiveMaxPool3DBackward0",
+    }
+)
+
+
+def certify_through_max_pool(pooled: Tensor) -> None:
+    """Carry the certificates of the relevance at ``pooled`` back through the max pooling that made it.
+
+    Called once for each consumer of ``pooled`` whose rule certifies its relevance. Max
+    pooling's backward (the plain gradient, which LRP keeps for it) sends each output's relevance
+    to the one input its maximum came from, which holds the same value. So a relevance at the
+    output that is zero wherever the output is zero becomes one at the input that is zero
+    wherever the input is zero, and the layer before the pooling may use a lent ReLU output
+    without checking the values (:func:`rectified_output_usable`): no pass over them, and on a
+    GPU no wait for the result. The relevance at the output must be the sum of the counted
+    consumers' certified relevances alone (:func:`certified_arrivals` explains the version count).
+    """
+    entry = _POOL_CONSUMERS.get(id(pooled))
+    if entry is not None and entry[0]() is pooled:
+        entry[1][0] += 1
+        return
+    node = pooled.grad_fn
+    if node is None or type(node).__name__ not in _MAX_POOL_NODES or pooled.device.type == "meta":
+        return
+    source = getattr(node, "_saved_self", None)
+    if not isinstance(source, Tensor):
+        return
+    pooled_layout, source_layout, consumers = _layout(pooled), _layout(source), [1]
+
+    def carry(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]) -> None:
+        relevance, carried = grad_outputs[0], grad_inputs[0]
+        if relevance is not None and carried is not None and _certified_layout(relevance, pooled_layout, consumers[0]):
+            _record(carried, source_layout)
+
+    node.register_hook(carry)
+    key = id(pooled)
+    reference = weakref.ref(pooled, lambda _, key=key: _POOL_CONSUMERS.pop(key, None))  # type: ignore[misc]
+    _POOL_CONSUMERS[key] = (reference, consumers)
+
+
+#: ``id(pooled) -> (weak reference to it, [its consumers that certify their relevance])``
+_POOL_CONSUMERS: dict[int, tuple["weakref.ReferenceType[Tensor]", list[int]]] = {}
 
 
 def _count_arrival(node: Any) -> None:
@@ -247,12 +305,17 @@ def _certified(relevance: Tensor, rectified: Tensor, arrivals: int = 0) -> bool:
     Unchanged since, or changed only by autograd adding ``arrivals - 1`` further certified
     relevances into it (:func:`certified_arrivals`).
     """
+    return _certified_layout(relevance, _layout(rectified), arrivals)
+
+
+def _certified_layout(relevance: Tensor, layout: tuple[Any, ...], arrivals: int = 0) -> bool:
+    """:func:`_certified` for the tensor of ``layout``."""
     entry = _CERTIFIED.get(id(relevance))
     return (
         entry is not None
         and entry[0]() is relevance
         and relevance._version - entry[1] == max(arrivals - 1, 0)
-        and entry[2] == _layout(rectified)
+        and entry[2] == layout
     )
 
 
@@ -350,11 +413,13 @@ __all__ = [
     "KeptOutput",
     "certified_arrivals",
     "certify",
+    "certify_through_max_pool",
     "inputs_to_save",
     "is_plain_relu",
     "lend",
     "mark_saved",
     "offer_recompute",
+    "proportional",
     "proportional_to_inputs",
     "reads_output_only_where_relevant",
     "recomputed_inputs",

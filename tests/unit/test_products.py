@@ -6,7 +6,8 @@ network (``benchmarks.flops``, a dispatch mode) and compares with the floor of t
 the model's own forward, plus per layer the rule's products times the layer's forward FLOPs
 (Epsilon 1, z+ and gamma on non-negative inputs 2, gamma on an output of both signs 3,
 alpha-beta 3, ZBox 5, flat 2). A recomputed forward, a lent ReLU output that is not used, or a
-second path where one suffices shows up here as a larger count.
+second path where one suffices shows up here as a larger count. The last tests count the values
+an explanation reads back to the host, each of which makes the host wait for a GPU.
 """
 
 from __future__ import annotations
@@ -167,3 +168,31 @@ def test_gamma_and_zbox_cost_their_floor(vgg, resnet):
         for name in flops
     }
     assert explanation_flops(model, x, composites.EpsilonGammaBox(low=0.0, high=1.0)) == floor(flops, products)
+
+
+# -- values read back to the host: on a GPU each one waits for the device ----------------------
+def host_reads(explain: Callable[[], object]) -> int:
+    """How many tensor values ``explain()`` reads back to the host (``aten::_local_scalar_dense``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        explain()
+    return sum(1 for event in recorded.events() if event.name == "aten::_local_scalar_dense")
+
+
+@pytest.mark.parametrize("composite", [epsilon_only, composites.EpsilonPlusFlat], ids=["Epsilon", "EpsilonPlusFlat"])
+def test_epsilon_and_z_plus_read_nothing_back(composite, resnet):
+    """Every lent ReLU output is certified, through the residual sums and the stem's max pooling too."""
+    model, x, _ = resnet
+    explain = Gradient(model, composite())
+    explain(x)  # (the first call probes the BatchNorm merge)
+    assert host_reads(lambda: explain(x)) == 0
+
+
+def test_alpha_beta_reads_at_most_one_value_per_layer(resnet):
+    """Its check of ``z - z+`` against cancellation, one reduction per layer; nothing else."""
+    model, x, _ = resnet
+    layers = sum(isinstance(module, (nn.Conv2d, nn.Linear)) for module in model.modules())
+    explain = Gradient(model, composites.EpsilonAlpha2Beta1())
+    explain(x)
+    assert 0 < host_reads(lambda: explain(x)) <= layers

@@ -134,11 +134,11 @@ def test_certified_relevance_skips_the_value_check(monkeypatch):
     monkeypatch.setattr(rectified, "zero_where_zero", counted)
     x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
     relevance(network(nn.ReLU), epsilon_only(), x)
-    # checked: the first ReLU (its output feeds a conv and the residual sum), the sum's ReLU
-    # (max pooling in between) and the ReLU before flatten; certified: the ReLUs whose output
-    # goes straight into one epsilon layer
+    # checked: the first ReLU (its output feeds a conv and the residual sum) and the ReLU before
+    # flatten; certified: the ReLUs whose output goes straight into one epsilon layer, and the
+    # sum's ReLU, whose certificate max pooling carries back
     assert (1, 4, 8, 8) in calls and (1, 4, 2, 2) in calls
-    assert len(calls) == 3
+    assert len(calls) == 2
 
 
 def test_zero_where_zero_is_exact():
@@ -578,3 +578,56 @@ def test_a_backward_that_stops_above_a_node_leaves_no_count_for_the_next():
         return gradient
 
     torch.testing.assert_close(explain(inplace_relu, True), explain(NoLendReLU, False), rtol=1e-12, atol=1e-15)
+
+
+# -- max pooling carries certificates back -----------------------------------------------------
+
+
+class PooledConsumers(nn.Module):
+    """``top(pool(relu(conv(x)))) + side(pool(relu(conv(x))))``: one max pooling, two consumers."""
+
+    def __init__(self, relu: Callable[[], nn.Module], pool: nn.Module) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv, self.relu, self.pool = nn.Conv2d(2, 4, 3, padding=1), relu(), pool
+        self.top, self.side = nn.Conv2d(4, 3, 2), nn.Conv2d(4, 3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(self.relu(self.conv(x)))
+        return self.top(pooled).flatten(1) + self.side(pooled).flatten(1)
+
+
+POOLS = {
+    "2x2": lambda: nn.MaxPool2d(2),
+    "overlapping, padded": lambda: nn.MaxPool2d(3, stride=2, padding=1),
+    "adaptive": lambda: nn.AdaptiveMaxPool2d(3),
+}
+
+
+@pytest.mark.parametrize("side", ["epsilon", "flat"])
+@pytest.mark.parametrize("pool", POOLS.values(), ids=POOLS.keys())
+def test_max_pooling_carries_the_certificates_of_its_consumers_back(pool, side, monkeypatch):
+    """Both consumers certify: no value check before the pooling. A flat one does not: checked."""
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def composite() -> composites.Composite:
+        side_rule = rules.Epsilon() if side == "epsilon" else rules.Flat()
+        return composites.NameMapComposite(
+            [(["conv", "top"], rules.Epsilon()), (["side"], side_rule), (["relu"], rules.Pass())], canonizers=[]
+        )
+
+    reference = relevance(PooledConsumers(NoLendReLU, pool()).double().eval(), composite(), x)
+    calls = counted_checks(monkeypatch)
+    lent = relevance(PooledConsumers(nn.ReLU, pool()).double().eval(), composite(), x)
+    assert len(calls) == (0 if side == "epsilon" else 1)
+    torch.testing.assert_close(lent, reference, rtol=1e-12, atol=1e-15)
+
+
+def test_a_certificate_carried_through_max_pooling_is_needed(monkeypatch):
+    """Without the carried certificate the layer before the pooling checks the values."""
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    composite = composites.NameMapComposite([(["conv", "top", "side"], rules.Epsilon()), (["relu"], rules.Pass())], canonizers=[])
+    monkeypatch.setattr(core, "certify_through_max_pool", lambda pooled: None)
+    calls = counted_checks(monkeypatch)
+    relevance(PooledConsumers(nn.ReLU, nn.MaxPool2d(2)).double().eval(), composite, x)
+    assert calls == [(2, 4, 6, 6)]
