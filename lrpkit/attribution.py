@@ -390,7 +390,7 @@ class _Session:
         record: Record = None,
     ) -> None:
         _check_layer(layer)
-        self.model = eager_module(model)
+        self.model = model
         self.composite = composite
         self.selector = selector
         self.layer = layer

@@ -216,9 +216,18 @@ def certify(
 
 def _record(relevance: Tensor, layout: tuple[Any, ...]) -> None:
     """Certify ``relevance`` as zero wherever the tensor of ``layout`` is zero."""
-    key = id(relevance)
-    reference = weakref.ref(relevance, lambda _, key=key: _CERTIFIED.pop(key, None))  # type: ignore[misc]
-    _CERTIFIED[key] = (reference, relevance._version, layout)
+    _keep_while_alive(_CERTIFIED, relevance, relevance._version, layout)
+
+
+def _keep_while_alive(store: dict[int, Any], tensor: Tensor, *values: Any) -> None:
+    """``store[id(tensor)] = (weak reference to tensor, *values)``, dropped when ``tensor`` dies.
+
+    Tensors compare element-wise, so they cannot be the keys of a ``WeakKeyDictionary``; readers
+    check that the weak reference still gives the same tensor.
+    """
+    key = id(tensor)
+    reference = weakref.ref(tensor, lambda _, key=key: store.pop(key, None))  # type: ignore[misc]
+    store[key] = (reference, *values)
 
 
 #: Autograd nodes of max pooling (``_saved_self``: the pooled tensor).
@@ -260,9 +269,7 @@ def certify_through_max_pool(pooled: Tensor) -> None:
             _record(carried, source_layout)
 
     node.register_hook(carry)
-    key = id(pooled)
-    reference = weakref.ref(pooled, lambda _, key=key: _POOL_CONSUMERS.pop(key, None))  # type: ignore[misc]
-    _POOL_CONSUMERS[key] = (reference, consumers)
+    _keep_while_alive(_POOL_CONSUMERS, pooled, consumers)
 
 
 #: ``id(pooled) -> (weak reference to it, [its consumers that certify their relevance])``
