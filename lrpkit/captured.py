@@ -99,8 +99,31 @@ class Attention(CapturedOp):
     """``scaled_dot_product_attention`` and ``multi_head_attention_forward``: default ``AttentionValue``."""
 
 
+class Dense(CapturedOp):
+    """``F.linear`` whose weight and bias are constants of the model (parameters, or computed from them alone).
+
+    Matched by :data:`lrpkit.types.Linear`, so a composite's dense-layer rule reaches it (default
+    ``Epsilon``); the weight and bias are the layer's parameters for the rule. With a weight
+    computed from the input it is an :class:`Other` call.
+    """
+
+
+class Convolution(CapturedOp):
+    """``F.conv1d``/``conv2d``/``conv3d`` whose weight and bias are constants of the model.
+
+    Matched by :data:`lrpkit.types.ConvolutionStandard` (default ``Epsilon``), as :class:`Dense`.
+    """
+
+
+class ConvolutionTranspose(CapturedOp):
+    """``F.conv_transpose1d``/``2d``/``3d`` whose weight and bias are constants of the model.
+
+    Matched by :data:`lrpkit.types.ConvolutionTranspose` (default ``Epsilon``), as :class:`Dense`.
+    """
+
+
 class Other(CapturedOp):
-    """Any other call on activations (``exp``, ``pow``, ``F.linear`` with a tensor weight, ...): the gradient."""
+    """Any other call on activations (``exp``, ``pow``, ``F.linear`` with a weight computed from the input, ...): the gradient."""
 
 
 _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
@@ -203,6 +226,9 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
     LayerNorm: ("layer_norm",),
     Softmax: ("softmax", "log_softmax"),
     Attention: ("scaled_dot_product_attention", "multi_head_attention_forward"),
+    Dense: ("linear",),
+    Convolution: ("conv1d", "conv2d", "conv3d"),
+    ConvolutionTranspose: ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
 }
 
 _KIND_OF: dict[str, type[CapturedOp]] = {op: kind for kind, ops in _KINDS.items() for op in ops}
@@ -213,6 +239,9 @@ def kind_of(op: str) -> type[CapturedOp]:
     return _KIND_OF.get(op, Other)
 
 
+#: Ops that are layers when their weight and bias are constants (:class:`Dense`, :class:`Convolution`, ...).
+LAYER_OPS = frozenset(_KINDS[Dense] + _KINDS[Convolution] + _KINDS[ConvolutionTranspose])
+
 #: Ops whose output gates another tensor when it is one factor of a product.
 GATE_OPS = frozenset({"sigmoid", "hardsigmoid", "softmax"})
 
@@ -222,7 +251,11 @@ __all__ = [
     "Add",
     "Attention",
     "CapturedOp",
+    "Convolution",
+    "ConvolutionTranspose",
+    "Dense",
     "GATE_OPS",
+    "LAYER_OPS",
     "LayerNorm",
     "MaxPool",
     "Other",

@@ -15,6 +15,7 @@ every rule work on every layer type.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import threading
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_file
+from torch.overrides import TorchFunctionMode
 
 Params = dict[str, Tensor]
 #: ``(grad, owned=False) -> J^T grad`` per input; ``owned``: the caller lets the product overwrite ``grad``.
@@ -380,12 +382,14 @@ class _BiasedOps(LayerOps):
         zero unless ``torch.set_flush_denormal(True)`` was called (checked).
         """
         module = self.module
+        if not isinstance(module, nn.Module):  # a captured call's CallLayer
+            return False
         # the output of a merged layer is ``z * scale + shift``: ``shift`` is then the summand
         bias = getattr(module, "bias", None) if self.scaling is None else self.scaling.shift
         return (
             isinstance(bias, Tensor)
             and bias.device.type == "cpu"
-            and type(module).forward in _STANDARD_FORWARDS
+            and _standard_forward(module)
             and not _global_forward_hooks()
             and all(getattr(hook, "lrpkit_hook", False) for hook in module._forward_hooks.values())
             and not _flushes_denormals()
@@ -411,6 +415,14 @@ _STANDARD_FORWARDS = frozenset(
     cls.forward
     for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 )
+#: The convolutions' own ``_conv_forward`` methods (``None``: transposed ones have none).
+_STANDARD_CONV_FORWARDS = frozenset({None} | {cls._conv_forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)})
+
+
+def _standard_forward(module: nn.Module) -> bool:
+    """Whether ``module`` computes ``W a + b`` with its own ``weight`` and ``bias`` (no overridden ``forward``)."""
+    cls = type(module)
+    return cls.forward in _STANDARD_FORWARDS and getattr(cls, "_conv_forward", None) in _STANDARD_CONV_FORWARDS
 
 
 def _global_forward_hooks() -> bool:
@@ -518,6 +530,153 @@ class ConvOps(_BiasedOps):
         return output - bias.view(-1, *([1] * self.dims))
 
 
+# -- captured F.linear / F.conv* calls with constant weights -----------------------------------
+
+
+def _linear_call(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> None:
+    """The signature of ``F.linear`` (a builtin, not inspectable)."""
+
+
+def _conv_call(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1
+) -> None:
+    """The signature of ``F.conv1d``/``conv2d``/``conv3d``."""
+
+
+def _conv_transpose_call(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    output_padding: Any = 0,
+    groups: int = 1,
+    dilation: Any = 1,
+) -> None:
+    """The signature of ``F.conv_transpose1d``/``2d``/``3d``."""
+
+
+def _layer_signature(op: str) -> inspect.Signature:
+    if op == "linear":
+        return _SIGNATURES[_linear_call]
+    return _SIGNATURES[_conv_transpose_call if op.startswith("conv_transpose") else _conv_call]
+
+
+_SIGNATURES = {function: inspect.signature(function) for function in (_linear_call, _conv_call, _conv_transpose_call)}
+
+
+class CallLayer:
+    """The layer one captured ``F.linear``/``F.conv*`` call computes, with the attributes
+    :class:`DenseOps` and :class:`ConvOps` read from a module (``weight``, ``bias``, and for a
+    convolution ``kernel_size``, ``transposed``, ``stride``, ``padding``, ``dilation``,
+    ``output_padding``, ``groups``).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, settings: dict[str, Any] | None = None) -> None:
+        self.weight = weight
+        self.bias = bias
+        if settings is None:  # F.linear
+            return
+        dims = weight.ndim - 2
+        self.kernel_size = tuple(weight.shape[2:])
+        self.transposed = "output_padding" in settings
+        self.stride = _per_dim(settings["stride"], dims)
+        self.dilation = _per_dim(settings["dilation"], dims)
+        self.output_padding = _per_dim(settings.get("output_padding", 0), dims)
+        self.groups = int(settings["groups"])
+        self.padding = _numeric_padding(settings["padding"], self.kernel_size, self.dilation)
+
+
+def _per_dim(value: Any, dims: int) -> tuple[int, ...]:
+    """A convolution setting given as one int or one per spatial dimension, as a tuple per dimension."""
+    return (int(value),) * dims if isinstance(value, int) else tuple(int(item) for item in value)
+
+
+def _numeric_padding(padding: Any, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Zero padding per spatial dimension; ``None`` for ``"same"`` padding that is not symmetric."""
+    if padding == "valid":
+        return (0,) * len(kernel_size)
+    if padding == "same":
+        totals = [step * (size - 1) for size, step in zip(kernel_size, dilation)]
+        return None if any(total % 2 for total in totals) else tuple(total // 2 for total in totals)
+    return _per_dim(padding, len(kernel_size))
+
+
+def captured_layer_ops(
+    module: nn.Module,
+    leaves: tuple[Any, ...],
+    input_positions: tuple[int, ...],
+    func: Callable[..., Any],
+    spec: pytree.TreeSpec,
+    op: str | None = None,
+) -> LayerOps:
+    """The ops of an ``F.linear``/``F.conv*`` call: :class:`DenseOps`/:class:`ConvOps` on its weight and bias.
+
+    ``leaves``: the call's flattened arguments (as for :class:`FunctionalOps`), the input at
+    ``input_positions``; ``op``: the call's name (default: ``module.op``, a captured call's). A
+    convolution with ``"same"`` padding that is not symmetric gets :class:`CapturedLayerOps`
+    (the same rules, computed by re-running the call).
+    """
+    op = op or getattr(module, "op", "")
+    signature = _layer_signature(op)
+    bound = _bound(signature, leaves, spec)
+    weight, bias = bound["weight"], bound["bias"]
+    settings = None if op == "linear" else {name: bound[name] for name in signature.parameters if name not in ("input", "weight", "bias")}
+    layer = CallLayer(weight.detach(), None if bias is None else bias.detach(), settings)
+    if op == "linear":
+        return DenseOps(layer, (bound["input"],), {}, (0,))
+    if layer.padding is not None:
+        return ConvOps(layer, (bound["input"],), {}, (0,))
+    indices = _bound(signature, tuple(range(len(leaves))), spec)
+    return CapturedLayerOps(module, leaves, {}, input_positions, func, spec, indices["weight"], indices["bias"])
+
+
+def _bound(signature: inspect.Signature, leaves: tuple[Any, ...], spec: pytree.TreeSpec) -> dict[str, Any]:
+    """The call rebuilt from ``leaves``, by parameter name (defaults filled in)."""
+    args, kwargs = pytree.tree_unflatten(list(leaves), spec)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+class CapturedLayerOps(FunctionalOps):
+    """A captured layer call re-run with the rule's parameters (no closed form, e.g. asymmetric ``"same"`` padding).
+
+    ``weight_leaf`` and ``bias_leaf`` index the weight and bias among the call's leaves.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        input_positions: tuple[int, ...],
+        func: Callable[..., Any],
+        spec: pytree.TreeSpec,
+        weight_leaf: int,
+        bias_leaf: int,
+    ) -> None:
+        super().__init__(module, args, kwargs, input_positions, func, spec)
+        self.weight_leaf = weight_leaf
+        self.bias_leaf = bias_leaf
+
+    def params(self) -> Params:
+        bias = self.args[self.bias_leaf]
+        params = {"weight": self.args[self.weight_leaf].detach()}
+        return params if bias is None else {**params, "bias": bias.detach()}
+
+    def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
+        leaves = _leaves(inputs)
+        flat = list(self.args)
+        for position, leaf in zip(self.input_positions, leaves):
+            flat[position] = leaf
+        flat[self.weight_leaf], flat[self.bias_leaf] = params["weight"], params.get("bias")
+        args, kwargs = pytree.tree_unflatten(flat, self.spec)
+        with torch.enable_grad(), hooks_suspended():
+            output = self.func(*args, **kwargs)
+        return _autograd_linearization(output, leaves, f"captured call {getattr(self.module, 'name', '')!r}")
+
+
 def _scaled_output(product: Tensor, params: ScaledParams) -> Tensor:
     """``product * scale + bias`` (the bias added last), ``product`` being ``W a`` without bias."""
     scaled = product.mul_(params.scale)  # in place: a broadcasting addcmul is several times slower
@@ -593,10 +752,66 @@ def layer_ops(
     kwargs: dict[str, Any],
     input_positions: tuple[int, ...],
 ) -> LayerOps:
-    """The fastest :class:`LayerOps` for ``module``: closed form where one exists."""
+    """The fastest :class:`LayerOps` for ``module``: closed form where one exists.
+
+    A dense or convolutional layer whose class overrides ``forward`` (a weight-standardised
+    convolution, a scaled dense layer) is explained with the weight and bias its ``forward``
+    actually passes to ``F.linear``/``F.conv*`` (:func:`_recorded_layer_call`), not with its
+    parameters as they are; if its ``forward`` makes no such call on the input, the generic ops
+    re-run it.
+    """
     if not kwargs and input_positions == (0,) and len(args) == 1:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not _standard_forward(module):
+            recorded = _recorded_layer_call(module, args[0])
+            if recorded is not None:
+                return captured_layer_ops(module, *recorded)
+        elif isinstance(module, nn.Linear):
             return DenseOps(module, args, kwargs, input_positions)
-        if _has_closed_form_conv(module):
+        elif _has_closed_form_conv(module):
             return ConvOps(module, args, kwargs, input_positions)
     return LayerOps(module, args, kwargs, input_positions)
+
+
+class _LayerCallFound(Exception):
+    """Stops a layer's ``forward`` at its ``F.linear``/``F.conv*`` call (see :class:`_LayerCallRecorder`)."""
+
+
+class _LayerCallRecorder(TorchFunctionMode):
+    """Records the first ``F.linear``/``F.conv*`` call on ``input`` and stops the forward there."""
+
+    def __init__(self, input: Tensor) -> None:
+        super().__init__()
+        self.input = input
+        self.call: tuple[tuple[Any, ...], tuple[int, ...], Callable[..., Any], pytree.TreeSpec, str] | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _LAYER_CALLS and ((args and args[0] is self.input) or kwargs.get("input") is self.input):
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            position = next(index for index, leaf in enumerate(leaves) if leaf is self.input)
+            self.call = (tuple(leaves), (position,), func, spec, name)
+            raise _LayerCallFound
+        return func(*args, **kwargs)
+
+
+_LAYER_CALLS = frozenset(
+    {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+)
+
+
+def _recorded_layer_call(
+    module: nn.Module, input: Tensor
+) -> tuple[tuple[Any, ...], tuple[int, ...], Callable[..., Any], pytree.TreeSpec, str] | None:
+    """``(leaves, input positions, function, spec, op)`` of the layer call ``module.forward(input)`` makes.
+
+    The forward runs (no grad, no hooks) up to that call and stops there; ``None`` if it makes
+    none on ``input`` itself.
+    """
+    recorder = _LayerCallRecorder(input)
+    with torch.no_grad(), hooks_suspended(), recorder:
+        try:
+            module.forward(input)
+        except _LayerCallFound:
+            pass
+    return recorder.call

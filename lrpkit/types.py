@@ -20,18 +20,20 @@ from torch import nn
 
 from . import captured
 
-#: Standard (forward) convolutions.
-ConvolutionStandard: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: Transposed convolutions.
+#: Standard (forward) convolutions, and captured ``F.conv1d``/``2d``/``3d`` calls with constant weights.
+ConvolutionStandard: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, captured.Convolution)
+#: Transposed convolutions, and captured ``F.conv_transpose*`` calls with constant weights.
 ConvolutionTranspose: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
+    captured.ConvolutionTranspose,
 )
 #: All convolutions, standard and transposed.
 Convolution: tuple[type[nn.Module], ...] = ConvolutionStandard + ConvolutionTranspose
-#: Dense layers (``nn.Linear`` and its subclasses such as ``LazyLinear`` once materialised).
-Linear: tuple[type[nn.Module], ...] = (nn.Linear,)
+#: Dense layers (``nn.Linear`` and its subclasses such as ``LazyLinear`` once materialised), and
+#: captured ``F.linear`` calls with constant weights (Swin's attention, for one).
+Linear: tuple[type[nn.Module], ...] = (nn.Linear, captured.Dense)
 #: Every layer of the form ``z = W a + b``: dense layers and convolutions.
 AnyLinear: tuple[type[nn.Module], ...] = Linear + Convolution
 #: Batch normalisation layers.

@@ -16,8 +16,11 @@ while the model runs and gives it a rule:
   additions and sums -> :class:`~lrpkit.rules.Norm`, activations -> :class:`~lrpkit.rules.Pass`,
   averages -> ``Norm``, products -> :class:`~lrpkit.rules.Product` with gates (sigmoid, hard
   sigmoid or softmax outputs), parameters and divisors held constant, ``layer_norm`` ->
-  :class:`~lrpkit.rules.LayerNormConstant`, attention -> :class:`~lrpkit.rules.AttentionValue`;
-  reshapes, concatenation, indexing, max pooling, softmax and unknown calls keep their gradient.
+  :class:`~lrpkit.rules.LayerNormConstant`, attention -> :class:`~lrpkit.rules.AttentionValue`,
+  ``F.linear`` / ``F.conv*`` with weights computed from parameters alone (not those of the module
+  making the call) -> the composite's dense or convolution rule, else
+  :class:`~lrpkit.rules.Epsilon`; reshapes, concatenation, indexing, max pooling, softmax and
+  unknown calls keep their gradient.
 
 In-place forms are made out-of-place while captured, so that no saved tensor is overwritten:
 augmented assignments (``out += identity``, recognised from the calling bytecode, where Python
@@ -72,10 +75,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from .. import captured
-from ..core import PendingCall, Rule, Session, route
-from ..ops import FunctionalOps, hooks_are_suspended, hooks_suspended
+from ..core import OpsFactory, PendingCall, Rule, Session, route
+from ..ops import FunctionalOps, captured_layer_ops, hooks_are_suspended, hooks_suspended
 from ..rectified import rectify_in_place
-from ..rules import AttentionValue, LayerNormConstant, Norm, Pass, Product
+from ..rules import AttentionValue, Epsilon, LayerNormConstant, Norm, Pass, Product
 from .base import CallbackHandle, Canonizer, Handle, RuleBinding, undo_all
 
 #: ``[(captured kinds, rule), ...]`` as in a layer map.
@@ -94,6 +97,7 @@ def default_op_rules(stabilizer: float = 1e-6) -> list[tuple[Any, Rule | None]]:
         (captured.Product, Product(stabilizer)),
         (captured.LayerNorm, LayerNormConstant(stabilizer)),
         (captured.Attention, AttentionValue(stabilizer)),
+        ((captured.Dense, captured.Convolution, captured.ConvolutionTranspose), Epsilon(stabilizer)),
     ]
 
 
@@ -176,6 +180,7 @@ class _Frame:
     path: str
     hooked: bool
     paused: bool = False
+    module: nn.Module | None = None
 
 
 @dataclass
@@ -199,15 +204,14 @@ class _Capture:
 
     # -- hooks --------------------------------------------------------------------------------
     def install(self) -> list[Handle]:
-        handles: list[RemovableHandle] = [
-            self.model.register_forward_pre_hook(self._enter_root),
-            self.model.register_forward_hook(self._leave_root, always_call=True),
-        ]
+        handles: list[RemovableHandle] = [self.model.register_forward_pre_hook(self._enter_root)]
         for module in self.paths:
             if type(module) is nn.Identity:  # calls no torch function (a merged BatchNorm's stand-in)
                 continue
             handles.append(module.register_forward_pre_hook(self._push))
             handles.append(module.register_forward_hook(self._pop, always_call=True))
+        # after the root's own ``_pop``, which puts the mode back if a rule on the root paused it
+        handles.append(self.model.register_forward_hook(self._leave_root, always_call=True))
         return [*handles, CallbackHandle(self._close)]
 
     def _close(self) -> None:
@@ -233,7 +237,7 @@ class _Capture:
         inside_rule = bool(self.frames) and self.frames[-1].hooked
         hooked = inside_rule or (binding is not None and id(module) in binding.hooked)
         paused = hooked and not inside_rule and _pause(self.mode)
-        self.frames.append(_Frame(self.paths.get(module, ""), hooked, paused))
+        self.frames.append(_Frame(self.paths.get(module, ""), hooked, paused, module))
 
     def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.frames and self.frames.pop().paused:
@@ -252,10 +256,10 @@ class _Capture:
         base = f"{path}.{op}" if path else op
         return base if count == 0 else f"{base}_{count}"
 
-    def op(self, name: str, op: str, func: Callable[..., Any]) -> captured.CapturedOp:
+    def op(self, name: str, op: str, func: Callable[..., Any], kind: type[captured.CapturedOp] | None = None) -> captured.CapturedOp:
         known = self.ops.get(name)
         if known is None:
-            known = self.ops[name] = captured.kind_of(op)(name, op, func)
+            known = self.ops[name] = (kind or captured.kind_of(op))(name, op, func)
         return known
 
     def rule(self, name: str, op: captured.CapturedOp) -> Rule | None:
@@ -274,6 +278,9 @@ class _Capture:
             return func(*args, **kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         activations = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
+        kind = None
+        if op in captured.LAYER_OPS:
+            activations, kind = self.layer_call(leaves, activations)
         if not activations:
             return func(*args, **kwargs)
         if op.endswith("_") and not op.endswith("__"):
@@ -301,15 +308,35 @@ class _Capture:
             output = func(*args, **kwargs)
             if not _carries_grad(output):
                 return output
-            name, pseudo, rule = self.identify(op, func)
+            name, pseudo, rule = self.identify(op, func, kind)
         if rule is not None:
             output = self.attach(rule, pseudo, func, leaves, spec, activations, output)
         return self.observed(name, pseudo, rule, output)
 
-    def identify(self, op: str, func: Callable[..., Any]) -> tuple[str, captured.CapturedOp, Rule | None]:
-        """Name a captured call; its pseudo-module and its rule (none without grad mode)."""
+    def layer_call(self, leaves: list[Any], activations: list[int]) -> tuple[list[int], type[captured.CapturedOp] | None]:
+        """The relevance inputs and the kind (``None``: by the op) of an ``F.linear``/``F.conv*`` call.
+
+        A weight or bias computed from parameters alone belongs to the layer; it is no input. The
+        call is a layer (:class:`~lrpkit.captured.Dense`, ...) when the input is its only
+        activation and none of its parameters belongs to the module running it. A module's own
+        parameters make it that module's computation (``nn.Linear.forward``, a custom layer), and
+        that module has no rule, or its calls would not be captured: its relevance stays its
+        gradient (:class:`~lrpkit.composites.UncoveredModuleWarning` says so). Swin's attention,
+        which passes the weights of its ``qkv`` and ``proj`` children to ``F.linear``, is a layer.
+        """
+        sources = {index: _parameters_behind(leaf) for index, leaf in enumerate(leaves) if index and isinstance(leaf, Tensor)}
+        activations = [index for index in activations if index == 0 or sources[index] is None]
+        owner = self.frames[-1].module if self.frames else None
+        own = {id(parameter) for parameter in owner.parameters(recurse=False)} if owner is not None else set()
+        owned = any(id(parameter) in own for parameters in sources.values() for parameter in parameters or ())
+        return activations, (captured.Other if owned or activations != [0] else None)
+
+    def identify(
+        self, op: str, func: Callable[..., Any], kind: type[captured.CapturedOp] | None = None
+    ) -> tuple[str, captured.CapturedOp, Rule | None]:
+        """Name a captured call; its pseudo-module (of ``kind``, default by ``op``) and its rule (none without grad mode)."""
         name = self.name(op)
-        pseudo = self.op(name, op, func)
+        pseudo = self.op(name, op, func, kind)
         return name, pseudo, self.rule(name, pseudo) if torch.is_grad_enabled() else None
 
     def observed(self, name: str, op: captured.CapturedOp, rule: Rule | None, output: Any) -> Any:
@@ -349,7 +376,7 @@ class _Capture:
                 kwargs={},
                 input_positions=positions,
                 output=relevant.detach(),
-                ops_factory=lambda module, flat, kwargs, inputs: FunctionalOps(module, flat, kwargs, inputs, func, spec),
+                ops_factory=_layer_ops_factory(func, spec) if isinstance(op, _LAYER_KINDS) else _ops_factory(func, spec),
             )
             routed = route(pending, tuple(leaves[index] for index in positions))
         if isinstance(output, Tensor):
@@ -372,6 +399,50 @@ class _Capture:
             signals = [index for index in activations if index not in gates]
             return signals or activations
         return activations
+
+
+_LAYER_KINDS = (captured.Dense, captured.Convolution, captured.ConvolutionTranspose)
+
+
+def _ops_factory(func: Callable[..., Any], spec: pytree.TreeSpec) -> OpsFactory:
+    """Makes the :class:`FunctionalOps` of a call to ``func`` (arguments flattened with ``spec``)."""
+    return lambda module, flat, kwargs, inputs: FunctionalOps(module, flat, kwargs, inputs, func, spec)
+
+
+def _layer_ops_factory(func: Callable[..., Any], spec: pytree.TreeSpec) -> OpsFactory:
+    """Makes the ops of a captured ``F.linear``/``F.conv*`` call: the closed forms on its weight and bias."""
+    return lambda module, flat, kwargs, inputs: captured_layer_ops(module, flat, inputs, func, spec)
+
+
+def _parameters_behind(tensor: Tensor, limit: int = 256) -> list[Tensor] | None:
+    """The parameters ``tensor`` was computed from, or ``None`` if it depends on anything else.
+
+    A tensor without autograd history is a constant: the parameter it is (a view of), or none.
+    Otherwise its autograd graph is walked: every leaf reached must be an ``nn.Parameter`` and
+    no node may be a rule's; more than ``limit`` nodes count as depending on the input.
+    """
+    if not tensor.requires_grad or tensor.grad_fn is None:
+        base = tensor if tensor._base is None else tensor._base
+        if isinstance(base, nn.Parameter):
+            return [base]
+        return None if tensor.requires_grad else []
+    parameters: list[Tensor] = []
+    pending = [tensor.grad_fn]
+    seen: set[int] = set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if len(seen) > limit or getattr(node, "pending", None) is not None:
+            return None
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if not isinstance(variable, nn.Parameter):
+                return None
+            parameters.append(variable)
+        pending.extend(parent for parent, _ in node.next_functions)
+    return parameters
 
 
 def _pause(mode: TorchFunctionMode) -> bool:

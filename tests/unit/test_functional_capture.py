@@ -1247,3 +1247,21 @@ def test_describe_a_residual_model() -> None:
     assert "(root)" in lines[1]
     assert "Norm(stabilizer=1e-06)" in text and "Add: add" in text and "3x4x5x5" in text
     assert model is not None and hooks_left(model) == []
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_a_rule_on_the_root_module_leaves_no_mode_behind(layer: str) -> None:
+    """A model that is one layer with a rule: its capture is paused while it runs, then closed in order.
+
+    The root's ``_pop`` has to put the paused mode back before the root's exit takes it off;
+    the other way round, the first explanation raised and left the mode on the stack for good.
+    """
+    torch.manual_seed(0)
+    model = (nn.Linear(4, 3) if layer == "linear" else nn.Conv2d(4, 3, 1)).to(DTYPE).eval()
+    x = torch.rand(2, 4, dtype=DTYPE) if layer == "linear" else torch.rand(2, 4, 3, 3, dtype=DTYPE)
+    plain = Gradient(model, composites.EpsilonPlus(canonizers=[]))(x, target=1).relevance
+    for _ in range(2):  # the first call merges BatchNorms lazily (a probe forward), the second not
+        relevance = Gradient(model, composites.EpsilonPlus())(x, target=1).relevance
+        assert torch._C._len_torch_function_stack() == 0
+        torch.testing.assert_close(relevance, plain, rtol=1e-12, atol=1e-12)
+    assert hooks_left(model) == []

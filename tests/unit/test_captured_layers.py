@@ -1,0 +1,291 @@
+"""Captured ``F.linear`` / ``F.conv*`` calls with constant weights are explained as the layers they are.
+
+Models such as torchvision's Swin pass the weights of child modules to ``F.linear`` instead of
+calling the modules. Such a call is a :class:`lrpkit.captured.Dense` (``Convolution``,
+``ConvolutionTranspose``) and gets the composite's dense or convolution rule. The reference is
+the same network written with modules: every preset must give the same relevance (float64,
+1e-10), with the first-layer rules, ``zero_params``, keyword arguments, tuple settings, ``"same"``
+padding and weights computed from parameters. A weight computed from the input, and a layer
+module's own ``forward`` without a rule, stay plain gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import hooks_left
+from lrpkit import captured, composites, rules, types
+from lrpkit.attribution import Gradient
+from lrpkit.canonizers import FunctionalCapture
+
+DTYPE = torch.float64
+
+
+class Modules(nn.Module):
+    """conv (padding 1) -> relu -> conv (stride 2, padding (1, 0)) -> relu -> transposed conv -> relu -> dense -> relu -> dense."""
+
+    def __init__(self, same: str | None = None) -> None:
+        super().__init__()
+        kernel, padding = (4, "same") if same == "asymmetric" else (3, "same" if same else 1)
+        self.conv1 = nn.Conv2d(2, 4, kernel, padding=padding)
+        self.conv2 = nn.Conv2d(4, 5, 3, stride=2, padding=(1, 0))
+        self.up = nn.ConvTranspose2d(5, 3, 3, stride=2, output_padding=1)
+        self.fc1 = nn.Linear(3 * 18 * 12, 6)
+        self.fc2 = nn.Linear(6, 3, bias=False)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv1(x))
+        x = self.relu(self.conv2(x))
+        x = self.relu(self.up(x))
+        return self.fc2(self.relu(self.fc1(x.flatten(1))))
+
+
+class Calls(nn.Module):
+    """The same network, calling ``F.conv2d``, ``F.conv_transpose2d`` and ``F.linear`` with the modules' weights."""
+
+    def __init__(self, layers: Modules) -> None:
+        super().__init__()
+        self.layers = layers  # its modules are never called: only their parameters are used
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.layers
+        x = F.relu(F.conv2d(x, m.conv1.weight, m.conv1.bias, padding=m.conv1.padding))
+        x = F.relu(F.conv2d(x, weight=m.conv2.weight, bias=m.conv2.bias, stride=(2, 2), padding=(1, 0)))
+        x = F.relu(F.conv_transpose2d(x, m.up.weight, m.up.bias, 2, 0, 1))
+        x = F.relu(F.linear(x.flatten(1), m.fc1.weight, bias=m.fc1.bias))
+        return F.linear(x, m.fc2.weight)
+
+
+def build(same: str | None = None) -> tuple[Modules, Calls]:
+    torch.manual_seed(0)
+    layers = Modules(same).to(DTYPE).eval()
+    return layers, Calls(layers).eval()
+
+
+def inputs() -> torch.Tensor:
+    return torch.rand(3, 2, 16, 12, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+
+
+PRESETS: dict[str, Callable[[], composites.Composite]] = {
+    "EpsilonPlusFlat": lambda: composites.EpsilonPlusFlat(),
+    "EpsilonGammaBox": lambda: composites.EpsilonGammaBox(low=0.0, high=1.0),
+    "EpsilonAlpha2Beta1": lambda: composites.EpsilonAlpha2Beta1(),
+    "EpsilonPlus, zero bias": lambda: composites.EpsilonPlus(zero_params="bias"),
+    "Epsilon everywhere": lambda: composites.LayerMapComposite(composites.layer_map_base() + [(types.AnyLinear, rules.Epsilon())]),
+    "WSquare everywhere": lambda: composites.LayerMapComposite(composites.layer_map_base() + [(types.AnyLinear, rules.WSquare())]),
+}
+
+
+def relevance(model: nn.Module, composite: composites.Composite, x: torch.Tensor) -> torch.Tensor:
+    return Gradient(model, composite)(x, target=1).relevance
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_calls_are_explained_like_the_modules(preset: str) -> None:
+    layers, calls = build()
+    x = inputs()
+    expected = relevance(layers, PRESETS[preset](), x)
+    gradient = Gradient(layers)(x, target=1).relevance
+    assert not torch.allclose(expected, gradient, rtol=1e-3)  # the rules act
+    torch.testing.assert_close(relevance(calls, PRESETS[preset](), x), expected, rtol=1e-10, atol=1e-12)
+    assert hooks_left(calls) == []
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("same", ["symmetric", "asymmetric"])
+def test_same_padding(same: str) -> None:
+    """``padding="same"``: symmetric as zero padding in closed form, asymmetric by re-running the call."""
+    layers, calls = build(same)
+    x = inputs()
+    for preset in ("EpsilonPlus, zero bias", "EpsilonGammaBox"):
+        expected = relevance(layers, PRESETS[preset](), x)
+        torch.testing.assert_close(relevance(calls, PRESETS[preset](), x), expected, rtol=1e-10, atol=1e-12)
+
+
+class Conv1dAnd3d(nn.Module):
+    def __init__(self, modules: bool) -> None:
+        super().__init__()
+        self.modules_called = modules
+        self.c1 = nn.Conv1d(2, 3, 3, padding=1)
+        self.c3 = nn.Conv3d(3, 2, (1, 1, 3), padding=(0, 0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.modules_called:
+            y = torch.relu(self.c1(x))
+            return self.c3(y[:, :, None, None, :]).flatten(1)
+        y = torch.relu(F.conv1d(x, self.c1.weight, self.c1.bias, padding=1))
+        return F.conv3d(y[:, :, None, None, :], self.c3.weight, self.c3.bias, padding=(0, 0, 1)).flatten(1)
+
+
+class Holder(nn.Module):
+    def __init__(self, modules: bool) -> None:
+        super().__init__()
+        self.net = Conv1dAnd3d(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_conv1d_and_conv3d() -> None:
+    torch.manual_seed(2)
+    with_modules = Holder(True).to(DTYPE).eval()
+    with_calls = Holder(False).to(DTYPE).eval()
+    with_calls.load_state_dict(with_modules.state_dict())
+    x = torch.rand(2, 2, 7, dtype=DTYPE)
+    for preset in ("EpsilonPlusFlat", "EpsilonAlpha2Beta1"):
+        expected = relevance(with_modules, PRESETS[preset](), x)
+        # the calls are made by Conv1dAnd3d, which owns no parameter of its own children
+        torch.testing.assert_close(relevance(with_calls, PRESETS[preset](), x), expected, rtol=1e-10, atol=1e-12)
+
+
+class ScaledWeight(nn.Module):
+    """A weight computed from parameters (``weight * gain``) is the layer's weight, not an input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+        self.gain = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.layer.weight * 2.0, self.layer.bias)
+
+
+def test_a_weight_computed_from_parameters_belongs_to_the_layer() -> None:
+    torch.manual_seed(3)
+    model = ScaledWeight().to(DTYPE).eval()
+    reference = nn.Linear(4, 3).to(DTYPE).eval()
+    with torch.no_grad():
+        reference.weight.copy_(model.layer.weight * 2.0)
+        reference.bias.copy_(model.layer.bias)
+    x = torch.randn(5, 4, dtype=DTYPE)
+    composite = composites.LayerMapComposite([(types.Linear, rules.ZPlus())])
+    expected = relevance(reference, composite, x)
+    torch.testing.assert_close(relevance(model, composite, x), expected, rtol=1e-10, atol=1e-12)
+    assert kinds(model, composite, x) == {"linear": captured.Dense}
+
+
+class InputWeight(nn.Module):
+    """``F.linear`` with a weight computed from the input: a product of activations, not a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.layer(x).t() @ x)
+
+
+def kinds(model: nn.Module, composite: composites.Composite, x: torch.Tensor) -> dict[str, type]:
+    """The kind of every captured ``F.linear``/``F.conv*`` call of ``model`` on ``x``."""
+    (capture,) = [canonizer for canonizer in composite.canonizers if isinstance(canonizer, FunctionalCapture)]
+    with composite.context(model):
+        model(x.detach().requires_grad_(True))
+        ops = capture.ops(model)
+    return {name: type(op) for name, op in ops.items() if op.op in captured.LAYER_OPS}
+
+
+def test_a_weight_computed_from_the_input_is_not_a_layer() -> None:
+    model = InputWeight().to(DTYPE).eval()
+    x = torch.randn(4, 4, dtype=DTYPE)
+    assert kinds(model, composites.EpsilonPlus(), x) == {"linear": captured.Other}
+
+
+@pytest.mark.filterwarnings("ignore::lrpkit.composites.UncoveredModuleWarning")
+def test_a_layer_module_without_a_rule_keeps_its_gradient() -> None:
+    """``nn.Linear.forward`` calls ``F.linear`` with its own weight: no rule for the module means the gradient."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).to(DTYPE).eval()
+    x = torch.randn(3, 4, dtype=DTYPE)
+    composite = composites.LayerMapComposite([(nn.ReLU, rules.Pass()), (nn.Linear, None)])
+    assert kinds(model, composite, x) == {"0.linear": captured.Other, "2.linear": captured.Other}
+    no_capture = composites.LayerMapComposite([(nn.ReLU, rules.Pass()), (nn.Linear, None)], canonizers=[])
+    torch.testing.assert_close(relevance(model, composite, x), relevance(model, no_capture, x), rtol=1e-12, atol=1e-12)
+
+
+def test_the_first_layer_rule_reaches_a_captured_call() -> None:
+    """EpsilonPlusFlat's flat rule goes to whichever layer runs first, captured call or module."""
+    layers, calls = build()
+    x = inputs()
+    flat_first = composites.EpsilonPlusFlat()
+    plus = composites.EpsilonPlus()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        differs = relevance(calls, flat_first, x)
+    assert not torch.allclose(differs, relevance(calls, plus, x), rtol=1e-6)
+    assert kinds(calls, composites.EpsilonPlusFlat(), x) == {
+        "conv2d": captured.Convolution,
+        "conv2d_1": captured.Convolution,
+        "conv_transpose2d": captured.ConvolutionTranspose,
+        "linear": captured.Dense,
+        "linear_1": captured.Dense,
+    }
+
+
+# -- layer modules whose class overrides forward: explained with the weight they really use --------
+
+
+def standardized(weight: torch.Tensor) -> torch.Tensor:
+    return (weight - weight.mean(dim=(1, 2, 3), keepdim=True)) / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+
+
+class StdConv(nn.Conv2d):
+    """A weight-standardised convolution (BiT, NFNets): ``forward`` passes a weight computed from ``self.weight``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, standardized(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdConvInner(nn.Conv2d):
+    """The same through ``_conv_forward``, which ``nn.Conv2d.forward`` calls."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(x, standardized(weight), bias)
+
+
+class HalfLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * 0.5, self.bias)
+
+
+def layer_net(conv: type[nn.Conv2d], linear: type[nn.Linear]) -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(conv(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), linear(4 * 5 * 5, 3)).to(DTYPE).eval()
+
+
+@pytest.mark.parametrize("conv", [StdConv, StdConvInner])
+def test_a_layer_with_its_own_forward_is_explained_with_the_weight_it_uses(conv: type[nn.Conv2d]) -> None:
+    custom = layer_net(conv, HalfLinear)
+    plain = layer_net(nn.Conv2d, nn.Linear)
+    with torch.no_grad():
+        plain[0].weight.copy_(standardized(custom[0].weight))
+        plain[0].bias.copy_(custom[0].bias)
+        plain[3].weight.copy_(custom[3].weight * 0.5)
+        plain[3].bias.copy_(custom[3].bias)
+    x = torch.rand(2, 2, 5, 5, generator=torch.Generator().manual_seed(6), dtype=DTYPE)
+    torch.testing.assert_close(custom(x), plain(x), rtol=1e-12, atol=1e-12)
+    for preset in ("EpsilonGammaBox", "EpsilonAlpha2Beta1", "EpsilonPlus, zero bias"):
+        expected = relevance(plain, PRESETS[preset](), x)
+        torch.testing.assert_close(relevance(custom, PRESETS[preset](), x), expected, rtol=1e-10, atol=1e-12)
+
+
+class PaddedConv(nn.Conv2d):
+    """A ``forward`` that pads first: no layer call on the input itself, so the generic ops re-run it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+
+def test_a_layer_whose_forward_makes_no_call_on_its_input_is_re_run() -> None:
+    custom = layer_net(PaddedConv, nn.Linear)
+    plain = layer_net(nn.Conv2d, nn.Linear)
+    plain.load_state_dict(custom.state_dict())
+    x = torch.rand(2, 2, 5, 5, generator=torch.Generator().manual_seed(6), dtype=DTYPE)
+    epsilon = composites.LayerMapComposite(composites.layer_map_base() + [(types.AnyLinear, rules.Epsilon())])
+    torch.testing.assert_close(relevance(custom, epsilon, x), relevance(plain, epsilon, x), rtol=1e-10, atol=1e-12)
