@@ -144,7 +144,7 @@ class Composite:
                 "its context) before registering it again"
             )
         modules = list(model.modules())
-        if any(_is_compiled(module) for module in modules):
+        if any(_is_compiled(module) or isinstance(module, torch.jit.ScriptModule) for module in modules):
             raise TypeError(_compiled_message(model))
         if any(module in _MODULES_IN_CONTEXT for module in modules):
             busy = next(name for name, module in model.named_modules() if module in _MODULES_IN_CONTEXT)
@@ -427,7 +427,17 @@ def _is_compiled(module: nn.Module) -> bool:
 
 
 def _compiled_message(model: nn.Module) -> str:
-    name = next(name for name, module in model.named_modules() if _is_compiled(module))
+    """Why rules cannot reach the compiled (torch.compile) or TorchScript module in ``model``, and what to do."""
+    name, module = next(
+        (name, module) for name, module in model.named_modules() if _is_compiled(module) or isinstance(module, torch.jit.ScriptModule)
+    )
+    if isinstance(module, torch.jit.ScriptModule):
+        where = "the model" if name == "" else f"module {name!r}"
+        return (
+            f"lrpkit: {where} is a TorchScript module (torch.jit.script or torch.jit.trace); its compiled "
+            "code calls no Python hooks, so rules cannot reach it: explain the Python nn.Module it was "
+            "made from (build it and load the same state_dict)"
+        )
     if name == "":
         where, remedy = "the model", "explain the original module, model._orig_mod (attributors unwrap it themselves)"
     else:

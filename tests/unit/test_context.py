@@ -378,3 +378,19 @@ def test_a_compiled_submodule_is_named() -> None:
     model = nn.Sequential(torch.compile(nn.Linear(4, 4)), nn.ReLU(), nn.Linear(4, 2)).eval()
     with pytest.raises(TypeError, match=r"module '0' was compiled with torch.compile.*\._orig_mod"):
         Gradient(model, composites.EpsilonPlus())(torch.rand(2, 4), target=0)
+
+
+# -- TorchScript: compiled code runs no hooks --------------------------------------------------
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated in favour of torch.compile
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_torchscript_model_or_submodule_is_refused_with_what_to_do(how: str) -> None:
+    layer = nn.Linear(4, 4).eval()
+    x = torch.rand(2, 4)
+    scripted = torch.jit.script(layer) if how == "script" else torch.jit.trace(layer, x)
+    with pytest.raises(TypeError, match=r"the model is a TorchScript module.*load the same state_dict"):
+        Gradient(scripted, composites.EpsilonPlus())(x, target=0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), scripted).eval()
+    before, attributes = snapshot(model[0]), attributes_of(model[0])
+    with pytest.raises(TypeError, match=r"module '2' is a TorchScript module"):
+        Gradient(model, composites.EpsilonPlus())(x, target=0)
+    assert_pristine(model[0], before, attributes)

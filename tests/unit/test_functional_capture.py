@@ -1265,3 +1265,15 @@ def test_a_rule_on_the_root_module_leaves_no_mode_behind(layer: str) -> None:
         assert torch._C._len_torch_function_stack() == 0
         torch.testing.assert_close(relevance, plain, rtol=1e-12, atol=1e-12)
     assert hooks_left(model) == []
+
+
+def test_a_torch_fx_traced_model_is_explained_like_the_original() -> None:
+    """``torch.fx`` code calls ``operator.add``, ``torch.relu`` and ``torch.flatten``: captured alike."""
+    model = build(Residual)
+    traced = torch.fx.symbolic_trace(model)
+    x = images()
+    for composite in (composites.EpsilonPlusFlat, composites.EpsilonAlpha2Beta1):
+        expected = Gradient(model, composite())(x, target=0).relevance
+        torch.testing.assert_close(Gradient(traced, composite())(x, target=0).relevance, expected, rtol=1e-12, atol=1e-12)
+    names = [row.name for row in lrpkit.describe(traced, x).rows]
+    assert "add" in names and "relu" in names, names
