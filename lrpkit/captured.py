@@ -88,7 +88,11 @@ class Product(CapturedOp):
 
 
 class LayerNorm(CapturedOp):
-    """``layer_norm``: default ``LayerNormConstant`` (the normalisation treated as constant)."""
+    """``layer_norm`` and ``rms_norm``: default ``LayerNormConstant`` (the standard deviation held constant)."""
+
+
+class GroupNorm(CapturedOp):
+    """``group_norm`` and ``instance_norm``: default ``LayerNormConstant`` (the standard deviation held constant)."""
 
 
 class Softmax(CapturedOp):
@@ -223,7 +227,8 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
         "pixel_unshuffle",
     ),
     Product: ("mul", "matmul", "bmm", "mm", "einsum", "div"),
-    LayerNorm: ("layer_norm",),
+    LayerNorm: ("layer_norm", "rms_norm"),
+    GroupNorm: ("group_norm", "instance_norm"),
     Softmax: ("softmax", "log_softmax"),
     Attention: ("scaled_dot_product_attention", "multi_head_attention_forward"),
     Dense: ("linear",),
@@ -255,6 +260,7 @@ __all__ = [
     "ConvolutionTranspose",
     "Dense",
     "GATE_OPS",
+    "GroupNorm",
     "LAYER_OPS",
     "LayerNorm",
     "MaxPool",

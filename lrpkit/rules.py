@@ -826,16 +826,21 @@ class Product(Norm):
 
 
 class LayerNormConstant(_StabilizedRule):
-    """Layer normalisation with its standard deviation held constant (CP-LRP).
+    """Layer, group, instance and RMS normalisation with the standard deviation held constant (CP-LRP).
 
     ``y = gamma (x - mean(x)) / sigma + beta`` is linear in ``x`` once ``sigma`` is a constant;
     the epsilon rule of that linear map gives ``R_x = x (g - mean(g))`` with
     ``g = gamma R / (sigma stab(y))``, which conserves relevance when ``beta = 0`` (Ali et al.,
     "XAI for Transformers: Better Explanations through Conservative Propagation", ICML 2022;
-    used by AttnLRP, Achtibat et al. 2024).
+    used by AttnLRP, Achtibat et al. 2024). The mean and ``sigma`` are taken over what the
+    normalisation normalises: the trailing ``normalized_shape`` (layer norm), each group of
+    channels (group norm), each channel (instance norm). RMS normalisation subtracts no mean
+    (``R_x = x g``, ``sigma`` the root mean square), nor does an instance norm that uses its
+    running statistics (then ``sigma`` is theirs).
 
-    Works on a captured ``F.layer_norm`` call (the default for it) and on an ``nn.LayerNorm``
-    module.
+    Works on captured ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm`` and ``F.rms_norm``
+    calls (the default for them: what ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.InstanceNorm*d``
+    and ``nn.RMSNorm`` run) and on those modules themselves.
 
     Parameters
     ----------
@@ -847,31 +852,114 @@ class LayerNormConstant(_StabilizedRule):
     @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         assert call.output is not None
-        shape, weight, eps = _layer_norm_setup(call)
         (x,) = call.inputs
-        dims = tuple(range(-len(shape), 0))
-        sigma = torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
-        scaled = divide(relevance, call.output, self.stabilizer) / sigma
-        if weight is not None:
-            scaled = scaled * weight
-        return (x * (scaled - scaled.mean(dims, keepdim=True)),)
+        norm = _normalization(call, x)
+        scaled = divide(relevance, call.output, self.stabilizer)
+        if norm.weight is not None:
+            scaled = scaled * norm.weight
+        grouped_x, grouped = norm.grouped(x), norm.grouped(scaled) / norm.sigma(norm.grouped(x))
+        if norm.centred:
+            grouped = grouped - grouped.mean(-1, keepdim=True)
+        return ((grouped_x * grouped).reshape(x.shape),)
 
 
-def _layer_norm_setup(call: LayerCall) -> tuple[tuple[int, ...], Tensor | None, float]:
-    """``(normalized_shape, weight, eps)`` of a captured ``layer_norm`` call or an ``nn.LayerNorm``."""
-    if type(call.module) is torch.nn.LayerNorm and len(call.inputs) == 1:
-        norm = call.module
-        weight = None if norm.weight is None else norm.weight.detach()
-        return tuple(norm.normalized_shape), weight, float(norm.eps)
-    if isinstance(call.ops, FunctionalOps) and getattr(call.module, "op", None) == "layer_norm":
-        bound = _bind(torch.nn.functional.layer_norm, call.ops.arguments(call.inputs))
-        shape = bound.get("normalized_shape")
-        weight = bound.get("weight")
-        return tuple(shape), weight, float(bound.get("eps", 1e-5))
+class _Normalization:
+    """What :class:`LayerNormConstant` needs of one normalisation call on ``x``.
+
+    ``grouped(t)`` views an ``x``-shaped tensor with the normalised values of each group along
+    the last dimension; ``weight`` broadcasts against ``x`` (``None``: no scale); ``running_std``
+    replaces the statistics of the input (an instance norm with running statistics).
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        leading: int,
+        weight: Tensor | None,
+        eps: float,
+        centred: bool = True,
+        running_std: Tensor | None = None,
+    ) -> None:
+        self.shape = (*x.shape[:leading], -1)
+        self.weight = weight
+        self.eps = eps
+        self.centred = centred and running_std is None
+        self.running_std = running_std
+
+    def grouped(self, tensor: Tensor) -> Tensor:
+        return tensor.reshape(self.shape)
+
+    def sigma(self, grouped_x: Tensor) -> Tensor:
+        if self.running_std is not None:
+            return self.running_std
+        if self.centred:
+            return torch.sqrt(grouped_x.var(-1, unbiased=False, keepdim=True) + self.eps)
+        return torch.sqrt(grouped_x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def _normalization(call: LayerCall, x: Tensor) -> _Normalization:
+    """The :class:`_Normalization` of a captured ``layer_norm``/``group_norm``/``instance_norm``/``rms_norm`` call or module."""
+    op, arguments = _normalization_call(call)
+    weight = _detached(arguments.get("weight"))
+    if op in ("layer_norm", "rms_norm"):
+        eps = arguments.get("eps")
+        eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+        leading = x.ndim - len(tuple(arguments["normalized_shape"]))
+        return _Normalization(x, leading, weight, eps, centred=op == "layer_norm")
+    channel = None if weight is None else weight.reshape(-1, *[1] * (x.ndim - 2))  # per channel, dim 1
+    if op == "group_norm":
+        return _Normalization(x.reshape(x.shape[0], int(arguments["num_groups"]), -1), 2, channel, float(arguments["eps"]))
+    running = None
+    if not arguments["use_input_stats"]:
+        variance = _detached(arguments["running_var"])
+        running = torch.sqrt(variance + float(arguments["eps"])).reshape(1, -1, 1)
+    return _Normalization(x.reshape(x.shape[0], x.shape[1], -1), 2, channel, float(arguments["eps"]), running_std=running)
+
+
+def _detached(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
+#: Normalisation modules, by the functional call their ``forward`` makes with their attributes.
+_NORM_MODULES: dict[type[torch.nn.Module], tuple[str, Callable[[Any], dict[str, Any]]]] = {
+    torch.nn.LayerNorm: ("layer_norm", lambda m: {"normalized_shape": m.normalized_shape, "weight": m.weight, "eps": m.eps}),
+    torch.nn.RMSNorm: ("rms_norm", lambda m: {"normalized_shape": m.normalized_shape, "weight": m.weight, "eps": m.eps}),
+    torch.nn.GroupNorm: ("group_norm", lambda m: {"num_groups": m.num_groups, "weight": m.weight, "eps": m.eps}),
+    **{
+        cls: (
+            "instance_norm",
+            lambda m: {
+                "running_var": m.running_var,
+                "weight": m.weight,
+                "use_input_stats": m.training or not m.track_running_stats,
+                "eps": m.eps,
+            },
+        )
+        for cls in (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
+    },
+}
+_NORM_CALLS = {
+    "layer_norm": torch.nn.functional.layer_norm,
+    "rms_norm": torch.nn.functional.rms_norm,
+    "group_norm": torch.nn.functional.group_norm,
+    "instance_norm": torch.nn.functional.instance_norm,
+}
+
+
+def _normalization_call(call: LayerCall) -> tuple[str, dict[str, Any]]:
+    """``(op, arguments by name)`` of the normalisation a rule explains (a captured call or a module)."""
+    module_kind = _NORM_MODULES.get(type(call.module))
+    if module_kind is not None and len(call.inputs) == 1:
+        op, arguments = module_kind
+        return op, arguments(call.module)
+    op = getattr(call.module, "op", None)
+    if isinstance(call.ops, FunctionalOps) and op in _NORM_CALLS:
+        return op, _bind(_NORM_CALLS[op], call.ops.arguments(call.inputs))
     raise TypeError(
-        f"LayerNormConstant explains a captured F.layer_norm call or an nn.LayerNorm module; "
-        f"{call.describe()} is neither. Leave the module without a rule: FunctionalCapture then "
-        "captures the layer_norm call inside it"
+        f"LayerNormConstant explains captured layer_norm, group_norm, instance_norm and rms_norm calls "
+        f"and the nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm*d and nn.RMSNorm modules; {call.describe()} "
+        "is none of them. Leave the module without a rule: FunctionalCapture then captures the "
+        "normalisation call inside it"
     )
 
 

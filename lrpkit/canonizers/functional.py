@@ -15,8 +15,8 @@ while the model runs and gives it a rule:
 * the composite's rule for that name wins, otherwise the default of the kind applies:
   additions and sums -> :class:`~lrpkit.rules.Norm`, activations -> :class:`~lrpkit.rules.Pass`,
   averages -> ``Norm``, products -> :class:`~lrpkit.rules.Product` with gates (sigmoid, hard
-  sigmoid or softmax outputs), parameters and divisors held constant, ``layer_norm`` ->
-  :class:`~lrpkit.rules.LayerNormConstant`, attention -> :class:`~lrpkit.rules.AttentionValue`,
+  sigmoid or softmax outputs), parameters and divisors held constant, ``layer_norm``,
+  ``group_norm``, ``instance_norm`` and ``rms_norm`` -> :class:`~lrpkit.rules.LayerNormConstant`, attention -> :class:`~lrpkit.rules.AttentionValue`,
   ``F.linear`` / ``F.conv*`` with weights computed from parameters alone (not those of the module
   making the call) -> the composite's dense or convolution rule, else
   :class:`~lrpkit.rules.Epsilon`; reshapes, concatenation, indexing, max pooling, softmax and
@@ -95,14 +95,22 @@ def default_op_rules(stabilizer: float = 1e-6) -> list[tuple[Any, Rule | None]]:
         (captured.Pool, Norm(stabilizer)),
         (captured.Activation, Pass()),
         (captured.Product, Product(stabilizer)),
-        (captured.LayerNorm, LayerNormConstant(stabilizer)),
+        ((captured.LayerNorm, captured.GroupNorm), LayerNormConstant(stabilizer)),
         (captured.Attention, AttentionValue(stabilizer)),
         ((captured.Dense, captured.Convolution, captured.ConvolutionTranspose), Epsilon(stabilizer)),
     ]
 
 
 #: Modules whose whole computation is explained by the rules of the calls they make.
-EXPLAINED_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.MultiheadAttention)
+EXPLAINED_MODULES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.MultiheadAttention,
+)
 
 
 class FunctionalCapture(Canonizer):
@@ -153,7 +161,7 @@ class FunctionalCapture(Canonizer):
         return [CallbackHandle(lambda: setattr(capture, "binding", None))]
 
     def explains(self, module: nn.Module) -> bool:
-        """LayerNorm and MultiheadAttention modules, and containers: their calls are captured."""
+        """Normalisation and MultiheadAttention modules, and containers: their calls are captured."""
         return isinstance(module, EXPLAINED_MODULES) or any(True for _ in module.children())
 
     def observe(self, model: nn.Module, observer: Observer) -> Handle:

@@ -188,12 +188,23 @@ def test_backward_outside_context_raises() -> None:
         output.sum().backward()
 
 
+class Scale(nn.Module):
+    """A layer with a parameter that no preset maps (and no canonizer explains)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
 def test_module_without_rule_warns_and_strict_raises() -> None:
-    model = nn.Sequential(nn.Linear(3, 3), nn.GroupNorm(1, 3), nn.Linear(3, 2)).double()
-    with pytest.warns(composites.UncoveredModuleWarning, match=r"'1' \(GroupNorm\)"):
+    model = nn.Sequential(nn.Linear(3, 3), Scale(3), nn.Linear(3, 2)).double()
+    with pytest.warns(composites.UncoveredModuleWarning, match=r"'1' \(Scale\)"):
         with composites.EpsilonPlus().context(model):
             pass
-    with pytest.raises(ValueError, match=r"'1' \(GroupNorm\)"):
+    with pytest.raises(ValueError, match=r"'1' \(Scale\)"):
         with composites.EpsilonPlus(strict=True).context(model):
             pass
     assert len(model[0]._forward_hooks) == 0

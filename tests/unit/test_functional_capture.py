@@ -1277,3 +1277,92 @@ def test_a_torch_fx_traced_model_is_explained_like_the_original() -> None:
         torch.testing.assert_close(Gradient(traced, composite())(x, target=0).relevance, expected, rtol=1e-12, atol=1e-12)
     names = [row.name for row in lrpkit.describe(traced, x).rows]
     assert "add" in names and "relu" in names, names
+
+
+# -- group, instance and RMS normalisation: the standard deviation held constant ---------------------
+
+
+def _grouped_sigma(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    return torch.sqrt(x.reshape(x.shape[0], groups, -1).var(-1, unbiased=False, keepdim=True) + eps)
+
+
+def _centred_groups(inputs: torch.Tensor, groups: int, sigma: torch.Tensor) -> torch.Tensor:
+    grouped = inputs.reshape(inputs.shape[0], groups, -1)
+    return ((grouped - grouped.mean(-1, keepdim=True)) / sigma).reshape(inputs.shape)
+
+
+def normalization_reference(norm: nn.Module, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """Epsilon on the normalisation with its statistics' standard deviation as a constant (dense Jacobian)."""
+    weight = norm.weight.detach()
+    if isinstance(norm, nn.GroupNorm):
+        sigma = _grouped_sigma(x, norm.num_groups, norm.eps)
+        linear_part = lambda inputs: _centred_groups(inputs, norm.num_groups, sigma) * weight.view(1, -1, 1, 1)  # noqa: E731
+    elif isinstance(norm, nn.InstanceNorm2d) and not norm.track_running_stats:
+        sigma = _grouped_sigma(x, x.shape[1], norm.eps)
+        linear_part = lambda inputs: _centred_groups(inputs, x.shape[1], sigma) * weight.view(1, -1, 1, 1)  # noqa: E731
+    elif isinstance(norm, nn.InstanceNorm2d):  # running statistics: an affine map per channel
+        std = torch.sqrt(norm.running_var + norm.eps).view(1, -1, 1, 1)
+        linear_part = lambda inputs: inputs / std * weight.view(1, -1, 1, 1)  # noqa: E731
+    else:  # RMSNorm over the last dimension
+        rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        linear_part = lambda inputs: inputs / rms * weight  # noqa: E731
+    return jacobian_epsilon(linear_part, x, norm(x).detach(), relevance)
+
+
+def jacobian_epsilon(linear_part: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, output: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    jacobian = torch.autograd.functional.jacobian(linear_part, x).reshape(x.numel(), x.numel())
+    scaled = (relevance / stabilize(output)).reshape(-1)
+    return x * (jacobian.T @ scaled).reshape(x.shape)
+
+
+NORMALIZATIONS: dict[str, Callable[[], nn.Module]] = {
+    "group": lambda: nn.GroupNorm(3, 6, eps=1e-3),
+    "instance": lambda: nn.InstanceNorm2d(6, affine=True, eps=1e-3),
+    "instance, running statistics": lambda: nn.InstanceNorm2d(6, affine=True, track_running_stats=True, eps=1e-3),
+    "rms": lambda: nn.RMSNorm(5, eps=1e-3),
+}
+
+
+@pytest.mark.parametrize("how", ["module-rule", "captured-inside-module"])
+@pytest.mark.parametrize("kind", list(NORMALIZATIONS))
+def test_layer_norm_constant_on_group_instance_and_rms_norm(kind: str, how: str) -> None:
+    torch.manual_seed(0)
+    norm = NORMALIZATIONS[kind]().to(DTYPE).eval()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.normal_()
+        if getattr(norm, "running_var", None) is not None:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    x = _random(2, 4, 3, 5, seed=5) if kind == "rms" else _random(2, 6, 3, 3, seed=5)
+    relevance = _random(*x.shape, seed=6)
+    model = nn.Sequential(norm)
+    if how == "module-rule":
+        composite = composites.LayerMapComposite([(type(norm), rules.LayerNormConstant())], canonizers=[])
+    else:
+        composite = composites.EpsilonPlus()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # explained: no UncoveredModuleWarning
+        table = lrpkit.describe(model, x, composite=composite, target=relevance)
+    rows = {row.name: row.rule for row in table.rows}
+    captured_name = "0.rms_norm" if kind == "rms" else "0.group_norm" if kind == "group" else "0.instance_norm"
+    assert rows["0" if how == "module-rule" else captured_name].startswith("LayerNormConstant(")
+    torch.testing.assert_close(table.relevance, normalization_reference(norm, x, relevance), rtol=1e-10, atol=1e-12)
+
+
+def test_a_group_normalised_network_conserves_relevance() -> None:
+    """Before GroupNorm had a rule, its gradient sent almost no relevance through (sums near 1e-7)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.GroupNorm(2, 6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.InstanceNorm2d(6, affine=True), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3, bias=False),
+    ).to(DTYPE).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.GroupNorm, nn.InstanceNorm2d)):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.zero_()
+    output, relevance = Gradient(model, composites.EpsilonPlus(epsilon=1e-9, stabilizer=1e-9, canonizers=[FunctionalCapture(stabilizer=1e-9)]))(images(), target=0)
+    torch.testing.assert_close(relevance.flatten(1).sum(1), output[:, 0], rtol=1e-6, atol=0)
