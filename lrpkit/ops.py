@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_file
 from torch.overrides import TorchFunctionMode
 
+from . import captured
+
 Params = dict[str, Tensor]
 #: ``(grad, owned=False) -> J^T grad`` per input; ``owned``: the caller lets the product overwrite ``grad``.
 Transpose = Callable[..., tuple[Tensor | None, ...]]
@@ -566,10 +568,13 @@ _SIGNATURES = {function: inspect.signature(function) for function in (_linear_ca
 
 
 class CallLayer:
-    """The layer one captured ``F.linear``/``F.conv*`` call computes, with the attributes
-    :class:`DenseOps` and :class:`ConvOps` read from a module (``weight``, ``bias``, and for a
-    convolution ``kernel_size``, ``transposed``, ``stride``, ``padding``, ``dilation``,
-    ``output_padding``, ``groups``).
+    """The layer that one ``F.linear``/``F.conv*`` call computes.
+
+    It has the attributes :class:`DenseOps` and :class:`ConvOps` read from a module: ``weight``,
+    ``bias``, and for a convolution ``kernel_size``, ``transposed``, ``stride``, ``padding``
+    (``None`` for ``"same"`` padding that is not symmetric), ``dilation``, ``output_padding`` and
+    ``groups``. ``settings``: the call's arguments other than input, weight and bias (``None``
+    for ``F.linear``).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, settings: dict[str, Any] | None = None) -> None:
@@ -787,17 +792,12 @@ class _LayerCallRecorder(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _LAYER_CALLS and ((args and args[0] is self.input) or kwargs.get("input") is self.input):
+        if name in captured.LAYER_OPS and ((args and args[0] is self.input) or kwargs.get("input") is self.input):
             leaves, spec = pytree.tree_flatten((args, kwargs))
             position = next(index for index, leaf in enumerate(leaves) if leaf is self.input)
             self.call = (tuple(leaves), (position,), func, spec, name)
             raise _LayerCallFound
         return func(*args, **kwargs)
-
-
-_LAYER_CALLS = frozenset(
-    {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
-)
 
 
 def _recorded_layer_call(
