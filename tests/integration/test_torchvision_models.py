@@ -112,7 +112,7 @@ COMPOSITES: dict[str, Callable[[], composites.Composite]] = {
 }
 
 def build(name: str) -> nn.Module:
-    """``MODELS[name]()`` with seeded random weights, made informative; float64, eval mode.
+    """``MODELS[name]()`` (or ``NATIVE_SIZE_MODELS``') with seeded random weights, made informative; float64, eval mode.
 
     * BatchNorm statistics and affine parameters are random (torchvision's mean 0 / var 1 /
       gamma 1 / beta 0 would let a wrong merge, or a wrong restoration, pass unnoticed);
@@ -122,7 +122,7 @@ def build(name: str) -> nn.Module:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = MODELS[name]().double().eval()
+        model = (MODELS[name] if name in MODELS else NATIVE_SIZE_MODELS[name][0])().double().eval()
         with torch.no_grad():
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -138,7 +138,7 @@ def build(name: str) -> nn.Module:
     return model
 
 
-def zero_bias(model: nn.Module, name: str) -> nn.Module:
+def zero_bias(model: nn.Module, name: str, size: int = 64) -> nn.Module:
     """Make every bias truly zero while activations keep a realistic scale (in place).
 
     BatchNorm statistics are set from one training-mode forward pass (``momentum=None``: the
@@ -154,7 +154,7 @@ def zero_bias(model: nn.Module, name: str) -> nn.Module:
             norm.momentum = None
             norm.num_batches_tracked.zero_()
         model.train()
-        model(torch.rand(4, 3, 64, 64, dtype=torch.float64))
+        model(torch.rand(4, 3, size, size, dtype=torch.float64))
         model.eval()
         for norm in norms:
             norm.running_mean.zero_()
@@ -293,6 +293,33 @@ def test_zplus_loss_is_at_negative_units(cache, images, name):
     output, relevance = explain(model, composite, images)
     error = relative_conservation_error(output, relevance)
     assert (error <= CONSERVATION_RTOL).all(), f"relative conservation error {error.tolist()}"
+
+
+#: Models that need inputs of their own size: (factory, size, the composites that conserve).
+NATIVE_SIZE_MODELS: dict[str, tuple[Callable[[], nn.Module], int, tuple[str, ...]]] = {
+    # EPF 2e-3 (z+ in its MBConv blocks, as in efficientnet), EGB 9e-5
+    "maxvit_t": (lambda: torchvision.models.maxvit_t(weights=None), 224, GAMMA_ONLY),
+    # EPF 4.7e-7, EGB 7.8e-7
+    "inception_v3": (lambda: torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True), 299, BOTH),
+}
+
+
+@pytest.mark.parametrize("name", list(NATIVE_SIZE_MODELS))
+def test_models_of_a_fixed_input_size(name):
+    """One image of the model's own size: finite, covered, restored, and conservative with zero biases."""
+    _, size, conserving = NATIVE_SIZE_MODELS[name]
+    model = build(name)
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    before = snapshot(model)
+    for composite_name in COMPOSITES:
+        _, relevance = explain(model, COMPOSITES[composite_name](), x)
+        assert torch.isfinite(relevance).all()
+        assert_restored(model, before)
+    unbiased = zero_bias(model, name, size)
+    for composite_name in conserving:
+        output, relevance = explain(unbiased, COMPOSITES[composite_name](), x)
+        error = relative_conservation_error(output, relevance)
+        assert (error <= CONSERVATION_RTOL).all(), f"relative conservation error {error.tolist()}"
 
 
 def test_swin_v2_conserves_with_small_stabilisers(cache, images):
