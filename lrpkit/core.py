@@ -326,9 +326,11 @@ def _under_autocast(node: Any, pending: PendingCall, inputs: tuple[Tensor, ...],
 
     Autocast runs products in a lower precision, so the module's inputs, output and parameters
     may differ in dtype. The rule computes in the widest of them with autocast off, as it would
-    without autocast; each input's relevance is handed back in that input's dtype.
+    without autocast; each input's relevance is handed back in that input's dtype. The other
+    tensor arguments of the call count too: a captured ``F.linear``'s weight, for one.
     """
-    dtype = _widest_dtype(pending.module, (*inputs, relevance))
+    others = tuple(arg for arg in pending.args if isinstance(arg, Tensor))
+    dtype = _widest_dtype(pending.module, (*inputs, relevance, *others))
     widened = tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in inputs)
     with torch.autocast(relevance.device.type, enabled=False):
         result = _rule_backward(node, pending, widened, relevance.to(dtype))

@@ -48,7 +48,17 @@ def vision_transformer() -> nn.Module:
     return model.eval()
 
 
-MODELS = {"resnet18": (resnet, 32), "vit": (vision_transformer, 16)}
+def swin() -> nn.Module:
+    """A two-block Swin: its attention's ``F.linear`` calls are captured as dense layers (their weights in the call)."""
+    torch.manual_seed(0)
+    model = torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[2], num_heads=[2], window_size=[2, 2], num_classes=5
+    )
+    nn.init.normal_(model.head.weight, std=0.5)
+    return model.eval()
+
+
+MODELS = {"resnet18": (resnet, 32), "vit": (vision_transformer, 16), "swin": (swin, 16)}
 
 
 def images(size: int) -> torch.Tensor:
