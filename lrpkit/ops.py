@@ -286,11 +286,20 @@ class FunctionalOps(LayerOps):
     def params(self) -> Params:
         return {}
 
-    def arguments(self, inputs: Sequence[Tensor] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The call's ``(args, kwargs)`` rebuilt from its leaves, ``inputs`` in place of the relevance inputs."""
+    def arguments(
+        self, inputs: Sequence[Tensor] | None = None, params: Params | None = None
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's ``(args, kwargs)`` rebuilt from its leaves, ``inputs`` in place of the relevance inputs.
+
+        ``params``: the rule's parameters, for a call that has some (:class:`CapturedLayerOps`).
+        """
         leaves, _ = super().arguments(inputs)
-        args, kwargs = pytree.tree_unflatten(list(leaves), self.spec)
+        args, kwargs = pytree.tree_unflatten(self._with_params(list(leaves), params), self.spec)
         return tuple(args), dict(kwargs)
+
+    def _with_params(self, leaves: list[Any], params: Params | None) -> list[Any]:
+        """``leaves`` with ``params`` in place of the call's own parameters (a plain call has none)."""
+        return leaves
 
     def function(self) -> Callable[..., Any]:
         return self.func
@@ -319,7 +328,7 @@ class FunctionalOps(LayerOps):
 
     def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
         leaves = _leaves(inputs)
-        args, kwargs = self.arguments(leaves)
+        args, kwargs = self.arguments(leaves, params)
         with torch.enable_grad(), hooks_suspended():
             output = self.func(*args, **kwargs)
         if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
@@ -670,16 +679,10 @@ class CapturedLayerOps(FunctionalOps):
         params = {"weight": self.args[self.weight_leaf].detach()}
         return params if bias is None else {**params, "bias": bias.detach()}
 
-    def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
-        leaves = _leaves(inputs)
-        flat = list(self.args)
-        for position, leaf in zip(self.input_positions, leaves):
-            flat[position] = leaf
-        flat[self.weight_leaf], flat[self.bias_leaf] = params["weight"], params.get("bias")
-        args, kwargs = pytree.tree_unflatten(flat, self.spec)
-        with torch.enable_grad(), hooks_suspended():
-            output = self.func(*args, **kwargs)
-        return _autograd_linearization(output, leaves, f"captured call {getattr(self.module, 'name', '')!r}")
+    def _with_params(self, leaves: list[Any], params: Params | None) -> list[Any]:
+        if params is not None:
+            leaves[self.weight_leaf], leaves[self.bias_leaf] = params["weight"], params.get("bias")
+        return leaves
 
 
 def _scaled_output(product: Tensor, params: ScaledParams) -> Tensor:

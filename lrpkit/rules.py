@@ -857,7 +857,8 @@ class LayerNormConstant(_StabilizedRule):
         scaled = divide(relevance, call.output, self.stabilizer)
         if norm.weight is not None:
             scaled = scaled * norm.weight
-        grouped_x, grouped = norm.grouped(x), norm.grouped(scaled) / norm.sigma(norm.grouped(x))
+        grouped_x = norm.grouped(x)
+        grouped = norm.grouped(scaled) / norm.sigma(grouped_x)
         if norm.centred:
             grouped = grouped - grouped.mean(-1, keepdim=True)
         return ((grouped_x * grouped).reshape(x.shape),)
