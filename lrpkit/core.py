@@ -351,26 +351,39 @@ def _output_for(
 
     A lent ReLU output that cannot stand in for the output (relevance where it is zero) gives
     way to the output itself, recomputed with one forward of the layer; so does an output let go
-    by an earlier backward through the same graph (``retain_graph=True``). ``node``: the rule
+    by an earlier backward through the same graph (``retain_graph=True``) or changed in place
+    after the forward (``out[:, :3] += y``, by the model's code). ``node``: the rule
     node, which holds the kept output and counts the certified relevances sent to it.
     """
     kept: KeptOutput | None = node.kept_output
     if kept is None:
         return None, False
-    if kept.tensor is None:
+    if not kept.usable():
         if not rule.needs_inputs:
-            raise RuntimeError(
-                f"lrpkit: rule {rule!r} on module {where} needs the layer's output but not its inputs, "
-                "and the output was let go after the first backward through this graph; run the "
-                "forward again for each backward"
-            )
+            raise RuntimeError(_output_gone_message(kept, rule, where))
         return _recomputed(ops, inputs), False
-    output = kept.checked(where)
+    output = kept.tensor
+    assert output is not None
     if not kept.rectified:
         return output, False
     if rectified_output_usable(relevance, output, certified_arrivals(node)):
         return output, True
     return _recomputed(ops, inputs), False
+
+
+def _output_gone_message(kept: KeptOutput, rule: Rule, where: str) -> str:
+    """Why a rule that keeps no inputs cannot read its module's output."""
+    if kept.tensor is None:
+        return (
+            f"lrpkit: rule {rule!r} on module {where} needs the layer's output but not its inputs, "
+            "and the output was let go after the first backward through this graph; run the "
+            "forward again for each backward"
+        )
+    what = "the output of its ReLU" if kept.rectified else "its output"
+    return (
+        f"lrpkit: {what} of module {where} was modified by an in-place operation after the forward, "
+        f"and rule {rule!r} keeps no inputs to compute it again; use out-of-place operations"
+    )
 
 
 def _recomputed(ops: LayerOps, inputs: tuple[Tensor, ...]) -> Tensor:

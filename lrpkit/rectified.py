@@ -100,16 +100,9 @@ class KeptOutput:
         """Let the kept tensor go once the backward has read it (autograd frees saved tensors so)."""
         self.tensor = None
 
-    def checked(self, where: str) -> Tensor:
-        """The kept tensor, after making sure it was not changed in place since it was kept."""
-        assert self.tensor is not None, "released: read it before the backward lets it go"
-        if self.tensor._version != self.version:
-            what = "the output of its ReLU" if self.rectified else "its output"
-            raise RuntimeError(
-                f"lrpkit: {what} of module {where} was modified by an in-place operation after the "
-                "forward; the rule needs it unchanged in the backward (use out-of-place operations)"
-            )
-        return self.tensor
+    def usable(self) -> bool:
+        """Whether the kept tensor is still there and unchanged by an in-place operation since it was kept."""
+        return self.tensor is not None and self.tensor._version == self.version
 
 
 def is_plain_relu(module: Any) -> bool:
@@ -140,7 +133,7 @@ def _lendable(source: Tensor, kept: KeptOutput) -> bool:
     output = kept.tensor
     return not (
         output is None  # already let go by a backward through the node
-        or output._version != kept.version  # changed in place: the backward reports it
+        or output._version != kept.version  # changed in place: the backward computes it again
         or _layout(source) != _layout(output)
     )
 

@@ -8,7 +8,7 @@ handle on an undo stack as soon as it exists, so a failure anywhere restores the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from torch import nn
@@ -48,11 +48,19 @@ class RuleBinding:
         The modules that carry a rule hook (their inner calls belong to their rule).
     session
         The composite's registration (to refuse a backward after the context closed).
+    unchecked
+        Parameters of modules with no rule of their own (``id(parameter) -> "'name' (Type)"``),
+        for a canonizer that sees how they are used (:meth:`Canonizer.checks_parameter_use`).
+    report_uncovered
+        Called once, after the first forward pass, with the modules among them whose parameters
+        went into a call that keeps its plain gradient, or into no call the canonizer saw.
     """
 
     rule_for: Callable[[str, nn.Module], Rule | None]
     hooked: "set[int]"
     session: Session
+    unchecked: "dict[int, str]" = field(default_factory=dict)
+    report_uncovered: Callable[[list[str]], None] | None = None
 
 
 class Canonizer:
@@ -70,6 +78,14 @@ class Canonizer:
 
     def explains(self, module: nn.Module) -> bool:
         """Whether this canonizer gives ``module``'s computation rules, so it needs no rule of its own."""
+        return False
+
+    def checks_parameter_use(self) -> bool:
+        """Whether this canonizer sees, while the model runs, which calls the parameters go into.
+
+        The composite then leaves the modules with parameters and no rule to it
+        (:attr:`RuleBinding.unchecked`) instead of warning about each when the context is entered.
+        """
         return False
 
     def __repr__(self) -> str:
@@ -122,6 +138,9 @@ class CompositeCanonizer(Canonizer):
 
     def explains(self, module: nn.Module) -> bool:
         return any(canonizer.explains(module) for canonizer in self.canonizers)
+
+    def checks_parameter_use(self) -> bool:
+        return any(canonizer.checks_parameter_use() for canonizer in self.canonizers)
 
     def __repr__(self) -> str:
         return f"CompositeCanonizer({self.canonizers!r})"

@@ -372,8 +372,10 @@ class _ScaleOutput:
         if hooks_are_suspended():
             return None
         # in place (autograd records it; nothing saved the layer's fresh output): a broadcasting
-        # ``addcmul`` into a new tensor takes about three times as long on the CPU
-        return output.mul_(self.scaling.scale).add_(self.scaling.shift)
+        # ``addcmul`` into a new tensor takes about three times as long on the CPU. Part of the
+        # layer, so out of FunctionalCapture's sight (it writes element-wise in-place calls back)
+        with torch._C.DisableTorchFunction():
+            return output.mul_(self.scaling.scale).add_(self.scaling.shift)
 
 
 def _scaling_for(layer: nn.Module, norm: nn.Module) -> OutputScaling | None:

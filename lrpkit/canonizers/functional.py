@@ -24,13 +24,17 @@ while the model runs and gives it a rule:
 
 In-place forms are made out-of-place while captured, so that no saved tensor is overwritten:
 augmented assignments (``out += identity``, recognised from the calling bytecode, where Python
-rebinds the name) and ``inplace=True`` arguments (``F.relu(x, inplace=True)``), except a ReLU
+rebinds the name) and ``inplace=True`` arguments (``x = F.relu(x, inplace=True)``), except a ReLU
 whose rule passes relevance on the untouched output of a rule node, which stays in place
-(:func:`lrpkit.rectified.rectify_in_place`). A tensor that something else still refers to
-(``b = a; a += x``) is seen from its reference count and left in place with an
-``InPlaceWarning``; the snapshots of frame locals that debuggers and profilers read are not
-counted as such references. An in-place *method* called for its side effect (``x.relu_()`` as a statement) is left in place and not
-captured; if it overwrites a tensor a rule saved, autograd raises instead of giving wrong numbers.
+(:func:`lrpkit.rectified.rectify_in_place`). Where rebinding the name would change what the model
+computes, the call is computed on a copy and its result written back into the tensor, so that
+every alias sees the change as in plain PyTorch: a tensor that something else still refers to
+(``b = a; a += x``, seen from its reference count; the snapshots of frame locals that debuggers
+and profilers read are not counted), a view (``out[:, 1:] += y`` changes ``out``), a result
+thrown away (``F.relu(a, inplace=True)`` as a statement) and element-wise in-place methods
+(``x.add_(y)``, ``x.relu_()``). A rule whose kept output is changed so computes it again. Other
+in-place methods (``x.copy_(y)``, ``x.unsqueeze_(0)``) are not captured; if one overwrites a tensor
+a rule saved, autograd raises instead of giving wrong numbers.
 
 Only calls made while the root module runs are captured, and nothing is added to the model.
 
@@ -61,7 +65,6 @@ import functools
 import inspect
 import os
 import sys
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -164,6 +167,15 @@ class FunctionalCapture(Canonizer):
         """Normalisation and MultiheadAttention modules, and containers: their calls are captured."""
         return isinstance(module, EXPLAINED_MODULES) or any(True for _ in module.children())
 
+    def checks_parameter_use(self) -> bool:
+        """True: a parameter that only enters captured calls with rules (``x * self.scale``, ``x + self.pos``) is explained.
+
+        Its module needs no rule of its own; one whose parameters go into a call that keeps its
+        gradient (an unknown op, ``F.linear`` with its own weight) is reported after the first
+        forward pass.
+        """
+        return True
+
     def observe(self, model: nn.Module, observer: Observer) -> Handle:
         """Call ``observer(name, op, rule, output)`` for every call captured on ``model``."""
         capture = self._captures.get(model)
@@ -205,6 +217,10 @@ class _Capture:
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     entered: list[bool] = field(default_factory=list)
     session: Session = field(default_factory=Session)
+    #: Modules of ``binding.unchecked`` whose parameters went into calls with / without rules.
+    explained: set[str] = field(default_factory=set)
+    kept_gradient: set[str] = field(default_factory=set)
+    reported: bool = False
 
     def __post_init__(self) -> None:
         self.mode = _CaptureMode(self)
@@ -239,6 +255,32 @@ class _Capture:
     def _leave_root(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.entered and self.entered.pop():
             self.mode.__exit__(None, None, None)
+            if sys.exc_info()[0] is None:  # not while the model's own exception propagates
+                self.report_uncovered()
+
+    def report_uncovered(self) -> None:
+        """After the first forward pass: the unchecked modules whose parameters were not all explained."""
+        binding = self.binding
+        if self.reported or binding is None or binding.report_uncovered is None:
+            return
+        self.reported = True
+        labels = list(dict.fromkeys(binding.unchecked.values()))
+        uncovered = [label for label in labels if label in self.kept_gradient or label not in self.explained]
+        if uncovered:
+            binding.report_uncovered(uncovered)
+
+    def note_parameter_use(self, leaves: list[Any], activations: list[int], kind: type[captured.CapturedOp]) -> None:
+        """Record which unchecked modules' parameters go into this call, and whether it keeps its gradient."""
+        assert self.binding is not None
+        unchecked = self.binding.unchecked
+        uses = self.kept_gradient if kind is captured.Other else self.explained
+        for index, leaf in enumerate(leaves):
+            if index in activations or not isinstance(leaf, Tensor):
+                continue
+            for parameter in _parameters_behind(leaf) or ():
+                label = unchecked.get(id(parameter))
+                if label is not None:
+                    uses.add(label)
 
     def _push(self, module: nn.Module, args: Any) -> None:
         binding = self.binding
@@ -291,35 +333,51 @@ class _Capture:
             activations, kind = self.layer_call(leaves, activations)
         if not activations:
             return func(*args, **kwargs)
+        if self.binding is not None and self.binding.unchecked and not self.reported and torch.is_grad_enabled():
+            self.note_parameter_use(leaves, activations, kind or captured.kind_of(_out_of_place(op)))
+        as_written = (func, args, kwargs)
+        in_place = rebind = False
         if op.endswith("_") and not op.endswith("__"):
-            if not _is_augmented_assignment(caller):
-                return func(*args, **kwargs)
-            if references > _BASELINES["augmented"]:
-                _warn_in_place(op, caller)
-                return func(*args, **kwargs)
+            augmented = _is_augmented_assignment(caller)
+            if not augmented and not issubclass(captured.kind_of(op[:-1]), _ELEMENTWISE_KINDS):
+                return func(*args, **kwargs)  # x.copy_(y), x.unsqueeze_(0), ...: no rule needs it captured
             op = op[:-1]
             func = getattr(torch.Tensor, op)
+            in_place, rebind = True, augmented and references <= _BASELINES["augmented"]
         rectify = False
         if kwargs.get("inplace") is True:
-            if references > _BASELINES["inplace_argument"] or _result_discarded(caller):
-                _warn_in_place(op, caller)
-                return func(*args, **kwargs)
-            rectify = op == "relu" and activations == [0] and torch.is_grad_enabled()
             kwargs = {**kwargs, "inplace": False}
             leaves, spec = pytree.tree_flatten((args, kwargs))
+            in_place = True
+            rebind = references <= _BASELINES["inplace_argument"] and not _result_discarded(caller)
+            rectify = rebind and op == "relu" and activations == [0] and torch.is_grad_enabled()
+        identified = rectify
         if rectify:  # F.relu(x, inplace=True): in place where that is safe, as nn.ReLU(inplace=True)
             name, pseudo, rule = self.identify(op, func)
             if rule is not None and rule.passes_relevance and rectify_in_place(leaves[0]):
                 return self.observed(name, pseudo, rule, leaves[0])
-            output = func(*args, **kwargs)
-        else:
-            output = func(*args, **kwargs)
+        target = None
+        if in_place and isinstance(leaves[0], Tensor) and (not rebind or leaves[0]._is_view()):
+            # the name cannot be rebound: computed on a copy, then written into the tensor the
+            # model changes (every alias sees it); with no rule, the call runs as written
+            if not identified:
+                name, pseudo, rule = self.identify(op, func, kind)
+                identified = True
+            if rule is None:
+                written, written_args, written_kwargs = as_written
+                return self.observed(name, pseudo, rule, written(*written_args, **written_kwargs))
+            target = leaves[0]
+            leaves[0] = target.clone()
+            args, kwargs = pytree.tree_unflatten(leaves, spec)
+        output = func(*args, **kwargs)
+        if not identified:
             if not _carries_grad(output):
                 return output
             name, pseudo, rule = self.identify(op, func, kind)
         if rule is not None:
             output = self.attach(rule, pseudo, func, leaves, spec, activations, output)
-        return self.observed(name, pseudo, rule, output)
+        output = self.observed(name, pseudo, rule, output)  # the call's own autograd node, before any write-back
+        return output if target is None else target.copy_(output)
 
     def layer_call(self, leaves: list[Any], activations: list[int]) -> tuple[list[int], type[captured.CapturedOp] | None]:
         """The relevance inputs and the kind (``None``: by the op) of an ``F.linear``/``F.conv*`` call.
@@ -410,6 +468,8 @@ class _Capture:
 
 
 _LAYER_KINDS = (captured.Dense, captured.Convolution, captured.ConvolutionTranspose)
+#: Kinds whose in-place methods (``x.add_(y)``, ``x.relu_()``) keep the shape: captured with a write-back.
+_ELEMENTWISE_KINDS = (captured.Add, captured.Product, captured.Activation)
 
 
 def _ops_factory(func: Callable[..., Any], spec: pytree.TreeSpec) -> OpsFactory:
@@ -501,6 +561,11 @@ def _op_name(func: Any) -> str | None:
     return name
 
 
+def _out_of_place(op: str) -> str:
+    """``add`` for ``add_``: the op whose kind an in-place call has."""
+    return op[:-1] if op.endswith("_") and not op.endswith("__") else op
+
+
 def _is_activation(leaf: Any) -> bool:
     """A floating tensor that requires grad and is not (a view of) a parameter."""
     if not isinstance(leaf, Tensor) or not leaf.requires_grad or not leaf.is_floating_point():
@@ -588,23 +653,6 @@ def _is_augmented_assignment(frame: FrameType | None) -> bool:
     if _BINARY_OP is not None and opcode == _BINARY_OP:
         return code[index + 1] >= _FIRST_INPLACE_ARG
     return dis.opname[opcode] in _INPLACE_OPS
-
-
-class InPlaceWarning(UserWarning):
-    """An in-place call could not be made out-of-place safely, so it is not captured."""
-
-
-def _warn_in_place(op: str, caller: FrameType | None) -> None:
-    frame = _user_frame(caller)
-    where = f" at {frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else ""
-    warnings.warn(
-        f"lrpkit: the in-place call {op!r}{where} changes a tensor that is still used under another "
-        "name (or whose result is discarded); it runs in place and is not captured, so relevance "
-        "flows through it as a plain gradient. Write it out-of-place, e.g. `a = a + b` or "
-        "`x = F.relu(x)`.",
-        InPlaceWarning,
-        stacklevel=2,
-    )
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -710,4 +758,4 @@ def _baseline(probe: Callable[[], None]) -> int:
 _BASELINES = {"augmented": _baseline(_augmented_probe), "inplace_argument": _baseline(_inplace_argument_probe)}
 
 
-__all__ = ["EXPLAINED_MODULES", "FunctionalCapture", "InPlaceWarning", "default_op_rules"]
+__all__ = ["EXPLAINED_MODULES", "FunctionalCapture", "default_op_rules"]

@@ -19,7 +19,10 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -44,7 +47,12 @@ Choice = Union[Rule, "FirstLayerChoice", None]
 
 
 class UncoveredModuleWarning(UserWarning):
-    """A module with parameters gets no rule (its relevance is its plain gradient)."""
+    """A module with parameters gets no rule (its relevance is its plain gradient).
+
+    Without a canonizer that sees the calls (:class:`~lrpkit.canonizers.FunctionalCapture`), issued
+    when the context is entered; with one, after the first forward pass, and only for modules
+    whose parameters went into a call that keeps its gradient (or into no call it saw).
+    """
 
 
 # Modules of every model currently inside a composite's context (no attribute is added to them).
@@ -160,12 +168,20 @@ class Composite:
             canonizer = CompositeCanonizer(self.canonizers)
             stack.callback(undo_all, canonizer.apply(model))
             ctx: Ctx = {}
-            self._attach_rules(model, ctx, canonizer, stack, session)
+            uncovered = self._attach_rules(model, ctx, canonizer, stack, session)
             binding = RuleBinding(
                 rule_for=lambda name, op: _resolve(self.module_map(ctx, name, op), op),
                 hooked=set(self._choices),
                 session=session,
             )
+            if uncovered and self.warn_uncovered:
+                if canonizer.checks_parameter_use():
+                    binding.unchecked = {
+                        id(param): label for label, module in uncovered for param in module.parameters(recurse=False)
+                    }
+                    binding.report_uncovered = self._report_uncovered
+                else:
+                    self._report_uncovered([label for label, _ in uncovered])
             stack.callback(undo_all, canonizer.bind(model, binding))
             _disable_inplace(model, self._choices, stack)
         except BaseException:
@@ -186,7 +202,8 @@ class Composite:
 
     def _attach_rules(
         self, model: nn.Module, ctx: Ctx, canonizer: Canonizer, stack: ExitStack, session: Session
-    ) -> None:
+    ) -> list[tuple[str, nn.Module]]:
+        """Hook each module its rule; the modules with parameters left without one (``"'name' (Type)"``, module)."""
         uncovered = []
         self._choices = {}
         stack.callback(self._choices.clear)
@@ -196,22 +213,40 @@ class Composite:
             choice = self.module_map(ctx, name, module)
             if choice is None:
                 if _has_own_parameters(module) and not canonizer.explains(module):
-                    uncovered.append(f"'{name}' ({type(module).__name__})")
+                    uncovered.append((f"'{name}' ({type(module).__name__})", module))
                 continue
             choose: RuleChoice = choice if isinstance(choice, FirstLayerChoice) else _constant(choice)
             self._choices[id(module)] = choose
             handles.append(attach(module, RuleHook(name, choose, session)))
-        if uncovered and self.warn_uncovered:
-            message = (
-                f"{type(self).__name__}: no rule for the module(s) with parameters "
-                f"{', '.join(uncovered)}; their relevance is their plain gradient. Map them to a rule"
-            )
-            if self.strict:
-                raise ValueError(message + ", or pass strict=False to only warn.")
-            warnings.warn(message + ", or pass strict=True to make this an error.", UncoveredModuleWarning, stacklevel=4)
+        return uncovered
+
+    def _report_uncovered(self, labels: list[str]) -> None:
+        """Warn (``strict``: raise) that the modules ``labels`` keep their plain gradient."""
+        message = (
+            f"{type(self).__name__}: no rule for the module(s) with parameters "
+            f"{', '.join(labels)}; their relevance is their plain gradient. Map them to a rule"
+        )
+        if self.strict:
+            raise ValueError(message + ", or pass strict=False to only warn.")
+        warnings.warn(message + ", or pass strict=True to make this an error.", UncoveredModuleWarning, stacklevel=_user_stacklevel())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+#: Where lrpkit, torch and the standard library (``contextlib``) keep their code.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(package_file) + os.sep
+    for package_file in (os.path.dirname(__file__), torch.__file__, contextlib.__file__)
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning issued by the caller at the first frame outside the libraries."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _resolve(choice: Choice, module: nn.Module) -> Rule | None:
@@ -230,7 +265,6 @@ def _release(modules: list[nn.Module], session: Session) -> None:
 
 def _has_own_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
-
 
 #: Marks a flag a module's ``__dict__`` does not hold.
 _ABSENT = object()

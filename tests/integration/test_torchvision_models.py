@@ -112,7 +112,7 @@ COMPOSITES: dict[str, Callable[[], composites.Composite]] = {
 }
 
 def build(name: str) -> nn.Module:
-    """``MODELS[name]()`` (or ``NATIVE_SIZE_MODELS``') with seeded random weights, made informative; float64, eval mode.
+    """``MODELS[name]()`` (or ``NATIVE_SIZE_MODELS``' or ``VIDEO_MODELS``') with seeded random weights, made informative; float64, eval mode.
 
     * BatchNorm statistics and affine parameters are random (torchvision's mean 0 / var 1 /
       gamma 1 / beta 0 would let a wrong merge, or a wrong restoration, pass unnoticed);
@@ -122,7 +122,7 @@ def build(name: str) -> nn.Module:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = (MODELS[name] if name in MODELS else NATIVE_SIZE_MODELS[name][0])().double().eval()
+        model = _factory(name)().double().eval()
         with torch.no_grad():
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -138,7 +138,13 @@ def build(name: str) -> nn.Module:
     return model
 
 
-def zero_bias(model: nn.Module, name: str, size: int = 64) -> nn.Module:
+def _factory(name: str) -> Callable[[], nn.Module]:
+    if name in MODELS:
+        return MODELS[name]
+    return NATIVE_SIZE_MODELS[name][0] if name in NATIVE_SIZE_MODELS else VIDEO_MODELS[name][0]
+
+
+def zero_bias(model: nn.Module, name: str, shape: tuple[int, ...] = (3, 64, 64)) -> nn.Module:
     """Make every bias truly zero while activations keep a realistic scale (in place).
 
     BatchNorm statistics are set from one training-mode forward pass (``momentum=None``: the
@@ -154,7 +160,7 @@ def zero_bias(model: nn.Module, name: str, size: int = 64) -> nn.Module:
             norm.momentum = None
             norm.num_batches_tracked.zero_()
         model.train()
-        model(torch.rand(4, 3, size, size, dtype=torch.float64))
+        model(torch.rand(4, *shape, dtype=torch.float64))
         model.eval()
         for norm in norms:
             norm.running_mean.zero_()
@@ -315,11 +321,97 @@ def test_models_of_a_fixed_input_size(name):
         _, relevance = explain(model, COMPOSITES[composite_name](), x)
         assert torch.isfinite(relevance).all()
         assert_restored(model, before)
-    unbiased = zero_bias(model, name, size)
+    unbiased = zero_bias(model, name, (3, size, size))
     for composite_name in conserving:
         output, relevance = explain(unbiased, COMPOSITES[composite_name](), x)
         error = relative_conservation_error(output, relevance)
         assert (error <= CONSERVATION_RTOL).all(), f"relative conservation error {error.tolist()}"
+
+
+#: Video models (``torchvision.models.video``): factory and input shape (channels, frames, height, width).
+VIDEO_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    # EPF 2.7e-6, EGB 3.0e-6 (s3d, which needs 16 frames of 224x224, conserved to 7.5e-7 by hand)
+    "mc3_18": (lambda: torchvision.models.video.mc3_18(weights=None), (3, 4, 32, 32)),
+    # EPF 1.6e-6, EGB 2.2e-6
+    "r2plus1d_18": (lambda: torchvision.models.video.r2plus1d_18(weights=None), (3, 4, 32, 32)),
+    # EPF and EGB 4.3e-5: shifted 3-D windows, its attention's F.linear calls as in swin_t
+    "swin3d_t": (lambda: torchvision.models.video.swin3d_t(weights=None), (3, 4, 64, 64)),
+}
+
+
+@pytest.mark.parametrize("name", list(VIDEO_MODELS))
+def test_video_models(name):
+    """One clip: finite, covered, restored, and conservative with zero biases under both composites."""
+    _, shape = VIDEO_MODELS[name]
+    model = build(name)
+    x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    before = snapshot(model)
+    for composite_name in COMPOSITES:
+        _, relevance = explain(model, COMPOSITES[composite_name](), x)
+        assert torch.isfinite(relevance).all()
+        assert_restored(model, before)
+    unbiased = zero_bias(model, name, shape)
+    for composite_name in COMPOSITES:
+        output, relevance = explain(unbiased, COMPOSITES[composite_name](), x)
+        error = relative_conservation_error(output, relevance)
+        assert (error <= CONSERVATION_RTOL).all(), f"relative conservation error {error.tolist()}"
+
+
+def small_mvit(version: int) -> nn.Module:
+    """torchvision's MViT with three small blocks on 4 frames of 32x32; version 2: residual pooling, relative positions.
+
+    MViT V2 adds the pooled queries to the attention output in place on a view
+    (``x[:, :, 1:, :] += q[:, :, 1:, :]``) and its relative positions to the attention logits the
+    same way; V1 adds its position embedding with ``x.add_(pos)``. All three are captured and
+    written back.
+    """
+    from torchvision.models.video.mvit import MSBlockConfig, MViT
+
+    strides_q, strides_kv = [[1, 1, 1], [1, 2, 2], [1, 1, 1]], [[1, 4, 4], [1, 2, 2], [1, 2, 2]]
+    heads, channels = [1, 2, 2], [16, 16, 32, 32]
+    blocks = [
+        MSBlockConfig(heads[i], channels[i], channels[i + 1], [3, 3, 3], [3, 3, 3], strides_q[i], strides_kv[i])
+        for i in range(3)
+    ]
+    v2 = version == 2
+    return MViT(
+        spatial_size=(32, 32), temporal_size=4, block_setting=blocks, residual_pool=v2,
+        residual_with_cls_embed=False, rel_pos_embed=v2, proj_after_attn=v2, num_classes=10,
+    )
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_mvit_conserves_with_small_stabilisers(version):
+    """MViT V1 and V2: the forward unchanged, and conservation to the stabilisers' share.
+
+    With stabilisers of 1e-9: 2.6e-7 (V1) and 1.4e-7 (V2); with the defaults 2.6e-4 and 1.4e-4.
+    Before in-place calls were written back, V2's backward raised (a saved view overwritten).
+    Its ``PositionalEncoding`` holds the class token and position embedding as parameters, which
+    absorb relevance like biases (zero here); they only enter captured calls (``cat``, ``add_``),
+    so the module, which has no rule of its own, gets no ``UncoveredModuleWarning``.
+    """
+    torch.manual_seed(0)
+    model = small_mvit(version).double().eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.endswith("bias") or "pos" in parameter_name or "class_token" in parameter_name:
+                parameter.zero_()
+    x = torch.rand(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    before = snapshot(model)
+    stabilizer = 1e-9
+    composite = composites.EpsilonGammaBox(
+        low=0.0, high=1.0, epsilon=stabilizer, stabilizer=stabilizer,
+        canonizers=[MergeBatchNorm(), FunctionalCapture(stabilizer=stabilizer)],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncoveredModuleWarning)
+        output, relevance = Gradient(model, composite)(x)
+    assert torch.equal(output, expected)
+    assert_restored(model, before)
+    error = relative_conservation_error(output, relevance)
+    assert (error <= 1e-6).all(), f"relative conservation error {error.tolist()}"
 
 
 def test_swin_v2_conserves_with_small_stabilisers(cache, images):

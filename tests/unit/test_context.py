@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from helpers import hooks_left
 
 import lrpkit
 from lrpkit import composites, rules
@@ -189,7 +195,7 @@ def test_backward_outside_context_raises() -> None:
 
 
 class Scale(nn.Module):
-    """A layer with a parameter that no preset maps (and no canonizer explains)."""
+    """A layer with a parameter that no preset maps; FunctionalCapture explains its ``x * self.scale``."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -199,15 +205,85 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-def test_module_without_rule_warns_and_strict_raises() -> None:
-    model = nn.Sequential(nn.Linear(3, 3), Scale(3), nn.Linear(3, 2)).double()
+class OwnLinear(nn.Module):
+    """A custom dense layer: ``F.linear`` with its own weight is its computation, a plain gradient without a rule."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class AddMM(nn.Module):
+    """GPT-2's ``Conv1D``: ``torch.addmm(bias, x, weight)``, an op without a rule."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.eye(size)), nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class ScaledInCustomFunction(nn.Module):
+    """Its parameter goes into a custom autograd function (whose ``forward`` runs without grad): not explained."""
+
+    class _Multiply(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return x * scale
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return grad, None
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._Multiply.apply(x, self.scale)
+
+
+def _sandwich(middle: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 3), middle, nn.Linear(3, 2)).double()
+
+
+@pytest.mark.parametrize("layer", [OwnLinear, AddMM, ScaledInCustomFunction])
+def test_module_without_rule_warns_after_the_forward_and_strict_raises(layer: Callable[[int], nn.Module]) -> None:
+    model = _sandwich(layer(3))
+    x = torch.rand(2, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with composites.EpsilonPlus().context(model):  # entering says nothing: the calls are not seen yet
+            pass
+    label = rf"'1' \({layer.__name__}\)"
+    with pytest.warns(composites.UncoveredModuleWarning, match=label):
+        Gradient(model, composites.EpsilonPlus())(x)
+    with pytest.raises(ValueError, match=label):
+        Gradient(model, composites.EpsilonPlus(strict=True))(x)
+    assert hooks_left(model) == []
+
+
+def test_module_whose_parameters_enter_explained_calls_gets_no_warning() -> None:
+    """``x * self.scale`` is a captured product with the parameter held constant: explained, no warning."""
+    model = _sandwich(Scale(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Gradient(model, composites.EpsilonPlus(strict=True))(torch.rand(2, 3, dtype=torch.float64))
+
+
+def test_module_without_rule_warns_on_entry_without_functional_capture() -> None:
+    model = _sandwich(Scale(3))
     with pytest.warns(composites.UncoveredModuleWarning, match=r"'1' \(Scale\)"):
-        with composites.EpsilonPlus().context(model):
+        with composites.EpsilonPlus(canonizers=[]).context(model):
             pass
     with pytest.raises(ValueError, match=r"'1' \(Scale\)"):
-        with composites.EpsilonPlus(strict=True).context(model):
+        with composites.EpsilonPlus(canonizers=[], strict=True).context(model):
             pass
-    assert len(model[0]._forward_hooks) == 0
+    assert hooks_left(model) == []
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,9 @@ conservative up to its stabilisers. The weights are scaled up (``gain``) so that
 large compared with the stabilisers (``1e-6``), which keeps the total error below ``1e-6``
 relative; the same models are also checked with negligible stabilisers (exact to rounding).
 
-In-place calls that cannot be made out-of-place safely (an aliased ``+=``, ``F.relu(x,
-inplace=True)`` as a statement) run in place with an ``InPlaceWarning``.
+In-place calls whose name cannot simply be rebound (an aliased ``+=``, ``+=`` on a view,
+``F.relu(x, inplace=True)`` as a statement, ``x.add_(y)``) are computed on a copy and written back:
+the same forward and the same relevance as the model written out-of-place.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from torch import nn
 
 from helpers import hooks_left
 import lrpkit
-from lrpkit import captured, composites, rules, types
+from lrpkit import captured, composites, core, rules, types
 from lrpkit.attribution import Gradient
 from lrpkit.canonizers import FunctionalCapture
-from lrpkit.canonizers.functional import InPlaceWarning
 
 DTYPE = torch.float64
 RTOL = 1e-6
@@ -361,7 +361,7 @@ def test_inplace_forms_give_the_exact_forward_output() -> None:
     attribution = Gradient(model, composites.EpsilonPlus())(x)
     assert torch.equal(attribution.output, reference.detach())
     with composites.EpsilonPlus().context(model), warnings.catch_warnings():
-        warnings.simplefilter("error", InPlaceWarning)  # these forms are captured, not left in place
+        warnings.simplefilter("error")
         inside = model(x.clone().requires_grad_(True))
     assert torch.equal(inside.detach(), reference.detach())
 
@@ -1125,44 +1125,129 @@ def test_backward_after_the_context_closed_raises_at_a_captured_op() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# in-place forms that the out-of-place rewrite changes (library bugs, see reasons)
+# in-place forms whose name cannot be rebound: computed on a copy and written back
 # ---------------------------------------------------------------------------------------------
 
 
-class AliasedAugmentedAdd(nn.Module):
-    """``b`` aliases ``a``; ``a += x`` changes ``b`` too in plain PyTorch."""
+class InPlaceForms(nn.Module):
+    """One in-place form (``form``) or the same computation written out-of-place (``form=None``).
 
-    def __init__(self) -> None:
+    ``a`` is the output of a layer with a rule, which keeps it for its backward: every in-place
+    form below changes it after that layer's forward.
+    """
+
+    FORMS = ("aliased_augmented", "relu_statement", "view_augmented", "named_view_augmented", "add_method", "relu_method", "mul_method")
+
+    def __init__(self, form: str | None) -> None:
         super().__init__()
-        self.lin = nn.Linear(3, 3, bias=False)
+        self.form = form
+        self.lin, self.side = nn.Linear(4, 6, bias=False), nn.Linear(4, 6, bias=False)
+        self.out = nn.Linear(6, 3, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.lin(x)
+        a, y = self.lin(x), self.side(x)
+        out = getattr(self, self.form)(a, y) if self.form is not None else self.reference(a, y)
+        return self.out(out)
+
+    def reference(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return {
+            "aliased_augmented": lambda: (a + y) * (a + y),
+            "relu_statement": lambda: F.relu(a),
+            "view_augmented": lambda: torch.cat([a[:, :3] + y[:, :3], a[:, 3:]], 1),
+            "named_view_augmented": lambda: torch.cat([a[:, :3] + y[:, :3], a[:, 3:]], 1),
+            "add_method": lambda: a + y,
+            "relu_method": lambda: F.relu(a),
+            "mul_method": lambda: a * 0.5,
+        }[self.reference_form]()
+
+    def aliased_augmented(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b = a
-        a += x
+        a += y  # changes b too
         return a * b
 
-
-class ReluStatement(nn.Module):
-    """``F.relu(a, inplace=True)`` used as a statement, for its side effect."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(3, 3, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.lin(x)
+    def relu_statement(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         F.relu(a, inplace=True)
         return a
 
+    def view_augmented(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a[:, :3] += y[:, :3]  # MViT's residual pooling: getitem, iadd on the view, setitem
+        return a
 
-def test_augmented_assignment_with_an_alias_keeps_the_forward() -> None:
-    model = init_weights(AliasedAugmentedAdd())
-    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(42), dtype=DTYPE)
-    reference = model(x)
-    with composites.EpsilonPlus().context(model), pytest.warns(InPlaceWarning, match="not captured"):
-        inside = model(x.clone().requires_grad_(True))
-    assert torch.equal(inside.detach(), reference.detach())
+    def named_view_augmented(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        head = a[:, :3]
+        head += y[:, :3]  # changes a through its view
+        return a
+
+    def add_method(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a.add_(y)  # MViT's position embedding
+        return a
+
+    def relu_method(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a.relu_()
+        return a
+
+    def mul_method(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a.mul_(0.5)
+        return a
+
+
+def in_place_pair(form: str) -> tuple[nn.Module, nn.Module]:
+    """The model with ``form`` and the same weights written out-of-place."""
+    models = []
+    for variant in (form, None):
+        torch.manual_seed(0)
+        model = InPlaceForms(variant).to(DTYPE).eval()
+        model.reference_form = form
+        models.append(model)
+    return models[0], models[1]
+
+
+@pytest.mark.parametrize("composite", [composites.EpsilonPlus, composites.EpsilonAlpha2Beta1], ids=["EpsilonPlus", "A2B1"])
+@pytest.mark.parametrize("form", InPlaceForms.FORMS)
+def test_in_place_forms_explain_as_written_out_of_place(form: str, composite: Callable[[], composites.Composite]) -> None:
+    in_place, out_of_place = in_place_pair(form)
+    x = torch.rand(3, 4, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = Gradient(in_place, composite())(x)
+    reference = Gradient(out_of_place, composite())(x)
+    assert torch.equal(ours.output, reference.output)
+    assert ours.relevance.abs().sum() > 0
+    torch.testing.assert_close(ours.relevance, reference.relevance, rtol=1e-10, atol=1e-14)
+    assert function_mode_stack() == [] and hooks_left(in_place) == []
+
+
+@pytest.mark.parametrize("form", ["add_method", "view_augmented", "relu_statement"])
+def test_in_place_forms_are_captured(form: str) -> None:
+    in_place, _ = in_place_pair(form)
+    capture = FunctionalCapture()
+    with composites.EpsilonPlus(canonizers=[capture]).context(in_place):
+        in_place(torch.rand(2, 4, dtype=DTYPE, requires_grad=True))
+        ops = capture.ops(in_place)
+    expected = {"add_method": captured.Add, "view_augmented": captured.Add, "relu_statement": captured.ReLU}[form]
+    assert any(type(op) is expected for op in ops.values()), ops
+
+
+class ShapeInPlace(nn.Module):
+    """In-place methods that are no element-wise op (``unsqueeze_``) stay uncaptured and in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lin(x)
+        a.unsqueeze_(1)
+        return a.sum(1)
+
+
+def test_other_in_place_methods_run_in_place() -> None:
+    torch.manual_seed(0)
+    model = ShapeInPlace().to(DTYPE).eval()
+    x = torch.rand(2, 4, dtype=DTYPE)
+    output, relevance = Gradient(model, composites.EpsilonPlus())(x)
+    assert torch.equal(output, model(x))
+    assert_conserved(output, relevance, rtol=1e-4)  # the stabilisers' share: logits are about 0.1
 
 
 def _frame_locals_reader(frame: FrameType, event: str, arg: object) -> object:
@@ -1181,34 +1266,34 @@ def _locals_read_by(install: Callable[[Any], None]) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("install", [sys.settrace, sys.setprofile], ids=["settrace", "setprofile"])
-def test_augmented_assignment_is_captured_under_a_debugger(install: Callable[[Any], None]) -> None:
-    """A snapshot of ``f_locals`` refers to ``out``: it must not make ``out += identity`` look shared."""
+def test_augmented_assignment_is_rebound_under_a_debugger(install: Callable[[Any], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot of ``f_locals`` refers to ``out``: it must not make ``out += identity`` look shared.
+
+    Seen as shared, the sum would be written back into ``conv2``'s output, which that layer's
+    rule then has to compute again: the same numbers at the cost of one more forward.
+    """
+    recomputed: list[str] = []
+    original = core._recomputed
+    monkeypatch.setattr(core, "_recomputed", lambda ops, inputs: recomputed.append("forward") or original(ops, inputs))
     model = build(InplaceBlock)
     x = images()
-    expected = Gradient(model, composites.EpsilonPlus())(x)
-    with warnings.catch_warnings(), _locals_read_by(install):
-        warnings.simplefilter("error", InPlaceWarning)
-        traced = Gradient(model, composites.EpsilonPlus())(x)
+    epsilon = composites.EpsilonPlus(layer_map=[(types.Convolution, rules.Epsilon())])  # keeps conv2's output
+    expected = Gradient(model, epsilon)(x)
+    assert recomputed == []
+    with _locals_read_by(install):
+        traced = Gradient(model, epsilon)(x)
+    assert recomputed == []
     assert torch.equal(traced.relevance, expected.relevance)
 
 
 def test_an_alias_is_still_seen_under_a_debugger() -> None:
-    model = init_weights(AliasedAugmentedAdd())
-    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(42), dtype=DTYPE)
-    reference = model(x)
-    with composites.EpsilonPlus().context(model), pytest.warns(InPlaceWarning, match="not captured"):
-        with _locals_read_by(sys.settrace):
-            inside = model(x.clone().requires_grad_(True))
-    assert torch.equal(inside.detach(), reference.detach())
-
-
-def test_inplace_relu_statement_keeps_the_forward() -> None:
-    model = init_weights(ReluStatement())
-    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(42), dtype=DTYPE)
-    reference = model(x)
-    with composites.EpsilonPlus().context(model), pytest.warns(InPlaceWarning, match="not captured"):
-        inside = model(x.clone().requires_grad_(True))
-    assert torch.equal(inside.detach(), reference.detach())
+    in_place, out_of_place = in_place_pair("aliased_augmented")
+    x = torch.rand(3, 4, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    reference = Gradient(out_of_place, composites.EpsilonPlus())(x)
+    with _locals_read_by(sys.settrace):
+        traced = Gradient(in_place, composites.EpsilonPlus())(x)
+    assert torch.equal(traced.output, reference.output)
+    torch.testing.assert_close(traced.relevance, reference.relevance, rtol=1e-10, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------

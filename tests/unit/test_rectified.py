@@ -7,6 +7,7 @@ subclass (which does not), so the only difference is the lending.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -150,19 +151,48 @@ def test_zero_where_zero_is_exact():
 
 
 class ScalesInPlace(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = True) -> None:
         super().__init__()
         self.lin = nn.Linear(3, 2)
+        self.in_place = in_place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.lin(x)
-        out.mul_(2.0)
+        if self.in_place:
+            out.mul_(2.0)
+        else:
+            out = out * 2.0
         return out
 
 
-def test_an_output_changed_in_place_after_the_forward_is_refused():
+def _same_weights(make: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return make().double()
+
+
+def test_an_output_changed_in_place_after_the_forward_is_computed_again():
+    """The rule of ``lin`` needs ``W x + b``; the model doubled that tensor in place, so the rule recomputes it."""
     composite = composites.LayerMapComposite([(nn.Linear, rules.Epsilon())], canonizers=[])
-    with pytest.raises(RuntimeError, match=r"'lin' \(Linear\) was modified by an in-place operation"):
+    x = torch.rand(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    in_place = Gradient(_same_weights(lambda: ScalesInPlace()), composite)(x)
+    out_of_place = Gradient(_same_weights(lambda: ScalesInPlace(in_place=False)), composite)(x)
+    assert torch.equal(in_place.output, out_of_place.output)
+    torch.testing.assert_close(in_place.relevance, out_of_place.relevance, rtol=1e-12, atol=0)
+
+
+class _ReadsOutputOnly(rules.Pass):
+    """A rule that reads its module's output but keeps none of its inputs."""
+
+    needs_output = True
+
+    def relevance(self, call: Any, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        assert call.output is not None
+        return (relevance * 0.5,)
+
+
+def test_an_output_changed_in_place_is_refused_when_the_rule_keeps_no_inputs():
+    composite = composites.LayerMapComposite([(nn.Linear, _ReadsOutputOnly())], canonizers=[])
+    with pytest.raises(RuntimeError, match=r"'lin' \(Linear\) was modified by an in-place operation.*keeps no inputs"):
         Gradient(ScalesInPlace(), composite)(torch.rand(1, 3))
 
 
@@ -197,20 +227,28 @@ def test_epsilon_keeps_no_more_activations_than_the_plain_gradient():
 
 
 class ScalesBeforeTheReLU(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = True) -> None:
         super().__init__()
         self.lin, self.relu = nn.Linear(3, 2), nn.ReLU()
+        self.in_place = in_place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.lin(x)
-        out.mul_(2.0)
+        if self.in_place:
+            out.mul_(2.0)
+        else:
+            out = out * 2.0
         return self.relu(out)
 
 
-def test_an_output_changed_in_place_is_not_lent_away_and_still_refused():
+def test_an_output_changed_in_place_is_not_lent_away():
+    """The ReLU's output is ``relu(2 z)``: lent to ``lin``, the rule would divide by twice its output."""
     composite = composites.LayerMapComposite([(nn.Linear, rules.Epsilon()), (nn.ReLU, rules.Pass())], canonizers=[])
-    with pytest.raises(RuntimeError, match=r"'lin' \(Linear\) was modified by an in-place operation"):
-        Gradient(ScalesBeforeTheReLU(), composite)(torch.rand(1, 3))
+    x = torch.rand(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    in_place = Gradient(_same_weights(lambda: ScalesBeforeTheReLU()), composite)(x)
+    out_of_place = Gradient(_same_weights(lambda: ScalesBeforeTheReLU(in_place=False)), composite)(x)
+    assert in_place.relevance.abs().sum() > 0
+    torch.testing.assert_close(in_place.relevance, out_of_place.relevance, rtol=1e-12, atol=0)
 
 
 def _kept(output: torch.Tensor) -> list[rectified.KeptOutput]:
