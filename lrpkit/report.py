@@ -46,7 +46,8 @@ class Row:
     kind
         The module's class name, or the kind of the captured call with its op (``Add: add``).
     rule
-        The rule's ``repr``, ``"gradient"`` for a call without rule, or ``"-"`` for a container.
+        The rule's ``repr``, ``"gradient"`` for a call without rule, or ``"-"`` for a container or
+        a module without a rule whose captured calls (the rows below it) have the rules.
     relevance
         Sum of the relevance that reached the output (over the batch and all calls of it);
         ``None`` when no relevance reached it.
@@ -161,7 +162,7 @@ def _watch_modules(model: nn.Module, composite: Composite, table: Description, s
     rows: dict[int, Row] = {}
     for name, module in model.named_modules():
         stack.callback(module.register_forward_pre_hook(_start(table, rows, name)).remove)
-        stack.callback(module.register_forward_hook(_finish(rows, composite)).remove)
+        stack.callback(module.register_forward_hook(_finish(table, rows, composite)).remove)
 
 
 def _start(table: Description, rows: dict[int, Row], name: str) -> Any:
@@ -173,7 +174,7 @@ def _start(table: Description, rows: dict[int, Row], name: str) -> Any:
     return hook
 
 
-def _finish(rows: dict[int, Row], composite: Composite) -> Any:
+def _finish(table: Description, rows: dict[int, Row], composite: Composite) -> Any:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         row = rows.get(id(module))
         if row is None or row.shape is not None or hooks_are_suspended():
@@ -182,10 +183,18 @@ def _finish(rows: dict[int, Row], composite: Composite) -> Any:
         if rule is not None:
             row.rule = repr(rule)
         else:
-            row.rule = "-" if any(True for _ in module.children()) else "gradient"
+            # "-": the rules are those of its children or of its captured calls, the rows below it
+            row.rule = "-" if any(True for _ in module.children()) or _has_call_rows(table, row) else "gradient"
         _watch_output(row, output)
 
     return hook
+
+
+def _has_call_rows(table: Description, row: Row) -> bool:
+    """Whether calls captured inside the module of ``row`` have rows after it."""
+    prefix = f"{row.name}." if row.name else ""
+    start = table.rows.index(row) + 1
+    return any(":" in later.kind and later.name.startswith(prefix) for later in table.rows[start:])
 
 
 def _op_observer(table: Description) -> Any:

@@ -1334,6 +1334,16 @@ def test_describe_a_residual_model() -> None:
     assert model is not None and hooks_left(model) == []
 
 
+def test_describe_a_module_explained_through_its_calls() -> None:
+    """A GroupNorm module has no rule of its own: its row says ``-`` and its call's row has the rule."""
+    model = nn.Sequential(conv3(1, 4), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).to(DTYPE)
+    table = lrpkit.describe(model, images(), composite="epsilon_plus")
+    rows = {row.name: row for row in table.rows}
+    assert rows["1"].rule == "-" and rows["1.group_norm"].rule.startswith("LayerNormConstant(")
+    assert rows["3"].rule == "-" and rows["3.flatten"].rule == "gradient"
+    assert rows["2"].rule == "Pass()" and rows["4"].rule.startswith("Epsilon(")
+
+
 @pytest.mark.parametrize("layer", ["linear", "conv"])
 def test_a_rule_on_the_root_module_leaves_no_mode_behind(layer: str) -> None:
     """A model that is one layer with a rule: its capture is paused while it runs, then closed in order.
