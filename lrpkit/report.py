@@ -223,7 +223,9 @@ def _watch_output(row: Row, output: Any) -> None:
         tensor.register_hook(lambda grad: _accumulate(row, grad))
 
 
-def _accumulate(row: Row, grad: Tensor) -> None:
+def _accumulate(row: Row, grad: Tensor | None) -> None:
+    if grad is None:  # an output of a multi-output call (``chunk``, ``unbind``) that got no relevance
+        return
     row.relevance = (row.relevance or 0.0) + float(grad.sum())
 
 

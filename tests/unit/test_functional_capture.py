@@ -1344,6 +1344,27 @@ def test_describe_a_module_explained_through_its_calls() -> None:
     assert rows["2"].rule == "Pass()" and rows["4"].rule.startswith("Epsilon(")
 
 
+class ChunkedHead(nn.Module):
+    """``chunk`` into three and use one: the other outputs of the chunk get no relevance at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 6, bias=False), nn.Linear(2, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, value = self.lin(x).chunk(3, dim=1)
+        return self.out(value)
+
+
+def test_describe_a_call_whose_other_outputs_get_no_relevance() -> None:
+    """A hook on an unused output of a multi-output call receives ``None``; describe raised on it."""
+    torch.manual_seed(0)
+    model = ChunkedHead().to(DTYPE)
+    table = lrpkit.describe(model, vectors(), composite="epsilon_plus")
+    rows = {row.name: row for row in table.rows}
+    assert rows["lin"].relevance == pytest.approx(table.relevance.sum().item(), rel=1e-4)  # the stabiliser's share
+
+
 @pytest.mark.parametrize("layer", ["linear", "conv"])
 def test_a_rule_on_the_root_module_leaves_no_mode_behind(layer: str) -> None:
     """A model that is one layer with a rule: its capture is paused while it runs, then closed in order.
