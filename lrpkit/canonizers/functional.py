@@ -269,15 +269,21 @@ class _Capture:
         if uncovered:
             binding.report_uncovered(uncovered)
 
-    def note_parameter_use(self, leaves: list[Any], activations: list[int], kind: type[captured.CapturedOp]) -> None:
-        """Record which unchecked modules' parameters go into this call, and whether it keeps its gradient."""
+    def note_parameter_use(self, leaves: list[Any], kind: type[captured.CapturedOp]) -> None:
+        """Record which unchecked modules' parameters go into this call, and whether it keeps its gradient.
+
+        Every tensor argument counts, also one computed from parameters alone that the capture
+        treats as an activation (``table[index]``, a relative position bias). A call on such
+        tensors alone (``self.logit_scale.clamp(max=4.6).exp()``) computes a constant: no use yet.
+        """
         assert self.binding is not None
         unchecked = self.binding.unchecked
+        sources = [_parameters_behind(leaf) for leaf in leaves if isinstance(leaf, Tensor)]
+        if all(source is not None for source in sources):
+            return
         uses = self.kept_gradient if kind is captured.Other else self.explained
-        for index, leaf in enumerate(leaves):
-            if index in activations or not isinstance(leaf, Tensor):
-                continue
-            for parameter in _parameters_behind(leaf) or ():
+        for source in sources:
+            for parameter in source or ():
                 label = unchecked.get(id(parameter))
                 if label is not None:
                     uses.add(label)
@@ -334,7 +340,7 @@ class _Capture:
         if not activations:
             return func(*args, **kwargs)
         if self.binding is not None and self.binding.unchecked and not self.reported and torch.is_grad_enabled():
-            self.note_parameter_use(leaves, activations, kind or captured.kind_of(_out_of_place(op)))
+            self.note_parameter_use(leaves, kind or captured.kind_of(_out_of_place(op)))
         as_written = (func, args, kwargs)
         in_place = rebind = False
         if op.endswith("_") and not op.endswith("__"):

@@ -267,9 +267,33 @@ def test_module_without_rule_warns_after_the_forward_and_strict_raises(layer: Ca
     assert hooks_left(model) == []
 
 
-def test_module_whose_parameters_enter_explained_calls_gets_no_warning() -> None:
-    """``x * self.scale`` is a captured product with the parameter held constant: explained, no warning."""
-    model = _sandwich(Scale(3))
+class ExpScale(nn.Module):
+    """A factor computed from the parameter alone (Swin V2's ``logit_scale``): constant calls, then a product."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.log_scale.clamp(max=4.6).exp()
+
+
+class PositionTable(nn.Module):
+    """A bias gathered from a table (a relative position bias), added to the input."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(2 * size))
+        self.register_buffer("index", torch.arange(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table[self.index].view(1, -1)
+
+
+@pytest.mark.parametrize("layer", [Scale, ExpScale, PositionTable])
+def test_module_whose_parameters_enter_explained_calls_gets_no_warning(layer: Callable[[int], nn.Module]) -> None:
+    """Its parameters enter a captured product or sum as constants: explained, no warning."""
+    model = _sandwich(layer(3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Gradient(model, composites.EpsilonPlus(strict=True))(torch.rand(2, 3, dtype=torch.float64))
