@@ -171,7 +171,7 @@ class FunctionalCapture(Canonizer):
         """True: a parameter that only enters captured calls with rules (``x * self.scale``, ``x + self.pos``) is explained.
 
         Its module needs no rule of its own; one whose parameters go into a call that keeps its
-        gradient (an unknown op, ``F.linear`` with its own weight) is reported after the first
+        gradient (an unknown op, a custom autograd function) is reported after the first
         forward pass.
         """
         return True
@@ -390,17 +390,20 @@ class _Capture:
 
         A weight or bias computed from parameters alone belongs to the layer; it is no input. The
         call is a layer (:class:`~lrpkit.captured.Dense`, ...) when the input is its only
-        activation and none of its parameters belongs to the module running it. A module's own
-        parameters make it that module's computation (``nn.Linear.forward``, a custom layer), and
-        that module has no rule, or its calls would not be captured: its relevance stays its
-        gradient (:class:`~lrpkit.composites.UncoveredModuleWarning` says so). Swin's attention,
-        which passes the weights of its ``qkv`` and ``proj`` children to ``F.linear``, is a layer.
+        activation, unless it is the computation of a torch layer module (``nn.Linear``,
+        ``nn.Conv2d``, ... and their subclasses) with its own parameters: that module has no rule
+        (or its calls would not be captured) because the composite gave it none, so its relevance
+        stays its gradient (:class:`~lrpkit.composites.UncoveredModuleWarning` says so). Swin's
+        attention, which passes the weights of its ``qkv`` and ``proj`` children to ``F.linear``,
+        BEiT's, which adds a bias of its own, and a custom layer module are layers.
         """
         sources = {index: _parameters_behind(leaf) for index, leaf in enumerate(leaves) if index and isinstance(leaf, Tensor)}
         activations = [index for index in activations if index == 0 or sources[index] is None]
         owner = self.frames[-1].module if self.frames else None
-        own = {id(parameter) for parameter in owner.parameters(recurse=False)} if owner is not None else set()
-        owned = any(id(parameter) in own for parameters in sources.values() for parameter in parameters or ())
+        owned = False
+        if isinstance(owner, _LAYER_MODULES):
+            own = {id(parameter) for parameter in owner.parameters(recurse=False)}
+            owned = any(id(parameter) in own for parameters in sources.values() for parameter in parameters or ())
         return activations, (captured.Other if owned or activations != [0] else None)
 
     def identify(
@@ -474,6 +477,8 @@ class _Capture:
 
 
 _LAYER_KINDS = (captured.Dense, captured.Convolution, captured.ConvolutionTranspose)
+#: torch's layer modules: a call with their own parameters is their computation, left to the composite.
+_LAYER_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 #: Kinds whose in-place methods (``x.add_(y)``, ``x.relu_()``) keep the shape: captured with a write-back.
 _ELEMENTWISE_KINDS = (captured.Add, captured.Product, captured.Activation)
 

@@ -171,6 +171,58 @@ def test_a_weight_computed_from_parameters_belongs_to_the_layer() -> None:
     assert kinds(model, composite, x) == {"linear": captured.Dense}
 
 
+class OwnBias(nn.Module):
+    """BEiT's attention: a child's weight and a bias of its own (``cat`` of parameters) in one ``F.linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 6, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+        self.register_buffer("k_bias", torch.zeros(2), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return F.linear(x, weight=self.qkv.weight, bias=bias)
+
+
+class OwnLayer(nn.Module):
+    """A custom layer module (no torch layer class) calling ``F.linear`` with its own weight and bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _as_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    reference = nn.Linear(4, 6).to(DTYPE).eval()
+    with torch.no_grad():
+        reference.weight.copy_(weight)
+        reference.bias.copy_(bias)
+    return reference
+
+
+@pytest.mark.parametrize("layer", [OwnBias, OwnLayer])
+def test_a_call_with_parameters_of_the_running_module_is_a_layer(layer: type[nn.Module]) -> None:
+    """Only a torch layer class keeps its own call (its rule is the composite's); BEiT lost 3e3x the logit before."""
+    torch.manual_seed(5)
+    module = layer().to(DTYPE).eval()
+    if isinstance(module, OwnBias):
+        reference = _as_linear(module.qkv.weight, torch.cat((module.q_bias, module.k_bias, module.v_bias)))
+    else:
+        reference = _as_linear(module.weight, module.bias)
+    model, expected_model = nn.Sequential(module, nn.ReLU()), nn.Sequential(reference, nn.ReLU())
+    x = torch.randn(5, 4, dtype=DTYPE)
+    composite = composites.LayerMapComposite([(types.Linear, rules.ZPlus()), (nn.ReLU, rules.Pass())])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # explained: no UncoveredModuleWarning
+        ours = relevance(model, composite, x)
+    torch.testing.assert_close(ours, relevance(expected_model, composite, x), rtol=1e-10, atol=1e-12)
+    assert list(kinds(model, composite, x).values()) == [captured.Dense]
+
+
 class InputWeight(nn.Module):
     """``F.linear`` with a weight computed from the input: a product of activations, not a layer."""
 

@@ -205,17 +205,6 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-class OwnLinear(nn.Module):
-    """A custom dense layer: ``F.linear`` with its own weight is its computation, a plain gradient without a rule."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.eye(size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
-
-
 class AddMM(nn.Module):
     """GPT-2's ``Conv1D``: ``torch.addmm(bias, x, weight)``, an op without a rule."""
 
@@ -251,20 +240,43 @@ def _sandwich(middle: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(3, 3), middle, nn.Linear(3, 2)).double()
 
 
-@pytest.mark.parametrize("layer", [OwnLinear, AddMM, ScaledInCustomFunction])
-def test_module_without_rule_warns_after_the_forward_and_strict_raises(layer: Callable[[int], nn.Module]) -> None:
+def _outer_layers_only(strict: bool = False) -> composites.Composite:
+    """Rules for the sandwich's outer layers only: its middle ``nn.Linear`` gets none."""
+    return composites.NameMapComposite([(["0", "2"], rules.Epsilon())], strict=strict)
+
+
+@pytest.mark.parametrize(
+    ("layer", "composite"),
+    [(lambda size: nn.Linear(size, size), _outer_layers_only), (AddMM, composites.EpsilonPlus), (ScaledInCustomFunction, composites.EpsilonPlus)],
+    ids=["unmapped nn.Linear", "addmm", "custom function"],
+)
+def test_module_without_rule_warns_after_the_forward_and_strict_raises(
+    layer: Callable[[int], nn.Module], composite: Callable[..., composites.Composite]
+) -> None:
+    """An ``nn.Linear``'s own ``F.linear`` call is its computation: the composite gave it no rule, the gradient."""
     model = _sandwich(layer(3))
     x = torch.rand(2, 3, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with composites.EpsilonPlus().context(model):  # entering says nothing: the calls are not seen yet
+        with composite().context(model):  # entering says nothing: the calls are not seen yet
             pass
-    label = rf"'1' \({layer.__name__}\)"
+    label = rf"'1' \({type(model[1]).__name__}\)"
     with pytest.warns(composites.UncoveredModuleWarning, match=label):
-        Gradient(model, composites.EpsilonPlus())(x)
+        Gradient(model, composite())(x)
     with pytest.raises(ValueError, match=label):
-        Gradient(model, composites.EpsilonPlus(strict=True))(x)
+        Gradient(model, composite(strict=True))(x)
     assert hooks_left(model) == []
+
+
+class OwnLinear(nn.Module):
+    """A custom dense layer (no torch layer class): its ``F.linear`` call is captured as a dense layer."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 class ExpScale(nn.Module):
@@ -290,7 +302,7 @@ class PositionTable(nn.Module):
         return x + self.table[self.index].view(1, -1)
 
 
-@pytest.mark.parametrize("layer", [Scale, ExpScale, PositionTable])
+@pytest.mark.parametrize("layer", [Scale, ExpScale, PositionTable, OwnLinear])
 def test_module_whose_parameters_enter_explained_calls_gets_no_warning(layer: Callable[[int], nn.Module]) -> None:
     """Its parameters enter a captured product or sum as constants: explained, no warning."""
     model = _sandwich(layer(3))
