@@ -56,11 +56,19 @@ class CapturedOp(nn.Module):
 
 
 class Add(CapturedOp):
-    """Additions and subtractions of tensors (``x + y``, ``x - y``, ``torch.add``): default ``Norm``."""
+    """Additions and subtractions of tensors (``x + y``, ``x - y``, ``torch.add``): default ``Norm``.
+
+    Also ``torch.addcmul(input, t1, t2)`` (``input + t1 * t2``, ResMLP's ``Affine``, ConvNeXt-V2's
+    global response norm) when at most one of ``t1``, ``t2`` carries relevance; with both it is
+    an :class:`Other` call.
+    """
 
 
 class Pool(CapturedOp):
-    """Sums and averages (``sum``, ``mean``, ``avg_pool*``, ``adaptive_avg_pool*``): default ``Norm``."""
+    """Sums and averages (``sum``, ``mean``, ``avg_pool*``, ``adaptive_avg_pool*``, ``fold``): default ``Norm``.
+
+    ``F.fold`` adds overlapping patches up, so it splits like a sum.
+    """
 
 
 class MaxPool(CapturedOp):
@@ -68,7 +76,11 @@ class MaxPool(CapturedOp):
 
 
 class Activation(CapturedOp):
-    """Element-wise activations (``relu``, ``gelu``, ``silu``, ``sigmoid``, ...): default ``Pass``."""
+    """Element-wise functions of one tensor (``relu``, ``gelu``, ``silu``, ``sigmoid``, ``x ** 2``, ``-x``, ...): default ``Pass``.
+
+    ``pow`` is one only with a constant exponent (``x ** 2``, StarReLU's squared ReLU); ``x ** y``
+    of two activations is an :class:`Other` call.
+    """
 
 
 class ReLU(Activation):
@@ -131,10 +143,11 @@ class Other(CapturedOp):
 
 
 _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
-    Add: ("add", "sub", "rsub"),
+    Add: ("add", "sub", "rsub", "addcmul"),
     Pool: (
         "sum",
         "mean",
+        "fold",
         "avg_pool1d",
         "avg_pool2d",
         "avg_pool3d",
@@ -175,6 +188,13 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
         "softsign",
         "threshold",
         "prelu",
+        "pow",
+        "rpow",
+        "square",
+        "sqrt",
+        "exp",
+        "abs",
+        "neg",
     ),
     Reshape: (
         "view",

@@ -273,17 +273,15 @@ class _Capture:
         """Record which unchecked modules' parameters go into this call, and whether it keeps its gradient.
 
         Every tensor argument counts, also one computed from parameters alone that the capture
-        treats as an activation (``table[index]``, a relative position bias). A call on such
-        tensors alone (``self.logit_scale.clamp(max=4.6).exp()``) computes a constant: no use yet.
+        treats as an activation (``table[index]``, a relative position bias).
         """
         assert self.binding is not None
         unchecked = self.binding.unchecked
-        sources = [_parameters_behind(leaf) for leaf in leaves if isinstance(leaf, Tensor)]
-        if all(source is not None for source in sources):
-            return
         uses = self.kept_gradient if kind is captured.Other else self.explained
-        for source in sources:
-            for parameter in source or ():
+        for leaf in leaves:
+            if not isinstance(leaf, Tensor):
+                continue
+            for parameter in _parameters_behind(leaf) or ():
                 label = unchecked.get(id(parameter))
                 if label is not None:
                     uses.add(label)
@@ -334,9 +332,13 @@ class _Capture:
             return func(*args, **kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         activations = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
+        if activations and all(_parameters_behind(leaves[index]) is not None for index in activations):
+            return func(*args, **kwargs)  # computed from parameters alone (``self.scale.exp()``): a constant
         kind = None
         if op in captured.LAYER_OPS:
             activations, kind = self.layer_call(leaves, activations)
+        elif op in _KIND_BY_ACTIVATIONS:
+            kind = _KIND_BY_ACTIVATIONS[op](activations)
         if not activations:
             return func(*args, **kwargs)
         if self.binding is not None and self.binding.unchecked and not self.reported and torch.is_grad_enabled():
@@ -479,6 +481,14 @@ class _Capture:
 _LAYER_KINDS = (captured.Dense, captured.Convolution, captured.ConvolutionTranspose)
 #: torch's layer modules: a call with their own parameters is their computation, left to the composite.
 _LAYER_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+#: Ops whose kind depends on which arguments are activations (``None``: the op's own kind).
+_KIND_BY_ACTIVATIONS: dict[str, Callable[[list[int]], type[captured.CapturedOp] | None]] = {
+    # input + t1 * t2: a sum of a product of one activation and a constant
+    "addcmul": lambda activations: captured.Other if 1 in activations and 2 in activations else None,
+    # x ** c: an element-wise function; x ** y, c ** x with a tensor c: not one of x alone
+    "pow": lambda activations: None if activations == [0] else captured.Other,
+    "rpow": lambda activations: None if activations == [0] else captured.Other,
+}
 #: Kinds whose in-place methods (``x.add_(y)``, ``x.relu_()``) keep the shape: captured with a write-back.
 _ELEMENTWISE_KINDS = (captured.Add, captured.Product, captured.Activation)
 

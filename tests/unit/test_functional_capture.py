@@ -1344,6 +1344,125 @@ def test_describe_a_module_explained_through_its_calls() -> None:
     assert rows["2"].rule == "Pass()" and rows["4"].rule.startswith("Epsilon(")
 
 
+class LogScale(nn.Module):
+    """Swin V2's ``logit_scale``: a factor computed from a parameter alone (``clamp``, ``exp``), then a product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3, bias=False)
+        self.log_scale = nn.Parameter(torch.full((3,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.log_scale.clamp(max=4.6).exp()
+
+
+def test_a_computation_on_parameters_alone_is_a_constant_not_a_captured_call() -> None:
+    torch.manual_seed(0)
+    model = init_weights(LogScale().to(DTYPE))
+    capture = FunctionalCapture()
+    with composites.EpsilonPlus(canonizers=[capture]).context(model):
+        model(vectors().requires_grad_(True))
+        ops = capture.ops(model)
+    assert list(ops) == ["mul"]
+    output, relevance = Gradient(model, composites.EpsilonPlus())(vectors())
+    assert_conserved(output, relevance, rtol=1e-4)
+
+
+class ElementwiseNet(nn.Module):
+    """``lin -> f -> lin`` for an element-wise function ``f`` of one activation."""
+
+    FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "squared_relu": lambda h: 0.5 * F.relu(h) ** 2,  # StarReLU's core
+        "neg": lambda h: -h,
+        "exp": torch.exp,
+        "abs": torch.abs,
+        "square": torch.square,
+        "sqrt_abs": lambda h: h.abs().sqrt(),
+    }
+
+    def __init__(self, function: str) -> None:
+        super().__init__()
+        self.function = self.FUNCTIONS[function]
+        self.first, self.last = nn.Linear(4, 6, bias=False), nn.Linear(6, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.function(self.first(x)))
+
+
+@pytest.mark.parametrize("function", list(ElementwiseNet.FUNCTIONS))
+def test_element_wise_functions_pass_relevance(function: str) -> None:
+    """As activations: relevance passes unchanged, so it is conserved (the gradient would scale or flip it)."""
+    torch.manual_seed(0)
+    model = init_weights(ElementwiseNet(function))
+    composite = composites.EpsilonPlus(epsilon=1e-12, canonizers=[FunctionalCapture(stabilizer=1e-12)])
+    output, relevance = Gradient(model, composite)(vectors())
+    assert_conserved(output, relevance)
+
+
+class AddCMul(nn.Module):
+    """ResMLP's ``Affine``: ``torch.addcmul(beta, alpha, h)``, or the same written out."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        self.first, self.last = nn.Linear(4, 6, bias=False), nn.Linear(6, 3, bias=False)
+        self.alpha, self.beta = nn.Parameter(torch.linspace(0.5, 1.5, 6)), nn.Parameter(torch.linspace(-0.2, 0.3, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        h = torch.addcmul(self.beta, self.alpha, h) if self.fused else self.beta + self.alpha * h
+        return self.last(h)
+
+
+def test_addcmul_is_explained_like_the_sum_of_a_product() -> None:
+    composite = lambda: composites.EpsilonPlus(epsilon=1e-12, canonizers=[FunctionalCapture(stabilizer=1e-12)])  # noqa: E731
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        results.append(Gradient(init_weights(AddCMul(fused)), composite())(vectors()))
+    assert torch.equal(results[0].output, results[1].output)
+    torch.testing.assert_close(results[0].relevance, results[1].relevance, rtol=1e-7, atol=1e-10)  # stabilisers: one sum against two calls
+
+
+def test_addcmul_of_two_activations_keeps_its_gradient() -> None:
+    class Squares(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            return torch.addcmul(h, h, h)
+
+    capture = FunctionalCapture()
+    model = Squares().to(DTYPE)
+    with composites.EpsilonPlus(canonizers=[capture]).context(model):
+        model(vectors().requires_grad_(True))
+        assert type(capture.ops(model)["addcmul"]) is captured.Other
+
+
+class FoldBack(nn.Module):
+    """``F.unfold`` into overlapping 3x3 patches and ``F.fold`` back: every position summed up to 9 times."""
+
+    positive = ("stem",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv3(1, 2)
+        self.fc = nn.Linear(2 * 5 * 5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = F.unfold(self.stem(x), 3, padding=1)
+        return self.fc(torch.flatten(F.fold(patches, (5, 5), 3, padding=1), 1))
+
+
+def test_fold_splits_like_a_sum() -> None:
+    """The gradient of ``fold`` copies each output's relevance to every patch that adds to it: 9x, not conserved."""
+    model = build(FoldBack)
+    output, relevance = Gradient(model, composites.EpsilonPlus())(images())
+    assert_conserved(output, relevance)
+
+
 class ChunkedHead(nn.Module):
     """``chunk`` into three and use one: the other outputs of the chunk get no relevance at all."""
 
