@@ -115,3 +115,13 @@ def test_othello_leaves_the_model_unchanged(othello: ModuleType) -> None:
     assert not model.training
     torch.testing.assert_close(value, expected["value"])
     torch.testing.assert_close(policy, expected["policy"])
+
+
+def test_timm_models_example() -> None:
+    """examples/timm_models.py, where timm is installed (it is no test dependency): skipped otherwise."""
+    pytest.importorskip("timm")
+    timm_models = _load("timm_models")
+    results = timm_models.main(["resnet18"], size=32)
+    for result in results["resnet18"].values():
+        assert result["same output"] and result["restored"] and result["finite"]
+    assert results["resnet18"]["EpsilonGammaBox"]["conservation error"] < 1e-6
