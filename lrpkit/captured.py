@@ -116,7 +116,7 @@ class Attention(CapturedOp):
 
 
 class Dense(CapturedOp):
-    """``F.linear`` whose weight and bias are constants of the model (parameters, or computed from them alone).
+    """``F.linear`` (or ``torch.addmm(bias, x, weight)``, GPT-2's ``Conv1D``) whose weight and bias are constants of the model.
 
     Matched by :data:`lrpkit.types.Linear`, so a composite's dense-layer rule reaches it (default
     ``Epsilon``); the weight and bias are the layer's parameters for the rule. With a weight
@@ -251,7 +251,7 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
     GroupNorm: ("group_norm", "instance_norm"),
     Softmax: ("softmax", "log_softmax"),
     Attention: ("scaled_dot_product_attention", "multi_head_attention_forward"),
-    Dense: ("linear",),
+    Dense: ("linear", "addmm"),
     Convolution: ("conv1d", "conv2d", "conv3d"),
     ConvolutionTranspose: ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
 }

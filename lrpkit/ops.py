@@ -567,13 +567,27 @@ def _conv_transpose_call(
     """The signature of ``F.conv_transpose1d``/``2d``/``3d``."""
 
 
+def _addmm_call(input: Tensor, mat1: Tensor, mat2: Tensor, *, beta: Any = 1, alpha: Any = 1) -> None:
+    """The signature of ``torch.addmm``: ``beta * input + alpha * mat1 @ mat2`` (GPT-2's ``Conv1D``)."""
+
+
 def _layer_signature(op: str) -> inspect.Signature:
     if op == "linear":
         return _SIGNATURES[_linear_call]
+    if op == "addmm":
+        return _SIGNATURES[_addmm_call]
     return _SIGNATURES[_conv_transpose_call if op.startswith("conv_transpose") else _conv_call]
 
 
-_SIGNATURES = {function: inspect.signature(function) for function in (_linear_call, _conv_call, _conv_transpose_call)}
+_SIGNATURES = {
+    function: inspect.signature(function) for function in (_linear_call, _conv_call, _conv_transpose_call, _addmm_call)
+}
+
+
+def addmm_is_dense(leaves: tuple[Any, ...], spec: pytree.TreeSpec) -> bool:
+    """Whether a ``torch.addmm`` call is ``F.linear(mat1, mat2.T, input)``: ``beta`` and ``alpha`` are 1."""
+    bound = _bound(_SIGNATURES[_addmm_call], leaves, spec)
+    return all(not isinstance(bound[name], Tensor) and bound[name] == 1 for name in ("beta", "alpha"))
 
 
 class CallLayer:
@@ -624,7 +638,7 @@ def captured_layer_ops(
     spec: pytree.TreeSpec,
     op: str | None = None,
 ) -> LayerOps:
-    """The ops of an ``F.linear``/``F.conv*`` call: :class:`DenseOps`/:class:`ConvOps` on its weight and bias.
+    """The ops of an ``F.linear``/``F.conv*``/``torch.addmm`` call: :class:`DenseOps`/:class:`ConvOps` on its weight and bias.
 
     ``leaves``: the call's flattened arguments (as for :class:`FunctionalOps`), the input at
     ``input_positions``; ``op``: the call's name (default: ``module.op``, a captured call's). A
@@ -634,10 +648,13 @@ def captured_layer_ops(
     op = op or getattr(module, "op", "")
     signature = _layer_signature(op)
     bound = _bound(signature, leaves, spec)
+    if op == "addmm":  # input + mat1 @ mat2 is F.linear(mat1, mat2.T, input)
+        bound = {"input": bound["mat1"], "weight": bound["mat2"].t(), "bias": bound["input"]}
     weight, bias = bound["weight"], bound["bias"]
-    settings = None if op == "linear" else {name: bound[name] for name in signature.parameters if name not in ("input", "weight", "bias")}
+    dense = op in ("linear", "addmm")
+    settings = None if dense else {name: bound[name] for name in signature.parameters if name not in ("input", "weight", "bias")}
     layer = CallLayer(weight.detach(), None if bias is None else bias.detach(), settings)
-    if op == "linear":
+    if dense:
         return DenseOps(layer, (bound["input"],), {}, (0,))
     if layer.padding is not None:
         return ConvOps(layer, (bound["input"],), {}, (0,))

@@ -79,7 +79,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import captured
 from ..core import OpsFactory, PendingCall, Rule, Session, route
-from ..ops import FunctionalOps, captured_layer_ops, hooks_are_suspended, hooks_suspended
+from ..ops import FunctionalOps, addmm_is_dense, captured_layer_ops, hooks_are_suspended, hooks_suspended
 from ..rectified import rectify_in_place
 from ..rules import AttentionValue, Epsilon, LayerNormConstant, Norm, Pass, Product
 from .base import CallbackHandle, Canonizer, Handle, RuleBinding, undo_all
@@ -336,7 +336,7 @@ class _Capture:
             return func(*args, **kwargs)  # computed from parameters alone (``self.scale.exp()``): a constant
         kind = None
         if op in captured.LAYER_OPS:
-            activations, kind = self.layer_call(leaves, activations)
+            activations, kind = self.layer_call(leaves, activations, op, spec)
         elif op in _KIND_BY_ACTIVATIONS:
             kind = _KIND_BY_ACTIVATIONS[op](activations)
         if not activations:
@@ -387,8 +387,10 @@ class _Capture:
         output = self.observed(name, pseudo, rule, output)  # the call's own autograd node, before any write-back
         return output if target is None else target.copy_(output)
 
-    def layer_call(self, leaves: list[Any], activations: list[int]) -> tuple[list[int], type[captured.CapturedOp] | None]:
-        """The relevance inputs and the kind (``None``: by the op) of an ``F.linear``/``F.conv*`` call.
+    def layer_call(
+        self, leaves: list[Any], activations: list[int], op: str, spec: pytree.TreeSpec
+    ) -> tuple[list[int], type[captured.CapturedOp] | None]:
+        """The relevance inputs and the kind (``None``: by the op) of an ``F.linear``/``F.conv*``/``torch.addmm`` call.
 
         A weight or bias computed from parameters alone belongs to the layer; it is no input. The
         call is a layer (:class:`~lrpkit.captured.Dense`, ...) when the input is its only
@@ -399,14 +401,18 @@ class _Capture:
         attention, which passes the weights of its ``qkv`` and ``proj`` children to ``F.linear``,
         BEiT's, which adds a bias of its own, and a custom layer module are layers.
         """
-        sources = {index: _parameters_behind(leaf) for index, leaf in enumerate(leaves) if index and isinstance(leaf, Tensor)}
-        activations = [index for index in activations if index == 0 or sources[index] is None]
+        position = 1 if op == "addmm" else 0  # of the input: torch.addmm(bias, input, weight)
+        sources = {
+            index: _parameters_behind(leaf) for index, leaf in enumerate(leaves) if index != position and isinstance(leaf, Tensor)
+        }
+        activations = [index for index in activations if index == position or sources[index] is None]
         owner = self.frames[-1].module if self.frames else None
         owned = False
         if isinstance(owner, _LAYER_MODULES):
             own = {id(parameter) for parameter in owner.parameters(recurse=False)}
             owned = any(id(parameter) in own for parameters in sources.values() for parameter in parameters or ())
-        return activations, (captured.Other if owned or activations != [0] else None)
+        dense = op != "addmm" or addmm_is_dense(tuple(leaves), spec)
+        return activations, (captured.Other if owned or activations != [position] or not dense else None)
 
     def identify(
         self, op: str, func: Callable[..., Any], kind: type[captured.CapturedOp] | None = None

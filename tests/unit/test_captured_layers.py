@@ -223,6 +223,59 @@ def test_a_call_with_parameters_of_the_running_module_is_a_layer(layer: type[nn.
     assert list(kinds(model, composite, x).values()) == [captured.Dense]
 
 
+class Conv1D(nn.Module):
+    """GPT-2's ``Conv1D``: ``torch.addmm(bias, x, weight)`` with the weight stored transposed."""
+
+    def __init__(self, features_in: int, features_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features_in, features_out) * 0.5)
+        self.bias = nn.Parameter(torch.randn(features_out) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return flat.reshape(*x.shape[:-1], flat.shape[-1])
+
+
+@pytest.mark.parametrize("rule", [rules.Epsilon, rules.ZPlus, lambda: rules.AlphaBeta(2, 1)], ids=["Epsilon", "ZPlus", "AlphaBeta"])
+def test_addmm_is_a_dense_layer(rule: Callable[[], rules.Rule]) -> None:
+    """GPT-2's ``Conv1D`` is explained as the ``nn.Linear`` holding the transposed weight (the dense rule, z+ and alpha-beta)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(Conv1D(4, 6), nn.ReLU(), Conv1D(6, 3)).to(DTYPE).eval()
+    reference = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(DTYPE).eval()
+    with torch.no_grad():
+        for conv1d, linear in ((model[0], reference[0]), (model[2], reference[2])):
+            linear.weight.copy_(conv1d.weight.t())
+            linear.bias.copy_(conv1d.bias)
+    x = torch.randn(5, 4, dtype=DTYPE)
+    composite = lambda: composites.LayerMapComposite([(types.Linear, rule()), (nn.ReLU, rules.Pass())])  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # explained: no UncoveredModuleWarning
+        ours = relevance(model, composite(), x)
+    torch.testing.assert_close(ours, relevance(reference, composite(), x), rtol=1e-10, atol=1e-12)
+    assert set(kinds(model, composite(), x).values()) == {captured.Dense}
+
+
+class ScaledAddMM(nn.Module):
+    """``torch.addmm`` with ``beta`` or ``alpha`` not 1, or with its weight computed from the input: not a dense layer."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.weight, self.bias = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "alpha":
+            return torch.addmm(self.bias, x, self.weight, alpha=0.5)
+        return torch.addmm(self.bias, x, x.t() @ x @ self.weight)
+
+
+@pytest.mark.parametrize("form", ["alpha", "input weight"])
+def test_addmm_that_is_no_dense_layer_keeps_its_gradient(form: str) -> None:
+    model = ScaledAddMM(form).to(DTYPE)
+    with pytest.warns(composites.UncoveredModuleWarning, match=r"'' \(ScaledAddMM\)"):  # and it says so
+        assert kinds(model, composites.EpsilonPlus(), torch.randn(4, 4, dtype=DTYPE)) == {"addmm": captured.Other}
+
+
 class InputWeight(nn.Module):
     """``F.linear`` with a weight computed from the input: a product of activations, not a layer."""
 

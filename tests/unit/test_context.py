@@ -205,8 +205,19 @@ class Scale(nn.Module):
         return x * self.scale
 
 
+class Lerp(nn.Module):
+    """``torch.lerp(x, self.anchor, 0.5)``: an op without a rule."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.lerp(x, self.anchor.expand_as(x), 0.5)
+
+
 class AddMM(nn.Module):
-    """GPT-2's ``Conv1D``: ``torch.addmm(bias, x, weight)``, an op without a rule."""
+    """GPT-2's ``Conv1D``: ``torch.addmm(bias, x, weight)``, captured as a dense layer."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
@@ -247,8 +258,8 @@ def _outer_layers_only(strict: bool = False) -> composites.Composite:
 
 @pytest.mark.parametrize(
     ("layer", "composite"),
-    [(lambda size: nn.Linear(size, size), _outer_layers_only), (AddMM, composites.EpsilonPlus), (ScaledInCustomFunction, composites.EpsilonPlus)],
-    ids=["unmapped nn.Linear", "addmm", "custom function"],
+    [(lambda size: nn.Linear(size, size), _outer_layers_only), (Lerp, composites.EpsilonPlus), (ScaledInCustomFunction, composites.EpsilonPlus)],
+    ids=["unmapped nn.Linear", "lerp", "custom function"],
 )
 def test_module_without_rule_warns_after_the_forward_and_strict_raises(
     layer: Callable[[int], nn.Module], composite: Callable[..., composites.Composite]
@@ -302,7 +313,7 @@ class PositionTable(nn.Module):
         return x + self.table[self.index].view(1, -1)
 
 
-@pytest.mark.parametrize("layer", [Scale, ExpScale, PositionTable, OwnLinear])
+@pytest.mark.parametrize("layer", [Scale, ExpScale, PositionTable, OwnLinear, AddMM])
 def test_module_whose_parameters_enter_explained_calls_gets_no_warning(layer: Callable[[int], nn.Module]) -> None:
     """Its parameters enter a captured product or sum as constants: explained, no warning."""
     model = _sandwich(layer(3))
