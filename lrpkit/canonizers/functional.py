@@ -331,9 +331,10 @@ class _Capture:
         if op is None:
             return func(*args, **kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        activations = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
-        if activations and all(_parameters_behind(leaves[index]) is not None for index in activations):
-            return func(*args, **kwargs)  # computed from parameters alone (``self.scale.exp()``): a constant
+        # a tensor computed from parameters alone (``1 - sigmoid(self.gate)``) is a constant, not an activation
+        activations = [
+            index for index, leaf in enumerate(leaves) if _is_activation(leaf) and _parameters_behind(leaf) is None
+        ]
         kind = None
         if op in captured.LAYER_OPS:
             activations, kind = self.layer_call(leaves, activations, op, spec)
@@ -462,6 +463,9 @@ class _Capture:
                 ops_factory=_layer_ops_factory(func, spec) if isinstance(op, _LAYER_KINDS) else _ops_factory(func, spec),
             )
             routed = route(pending, tuple(leaves[index] for index in positions))
+        if not isinstance(op, _NOT_GATE_PRESERVING) and all(_is_gate(leaves[index]) for index in activations):
+            # computed from gates alone (ConViT's mix of two softmaxes, renormalised): a gate too
+            routed.grad_fn.gate_derived = True  # type: ignore[union-attr]
         if isinstance(output, Tensor):
             return routed
         return type(output)((routed, *output[1:])) if isinstance(output, tuple) else [routed, *output[1:]]
@@ -485,6 +489,8 @@ class _Capture:
 
 
 _LAYER_KINDS = (captured.Dense, captured.Convolution, captured.ConvolutionTranspose)
+#: Calls whose output is no gate even when all their activations are: layers (of a gate: a signal) and attention.
+_NOT_GATE_PRESERVING = (*_LAYER_KINDS, captured.Attention)
 #: torch's layer modules: a call with their own parameters is their computation, left to the composite.
 _LAYER_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 #: Ops whose kind depends on which arguments are activations (``None``: the op's own kind).
@@ -610,9 +616,18 @@ _PASSTHROUGH_NODES = frozenset(
 
 
 def _source_node(tensor: Tensor) -> Any:
-    """The autograd node that produced ``tensor``, looking through views, copies and reshapes."""
+    """The autograd node that produced ``tensor``, looking through views, copies and reshapes.
+
+    A tensor overwritten by ``copy_`` (an in-place call written back) holds what was copied into it.
+    """
     node = tensor.grad_fn
-    while node is not None and type(node).__name__.rstrip("0123456789").removesuffix("Backward") in _PASSTHROUGH_NODES:
+    while node is not None:
+        name = type(node).__name__
+        if name == "CopyBackwards":
+            node = node.next_functions[1][0]
+            continue
+        if name.rstrip("0123456789").removesuffix("Backward") not in _PASSTHROUGH_NODES:
+            break
         parents = [parent for parent, _ in node.next_functions if parent is not None]
         if len(parents) != 1:
             break
@@ -625,11 +640,13 @@ _GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Sof
 
 
 def _is_gate(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is the output of a sigmoid, hard sigmoid or softmax (call or module)."""
+    """Whether ``tensor`` is the output of a sigmoid, hard sigmoid or softmax (call or module), or of a captured call on such outputs alone."""
     node = _source_node(tensor)
     if node is None:
         return False
     if type(node).__name__.rstrip("0123456789").removesuffix("Backward") in _GATE_NODES:
+        return True
+    if getattr(node, "gate_derived", False):
         return True
     pending = getattr(node, "pending", None)
     module = getattr(pending, "module", None)

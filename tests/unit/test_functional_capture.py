@@ -1463,6 +1463,36 @@ def test_fold_splits_like_a_sum() -> None:
     assert_conserved(output, relevance)
 
 
+class MixedGate(nn.Module):
+    """ConViT's gated positional attention: two softmaxes mixed by ``sigmoid(self.gating)``, renormalised with ``/=``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scores, self.value, self.out = (nn.Linear(4, 4, bias=False) for _ in range(3))
+        self.gating = nn.Parameter(torch.tensor(0.3))
+        self.register_buffer("positional", torch.linspace(-1.0, 1.0, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        content = self.scores(x).softmax(dim=-1)
+        attn = (1.0 - torch.sigmoid(self.gating)) * content + torch.sigmoid(self.gating) * self.positional.softmax(dim=-1)
+        attn /= attn.sum(dim=-1).unsqueeze(-1)
+        return self.out(attn * self.value(x))
+
+
+def test_a_mix_of_gates_is_a_gate() -> None:
+    """``attn`` is computed from gates and constants alone: the product gives all relevance to the value.
+
+    Before, ``1 - sigmoid(self.gating)`` counted as an activation (and got the relevance of the
+    content softmax's product), and the renormalised mix was no gate: half the relevance went
+    into the softmaxes, whose gradient sums to zero.
+    """
+    torch.manual_seed(0)
+    model = init_weights(MixedGate())
+    composite = composites.EpsilonPlus(epsilon=1e-12, canonizers=[FunctionalCapture(stabilizer=1e-12)])
+    output, relevance = Gradient(model, composite)(vectors())
+    assert_conserved(output, relevance)
+
+
 class ChunkedHead(nn.Module):
     """``chunk`` into three and use one: the other outputs of the chunk get no relevance at all."""
 
