@@ -331,13 +331,10 @@ class _Capture:
         if op is None:
             return func(*args, **kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        # a tensor computed from parameters alone (``1 - sigmoid(self.gate)``) is a constant, not an activation
-        activations = [
-            index for index, leaf in enumerate(leaves) if _is_activation(leaf) and _parameters_behind(leaf) is None
-        ]
+        activations = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
         kind = None
         if op in captured.LAYER_OPS:
-            activations, kind = self.layer_call(leaves, activations, op, spec)
+            kind = self.layer_call(leaves, activations, op, spec)
         elif op in _KIND_BY_ACTIVATIONS:
             kind = _KIND_BY_ACTIVATIONS[op](activations)
         if not activations:
@@ -390,10 +387,10 @@ class _Capture:
 
     def layer_call(
         self, leaves: list[Any], activations: list[int], op: str, spec: pytree.TreeSpec
-    ) -> tuple[list[int], type[captured.CapturedOp] | None]:
-        """The relevance inputs and the kind (``None``: by the op) of an ``F.linear``/``F.conv*``/``torch.addmm`` call.
+    ) -> type[captured.CapturedOp] | None:
+        """The kind (``None``: by the op) of an ``F.linear``/``F.conv*``/``torch.addmm`` call.
 
-        A weight or bias computed from parameters alone belongs to the layer; it is no input. The
+        A weight or bias computed from parameters alone belongs to the layer (it is no activation). The
         call is a layer (:class:`~lrpkit.captured.Dense`, ...) when the input is its only
         activation, unless it is the computation of a torch layer module (``nn.Linear``,
         ``nn.Conv2d``, ... and their subclasses) with its own parameters: that module has no rule
@@ -403,17 +400,14 @@ class _Capture:
         BEiT's, which adds a bias of its own, and a custom layer module are layers.
         """
         position = 1 if op == "addmm" else 0  # of the input: torch.addmm(bias, input, weight)
-        sources = {
-            index: _parameters_behind(leaf) for index, leaf in enumerate(leaves) if index != position and isinstance(leaf, Tensor)
-        }
-        activations = [index for index in activations if index == position or sources[index] is None]
         owner = self.frames[-1].module if self.frames else None
         owned = False
         if isinstance(owner, _LAYER_MODULES):
             own = {id(parameter) for parameter in owner.parameters(recurse=False)}
-            owned = any(id(parameter) in own for parameters in sources.values() for parameter in parameters or ())
+            constants = (leaf for index, leaf in enumerate(leaves) if index != position and isinstance(leaf, Tensor))
+            owned = any(id(parameter) in own for leaf in constants for parameter in _parameters_behind(leaf) or ())
         dense = op != "addmm" or addmm_is_dense(tuple(leaves), spec)
-        return activations, (captured.Other if owned or activations != [position] or not dense else None)
+        return captured.Other if owned or activations != [position] or not dense else None
 
     def identify(
         self, op: str, func: Callable[..., Any], kind: type[captured.CapturedOp] | None = None
@@ -600,13 +594,14 @@ def _out_of_place(op: str) -> str:
 
 
 def _is_activation(leaf: Any) -> bool:
-    """A floating tensor that requires grad and is not (a view of) a parameter."""
+    """A floating tensor that requires grad and depends on more than parameters.
+
+    A parameter, a view of one, or a tensor computed from parameters alone
+    (``1 - sigmoid(self.gate)``, ``table[index]``) is a constant of the call.
+    """
     if not isinstance(leaf, Tensor) or not leaf.requires_grad or not leaf.is_floating_point():
         return False
-    if isinstance(leaf, nn.Parameter):
-        return False
-    node = _source_node(leaf)
-    return not (node is not None and isinstance(getattr(node, "variable", None), nn.Parameter))
+    return _parameters_behind(leaf) is None
 
 
 _PASSTHROUGH_NODES = frozenset(
