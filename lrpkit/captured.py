@@ -94,8 +94,9 @@ class Reshape(CapturedOp):
 class Product(CapturedOp):
     """Products and divisions (``x * y``, ``matmul``, ``bmm``, ``einsum``, ``x / y``): default ``Product``.
 
-    A factor that is a gate (the output of a sigmoid, hard sigmoid or softmax), a parameter, or a
-    divisor is treated as a constant and receives no relevance.
+    A factor that is a gate (the output of a sigmoid, hard sigmoid or softmax, or of a captured
+    call on such outputs and constants alone), a parameter (or a tensor computed from parameters
+    alone), or a divisor is treated as a constant and receives no relevance.
     """
 
 
