@@ -9,7 +9,9 @@ that single layer, so merging is what makes them applicable to BatchNorm network
 :class:`MergeBatchNorm` finds the pairs by itself, from the graph the model actually executes
 (one probe forward at the first call inside the context, cached per model afterwards);
 :class:`NamedMergeBatchNorm` takes them by name. Both replace the BatchNorm by ``nn.Identity``
-in its parent(s) and merge it into the layer in one of two ways: a large layer (by default one
+in its parent(s) (:class:`MergeBatchNorm` keeps a BatchNorm subclass with its own ``forward``,
+such as timm's ``BatchNormAct2d``, and gives it the statistics of the identity, where the probe
+shows that the forward normalizes first) and merge it into the layer in one of two ways: a large layer (by default one
 with at least ``2**17`` weight elements) keeps its weight, and a forward hook scales its output
 per channel, the rules applying that scale in their products (no copy of the weight is made);
 a small one gets new merged ``Parameter`` objects. ``remove()`` puts the original objects back:
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
@@ -106,14 +109,26 @@ def _layer_type_problem(layer: nn.Module) -> str | None:
     return None
 
 
-def _norm_type_problem(norm: nn.Module) -> str | None:
-    """Why ``norm`` cannot be merged because of what it is, or ``None``."""
+def _has_standard_forward(norm: nn.Module) -> bool:
+    """Whether ``norm``'s forward is torch's (or torchvision's) own BatchNorm forward."""
+    return type(norm).forward in _standard_forwards()
+
+
+def _norm_type_problem(norm: nn.Module, own_forward: bool = True) -> str | None:
+    """Why ``norm`` cannot be merged because of what it is, or ``None``.
+
+    ``own_forward``: accept a BatchNorm subclass with its own ``forward`` (the probe of
+    :func:`find_batchnorm_pairs` then checks that it applies the BatchNorm first).
+    """
     if not isinstance(norm, _norm_types()):
         return f"is a {type(norm).__name__}, not a BatchNorm"
     if isinstance(norm, nn.modules.lazy.LazyModuleMixin) and norm.has_uninitialized_params():
         return "is a lazy BatchNorm that is not initialized yet"
-    if type(norm).forward not in _standard_forwards():
-        return f"is a {type(norm).__name__} with its own forward"
+    if not (_has_standard_forward(norm) or (own_forward and isinstance(norm, _BatchNorm))):
+        return (
+            f"is a {type(norm).__name__} with its own forward (MergeBatchNorm merges one whose "
+            "forward it can check applies the BatchNorm first)"
+        )
     return None
 
 
@@ -262,6 +277,35 @@ def _swap_for_identity(model: nn.Module, norm: nn.Module, locations: list[tuple[
     return CallbackHandle(undo)
 
 
+def _neutralize(norm: nn.Module) -> Handle:
+    """Give ``norm`` the statistics of the identity; the handle puts its own objects back.
+
+    For a BatchNorm subclass with its own ``forward`` (timm's ``BatchNormAct2d`` applies its
+    activation inside), which cannot be replaced by ``nn.Identity``: with mean 0, variance 1,
+    ``eps`` 0, weight 1 and bias 0 its normalization returns its input exactly (``x * 1 + 0``),
+    and the rest of its forward runs on the merged layer's output. New tensors are installed in
+    ``_parameters`` and ``_buffers``; the originals are never written to.
+    """
+    parameters, buffers = norm._parameters, norm._buffers
+    saved = [(table, name, table[name]) for table in (parameters, buffers) for name in list(table)]
+    eps = norm.eps
+    mean = buffers["running_mean"]
+    assert mean is not None  # _pair_state_problem: it has running statistics
+    identity = {"weight": torch.ones_like(mean), "bias": torch.zeros_like(mean)}
+    for name, value in identity.items():
+        if parameters.get(name) is not None:
+            parameters[name] = nn.Parameter(value, requires_grad=False)
+    buffers["running_mean"], buffers["running_var"] = torch.zeros_like(mean), torch.ones_like(mean)
+    norm.eps = 0.0
+
+    def undo() -> None:
+        for table, name, value in saved:
+            table[name] = value
+        norm.eps = eps
+
+    return CallbackHandle(undo)
+
+
 #: The ``nn.Identity`` that stands in for each merged BatchNorm (one per BatchNorm, reused).
 _IDENTITIES: "weakref.WeakKeyDictionary[nn.Module, nn.Identity]" = weakref.WeakKeyDictionary()
 
@@ -312,7 +356,10 @@ def merge_pairs(
         norms = list({id(norm): norm for _, _, _, norm in pairs}.values())
         locations = _locations(model)
         for norm in norms:
-            steps.append(_swap_for_identity(model, norm, locations.get(id(norm), [])))
+            if _has_standard_forward(norm):
+                steps.append(_swap_for_identity(model, norm, locations.get(id(norm), [])))
+            else:
+                steps.append(_neutralize(norm))
     except BaseException:
         undo_all(steps)
         raise
@@ -580,6 +627,10 @@ class _Recorder:
             if record is not None:
                 record.users.append(user)
 
+    def inputs_of(self, norm: nn.Module) -> list[Tensor]:
+        """The tensors ``norm`` consumed (outputs of candidate layers)."""
+        return [self.outputs[key].tensor for key in self.consumed[norm] if key in self.outputs]
+
     def groups(self) -> list[tuple[list[nn.Module], nn.Module]]:
         """``(layers, norm)``: every call of ``norm`` consumed an output of ``layers``, which had no other use."""
         found = []
@@ -691,12 +742,42 @@ def find_batchnorm_pairs(model: nn.Module, *args: Any, **kwargs: Any) -> list[Pa
     finally:
         for handle in handles:
             handle.remove()
+    mergeable = [
+        (layers, norm)
+        for layers, norm in groups
+        if norm in names and norm is not model and all(_merge_problem(layer, norm) is None for layer in layers)
+    ]
     return [
         (names[layer], names[norm])
-        for layers, norm in groups
+        for layers, norm in mergeable
+        if _has_standard_forward(norm) or all(_applies_batchnorm_first(norm, x) for x in recorder.inputs_of(norm))
         for layer in layers
-        if norm in names and norm is not model and _merge_problem(layer, norm) is None
     ]
+
+
+def _applies_batchnorm_first(norm: nn.Module, x: Tensor) -> bool:
+    """Whether the own ``forward`` of ``norm`` normalizes ``x`` first and then works on the result.
+
+    Checked on the probe's input ``x``: ``norm.forward(x)`` must equal ``norm.forward`` with
+    identity statistics (:func:`_neutralize`) applied to the plain BatchNorm of ``x``, which is
+    what the model computes once the BatchNorm is merged into the layer before it. timm's
+    ``BatchNormAct2d`` (normalization, then dropout and activation) passes; a forward that also
+    uses ``x`` itself, or applies something before normalizing, does not.
+    """
+    with torch.no_grad(), hooks_suspended():
+        expected = norm.forward(x.clone())
+        normalized = F.batch_norm(
+            x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps  # type: ignore[arg-type]
+        )
+        handle = _neutralize(norm)
+        try:
+            result = norm.forward(normalized)
+        finally:
+            handle.remove()
+    if not (isinstance(expected, Tensor) and isinstance(result, Tensor) and expected.shape == result.shape):
+        return False
+    tolerance = 8 * torch.finfo(x.dtype).eps
+    return torch.allclose(result, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,6 +851,12 @@ class MergeBatchNorm(Canonizer):
     * While merged, the BatchNorm is replaced by ``nn.Identity`` in every parent that registers it,
       and a forward hook makes the BatchNorm object itself an identity for code that still calls
       it through a reference of its own.
+    * A BatchNorm subclass with its own ``forward`` (timm's ``BatchNormAct2d`` applies dropout and
+      an activation after normalizing) is merged where the probe shows that its forward normalizes
+      first: ``forward(x)`` equals ``forward`` with identity statistics applied to the plain
+      BatchNorm of ``x``, on the probe's input. It then stays in the module tree with mean 0,
+      variance 1, ``eps`` 0, weight 1 and bias 0 (new tensors; the originals are put back), so
+      that the rest of its forward runs, and its rule (the presets': ``Pass``) applies to it.
     * The returned handle's ``pairs`` lists the merged ``(layer, batchnorm)`` names once the merge
       happened (in execution order).
     * Move or cast the model (``model.to(...)``, ``model.half()``) before entering a context, not
@@ -950,7 +1037,7 @@ class NamedMergeBatchNorm(Canonizer):
             layers[id(layer)] = layer_name
             for name, module, problem in (
                 (layer_name, layer, _layer_type_problem(layer)),
-                (norm_name, norm, _norm_type_problem(norm)),
+                (norm_name, norm, _norm_type_problem(norm, own_forward=False)),
             ):
                 if problem is not None:
                     raise TypeError(f"{who}: module {name!r} {problem}")
