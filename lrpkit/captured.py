@@ -96,7 +96,9 @@ class Product(CapturedOp):
 
     A factor that is a gate (the output of a sigmoid, hard sigmoid or softmax, or of a captured
     call on such outputs and constants alone), a parameter (or a tensor computed from parameters
-    alone), or a divisor is treated as a constant and receives no relevance.
+    alone), or a divisor is treated as a constant and receives no relevance. A ``tanh`` output is
+    a weaker gate: it gates a signal (``x * (1 + tanh(z)) / 2``, a tanh-approximated GELU) but is
+    the signal next to a sigmoid (an LSTM's ``o * tanh(c)``); see :data:`GATE_OPS`.
     """
 
 
@@ -268,8 +270,10 @@ def kind_of(op: str) -> type[CapturedOp]:
 #: Ops that are layers when their weight and bias are constants (:class:`Dense`, :class:`Convolution`, ...).
 LAYER_OPS = frozenset(_KINDS[Dense] + _KINDS[Convolution] + _KINDS[ConvolutionTranspose])
 
-#: Ops whose output gates another tensor when it is one factor of a product.
-GATE_OPS = frozenset({"sigmoid", "hardsigmoid", "softmax"})
+#: Ops whose output gates another tensor when it is one factor of a product, and how strongly:
+#: a product gives its relevance to the factors of the lowest level (a signal is 0), so a tanh
+#: output gates a signal but is the signal next to a sigmoid (an LSTM's ``o * tanh(c)``).
+GATE_OPS: dict[str, int] = {"sigmoid": 2, "hardsigmoid": 2, "softmax": 2, "tanh": 1}
 
 
 __all__ = [

@@ -1046,16 +1046,29 @@ def _attention_weights(query: Tensor, key: Tensor, mask: Tensor | None, causal: 
 
 
 def _sdpa_value_transpose(bound: dict[str, Any], value_shape: torch.Size) -> Callable[[Tensor], Tensor]:
-    """``grad -> A^T grad`` for ``out = A value``, summed over the batch dimensions ``value`` is broadcast in."""
-    if bound["dropout_p"] or bound["enable_gqa"]:
+    """``grad -> A^T grad`` for ``out = A value``, summed over the batch dimensions ``value`` is broadcast in.
+
+    With ``enable_gqa`` (grouped-query attention: Llama, Mistral, Qwen2, ...) each key and value
+    head serves ``groups`` consecutive query heads, as ``repeat_interleave`` along the head
+    dimension gives them; a value head's relevance is the sum over its group.
+    """
+    if bound["dropout_p"]:
         raise NotImplementedError(
-            "AttentionValue needs scaled_dot_product_attention without dropout and without "
-            "enable_gqa; call the model in eval() mode"
+            "AttentionValue needs scaled_dot_product_attention without dropout; call the model in eval() mode"
         )
-    weights = _attention_weights(
-        bound["query"], bound["key"], bound["attn_mask"], bound["is_causal"], bound["scale"]
-    )
-    return lambda grad: (weights.transpose(-2, -1) @ grad).sum_to_size(value_shape)
+    key, groups = bound["key"], 1
+    if bound["enable_gqa"] and key.dim() >= 3:
+        groups = bound["query"].shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(groups, dim=-3)
+    weights = _attention_weights(bound["query"], key, bound["attn_mask"], bound["is_causal"], bound["scale"])
+
+    def transpose(grad: Tensor) -> Tensor:
+        mixed = weights.transpose(-2, -1) @ grad
+        if groups > 1:
+            mixed = mixed.unflatten(-3, (-1, groups)).sum(-3)
+        return mixed.sum_to_size(value_shape)
+
+    return transpose
 
 
 def _mha_value_transpose(bound: dict[str, Any], call: LayerCall) -> Callable[[Tensor], Tensor]:

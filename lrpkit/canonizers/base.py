@@ -51,15 +51,20 @@ class RuleBinding:
     unchecked
         Parameters of modules with no rule of their own (``id(parameter) -> "'name' (Type)"``),
         for a canonizer that sees how they are used (:meth:`Canonizer.checks_parameter_use`).
+    unchecked_modules
+        Those modules (``id(module) -> "'name' (Type)"``).
     report_uncovered
         Called once, after the first forward pass, with the modules among them whose parameters
-        went into a call that keeps its plain gradient, or into no call the canonizer saw.
+        went into a call that keeps its plain gradient, or that ran and whose parameters went
+        into no call the canonizer saw (a module that did not run and whose parameters nothing
+        used, such as a text model's token embedding when it is given embeddings, is left out).
     """
 
     rule_for: Callable[[str, nn.Module], Rule | None]
     hooked: "set[int]"
     session: Session
     unchecked: "dict[int, str]" = field(default_factory=dict)
+    unchecked_modules: "dict[int, str]" = field(default_factory=dict)
     report_uncovered: Callable[[list[str]], None] | None = None
 
 

@@ -220,6 +220,8 @@ class _Capture:
     #: Modules of ``binding.unchecked`` whose parameters went into calls with / without rules.
     explained: set[str] = field(default_factory=set)
     kept_gradient: set[str] = field(default_factory=set)
+    #: ``id`` of every module that ran before the report (until then ``_push`` records them).
+    ran: set[int] = field(default_factory=set)
     reported: bool = False
 
     def __post_init__(self) -> None:
@@ -260,12 +262,18 @@ class _Capture:
 
     def report_uncovered(self) -> None:
         """After the first forward pass: the unchecked modules whose parameters were not all explained."""
-        binding = self.binding
-        if self.reported or binding is None or binding.report_uncovered is None:
-            return
+        binding, reported = self.binding, self.reported
         self.reported = True
+        if reported or binding is None or binding.report_uncovered is None:
+            return
+        ran = {label for key, label in binding.unchecked_modules.items() if key in self.ran}
         labels = list(dict.fromkeys(binding.unchecked.values()))
-        uncovered = [label for label in labels if label in self.kept_gradient or label not in self.explained]
+        uncovered = [
+            label
+            for label in labels
+            if label in self.kept_gradient or (label not in self.explained and label in ran)
+        ]
+        self.ran.clear()
         if uncovered:
             binding.report_uncovered(uncovered)
 
@@ -287,6 +295,8 @@ class _Capture:
                     uses.add(label)
 
     def _push(self, module: nn.Module, args: Any) -> None:
+        if not self.reported:
+            self.ran.add(id(module))
         binding = self.binding
         inside_rule = bool(self.frames) and self.frames[-1].hooked
         hooked = inside_rule or (binding is not None and id(module) in binding.hooked)
@@ -457,9 +467,11 @@ class _Capture:
                 ops_factory=_layer_ops_factory(func, spec) if isinstance(op, _LAYER_KINDS) else _ops_factory(func, spec),
             )
             routed = route(pending, tuple(leaves[index] for index in positions))
-        if not isinstance(op, _NOT_GATE_PRESERVING) and all(_is_gate(leaves[index]) for index in activations):
-            # computed from gates alone (ConViT's mix of two softmaxes, renormalised): a gate too
-            routed.grad_fn.gate_derived = True  # type: ignore[union-attr]
+        level = _lowest_gate_level(leaves, activations)
+        if level and not isinstance(op, _NOT_GATE_PRESERVING):
+            # computed from gates and constants alone (ConViT's mix of two softmaxes, renormalised;
+            # the ``1 + tanh(...)`` of a tanh-approximated GELU): a gate too
+            routed.grad_fn.gate_derived = level  # type: ignore[union-attr]
         if isinstance(output, Tensor):
             return routed
         return type(output)((routed, *output[1:])) if isinstance(output, tuple) else [routed, *output[1:]]
@@ -473,12 +485,13 @@ class _Capture:
         if op.op == "div":
             return [index for index in activations if index == 0]
         if isinstance(op, captured.Product) and len(activations) > 1 and self.owner.gate == "signal":
-            gates = [index for index in activations if _is_gate(leaves[index])]
-            if not gates and op.op == "mul":
+            levels = {index: _gate_level(leaves[index]) for index in activations}
+            if not any(levels.values()) and op.op == "mul":
                 smaller = [index for index in activations if leaves[index].numel() < output.numel()]
-                gates = smaller if len(smaller) == 1 else []
-            signals = [index for index in activations if index not in gates]
-            return signals or activations
+                if len(smaller) == 1:  # broadcast over the other factor: a gate
+                    levels[smaller[0]] = _STRONG_GATE
+            lowest = min(levels.values())
+            return [index for index in activations if levels[index] == lowest]
         return activations
 
 
@@ -630,24 +643,53 @@ def _source_node(tensor: Tensor) -> Any:
     return node
 
 
-_GATE_NODES = frozenset({"Sigmoid", "Hardsigmoid", "Softmax"})
-_GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+#: How strongly a factor of a product is a gate (see :func:`_gate_level`).
+_WEAK_GATE, _STRONG_GATE = 1, 2
+_GATE_NODES = {"Sigmoid": _STRONG_GATE, "Hardsigmoid": _STRONG_GATE, "Softmax": _STRONG_GATE, "Tanh": _WEAK_GATE}
+_GATE_MODULES: tuple[tuple[type[nn.Module], int], ...] = (
+    (nn.Sigmoid, _STRONG_GATE),
+    (nn.Hardsigmoid, _STRONG_GATE),
+    (nn.Softmax, _STRONG_GATE),
+    (nn.Tanh, _WEAK_GATE),
+)
 
 
-def _is_gate(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is the output of a sigmoid, hard sigmoid or softmax (call or module), or of a captured call on such outputs alone."""
+def _lowest_gate_level(leaves: list[Any], activations: list[int]) -> int:
+    """The lowest :func:`_gate_level` of the activations (0 without any; stops at the first signal)."""
+    lowest = 0
+    for index in activations:
+        level = _gate_level(leaves[index])
+        if not level:
+            return 0
+        lowest = level if not lowest else min(lowest, level)
+    return lowest
+
+
+def _gate_level(tensor: Tensor) -> int:
+    """How much of a gate ``tensor`` is, as a factor of a product: 0 (a signal), 1 or 2.
+
+    2: the output of a sigmoid, hard sigmoid or softmax (call or module); 1: of a tanh (in a
+    product with a signal it is a gate: ``x * (1 + tanh(z)) / 2`` is a tanh-approximated GELU,
+    ``x * tanh(softplus(x))`` is Mish; next to a sigmoid it is the signal, as the cell state of
+    an LSTM, ``o * tanh(c)``); a captured call on gates and constants alone has the lowest
+    level among them. A product gives its relevance to the factors of the lowest level.
+    """
     node = _source_node(tensor)
     if node is None:
-        return False
-    if type(node).__name__.rstrip("0123456789").removesuffix("Backward") in _GATE_NODES:
-        return True
-    if getattr(node, "gate_derived", False):
-        return True
-    pending = getattr(node, "pending", None)
-    module = getattr(pending, "module", None)
-    if isinstance(module, _GATE_MODULES):
-        return True
-    return isinstance(module, captured.CapturedOp) and module.op in captured.GATE_OPS
+        return 0
+    level = _GATE_NODES.get(type(node).__name__.rstrip("0123456789").removesuffix("Backward"))
+    if level is not None:
+        return level
+    derived = getattr(node, "gate_derived", 0)
+    if derived:
+        return int(derived)
+    module = getattr(getattr(node, "pending", None), "module", None)
+    for kind, level in _GATE_MODULES:
+        if isinstance(module, kind):
+            return level
+    if isinstance(module, captured.CapturedOp):
+        return captured.GATE_OPS.get(module.op, 0)
+    return 0
 
 
 def _carries_grad(output: Any) -> bool:

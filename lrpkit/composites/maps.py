@@ -179,6 +179,7 @@ class Composite:
                     binding.unchecked = {
                         id(param): label for label, module in uncovered for param in module.parameters(recurse=False)
                     }
+                    binding.unchecked_modules = {id(module): label for label, module in uncovered}
                     binding.report_uncovered = self._report_uncovered
                 else:
                     self._report_uncovered([label for label, _ in uncovered])

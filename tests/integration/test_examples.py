@@ -125,3 +125,22 @@ def test_timm_models_example() -> None:
     for result in results["resnet18"].values():
         assert result["same output"] and result["restored"] and result["finite"]
     assert results["resnet18"]["EpsilonGammaBox"]["conservation error"] < 1e-6
+
+
+def test_transformers_models_example() -> None:
+    """examples/transformers_models.py, where transformers is installed (no test dependency): skipped otherwise.
+
+    GPT-2 (``gelu_new``, ``Conv1D``), Llama (grouped-query attention, RMSNorm, SwiGLU) and BLOOM
+    (a GELU in a custom autograd function) conserve; relevance per token has one value per token.
+    """
+    pytest.importorskip("transformers")
+    transformers_models = _load("transformers_models")
+    results = transformers_models.main(["gpt2", "llama", "bloom"])
+    for model in results.values():
+        for result in model.values():
+            assert result["same output"] and result["restored"] and result["finite"] and not result["warnings"]
+            assert result["conservation error"] < 1e-6
+    model = transformers_models._small("gpt2").double().eval()
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    logits, relevance = transformers_models.token_relevance(model, ids)
+    assert logits.shape == (2, 50) and relevance.shape == (2, 5) and torch.isfinite(relevance).all()

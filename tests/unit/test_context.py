@@ -322,6 +322,29 @@ def test_module_whose_parameters_enter_explained_calls_gets_no_warning(layer: Ca
         Gradient(model, composites.EpsilonPlus(strict=True))(torch.rand(2, 3, dtype=torch.float64))
 
 
+class SkipsAModule(nn.Module):
+    """Holds a module it does not call here (a text model's token embedding, given embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = ScaledInCustomFunction(3)
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def test_module_that_did_not_run_gets_no_warning() -> None:
+    model = SkipsAModule().double()
+    x = torch.rand(2, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Gradient(model, composites.EpsilonPlus(strict=True))(x)
+    model.forward = lambda x: model.layer(model.unused(x))  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=r"'unused' \(ScaledInCustomFunction\)"):
+        Gradient(model, composites.EpsilonPlus(strict=True))(x)
+
+
 def test_module_without_rule_warns_on_entry_without_functional_capture() -> None:
     model = _sandwich(Scale(3))
     with pytest.warns(composites.UncoveredModuleWarning, match=r"'1' \(Scale\)"):

@@ -1,0 +1,243 @@
+"""Explain Hugging Face transformers models: relevance per token, and a check of the explanation.
+
+Needs transformers (``pip install transformers``). Nothing is downloaded: every model is built
+from a small config with random weights (pass your own model, loaded from a local path with
+``from_pretrained(path)``, to :func:`token_relevance`).
+
+A text model takes token ids, which have no gradient, so it is explained from its input
+embeddings: :class:`EmbeddingsToLogits` maps ``inputs_embeds`` to the logits (of the last
+position, for a causal language model), and :func:`token_relevance` sums the relevance of each
+token's embedding vector. A vision model is explained from ``pixel_values``
+(:class:`PixelsToLogits`).
+
+For each model name, :func:`check` tests what the timm example tests: with ``EpsilonGammaBox``
+and ``EpsilonPlusFlat`` the output equals the plain forward pass, the relevance is finite and the
+parameters are unchanged; and a copy with every bias, position embedding and class token set to
+zero (they absorb relevance) explained with stabilisers of 1e-12 has relevance summing to the
+logit.
+
+Run it as ``python examples/transformers_models.py gpt2 llama bert vit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrpkit import composites, rules
+from lrpkit.attribution import Gradient
+from lrpkit.canonizers import FunctionalCapture, MergeBatchNorm
+
+WIDTH = 32
+
+
+def _small(name: str) -> nn.Module:
+    """A small model of the architecture ``name``, random weights."""
+    import transformers as hf
+
+    text = {"num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 50}
+    factories: dict[str, Callable[[], nn.Module]] = {
+        "bert": lambda: hf.BertForSequenceClassification(hf.BertConfig(hidden_size=WIDTH, num_labels=3, **text)),
+        "roberta": lambda: hf.RobertaForSequenceClassification(
+            hf.RobertaConfig(hidden_size=WIDTH, num_labels=3, **text)
+        ),
+        "albert": lambda: hf.AlbertForSequenceClassification(
+            hf.AlbertConfig(hidden_size=WIDTH, embedding_size=WIDTH, num_labels=3, **text)
+        ),
+        "electra": lambda: hf.ElectraForSequenceClassification(
+            hf.ElectraConfig(hidden_size=WIDTH, embedding_size=WIDTH, num_labels=3, **text)
+        ),
+        "deberta-v2": lambda: hf.DebertaV2ForSequenceClassification(
+            hf.DebertaV2Config(hidden_size=WIDTH, num_labels=3, **text)
+        ),
+        "distilbert": lambda: hf.DistilBertForSequenceClassification(
+            hf.DistilBertConfig(dim=WIDTH, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=50, num_labels=3)
+        ),
+        "gpt2": lambda: hf.GPT2LMHeadModel(hf.GPT2Config(n_embd=WIDTH, n_layer=2, n_head=2, vocab_size=50)),
+        "llama": lambda: hf.LlamaForCausalLM(hf.LlamaConfig(hidden_size=WIDTH, num_key_value_heads=1, **text)),
+        "mistral": lambda: hf.MistralForCausalLM(hf.MistralConfig(hidden_size=WIDTH, num_key_value_heads=1, **text)),
+        "qwen2": lambda: hf.Qwen2ForCausalLM(hf.Qwen2Config(hidden_size=WIDTH, num_key_value_heads=1, **text)),
+        "gemma": lambda: hf.GemmaForCausalLM(
+            hf.GemmaConfig(hidden_size=WIDTH, num_key_value_heads=1, head_dim=16, **text)
+        ),
+        "phi": lambda: hf.PhiForCausalLM(hf.PhiConfig(hidden_size=WIDTH, **text)),
+        "opt": lambda: hf.OPTForCausalLM(
+            hf.OPTConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, vocab_size=50,
+                         word_embed_proj_dim=WIDTH)
+        ),
+        "gpt_neox": lambda: hf.GPTNeoXForCausalLM(hf.GPTNeoXConfig(hidden_size=WIDTH, **text)),
+        "bloom": lambda: hf.BloomForCausalLM(hf.BloomConfig(hidden_size=WIDTH, n_layer=2, n_head=2, vocab_size=50)),
+        "t5-encoder": lambda: hf.T5EncoderModel(
+            hf.T5Config(d_model=WIDTH, num_layers=2, num_heads=2, d_ff=64, d_kv=16, vocab_size=50)
+        ),
+        "vit": lambda: hf.ViTForImageClassification(
+            hf.ViTConfig(hidden_size=WIDTH, image_size=32, patch_size=8, num_labels=3, **_vision(text))
+        ),
+        "dinov2": lambda: hf.Dinov2ForImageClassification(
+            hf.Dinov2Config(hidden_size=WIDTH, image_size=32, patch_size=8, num_labels=3,
+                            num_hidden_layers=2, num_attention_heads=2)
+        ),
+        "beit": lambda: hf.BeitForImageClassification(
+            hf.BeitConfig(hidden_size=WIDTH, image_size=32, patch_size=8, num_labels=3,
+                          use_relative_position_bias=True, **_vision(text))
+        ),
+        "swin": lambda: hf.SwinForImageClassification(
+            hf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                          window_size=4, num_labels=3)
+        ),
+        "clip-vision": lambda: hf.CLIPVisionModelWithProjection(
+            hf.CLIPVisionConfig(hidden_size=WIDTH, image_size=32, patch_size=8, projection_dim=3, **_vision(text))
+        ),
+    }
+    if name not in factories:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(factories)}")
+    return factories[name]()
+
+
+def _vision(text: dict[str, int]) -> dict[str, int]:
+    return {key: value for key, value in text.items() if key != "vocab_size"}
+
+
+MODELS = (
+    "bert", "roberta", "albert", "electra", "deberta-v2", "distilbert", "gpt2", "llama", "mistral", "qwen2",
+    "gemma", "phi", "opt", "gpt_neox", "bloom", "t5-encoder", "vit", "dinov2", "beit", "swin", "clip-vision",
+)
+VISION = ("vit", "dinov2", "beit", "swin", "clip-vision")
+
+
+class EmbeddingsToLogits(nn.Module):
+    """A text model as a function of its input embeddings: the logits of the last position (causal
+    language models), of the classifier, or the summed hidden states (an encoder without a head)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        output = self.model(inputs_embeds=embeddings)
+        logits = output.logits if hasattr(output, "logits") else output.last_hidden_state.sum(dim=1)
+        return logits[:, -1] if logits.dim() == 3 else logits
+
+
+class PixelsToLogits(nn.Module):
+    """A vision model as a function of ``pixel_values``: its logits (or image embedding)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        output = self.model(pixel_values=pixels)
+        return output.logits if hasattr(output, "logits") else output.image_embeds
+
+
+def activation_modules() -> list[tuple[type[nn.Module], rules.Rule]]:
+    """Rules for activation modules that call a custom ``torch.autograd.Function``.
+
+    The capture does not see inside such a function; its own backward (here BLOOM's GELU
+    derivative) would pass the gradient, which does not conserve relevance. Mapped to ``Pass``,
+    like every activation.
+    """
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+
+    return [(BloomGelu, rules.Pass())]
+
+
+def composite(name: str, stabilizer: float = 1e-6) -> composites.Composite:
+    """``EpsilonGammaBox`` (inputs within +-3) or ``EpsilonPlusFlat`` with ``stabilizer`` everywhere."""
+    canonizers = [MergeBatchNorm(), FunctionalCapture(stabilizer=stabilizer)]
+    options: dict[str, Any] = {
+        "epsilon": stabilizer, "stabilizer": stabilizer, "layer_map": activation_modules(), "canonizers": canonizers,
+    }
+    if name == "EpsilonGammaBox":
+        return composites.EpsilonGammaBox(low=-3.0, high=3.0, **options)
+    return composites.EpsilonPlusFlat(**options)
+
+
+def token_relevance(
+    model: nn.Module, ids: torch.Tensor, explainer: composites.Composite | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and one relevance per token (``(batch, tokens)``) of a text model for ``ids``.
+
+    The relevance of the predicted logit is propagated to the input embeddings and summed over
+    each embedding vector.
+    """
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings()(ids)
+    output, relevance = Gradient(EmbeddingsToLogits(model), explainer or composite("EpsilonGammaBox"))(embeddings)
+    return output, relevance.sum(dim=-1)
+
+
+#: Parameters besides biases that absorb relevance like them, zeroed for the conservation check.
+ABSORBERS = (
+    "wpe", "position_embedding", "embed_positions", "token_type_embeddings", "cls_token", "mask_token", "class_embedding",
+    "relative_position_bias_table", "register_tokens",
+)
+
+
+def without_absorbers(model: nn.Module) -> nn.Module:
+    """A copy whose biases, position embeddings and class tokens are zero."""
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in plain.named_parameters():
+            last = name.rsplit(".", 1)[-1]
+            if (last == "bias" and parameter.dim() == 1) or any(part in name for part in ABSORBERS):
+                parameter.zero_()
+    return plain
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """The wrapped model (float64, eval mode) and an input for it."""
+    torch.manual_seed(0)
+    model = _small(name).double().eval()
+    generator = torch.Generator().manual_seed(1)
+    if name in VISION:
+        return PixelsToLogits(model), torch.rand(2, 3, 32, 32, generator=generator, dtype=torch.float64)
+    width = model.get_input_embeddings().weight.shape[1]
+    return EmbeddingsToLogits(model), torch.randn(2, 6, width, generator=generator, dtype=torch.float64)
+
+
+def check(model: nn.Module, x: torch.Tensor, preset: str) -> dict[str, object]:
+    """One model, one composite: forward unchanged, model restored, finite, conservation error, warnings."""
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        output, relevance = Gradient(model, composite(preset))(x)
+    restored = all(torch.equal(state[key], value) for key, value in model.state_dict().items())
+    plain_output, plain_relevance = Gradient(without_absorbers(model), composite(preset, 1e-12))(x)
+    logit = plain_output.max(dim=1).values
+    error = ((plain_relevance.flatten(1).sum(dim=1) - logit).abs() / logit.abs()).max().item()
+    return {
+        "same output": torch.allclose(output, expected, rtol=1e-10, atol=1e-12),
+        "restored": restored,
+        "finite": bool(torch.isfinite(relevance).all()),
+        "conservation error": error,
+        "warnings": sorted(
+            {type(warning.message).__name__ for warning in caught if "lrpkit" in type(warning.message).__module__}
+        ),
+    }
+
+
+def main(names: Sequence[str]) -> dict[str, dict[str, dict[str, object]]]:
+    """Check every model in ``names``; print one line per model and composite."""
+    results: dict[str, dict[str, dict[str, object]]] = {}
+    for name in names:
+        model, x = build(name)
+        results[name] = {preset: check(model, x, preset) for preset in ("EpsilonGammaBox", "EpsilonPlusFlat")}
+        for preset, result in results[name].items():
+            print(f"{name:12s} {preset:16s} " + ", ".join(f"{key}: {value}" for key, value in result.items()))
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", default=list(MODELS), help=f"architectures (default: {', '.join(MODELS)})")
+    main(parser.parse_args().names)
