@@ -76,6 +76,29 @@ def _small(name: str) -> nn.Module:
         "t5-encoder": lambda: hf.T5EncoderModel(
             hf.T5Config(d_model=WIDTH, num_layers=2, num_heads=2, d_ff=64, d_kv=16, vocab_size=50)
         ),
+        "mixtral": lambda: hf.MixtralForCausalLM(  # its experts written out: F.linear and index_add_
+            hf.MixtralConfig(hidden_size=WIDTH, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                             experts_implementation="eager", **text)
+        ),
+        "gemma2": lambda: hf.Gemma2ForCausalLM(
+            hf.Gemma2Config(hidden_size=WIDTH, num_key_value_heads=1, head_dim=16, **text)
+        ),
+        "qwen3": lambda: hf.Qwen3ForCausalLM(hf.Qwen3Config(hidden_size=WIDTH, num_key_value_heads=1, head_dim=16, **text)),
+        "phi3": lambda: hf.Phi3ForCausalLM(hf.Phi3Config(hidden_size=WIDTH, num_key_value_heads=1, pad_token_id=0, **text)),
+        "olmo": lambda: hf.OlmoForCausalLM(hf.OlmoConfig(hidden_size=WIDTH, **text)),
+        "falcon": lambda: hf.FalconForCausalLM(
+            hf.FalconConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2, vocab_size=50)
+        ),
+        "gpt_bigcode": lambda: hf.GPTBigCodeForCausalLM(hf.GPTBigCodeConfig(n_embd=WIDTH, n_layer=2, n_head=2, vocab_size=50)),
+        "starcoder2": lambda: hf.Starcoder2ForCausalLM(hf.Starcoder2Config(hidden_size=WIDTH, num_key_value_heads=1, **text)),
+        "mpt": lambda: hf.MptForCausalLM(hf.MptConfig(d_model=WIDTH, n_layers=2, n_heads=2, vocab_size=50)),
+        "gptj": lambda: hf.GPTJForCausalLM(hf.GPTJConfig(n_embd=WIDTH, n_layer=2, n_head=2, vocab_size=50, rotary_dim=8)),
+        "xlm-roberta": lambda: hf.XLMRobertaForSequenceClassification(
+            hf.XLMRobertaConfig(hidden_size=WIDTH, num_labels=3, **text)
+        ),
+        "modernbert": lambda: hf.ModernBertForSequenceClassification(
+            hf.ModernBertConfig(hidden_size=WIDTH, num_labels=3, pad_token_id=0, **text)
+        ),
         "vit": lambda: hf.ViTForImageClassification(
             hf.ViTConfig(hidden_size=WIDTH, image_size=32, patch_size=8, num_labels=3, **_vision(text))
         ),
@@ -91,6 +114,21 @@ def _small(name: str) -> nn.Module:
             hf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
                           window_size=4, num_labels=3)
         ),
+        "deit": lambda: hf.DeiTForImageClassificationWithTeacher(
+            hf.DeiTConfig(hidden_size=WIDTH, image_size=32, patch_size=8, num_labels=3, **_vision(text))
+        ),
+        "siglip-vision": lambda: hf.SiglipVisionModel(
+            hf.SiglipVisionConfig(hidden_size=WIDTH, image_size=32, patch_size=8, **_vision(text))
+        ),
+        "convnext": lambda: hf.ConvNextForImageClassification(
+            hf.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+        ),
+        "convnextv2": lambda: hf.ConvNextV2ForImageClassification(
+            hf.ConvNextV2Config(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+        ),
+        "poolformer": lambda: hf.PoolFormerForImageClassification(
+            hf.PoolFormerConfig(hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_labels=3)
+        ),
         "clip-vision": lambda: hf.CLIPVisionModelWithProjection(
             hf.CLIPVisionConfig(hidden_size=WIDTH, image_size=32, patch_size=8, projection_dim=3, **_vision(text))
         ),
@@ -105,10 +143,12 @@ def _vision(text: dict[str, int]) -> dict[str, int]:
 
 
 MODELS = (
-    "bert", "roberta", "albert", "electra", "deberta-v2", "distilbert", "gpt2", "llama", "mistral", "qwen2",
-    "gemma", "phi", "opt", "gpt_neox", "bloom", "t5-encoder", "vit", "dinov2", "beit", "swin", "clip-vision",
+    "bert", "roberta", "xlm-roberta", "albert", "electra", "deberta-v2", "distilbert", "modernbert", "gpt2",
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "olmo", "opt", "gpt_neox",
+    "gptj", "falcon", "gpt_bigcode", "starcoder2", "mpt", "bloom", "t5-encoder",
+    "vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer",
 )
-VISION = ("vit", "dinov2", "beit", "swin", "clip-vision")
+VISION = ("vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer")
 
 
 class EmbeddingsToLogits(nn.Module):
@@ -126,7 +166,7 @@ class EmbeddingsToLogits(nn.Module):
 
 
 class PixelsToLogits(nn.Module):
-    """A vision model as a function of ``pixel_values``: its logits (or image embedding)."""
+    """A vision model as a function of ``pixel_values``: its logits (or image embedding, or pooled output)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -134,7 +174,9 @@ class PixelsToLogits(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         output = self.model(pixel_values=pixels)
-        return output.logits if hasattr(output, "logits") else output.image_embeds
+        if hasattr(output, "logits"):
+            return output.logits
+        return output.image_embeds if hasattr(output, "image_embeds") else output.pooler_output
 
 
 def activation_modules() -> list[tuple[type[nn.Module], rules.Rule]]:

@@ -146,7 +146,7 @@ class Other(CapturedOp):
 
 
 _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
-    Add: ("add", "sub", "rsub", "addcmul"),
+    Add: ("add", "sub", "rsub", "addcmul", "index_add", "scatter_add"),
     Pool: (
         "sum",
         "mean",

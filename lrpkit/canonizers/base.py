@@ -55,9 +55,10 @@ class RuleBinding:
         Those modules (``id(module) -> "'name' (Type)"``).
     report_uncovered
         Called once, after the first forward pass, with the modules among them whose parameters
-        went into a call that keeps its plain gradient, or that ran and whose parameters went
-        into no call the canonizer saw (a module that did not run and whose parameters nothing
-        used, such as a text model's token embedding when it is given embeddings, is left out).
+        went into a call that keeps its plain gradient, or that have no children, ran, and whose
+        parameters went into no call the canonizer saw (a module that did not run and whose
+        parameters nothing used, such as a text model's token embedding when it is given
+        embeddings, is left out).
     """
 
     rule_for: Callable[[str, nn.Module], Rule | None]

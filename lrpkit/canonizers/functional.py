@@ -164,8 +164,12 @@ class FunctionalCapture(Canonizer):
         return [CallbackHandle(lambda: setattr(capture, "binding", None))]
 
     def explains(self, module: nn.Module) -> bool:
-        """Normalisation and MultiheadAttention modules, and containers: their calls are captured."""
-        return isinstance(module, EXPLAINED_MODULES) or any(True for _ in module.children())
+        """Normalisation and MultiheadAttention modules: their calls are captured.
+
+        Other modules with parameters of their own and no rule, containers included, are checked
+        after the first forward pass (:meth:`checks_parameter_use`).
+        """
+        return isinstance(module, EXPLAINED_MODULES)
 
     def checks_parameter_use(self) -> bool:
         """True: a parameter that only enters captured calls with rules (``x * self.scale``, ``x + self.pos``) is explained.
@@ -266,7 +270,11 @@ class _Capture:
         self.reported = True
         if reported or binding is None or binding.report_uncovered is None:
             return
-        ran = {label for key, label in binding.unchecked_modules.items() if key in self.ran}
+        # a container's parameters often enter its calls by ways the capture cannot follow (a bias
+        # table indexed once and cached without grad, as LeViT's attention does): it is named only
+        # when they go into a call that keeps its gradient
+        leaves = {id(module) for module in self.paths if not module._modules}
+        ran = {label for key, label in binding.unchecked_modules.items() if key in self.ran and key in leaves}
         labels = list(dict.fromkeys(binding.unchecked.values()))
         uncovered = [
             label

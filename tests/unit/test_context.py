@@ -334,6 +334,42 @@ class SkipsAModule(nn.Module):
         return self.layer(x)
 
 
+class LerpContainer(Lerp):
+    """A ``Lerp`` with a child module (Mixtral's experts hold their activation)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.act(x))
+
+
+class CachedTable(nn.Module):
+    """A container that adds a table computed once without grad and cached (LeViT's attention biases)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.ones(size))
+        self.act = nn.ReLU()
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            with torch.no_grad():
+                self.cache = self.table * 0.5
+        return self.act(x) + self.cache
+
+
+def test_container_warns_when_its_own_parameters_keep_their_gradient() -> None:
+    """Before, a module with children was never named: Mixtral's experts (``torch._grouped_mm``)."""
+    with pytest.raises(ValueError, match=r"'1' \(LerpContainer\)"):
+        Gradient(_sandwich(LerpContainer(3)), composites.EpsilonPlus(strict=True))(torch.rand(2, 3, dtype=torch.float64))
+    with warnings.catch_warnings():  # its parameters go into no call the capture sees: not named
+        warnings.simplefilter("error")
+        Gradient(_sandwich(CachedTable(3)), composites.EpsilonPlus(strict=True))(torch.rand(2, 3, dtype=torch.float64))
+
+
 def test_module_that_did_not_run_gets_no_warning() -> None:
     model = SkipsAModule().double()
     x = torch.rand(2, 3, dtype=torch.float64)

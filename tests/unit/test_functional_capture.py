@@ -1594,6 +1594,46 @@ def test_tanh_next_to_a_sigmoid_is_the_signal() -> None:
     assert_conserved(output, relevance)
 
 
+class ScatteredExperts(nn.Module):
+    """A mixture of experts: rows routed to two experts, their outputs added back with ``index_add_`` / ``scatter_add``."""
+
+    def __init__(self, scatter: bool) -> None:
+        super().__init__()
+        self.scatter = scatter
+        self.experts = nn.ModuleList(nn.Linear(4, 4, bias=False) for _ in range(2))
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.permute(1, 0, 2).flatten(1) if x.dim() == 3 else x  # (batch, 4)
+        combined = torch.zeros_like(rows)
+        for expert, routed in zip(self.experts, ([0, 2], [0, 1])):
+            index = torch.tensor(routed)
+            if self.scatter:
+                combined = combined.scatter_add(0, index.unsqueeze(1).expand(-1, 4), expert(rows[index]))
+            else:
+                combined.index_add_(0, index, expert(rows[index]))
+        return self.head(combined)
+
+
+@pytest.mark.parametrize("scatter", [False, True], ids=["index_add_", "scatter_add"])
+def test_index_add_and_scatter_add_split_like_a_sum(scatter: bool) -> None:
+    """Row 0 gets both experts' outputs: the gradient gave each of them its whole relevance.
+
+    Mixtral's experts (transformers, eager) add their outputs with ``index_add_``: 3e-4 of the
+    relevance was counted twice in a two-layer model.
+    """
+    torch.manual_seed(0)
+    model = init_weights(ScatteredExperts(scatter))
+    capture = FunctionalCapture(stabilizer=1e-12)
+    composite = composites.EpsilonPlus(epsilon=1e-12, canonizers=[capture])
+    with composite.context(model):
+        model(vectors().requires_grad_(True))
+        names = [name for name, op in capture.ops(model).items() if type(op) is captured.Add]
+    assert names == (["scatter_add", "scatter_add_1"] if scatter else ["index_add", "index_add_1"])
+    output, relevance = Gradient(model, composite)(vectors())
+    assert_conserved(output, relevance)
+
+
 class ChunkedHead(nn.Module):
     """``chunk`` into three and use one: the other outputs of the chunk get no relevance at all."""
 
