@@ -155,12 +155,13 @@ class EmbeddingsToLogits(nn.Module):
     """A text model as a function of its input embeddings: the logits of the last position (causal
     language models), of the classifier, or the summed hidden states (an encoder without a head)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, attention_mask: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model = model
+        self.attention_mask = attention_mask  # 1 for tokens, 0 for padding, as the tokenizer gives it
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        output = self.model(inputs_embeds=embeddings)
+        output = self.model(inputs_embeds=embeddings, attention_mask=self.attention_mask)
         logits = output.logits if hasattr(output, "logits") else output.last_hidden_state.sum(dim=1)
         return logits[:, -1] if logits.dim() == 3 else logits
 
@@ -203,16 +204,21 @@ def composite(name: str, stabilizer: float = 1e-6) -> composites.Composite:
 
 
 def token_relevance(
-    model: nn.Module, ids: torch.Tensor, explainer: composites.Composite | None = None
+    model: nn.Module,
+    ids: torch.Tensor,
+    explainer: composites.Composite | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits and one relevance per token (``(batch, tokens)``) of a text model for ``ids``.
 
     The relevance of the predicted logit is propagated to the input embeddings and summed over
-    each embedding vector.
+    each embedding vector. ``attention_mask`` (0 at padding) is passed to the model: a
+    left-padded batch for a causal model gets no relevance at its padding.
     """
     with torch.no_grad():
         embeddings = model.get_input_embeddings()(ids)
-    output, relevance = Gradient(EmbeddingsToLogits(model), explainer or composite("EpsilonGammaBox"))(embeddings)
+    wrapped = EmbeddingsToLogits(model, attention_mask)
+    output, relevance = Gradient(wrapped, explainer or composite("EpsilonGammaBox"))(embeddings)
     return output, relevance.sum(dim=-1)
 
 

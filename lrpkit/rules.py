@@ -1042,7 +1042,12 @@ def _attention_weights(query: Tensor, key: Tensor, mask: Tensor | None, causal: 
         scores = scores.masked_fill(~allowed, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.softmax(scores, dim=-1)
+    weights = torch.softmax(scores, dim=-1)
+    if causal or mask is not None:
+        # a query that may attend to nothing (a left-padded position under a causal mask):
+        # scaled_dot_product_attention returns zeros there, softmax NaN
+        weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+    return weights
 
 
 def _sdpa_value_transpose(bound: dict[str, Any], value_shape: torch.Size) -> Callable[[Tensor], Tensor]:

@@ -145,3 +145,7 @@ def test_transformers_models_example() -> None:
     ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
     logits, relevance = transformers_models.token_relevance(model, ids)
     assert logits.shape == (2, 50) and relevance.shape == (2, 5) and torch.isfinite(relevance).all()
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0  # left padding: those queries attend to nothing
+    _, relevance = transformers_models.token_relevance(model, ids, attention_mask=mask)
+    assert torch.isfinite(relevance).all() and not relevance[1, :2].any() and relevance[1, 2:].any()

@@ -959,6 +959,40 @@ def test_attention_value_with_grouped_query_attention() -> None:
     assert torch.allclose(result, expected, rtol=1e-10, atol=1e-12)
 
 
+class MaskedQuery(nn.Module):
+    """Attention whose first query may attend to nothing (a left-padded position under a causal mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Parameter(_random(2, 2, 3, 5, seed=9))
+        self.k = nn.Parameter(_random(2, 2, 3, 5, seed=10))
+        keep = torch.ones(3, 3, dtype=torch.bool).tril()
+        keep[:, 0] = False  # key 0 is padding
+        self.register_buffer("keep", keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(self.q, self.k, x, attn_mask=self.keep)
+
+
+@ignore_uncovered
+def test_attention_value_with_a_query_that_attends_to_nothing() -> None:
+    """``scaled_dot_product_attention`` gives zeros there; the recomputed softmax gave NaN relevance.
+
+    Llama, Mistral and GPT-2 (transformers) explained a left-padded batch as NaN everywhere.
+    """
+    model = MaskedQuery().eval()
+    x, relevance = _random(2, 2, 3, 5, seed=25), _random(2, 2, 3, 5, seed=26)
+    _, result = Gradient(model, composites.EpsilonPlus())(x, target=relevance)
+    with torch.no_grad():
+        scores = (model.q @ model.k.transpose(-1, -2) / math.sqrt(5)).masked_fill(~model.keep, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # query 0: no key, zero weights
+        output = weights @ x
+        assert torch.allclose(output, model(x), atol=1e-12)
+        expected = x * (weights.transpose(-1, -2) @ (relevance / stabilize(output)))
+    assert torch.isfinite(result).all()
+    assert torch.allclose(result, expected, rtol=1e-10, atol=1e-12)
+
+
 class Multiply(nn.Module):
     """``a * b`` of two slices of the input; ``broadcast`` makes ``b`` one column."""
 
