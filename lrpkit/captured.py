@@ -58,6 +58,9 @@ class CapturedOp(nn.Module):
 class Add(CapturedOp):
     """Additions and subtractions of tensors (``x + y``, ``x - y``, ``torch.add``): default ``Norm``.
 
+    Also ``index_add`` and ``scatter_add``, sums of scattered rows (a mixture of experts adding its
+    experts' outputs back, as Mixtral does with ``index_add_``).
+
     Also ``torch.addcmul(input, t1, t2)`` (``input + t1 * t2``, ResMLP's ``Affine``, ConvNeXt-V2's
     global response norm) when at most one of ``t1``, ``t2`` carries relevance; with both it is
     an :class:`Other` call.

@@ -11,11 +11,12 @@ that single layer, so merging is what makes them applicable to BatchNorm network
 :class:`NamedMergeBatchNorm` takes them by name. Both replace the BatchNorm by ``nn.Identity``
 in its parent(s) (:class:`MergeBatchNorm` keeps a BatchNorm subclass with its own ``forward``,
 such as timm's ``BatchNormAct2d``, and gives it the statistics of the identity, where the probe
-shows that the forward normalizes first) and merge it into the layer in one of two ways: a large layer (by default one
-with at least ``2**17`` weight elements) keeps its weight, and a forward hook scales its output
-per channel, the rules applying that scale in their products (no copy of the weight is made);
-a small one gets new merged ``Parameter`` objects. ``remove()`` puts the original objects back:
-parameters are never modified in place, so ``state_dict()`` is bitwise the same afterwards.
+shows that the forward normalizes first) and merge it into the layer in one of two ways: a large
+layer (by default one with at least ``2**17`` weight elements) keeps its weight, and a forward
+hook scales its output per channel, the rules applying that scale in their products (no copy of
+the weight is made); a small one gets new merged ``Parameter`` objects. ``remove()`` puts the
+original objects back: parameters are never modified in place, so ``state_dict()`` is bitwise
+the same afterwards.
 
 Examples
 --------
