@@ -189,8 +189,8 @@ def activation_modules() -> list[tuple[type[nn.Module], rules.Rule]]:
     """Rules for activation modules that call a custom ``torch.autograd.Function``.
 
     The capture does not see inside such a function; its own backward (here BLOOM's GELU
-    derivative) would pass the gradient, which does not conserve relevance. Mapped to ``Pass``,
-    like every activation.
+    derivative) would pass the gradient, which does not conserve relevance, and an
+    ``UncoveredModuleWarning`` would name the modules. Mapped to ``Pass``, like every activation.
     """
     from transformers.models.bloom.modeling_bloom import BloomGelu
 

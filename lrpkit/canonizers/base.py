@@ -59,6 +59,10 @@ class RuleBinding:
         parameters went into no call the canonizer saw (a module that did not run and whose
         parameters nothing used, such as a text model's token embedding when it is given
         embeddings, is left out).
+    report_custom_functions
+        Called once, after the first forward pass, with the modules without a rule whose output
+        a custom ``torch.autograd.Function`` (not lrpkit's) computed (``"'name' (Type: output of
+        Function.apply)"``): their relevance is that Function's backward.
     """
 
     rule_for: Callable[[str, nn.Module], Rule | None]
@@ -67,6 +71,7 @@ class RuleBinding:
     unchecked: "dict[int, str]" = field(default_factory=dict)
     unchecked_modules: "dict[int, str]" = field(default_factory=dict)
     report_uncovered: Callable[[list[str]], None] | None = None
+    report_custom_functions: Callable[[list[str]], None] | None = None
 
 
 class Canonizer:

@@ -74,6 +74,7 @@ from typing import Any, Literal
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
@@ -226,6 +227,9 @@ class _Capture:
     kept_gradient: set[str] = field(default_factory=set)
     #: ``id`` of every module that ran before the report (until then ``_push`` records them).
     ran: set[int] = field(default_factory=set)
+    #: Until the report: the autograd node of each custom autograd Function whose output a module
+    #: without a rule returned (``id(node) -> (path, module type, Function)``), innermost module first.
+    custom_functions: dict[int, tuple[str, str, str]] = field(default_factory=dict)
     reported: bool = False
 
     def __post_init__(self) -> None:
@@ -265,25 +269,33 @@ class _Capture:
                 self.report_uncovered()
 
     def report_uncovered(self) -> None:
-        """After the first forward pass: the unchecked modules whose parameters were not all explained."""
+        """After the first forward pass: the unchecked modules whose parameters were not all explained.
+
+        Then the other modules without a rule whose output a custom autograd Function computed:
+        their relevance is that Function's own backward.
+        """
         binding, reported = self.binding, self.reported
         self.reported = True
-        if reported or binding is None or binding.report_uncovered is None:
-            return
+        custom = list(self.custom_functions.values())
+        self.custom_functions.clear()
+        if not reported and binding is not None:
+            named = self._parameters_not_explained(binding)
+            if named and binding.report_uncovered is not None:
+                binding.report_uncovered(named)
+            custom = [(path, module, function) for path, module, function in custom if f"'{path}' ({module})" not in named]
+            if custom and binding.report_custom_functions is not None:
+                binding.report_custom_functions(_by_function(custom))
+        self.ran.clear()
+
+    def _parameters_not_explained(self, binding: RuleBinding) -> list[str]:
+        """The unchecked modules whose parameters went into a call that keeps its gradient, or into none."""
         # a container's parameters often enter its calls by ways the capture cannot follow (a bias
         # table indexed once and cached without grad, as LeViT's attention does): it is named only
         # when they go into a call that keeps its gradient
         leaves = {id(module) for module in self.paths if not module._modules}
         ran = {label for key, label in binding.unchecked_modules.items() if key in self.ran and key in leaves}
         labels = list(dict.fromkeys(binding.unchecked.values()))
-        uncovered = [
-            label
-            for label in labels
-            if label in self.kept_gradient or (label not in self.explained and label in ran)
-        ]
-        self.ran.clear()
-        if uncovered:
-            binding.report_uncovered(uncovered)
+        return [label for label in labels if label in self.kept_gradient or (label not in self.explained and label in ran)]
 
     def note_parameter_use(self, leaves: list[Any], kind: type[captured.CapturedOp]) -> None:
         """Record which unchecked modules' parameters go into this call, and whether it keeps its gradient.
@@ -312,8 +324,22 @@ class _Capture:
         self.frames.append(_Frame(self.paths.get(module, ""), hooked, paused, module))
 
     def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.frames and self.frames.pop().paused:
+        if not self.frames:
+            return
+        frame = self.frames.pop()
+        if frame.paused:
             torch._C._push_on_torch_function_stack(self.mode)
+        if not self.reported and not frame.hooked:
+            self._note_custom_function(frame, output)
+
+    def _note_custom_function(self, frame: _Frame, output: Any) -> None:
+        """Remember a custom autograd Function (not lrpkit's) that computed this module's output."""
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            node = tensor.grad_fn if isinstance(tensor, Tensor) else None
+            if isinstance(node, BackwardCFunction) and id(node) not in self.custom_functions:
+                function = node._forward_cls  # type: ignore[attr-defined]
+                if not function.__module__.startswith("lrpkit."):
+                    self.custom_functions[id(node)] = (frame.path, type(frame.module).__name__, function.__qualname__)
 
     _pop.lrpkit_hook = True  # type: ignore[attr-defined]  # observes only; see LayerOps.output_has_no_negative_zero
 
@@ -528,6 +554,18 @@ def _ops_factory(func: Callable[..., Any], spec: pytree.TreeSpec) -> OpsFactory:
 def _layer_ops_factory(func: Callable[..., Any], spec: pytree.TreeSpec) -> OpsFactory:
     """Makes the ops of a captured ``F.linear``/``F.conv*`` call: the closed forms on its weight and bias."""
     return lambda module, flat, kwargs, inputs: captured_layer_ops(module, flat, inputs, func, spec)
+
+
+def _by_function(calls: list[tuple[str, str, str]], shown: int = 3) -> list[str]:
+    """``"'a', 'b' and 3 more (Type: output of Function.apply)"`` for each module type and Function."""
+    paths: dict[tuple[str, str], dict[str, None]] = {}
+    for path, module, function in calls:  # a module called twice is named once
+        paths.setdefault((module, function), {})[f"'{path}'"] = None
+    described = []
+    for (module, function), names in paths.items():
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        described.append(f"{', '.join(list(names)[:shown])}{more} ({module}: output of {function}.apply)")
+    return described
 
 
 def _parameters_behind(tensor: Tensor, limit: int = 256) -> list[Tensor] | None:

@@ -49,6 +49,10 @@ Choice = Union[Rule, "FirstLayerChoice", None]
 class UncoveredModuleWarning(UserWarning):
     """A module with parameters gets no rule (its relevance is its plain gradient).
 
+    Also: a module without a rule returns the output of a custom ``torch.autograd.Function``
+    (its relevance is that Function's backward), found in the first forward pass when a
+    canonizer sees the calls.
+
     Without a canonizer that sees the calls (:class:`~lrpkit.canonizers.FunctionalCapture`), issued
     when the context is entered; with one, after the first forward pass, and only for modules
     whose parameters went into a call that keeps its gradient (or into no call it saw).
@@ -173,6 +177,7 @@ class Composite:
                 rule_for=lambda name, op: _resolve(self.module_map(ctx, name, op), op),
                 hooked=set(self._choices),
                 session=session,
+                report_custom_functions=self._report_custom_functions if self.warn_uncovered else None,
             )
             if uncovered and self.warn_uncovered:
                 if canonizer.checks_parameter_use():
@@ -226,6 +231,18 @@ class Composite:
         message = (
             f"{type(self).__name__}: no rule for the module(s) with parameters "
             f"{', '.join(labels)}; their relevance is their plain gradient. Map them to a rule"
+        )
+        if self.strict:
+            raise ValueError(message + ", or pass strict=False to only warn.")
+        warnings.warn(message + ", or pass strict=True to make this an error.", UncoveredModuleWarning, stacklevel=_user_stacklevel())
+
+    def _report_custom_functions(self, labels: list[str]) -> None:
+        """Warn (``strict``: raise) that the modules ``labels`` return a custom autograd Function's output."""
+        message = (
+            f"{type(self).__name__}: no rule for the module(s) {', '.join(labels)}; lrpkit cannot "
+            "replace the backward of a custom torch.autograd.Function, so their relevance is that "
+            "backward (for an activation its derivative, which does not conserve relevance). Map "
+            "them to a rule (an element-wise activation: rules.Pass())"
         )
         if self.strict:
             raise ValueError(message + ", or pass strict=False to only warn.")

@@ -279,6 +279,93 @@ def test_module_without_rule_warns_after_the_forward_and_strict_raises(
     assert hooks_left(model) == []
 
 
+class _SwishFunction(torch.autograd.Function):
+    """``x * sigmoid(x)`` with its derivative as backward (a "memory-efficient" swish)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        gate = torch.sigmoid(x)
+        return grad * gate * (1 + x * (1 - gate))
+
+
+class EfficientSwish(nn.Module):
+    """An activation without parameters computed in a custom autograd function."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SwishFunction.apply(x)
+
+
+class Block(nn.Module):
+    """A container whose output is its child's: only the child is named."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = EfficientSwish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+
+def _swish_model(activation: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), activation, nn.Linear(4, 2)).double()
+
+
+@pytest.mark.parametrize("activation", [EfficientSwish, Block])
+def test_output_of_a_custom_autograd_function_is_named(activation: Callable[[], nn.Module]) -> None:
+    """Its backward stays (the swish's derivative): relevance is lost, and the warning says which module."""
+    model = _swish_model(activation())
+    x = torch.rand(2, 3, dtype=torch.float64)
+    label = r"'1\.act' \(EfficientSwish: output of _SwishFunction\.apply\)" if activation is Block else (
+        r"'1' \(EfficientSwish: output of _SwishFunction\.apply\)"
+    )
+    with pytest.warns(composites.UncoveredModuleWarning, match=label) as record:
+        Gradient(model, composites.EpsilonPlus())(x)
+    assert len(record) == 1  # the container returning the same output is not named again
+    with pytest.raises(ValueError, match=label):
+        Gradient(model, composites.EpsilonPlus(strict=True))(x)
+    assert hooks_left(model) == []
+
+
+def test_custom_functions_are_named_by_module_type_and_function() -> None:
+    """Many modules of one type: three names, the count of the rest, the type once; a module called twice once."""
+    twice = EfficientSwish()
+    layers: list[nn.Module] = [nn.Linear(3, 3), twice, twice]
+    for _ in range(4):
+        layers += [nn.Linear(3, 3), EfficientSwish()]
+    model = nn.Sequential(*layers).double()
+    pattern = r"'1', '4', '6' and 2 more \(EfficientSwish: output of _SwishFunction\.apply\);"
+    with pytest.warns(composites.UncoveredModuleWarning, match=pattern):
+        Gradient(model, composites.EpsilonPlus())(torch.rand(2, 3, dtype=torch.float64), target=0)
+
+
+def test_custom_autograd_function_mapped_to_pass_is_explained() -> None:
+    """With ``Pass`` the module explains like ``nn.SiLU`` (an activation): no warning, the same relevance."""
+    x = torch.rand(2, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mapped = Gradient(_swish_model(EfficientSwish()), composites.EpsilonPlus(layer_map=[(EfficientSwish, rules.Pass())]))(x)
+        builtin = Gradient(_swish_model(nn.SiLU()), composites.EpsilonPlus())(x)
+    torch.testing.assert_close(mapped.relevance, builtin.relevance, rtol=1e-12, atol=1e-15)
+    with pytest.warns(composites.UncoveredModuleWarning):
+        without = Gradient(_swish_model(EfficientSwish()), composites.EpsilonPlus())(x)
+    assert (without.relevance - builtin.relevance).abs().max() > 1e-3  # the derivative differs from Pass
+
+
+def test_custom_function_with_parameters_is_named_once() -> None:
+    """A module named for its parameters is not named again for the Function that computes its output."""
+    model = _sandwich(ScaledInCustomFunction(3))
+    with pytest.warns(composites.UncoveredModuleWarning) as record:
+        Gradient(model, composites.EpsilonPlus())(torch.rand(2, 3, dtype=torch.float64))
+    assert len(record) == 1 and "with parameters" in str(record[0].message)
+
+
 class OwnLinear(nn.Module):
     """A custom dense layer (no torch layer class): its ``F.linear`` call is captured as a dense layer."""
 
