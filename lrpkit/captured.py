@@ -124,7 +124,8 @@ class Attention(CapturedOp):
 class Dense(CapturedOp):
     """``F.linear`` (or ``torch.addmm(bias, x, weight)``, GPT-2's ``Conv1D``) whose weight and bias are constants of the model.
 
-    Matched by :data:`lrpkit.types.Linear`, so a composite's dense-layer rule reaches it (default
+    Also a mixture of experts' ``torch._grouped_mm(x, W, offs=offs)`` (``F.grouped_mm``): a
+    dense layer per expert on the rows routed to it. Matched by :data:`lrpkit.types.Linear`, so a composite's dense-layer rule reaches it (default
     ``Epsilon``); the weight and bias are the layer's parameters for the rule. With a weight
     computed from the input it is an :class:`Other` call.
     """
@@ -257,7 +258,7 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
     GroupNorm: ("group_norm", "instance_norm"),
     Softmax: ("softmax", "log_softmax"),
     Attention: ("scaled_dot_product_attention", "multi_head_attention_forward"),
-    Dense: ("linear", "addmm"),
+    Dense: ("linear", "addmm", "_grouped_mm", "grouped_mm"),
     Convolution: ("conv1d", "conv2d", "conv3d"),
     ConvolutionTranspose: ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
 }

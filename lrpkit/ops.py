@@ -571,23 +571,47 @@ def _addmm_call(input: Tensor, mat1: Tensor, mat2: Tensor, *, beta: Any = 1, alp
     """The signature of ``torch.addmm``: ``beta * input + alpha * mat1 @ mat2`` (GPT-2's ``Conv1D``)."""
 
 
+def _grouped_mm_call(
+    mat_a: Tensor, mat_b: Tensor, offs: Tensor | None = None, bias: Tensor | None = None, out_dtype: Any = None
+) -> None:
+    """The signature of ``torch._grouped_mm`` and ``F.grouped_mm`` (a mixture of experts' layers)."""
+
+
 def _layer_signature(op: str) -> inspect.Signature:
     if op == "linear":
         return _SIGNATURES[_linear_call]
     if op == "addmm":
         return _SIGNATURES[_addmm_call]
+    if op in GROUPED_MM_OPS:
+        return _SIGNATURES[_grouped_mm_call]
     return _SIGNATURES[_conv_transpose_call if op.startswith("conv_transpose") else _conv_call]
 
 
 _SIGNATURES = {
-    function: inspect.signature(function) for function in (_linear_call, _conv_call, _conv_transpose_call, _addmm_call)
+    function: inspect.signature(function)
+    for function in (_linear_call, _conv_call, _conv_transpose_call, _addmm_call, _grouped_mm_call)
 }
 
+#: The names of the grouped matrix products (``torch._grouped_mm``, ``F.grouped_mm``).
+GROUPED_MM_OPS = ("_grouped_mm", "grouped_mm")
 
-def addmm_is_dense(leaves: tuple[Any, ...], spec: pytree.TreeSpec) -> bool:
-    """Whether a ``torch.addmm`` call is ``F.linear(mat1, mat2.T, input)``: ``beta`` and ``alpha`` are 1."""
-    bound = _bound(_SIGNATURES[_addmm_call], leaves, spec)
-    return all(not isinstance(bound[name], Tensor) and bound[name] == 1 for name in ("beta", "alpha"))
+
+def layer_call_is_dense(op: str, leaves: tuple[Any, ...], spec: pytree.TreeSpec) -> bool:
+    """Whether a captured layer call has the form its closed forms cover.
+
+    ``torch.addmm`` must be ``F.linear(mat1, mat2.T, input)`` (``beta`` and ``alpha`` 1); a
+    grouped product must be a mixture of experts' layer (:class:`GroupedDenseOps`): a 2-D input,
+    3-D weights, offsets, no bias and no output dtype of its own. Other calls always are.
+    """
+    if op == "addmm":
+        bound = _bound(_SIGNATURES[_addmm_call], leaves, spec)
+        return all(not isinstance(bound[name], Tensor) and bound[name] == 1 for name in ("beta", "alpha"))
+    if op in GROUPED_MM_OPS:
+        bound = _bound(_SIGNATURES[_grouped_mm_call], leaves, spec)
+        a, b, offs = bound["mat_a"], bound["mat_b"], bound["offs"]
+        shapes = isinstance(a, Tensor) and isinstance(b, Tensor) and a.ndim == 2 and b.ndim == 3
+        return shapes and isinstance(offs, Tensor) and bound["bias"] is None and bound["out_dtype"] is None
+    return True
 
 
 class CallLayer:
@@ -638,7 +662,7 @@ def captured_layer_ops(
     spec: pytree.TreeSpec,
     op: str | None = None,
 ) -> LayerOps:
-    """The ops of an ``F.linear``/``F.conv*``/``torch.addmm`` call: :class:`DenseOps`/:class:`ConvOps` on its weight and bias.
+    """The ops of an ``F.linear``/``F.conv*``/``torch.addmm``/grouped product call: :class:`DenseOps`/:class:`ConvOps`/:class:`GroupedDenseOps`.
 
     ``leaves``: the call's flattened arguments (as for :class:`FunctionalOps`), the input at
     ``input_positions``; ``op``: the call's name (default: ``module.op``, a captured call's). A
@@ -648,6 +672,8 @@ def captured_layer_ops(
     op = op or getattr(module, "op", "")
     signature = _layer_signature(op)
     bound = _bound(signature, leaves, spec)
+    if op in GROUPED_MM_OPS:
+        return GroupedDenseOps(CallLayer(bound["mat_b"].detach(), None), bound["mat_a"], bound["offs"], func)
     if op == "addmm":  # input + mat1 @ mat2 is F.linear(mat1, mat2.T, input)
         bound = {"input": bound["mat1"], "weight": bound["mat2"].t(), "bias": bound["input"]}
     weight, bias = bound["weight"], bound["bias"]
@@ -660,6 +686,41 @@ def captured_layer_ops(
         return ConvOps(layer, (bound["input"],), {}, (0,))
     indices = _bound(signature, tuple(range(len(leaves))), spec)
     return CapturedLayerOps(module, leaves, {}, input_positions, func, spec, indices["weight"], indices["bias"])
+
+
+class GroupedDenseOps(LayerOps):
+    """Closed forms for a mixture of experts' ``torch._grouped_mm(x, W, offs=offs)``.
+
+    Rows ``offs[g-1]:offs[g]`` of ``x`` (the tokens routed to expert ``g``) are multiplied by
+    ``W[g]`` (``in x out``): a dense layer per expert, ``z = x W_g`` and ``J^T s = s W_g^T``,
+    computed by the same grouped product. The weight is the layer's parameter for the rules
+    (``W+`` for z+, ...); transformers' default experts (``experts_implementation="grouped_mm"``)
+    call it.
+    """
+
+    fresh = True
+
+    def __init__(self, layer: CallLayer, input: Tensor, offs: Tensor, func: Callable[..., Any]) -> None:
+        super().__init__(layer, (input,), {}, (0,))  # type: ignore[arg-type]  # CallLayer: weight only
+        self.offs = offs
+        self.func = func
+
+    def params(self) -> Params:
+        return {"weight": self.module.weight}
+
+    def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
+        return self.func(inputs[0], params["weight"], offs=self.offs)
+
+    def linearize(self, inputs: Sequence[Tensor], params: Params) -> tuple[Tensor, Transpose]:
+        return self.forward(inputs, params), lambda grad, owned=False: self.transpose(inputs, params, grad, owned)
+
+    def transpose(
+        self, inputs: Sequence[Tensor], params: Params, grad: Tensor, owned: bool = False
+    ) -> tuple[Tensor, ...]:
+        return (self.func(grad, params["weight"].transpose(-2, -1), offs=self.offs),)
+
+    def without_bias(self, output: Tensor, params: Params) -> Tensor:
+        return output
 
 
 def _bound(signature: inspect.Signature, leaves: tuple[Any, ...], spec: pytree.TreeSpec) -> dict[str, Any]:

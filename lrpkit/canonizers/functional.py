@@ -80,7 +80,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import captured
 from ..core import OpsFactory, PendingCall, Rule, Session, route
-from ..ops import FunctionalOps, addmm_is_dense, captured_layer_ops, hooks_are_suspended, hooks_suspended
+from ..ops import FunctionalOps, captured_layer_ops, hooks_are_suspended, hooks_suspended, layer_call_is_dense
 from ..rectified import rectify_in_place
 from ..rules import AttentionValue, Epsilon, LayerNormConstant, Norm, Pass, Product
 from .base import CallbackHandle, Canonizer, Handle, RuleBinding, undo_all
@@ -450,7 +450,7 @@ class _Capture:
             own = {id(parameter) for parameter in owner.parameters(recurse=False)}
             constants = (leaf for index, leaf in enumerate(leaves) if index != position and isinstance(leaf, Tensor))
             owned = any(id(parameter) in own for leaf in constants for parameter in _parameters_behind(leaf) or ())
-        dense = op != "addmm" or addmm_is_dense(tuple(leaves), spec)
+        dense = layer_call_is_dense(op, tuple(leaves), spec)
         return captured.Other if owned or activations != [position] or not dense else None
 
     def identify(

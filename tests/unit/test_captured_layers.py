@@ -276,6 +276,76 @@ def test_addmm_that_is_no_dense_layer_keeps_its_gradient(form: str) -> None:
         assert kinds(model, composites.EpsilonPlus(), torch.randn(4, 4, dtype=DTYPE)) == {"addmm": captured.Other}
 
 
+class Experts(nn.Module):
+    """A mixture of experts' layer: ``torch._grouped_mm`` over the rows routed to each expert (transformers' default).
+
+    ``written_out``: the same layer as one ``F.linear`` per expert on its rows (the reference).
+    ``stored``: ``"in_out"`` (``W[g]`` is ``in x out``) or ``"out_in"`` (``nn.Linear`` layout,
+    passed transposed, as transformers does).
+    """
+
+    def __init__(self, stored: str, offsets: list[int], written_out: bool = False) -> None:
+        super().__init__()
+        shape = (len(offsets), 8, 4) if stored == "in_out" else (len(offsets), 4, 8)
+        self.weight = nn.Parameter(torch.randn(*shape))
+        self.stored, self.written_out = stored, written_out
+        self.offsets = torch.tensor(offsets, dtype=torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.stored == "in_out" else self.weight.transpose(-2, -1)
+        if not self.written_out:
+            return torch._grouped_mm(x, weight, offs=self.offsets)
+        start, rows = 0, []
+        for expert, end in enumerate(self.offsets.tolist()):
+            rows.append(F.linear(x[start:end], weight[expert].t()))
+            start = end
+        return torch.cat(rows)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is not in this torch")
+@pytest.mark.parametrize("stored", ["in_out", "out_in"])
+@pytest.mark.parametrize(
+    "rule",
+    [rules.Epsilon, rules.ZPlus, lambda: rules.Gamma(0.25), lambda: rules.AlphaBeta(2, 1), rules.Flat, rules.WSquare],
+    ids=["Epsilon", "ZPlus", "Gamma", "AlphaBeta", "Flat", "WSquare"],
+)
+def test_grouped_mm_is_a_dense_layer_per_expert(stored: str, rule: Callable[[], rules.Rule]) -> None:
+    """Each expert's rows get the dense rule with that expert's weight, as written out with ``F.linear`` (float32:
+    ``torch._grouped_mm`` has no float64 on the CPU). One expert gets no row."""
+    torch.manual_seed(7)
+    first = nn.Linear(5, 8)
+    experts = Experts(stored, [3, 3, 7])
+    written_out = Experts(stored, [3, 3, 7], written_out=True)
+    written_out.load_state_dict(experts.state_dict())
+    x = torch.rand(7, 5)
+    composite = lambda: composites.LayerMapComposite([(types.Linear, rule()), (nn.ReLU, rules.Pass())])  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # explained: no UncoveredModuleWarning
+        ours = relevance(nn.Sequential(first, nn.ReLU(), experts), composite(), x)
+    reference = relevance(nn.Sequential(first, nn.ReLU(), written_out), composite(), x)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    assert kinds(experts, composite(), torch.rand(7, 8)) == {"_grouped_mm": captured.Dense}
+    gradient = Gradient(nn.Sequential(first, nn.ReLU(), experts))(x, target=0).relevance
+    assert not torch.allclose(ours, gradient, rtol=1e-3, atol=1e-4)  # the rule, not the gradient
+
+
+class BatchedExperts(nn.Module):
+    """``torch._grouped_mm`` of a 3-D input (one batch per expert, no offsets): not a layer lrpkit explains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x, self.weight)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is not in this torch")
+def test_grouped_mm_without_offsets_keeps_its_gradient() -> None:
+    with pytest.warns(composites.UncoveredModuleWarning, match=r"'' \(BatchedExperts\)"):
+        assert kinds(BatchedExperts(), composites.EpsilonPlus(), torch.rand(2, 4, 8)) == {"_grouped_mm": captured.Other}
+
+
 class InputWeight(nn.Module):
     """``F.linear`` with a weight computed from the input: a product of activations, not a layer."""
 
