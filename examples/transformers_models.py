@@ -137,6 +137,38 @@ def _small(name: str) -> nn.Module:
         "clip-vision": lambda: hf.CLIPVisionModelWithProjection(
             hf.CLIPVisionConfig(hidden_size=WIDTH, image_size=32, patch_size=8, projection_dim=3, **_vision(text))
         ),
+        # mixtures of experts with transformers' default experts, torch._grouped_mm (float32)
+        "mixtral-grouped": lambda: hf.MixtralForCausalLM(
+            hf.MixtralConfig(hidden_size=WIDTH, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, **text)
+        ),
+        "qwen3_moe": lambda: hf.Qwen3MoeForCausalLM(
+            hf.Qwen3MoeConfig(hidden_size=WIDTH, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=32, head_dim=16, **text)
+        ),
+        "qwen2_moe": lambda: hf.Qwen2MoeForCausalLM(
+            hf.Qwen2MoeConfig(hidden_size=WIDTH, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=32, shared_expert_intermediate_size=32, **text)
+        ),
+        "olmoe": lambda: hf.OlmoeForCausalLM(
+            hf.OlmoeConfig(hidden_size=WIDTH, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, **text)
+        ),
+        "deepseek_v3": lambda: hf.DeepseekV3ForCausalLM(
+            hf.DeepseekV3Config(hidden_size=WIDTH, num_key_value_heads=1, n_routed_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=32, n_group=1, topk_group=1, first_k_dense_replace=1,
+                                q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                v_head_dim=16, **text)
+        ),
+        "granitemoe": lambda: hf.GraniteMoeForCausalLM(
+            hf.GraniteMoeConfig(hidden_size=WIDTH, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                                **text)
+        ),
+        "phimoe": lambda: hf.PhimoeForCausalLM(
+            hf.PhimoeConfig(hidden_size=WIDTH, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, **text)
+        ),
+        "llama4": lambda: hf.Llama4ForCausalLM(
+            hf.Llama4TextConfig(hidden_size=WIDTH, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=1,
+                                head_dim=16, intermediate_size_mlp=64, interleave_moe_layer_step=1, **text)
+        ),
     }
     if name not in factories:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(factories)}")
@@ -154,6 +186,9 @@ MODELS = (
     "vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer",
 )
 VISION = ("vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer")
+#: Mixtures of experts with transformers' default experts: ``torch._grouped_mm`` has no float64 on the CPU.
+FLOAT32 = ("mixtral-grouped", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "granitemoe", "phimoe", "llama4")
+MODELS = MODELS + FLOAT32
 
 
 class EmbeddingsToLogits(nn.Module):
@@ -185,23 +220,28 @@ class PixelsToLogits(nn.Module):
         return output.image_embeds if hasattr(output, "image_embeds") else output.pooler_output
 
 
-def activation_modules() -> list[tuple[type[nn.Module], rules.Rule]]:
-    """Rules for activation modules that call a custom ``torch.autograd.Function``.
+def module_rules() -> list[tuple[type[nn.Module], rules.Rule | None]]:
+    """Rules for modules that the presets' rules by type do not fit.
 
-    The capture does not see inside such a function; its own backward (here BLOOM's GELU
-    derivative) would pass the gradient, which does not conserve relevance, and an
-    ``UncoveredModuleWarning`` would name the modules. Mapped to ``Pass``, like every activation.
+    An activation module that calls a custom ``torch.autograd.Function`` (BLOOM's GELU): the
+    capture does not see inside such a function; its own backward (the GELU's derivative) would
+    pass the gradient, which does not conserve relevance, and an ``UncoveredModuleWarning`` would
+    name the modules. Mapped to ``Pass``, like every activation. A router that is an
+    ``nn.Linear`` returning a tuple (Phi-MoE's, Llama 4's), which no rule can take: no rule, so
+    its calls are explained one by one (its routing weights gate the experts' outputs).
     """
     from transformers.models.bloom.modeling_bloom import BloomGelu
+    from transformers.models.llama4.modeling_llama4 import Llama4Router
+    from transformers.models.phimoe.modeling_phimoe import PhimoeTopKRouter
 
-    return [(BloomGelu, rules.Pass())]
+    return [(BloomGelu, rules.Pass()), (PhimoeTopKRouter, None), (Llama4Router, None)]
 
 
 def composite(name: str, stabilizer: float = 1e-6) -> composites.Composite:
     """``EpsilonGammaBox`` (inputs within +-3) or ``EpsilonPlusFlat`` with ``stabilizer`` everywhere."""
     canonizers = [MergeBatchNorm(), FunctionalCapture(stabilizer=stabilizer)]
     options: dict[str, Any] = {
-        "epsilon": stabilizer, "stabilizer": stabilizer, "layer_map": activation_modules(), "canonizers": canonizers,
+        "epsilon": stabilizer, "stabilizer": stabilizer, "layer_map": module_rules(), "canonizers": canonizers,
     }
     if name == "EpsilonGammaBox":
         return composites.EpsilonGammaBox(low=-3.0, high=3.0, **options)
@@ -246,14 +286,15 @@ def without_absorbers(model: nn.Module) -> nn.Module:
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
-    """The wrapped model (float64, eval mode) and an input for it."""
+    """The wrapped model (float64, eval mode; float32 for :data:`FLOAT32`) and an input for it."""
     torch.manual_seed(0)
-    model = _small(name).double().eval()
+    dtype = torch.float32 if name in FLOAT32 else torch.float64
+    model = _small(name).to(dtype).eval()
     generator = torch.Generator().manual_seed(1)
     if name in VISION:
-        return PixelsToLogits(model), torch.rand(2, 3, 32, 32, generator=generator, dtype=torch.float64)
+        return PixelsToLogits(model), torch.rand(2, 3, 32, 32, generator=generator, dtype=dtype)
     width = model.get_input_embeddings().weight.shape[1]
-    return EmbeddingsToLogits(model), torch.randn(2, 6, width, generator=generator, dtype=torch.float64)
+    return EmbeddingsToLogits(model), torch.randn(2, 6, width, generator=generator, dtype=dtype)
 
 
 def main(names: Sequence[str]) -> dict[str, dict[str, dict[str, object]]]:

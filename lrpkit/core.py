@@ -454,8 +454,9 @@ class RuleHook:
                 raise TypeError(
                     f"lrpkit: rule {rule!r} is attached to module '{self.name}' "
                     f"({type(module).__name__}), which returned {type(output).__name__}; rules need a "
-                    "module with a single tensor output. Map this module to no rule (None) and put "
-                    "rules on its children instead."
+                    "module with a single tensor output. Map this module to no rule, e.g. "
+                    f"layer_map=[({type(module).__name__}, None)] (the calls in its forward are then "
+                    "explained one by one), or put rules on its children instead."
                 )
             pending = PendingCall(
                 name=self.name,

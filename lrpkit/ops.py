@@ -400,7 +400,7 @@ class _BiasedOps(LayerOps):
         return (
             isinstance(bias, Tensor)
             and bias.device.type == "cpu"
-            and _standard_forward(module)
+            and standard_forward(module)
             and not _global_forward_hooks()
             and all(getattr(hook, "lrpkit_hook", False) for hook in module._forward_hooks.values())
             and not _flushes_denormals()
@@ -430,7 +430,7 @@ _STANDARD_FORWARDS = frozenset(
 _STANDARD_CONV_FORWARDS = frozenset({None} | {cls._conv_forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)})
 
 
-def _standard_forward(module: nn.Module) -> bool:
+def standard_forward(module: nn.Module) -> bool:
     """Whether ``module`` computes ``W a + b`` with its own ``weight`` and ``bias`` (no overridden ``forward``)."""
     cls = type(module)
     return cls.forward in _STANDARD_FORWARDS and getattr(cls, "_conv_forward", None) in _STANDARD_CONV_FORWARDS
@@ -847,7 +847,7 @@ def layer_ops(
     re-run it.
     """
     if not kwargs and input_positions == (0,) and len(args) == 1:
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not _standard_forward(module):
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not standard_forward(module):
             recorded = _recorded_layer_call(module, args[0])
             if recorded is not None:
                 return captured_layer_ops(module, *recorded)

@@ -80,7 +80,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import captured
 from ..core import OpsFactory, PendingCall, Rule, Session, route
-from ..ops import FunctionalOps, captured_layer_ops, hooks_are_suspended, hooks_suspended, layer_call_is_dense
+from ..ops import FunctionalOps, captured_layer_ops, hooks_are_suspended, hooks_suspended, layer_call_is_dense, standard_forward
 from ..rectified import rectify_in_place
 from ..rules import AttentionValue, Epsilon, LayerNormConstant, Norm, Pass, Product
 from .base import CallbackHandle, Canonizer, Handle, RuleBinding, undo_all
@@ -437,16 +437,18 @@ class _Capture:
         A weight or bias computed from parameters alone belongs to the layer (it is no activation). The
         call is a layer (:class:`~lrpkit.captured.Dense`, ...) when the input is its only
         activation, unless it is the computation of a torch layer module (``nn.Linear``,
-        ``nn.Conv2d``, ... and their subclasses) with its own parameters: that module has no rule
-        (or its calls would not be captured) because the composite gave it none, so its relevance
-        stays its gradient (:class:`~lrpkit.composites.UncoveredModuleWarning` says so). Swin's
-        attention, which passes the weights of its ``qkv`` and ``proj`` children to ``F.linear``,
-        BEiT's, which adds a bias of its own, and a custom layer module are layers.
+        ``nn.Conv2d``, ... and their subclasses that keep its ``forward``) with its own
+        parameters: that module has no rule (or its calls would not be captured) because the
+        composite gave it none, so its relevance stays its gradient
+        (:class:`~lrpkit.composites.UncoveredModuleWarning` says so). Swin's attention, which
+        passes the weights of its ``qkv`` and ``proj`` children to ``F.linear``, BEiT's, which adds
+        a bias of its own, a custom layer module, and a layer subclass with a ``forward`` of its
+        own mapped to no rule (a mixture of experts' router that returns a tuple) are layers.
         """
         position = 1 if op == "addmm" else 0  # of the input: torch.addmm(bias, input, weight)
         owner = self.frames[-1].module if self.frames else None
         owned = False
-        if isinstance(owner, _LAYER_MODULES):
+        if isinstance(owner, _LAYER_MODULES) and standard_forward(owner):
             own = {id(parameter) for parameter in owner.parameters(recurse=False)}
             constants = (leaf for index, leaf in enumerate(leaves) if index != position and isinstance(leaf, Tensor))
             owned = any(id(parameter) in own for leaf in constants for parameter in _parameters_behind(leaf) or ())

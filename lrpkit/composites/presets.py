@@ -4,7 +4,10 @@ Every preset accepts ``layer_map`` (and ``first_map`` where it has one) to prepe
 own, ``zero_params``, ``canonizers`` and ``strict``; the LRP presets also take ``top_k``, the
 relevance filter (:func:`lrpkit.rules.relevance_filter`) of every dense and convolutional rule,
 e.g. ``EpsilonPlusFlat(top_k=0.05)`` keeps the largest 5% of the relevance values of each sample
-before each such layer.
+before each such layer. Their ``stabilizer`` reaches every rule but the dense layers' epsilon,
+also the rules of captured calls (products, normalisations, attention) through the default
+canonizers (:func:`lrpkit.canonizers.default_canonizers`); with ``canonizers`` given, those
+rules take their ``FunctionalCapture``'s.
 
 Examples
 --------
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import captured, types
-from ..canonizers import Canonizer, FunctionalCapture, MergeBatchNorm
+from ..canonizers import Canonizer, FunctionalCapture, MergeBatchNorm, default_canonizers
 from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZeroParams, ZPlus
 from ..rules import Deconvnet as Deconvnet_rule
 from ..rules import GuidedBackprop as GuidedBackprop_rule
@@ -89,6 +92,11 @@ def _prepend(user_map: LayerMap | None) -> list[tuple[Any, Any]]:
     return list(user_map or [])
 
 
+def _lrp_default(canonizers: Sequence[Canonizer] | None, stabilizer: float) -> list[Canonizer]:
+    """``canonizers``, or the default ones with the preset's ``stabilizer`` for captured calls."""
+    return default_canonizers(stabilizer) if canonizers is None else list(canonizers)
+
+
 @register("epsilon_plus")
 class EpsilonPlus(LayerMapComposite):
     """z+ on convolutions, epsilon on dense layers (Montavon et al. 2019, Kohlbrenner et al. 2020)."""
@@ -107,7 +115,7 @@ class EpsilonPlus(LayerMapComposite):
             (types.Convolution, ZPlus(stabilizer=stabilizer, zero_params=zero_params, top_k=top_k)),
             (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params, top_k=top_k)),
         ]
-        super().__init__(layer_map, canonizers=canonizers, strict=strict)
+        super().__init__(layer_map, canonizers=_lrp_default(canonizers, stabilizer), strict=strict)
 
 
 @register("epsilon_plus_flat")
@@ -130,7 +138,7 @@ class EpsilonPlusFlat(SpecialFirstLayerMapComposite):
             (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params, top_k=top_k)),
         ]
         first_map = _prepend(first_map) + [(types.AnyLinear, Flat(stabilizer=stabilizer, zero_params=zero_params, top_k=top_k))]
-        super().__init__(layer_map, first_map, canonizers=canonizers, strict=strict)
+        super().__init__(layer_map, first_map, canonizers=_lrp_default(canonizers, stabilizer), strict=strict)
 
 
 @register("epsilon_gamma_box")
@@ -164,7 +172,7 @@ class EpsilonGammaBox(SpecialFirstLayerMapComposite):
         first_map = _prepend(first_map) + [
             (types.Convolution, ZBox(low=low, high=high, stabilizer=stabilizer, zero_params=zero_params, top_k=top_k))
         ]
-        super().__init__(layer_map, first_map, canonizers=canonizers, strict=strict)
+        super().__init__(layer_map, first_map, canonizers=_lrp_default(canonizers, stabilizer), strict=strict)
 
 
 @register("epsilon_alpha2_beta1")
@@ -185,7 +193,7 @@ class EpsilonAlpha2Beta1(LayerMapComposite):
             (types.Convolution, AlphaBeta(2.0, 1.0, stabilizer=stabilizer, zero_params=zero_params, top_k=top_k)),
             (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params, top_k=top_k)),
         ]
-        super().__init__(layer_map, canonizers=canonizers, strict=strict)
+        super().__init__(layer_map, canonizers=_lrp_default(canonizers, stabilizer), strict=strict)
 
 
 @register("epsilon_alpha2_beta1_flat")
@@ -208,7 +216,7 @@ class EpsilonAlpha2Beta1Flat(SpecialFirstLayerMapComposite):
             (types.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params, top_k=top_k)),
         ]
         first_map = _prepend(first_map) + [(types.AnyLinear, Flat(stabilizer=stabilizer, zero_params=zero_params, top_k=top_k))]
-        super().__init__(layer_map, first_map, canonizers=canonizers, strict=strict)
+        super().__init__(layer_map, first_map, canonizers=_lrp_default(canonizers, stabilizer), strict=strict)
 
 
 @register("excitation_backprop")
@@ -228,7 +236,7 @@ class ExcitationBackprop(LayerMapComposite):
             (types.AvgPool, Norm(stabilizer=stabilizer)),
             (types.AnyLinear, ZPlus(stabilizer=stabilizer, zero_params=zero_params, top_k=top_k)),
         ]
-        super().__init__(layer_map, canonizers=canonizers, strict=strict)
+        super().__init__(layer_map, canonizers=_lrp_default(canonizers, stabilizer), strict=strict)
 
 
 #: The ReLUs the gradient presets rectify: modules and captured ``F.relu`` calls.

@@ -366,6 +366,41 @@ def test_custom_function_with_parameters_is_named_once() -> None:
     assert len(record) == 1 and "with parameters" in str(record[0].message)
 
 
+class Router(nn.Linear):
+    """A mixture of experts' router (Phi-MoE's, Llama 4's): an ``nn.Linear`` whose forward returns a tuple."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        logits = super().forward(x)
+        return logits, torch.softmax(logits, dim=-1)
+
+
+class Routed(nn.Module):
+    """A layer's output scaled by a routing weight: the weight is a gate and gets no relevance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 4, bias=False)
+        self.router = Router(3, 2, bias=False)
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, weights = self.router(x)
+        return self.head(torch.relu(self.layer(x)) * weights[:, :1])
+
+
+def test_a_layer_returning_a_tuple_says_how_to_map_it_and_is_then_explained() -> None:
+    torch.manual_seed(3)
+    model = Routed().double()
+    x = torch.rand(2, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"'router' \(Router\), which returned tuple.*layer_map=\[\(Router, None\)\]"):
+        Gradient(model, composites.EpsilonPlus())(x)
+    assert hooks_left(model) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = Gradient(model, composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12, layer_map=[(Router, None)]))(x, target=0)
+    torch.testing.assert_close(result.relevance.sum(1), result.output[:, 0], rtol=1e-9, atol=1e-12)
+
+
 class OwnLinear(nn.Module):
     """A custom dense layer (no torch layer class): its ``F.linear`` call is captured as a dense layer."""
 
