@@ -334,8 +334,10 @@ class _Capture:
 
     def _note_custom_function(self, frame: _Frame, output: Any) -> None:
         """Remember a custom autograd Function (not lrpkit's) that computed this module's output."""
-        for tensor in output if isinstance(output, (tuple, list)) else (output,):
-            node = tensor.grad_fn if isinstance(tensor, Tensor) else None
+        tensors = [item for item in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(item, Tensor)]
+        with torch._C.DisableTorchFunction():  # a hook runs inside the capture's mode: not a call to capture
+            nodes = [tensor.grad_fn for tensor in tensors]
+        for node in nodes:
             if isinstance(node, BackwardCFunction) and id(node) not in self.custom_functions:
                 function = node._forward_cls  # type: ignore[attr-defined]
                 if not function.__module__.startswith("lrpkit."):
@@ -633,7 +635,7 @@ class _CaptureMode(TorchFunctionMode):
 
 # -- helpers -----------------------------------------------------------------------------------
 _REFLECTED = {"radd": "add", "rmul": "mul", "rmatmul": "matmul", "truediv": "div", "itruediv": "div_"}
-_IGNORED = frozenset({"detach", "data", "grad", "requires_grad_", "retain_grad"})
+_IGNORED = frozenset({"detach", "data", "grad", "grad_fn", "requires_grad_", "retain_grad"})
 
 
 def _op_name(func: Any) -> str | None:
