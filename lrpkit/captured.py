@@ -125,9 +125,10 @@ class Dense(CapturedOp):
     """``F.linear`` (or ``torch.addmm(bias, x, weight)``, GPT-2's ``Conv1D``) whose weight and bias are constants of the model.
 
     Also a mixture of experts' ``torch._grouped_mm(x, W, offs=offs)`` (``F.grouped_mm``): a
-    dense layer per expert on the rows routed to it. Matched by :data:`lrpkit.types.Linear`, so a composite's dense-layer rule reaches it (default
-    ``Epsilon``); the weight and bias are the layer's parameters for the rule. With a weight
-    computed from the input it is an :class:`Other` call.
+    dense layer per expert on the rows routed to it. Matched by :data:`lrpkit.types.Linear`, so a
+    composite's dense-layer rule reaches it (default ``Epsilon``); the weight and bias are the
+    layer's parameters for the rule. With a weight computed from the input it is an
+    :class:`Other` call.
     """
 
 

@@ -701,7 +701,7 @@ class GroupedDenseOps(LayerOps):
     fresh = True
 
     def __init__(self, layer: CallLayer, input: Tensor, offs: Tensor, func: Callable[..., Any]) -> None:
-        super().__init__(layer, (input,), {}, (0,))  # type: ignore[arg-type]  # CallLayer: weight only
+        super().__init__(layer, (input,), {}, (0,))  # type: ignore[arg-type]  # a CallLayer, as for DenseOps
         self.offs = offs
         self.func = func
 
