@@ -37,6 +37,10 @@ in-place methods (``x.copy_(y)``, ``x.unsqueeze_(0)``) are not captured; if one 
 a rule saved, autograd raises instead of giving wrong numbers.
 
 Only calls made while the root module runs are captured, and nothing is added to the model.
+Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) run as one fused call that only has a
+gradient; inside the context they run a forward written out per time step
+(:mod:`lrpkit.canonizers.recurrent`), whose calls are captured: an LSTM is explained as in
+Arras et al. 2017 (gates get no relevance). ``unroll_recurrent=False`` keeps the fused call.
 
 Examples
 --------
@@ -84,6 +88,7 @@ from ..ops import FunctionalOps, captured_layer_ops, hooks_are_suspended, hooks_
 from ..rectified import rectify_in_place
 from ..rules import AttentionValue, Epsilon, LayerNormConstant, Norm, Pass, Product
 from .base import CallbackHandle, Canonizer, Handle, RuleBinding, undo_all
+from .recurrent import unrollable, unrolled_forward
 
 #: ``[(captured kinds, rule), ...]`` as in a layer map.
 OpRules = Sequence[tuple[Any, "Rule | None"]]
@@ -133,13 +138,19 @@ class FunctionalCapture(Canonizer):
         it equally among all factors (AttnLRP's uniform rule).
     stabilizer
         The stabiliser of the default rules.
+    unroll_recurrent
+        Run ``nn.LSTM``/``nn.GRU``/``nn.RNN`` modules step by step, so that their calls are
+        captured (default); ``False`` leaves their fused call, whose relevance is its gradient.
     """
 
-    def __init__(self, rules: OpRules | None = None, gate: Gate = "signal", stabilizer: float = 1e-6) -> None:
+    def __init__(
+        self, rules: OpRules | None = None, gate: Gate = "signal", stabilizer: float = 1e-6, unroll_recurrent: bool = True
+    ) -> None:
         if gate not in ("signal", "uniform"):
             raise ValueError(f"gate must be 'signal' or 'uniform', got {gate!r}")
         self.rules = [*(rules or []), *default_op_rules(stabilizer)]
         self.gate = gate
+        self.unroll_recurrent = unroll_recurrent
         self._captures: weakref.WeakKeyDictionary[nn.Module, _Capture] = weakref.WeakKeyDictionary()
 
     def apply(self, model: nn.Module) -> list[Handle]:
@@ -230,6 +241,8 @@ class _Capture:
     #: Until the report: the autograd node of each custom autograd Function whose output a module
     #: without a rule returned (``id(node) -> (path, module type, Function)``), innermost module first.
     custom_functions: dict[int, tuple[str, str, str]] = field(default_factory=dict)
+    #: Whether a captured call had an activation among its arguments (the report waits for one).
+    saw_activation: bool = False
     reported: bool = False
 
     def __post_init__(self) -> None:
@@ -239,14 +252,21 @@ class _Capture:
     # -- hooks --------------------------------------------------------------------------------
     def install(self) -> list[Handle]:
         handles: list[RemovableHandle] = [self.model.register_forward_pre_hook(self._enter_root)]
-        for module in self.paths:
-            if type(module) is nn.Identity:  # calls no torch function (a merged BatchNorm's stand-in)
-                continue
-            handles.append(module.register_forward_pre_hook(self._push))
-            handles.append(module.register_forward_hook(self._pop, always_call=True))
-        # after the root's own ``_pop``, which puts the mode back if a rule on the root paused it
-        handles.append(self.model.register_forward_hook(self._leave_root, always_call=True))
-        return [*handles, CallbackHandle(self._close)]
+        forwards: list[Handle] = []
+        try:
+            for module in self.paths:
+                if type(module) is nn.Identity:  # calls no torch function (a merged BatchNorm's stand-in)
+                    continue
+                handles.append(module.register_forward_pre_hook(self._push))
+                handles.append(module.register_forward_hook(self._pop, always_call=True))
+                if self.owner.unroll_recurrent and unrollable(module):
+                    forwards.append(_replace_forward(module, unrolled_forward(module)))
+            # after the root's own ``_pop``, which puts the mode back if a rule on the root paused it
+            handles.append(self.model.register_forward_hook(self._leave_root, always_call=True))
+        except BaseException:
+            undo_all([*handles, *forwards])
+            raise
+        return [*handles, *forwards, CallbackHandle(self._close)]
 
     def _close(self) -> None:
         self.session.active = False
@@ -265,7 +285,9 @@ class _Capture:
     def _leave_root(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.entered and self.entered.pop():
             self.mode.__exit__(None, None, None)
-            if sys.exc_info()[0] is None:  # not while the model's own exception propagates
+            # not while the model's own exception propagates, nor after a forward that carried no
+            # gradient (an input without ``requires_grad``: no call was on an activation)
+            if sys.exc_info()[0] is None and self.saw_activation:
                 self.report_uncovered()
 
     def report_uncovered(self) -> None:
@@ -385,6 +407,7 @@ class _Capture:
             kind = _KIND_BY_ACTIVATIONS[op](activations)
         if not activations:
             return func(*args, **kwargs)
+        self.saw_activation = True
         if self.binding is not None and self.binding.unchecked and not self.reported and torch.is_grad_enabled():
             self.note_parameter_use(leaves, kind or captured.kind_of(_out_of_place(op)))
         as_written = (func, args, kwargs)
@@ -558,6 +581,23 @@ def _ops_factory(func: Callable[..., Any], spec: pytree.TreeSpec) -> OpsFactory:
 def _layer_ops_factory(func: Callable[..., Any], spec: pytree.TreeSpec) -> OpsFactory:
     """Makes the ops of a captured ``F.linear``/``F.conv*`` call: the closed forms on its weight and bias."""
     return lambda module, flat, kwargs, inputs: captured_layer_ops(module, flat, inputs, func, spec)
+
+
+def _replace_forward(module: nn.Module, forward: Callable[..., Any]) -> Handle:
+    """Give ``module`` the instance attribute ``forward``; the handle puts back what was there."""
+    saved = module.__dict__.get("forward", _ABSENT)
+    module.__dict__["forward"] = forward
+
+    def undo() -> None:
+        if saved is _ABSENT:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = saved
+
+    return CallbackHandle(undo)
+
+
+_ABSENT = object()
 
 
 def _by_function(calls: list[tuple[str, str, str]], shown: int = 3) -> list[str]:

@@ -279,6 +279,18 @@ def test_module_without_rule_warns_after_the_forward_and_strict_raises(
     assert hooks_left(model) == []
 
 
+def test_the_check_waits_for_a_forward_that_carries_a_gradient() -> None:
+    """An input without ``requires_grad`` puts no activation into any call: nothing can be judged yet."""
+    model = _sandwich(Lerp(3))
+    x = torch.rand(2, 3, dtype=torch.float64)
+    with composites.EpsilonPlus().context(model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(x)
+        with pytest.warns(composites.UncoveredModuleWarning, match=r"'1' \(Lerp\)"):
+            model(x.requires_grad_(True))
+
+
 class _SwishFunction(torch.autograd.Function):
     """``x * sigmoid(x)`` with its derivative as backward (a "memory-efficient" swish)."""
 

@@ -1,0 +1,169 @@
+"""Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) written out step by step, for the capture.
+
+torch runs a recurrent layer as one fused call (``torch.lstm``), whose only backward is the
+gradient. :class:`~lrpkit.canonizers.FunctionalCapture` therefore gives each such module, inside
+a composite's context, a forward of its own that computes the same thing with calls the capture
+explains: per time step one ``F.linear`` of the input and the previous hidden state (a dense
+layer: the composite's dense rule), the gates' ``sigmoid`` and the cell's ``tanh`` (activations),
+and the products and sums of the cell update. A product of a gate and a signal gives all its
+relevance to the signal (the gate levels of :class:`~lrpkit.rules.Product`), so an LSTM is
+explained as in Arras et al., "Explaining Recurrent Neural Network Predictions in Sentiment
+Analysis" (WASSA 2017): gates get no relevance, and the cell update ``c = f c' + i g`` splits
+its relevance between the old cell and the candidate in proportion to their contributions.
+
+The written-out forward gives the fused call's output up to rounding. A ``PackedSequence``
+input runs the module's own forward (its relevance is then the gradient, which
+:class:`~lrpkit.composites.UncoveredModuleWarning` reports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+#: The recurrent modules whose forward is written out (their subclasses only if they keep it).
+RECURRENT_MODULES: tuple[type[nn.RNNBase], ...] = (nn.LSTM, nn.GRU, nn.RNN)
+
+_STANDARD_FORWARDS = {cls.forward for cls in RECURRENT_MODULES}
+
+State = Any  # a tensor, or ``(h, c)`` for an LSTM
+
+
+def unrollable(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` running torch's own forward."""
+    return isinstance(module, RECURRENT_MODULES) and type(module).forward in _STANDARD_FORWARDS
+
+
+def unrolled_forward(module: nn.RNNBase) -> Callable[..., Any]:
+    """A forward for ``module`` that computes its output time step by time step (see the module docstring)."""
+    fused = module.forward
+
+    def forward(input: Any, hx: State = None) -> Any:
+        if isinstance(input, PackedSequence):
+            return fused(input, hx)
+        return _run(module, input, hx)
+
+    return forward
+
+
+def _run(module: nn.RNNBase, input: Tensor, hx: State) -> tuple[Tensor, State]:
+    batched = input.dim() == 3
+    if not batched:  # (time, features): one sequence
+        input = input.unsqueeze(1)
+        hx = None if hx is None else _map_state(hx, lambda state: state.unsqueeze(1))
+    elif module.batch_first:
+        input = input.transpose(0, 1)
+    lstm = isinstance(module, nn.LSTM)
+    h0, c0 = _initial_state(module, input, hx, lstm)
+    directions = 2 if module.bidirectional else 1
+    layer_input = input
+    last_h: list[Tensor] = []
+    last_c: list[Tensor] = []
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            state = (h0[index], c0[index]) if lstm else h0[index]
+            sequence, state = _direction(module, layer, direction, layer_input, state)
+            outputs.append(sequence)
+            if lstm:
+                last_h.append(state[0])
+                last_c.append(state[1])
+            else:
+                last_h.append(state)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        if module.dropout and module.training and layer < module.num_layers - 1:
+            layer_input = F.dropout(layer_input, module.dropout, training=True)
+    output: Tensor = layer_input
+    final: State = (torch.stack(last_h), torch.stack(last_c)) if lstm else torch.stack(last_h)
+    if not batched:
+        return output.squeeze(1), _map_state(final, lambda state: state.squeeze(1))
+    if module.batch_first:
+        output = output.transpose(0, 1)
+    return output, final
+
+
+def _map_state(state: State, change: Callable[[Tensor], Tensor]) -> State:
+    return tuple(change(part) for part in state) if isinstance(state, tuple) else change(state)
+
+
+def _initial_state(module: nn.RNNBase, input: Tensor, hx: State, lstm: bool) -> tuple[Tensor, Tensor | None]:
+    """``(h0, c0)`` per layer and direction: the given state, or zeros (``c0`` only for an LSTM)."""
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    batch = input.shape[1]
+    hidden = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    if hx is None:
+        h0 = input.new_zeros(layers, batch, hidden)
+        return h0, input.new_zeros(layers, batch, module.hidden_size) if lstm else None
+    if lstm:
+        return hx[0], hx[1]
+    return hx, None
+
+
+def _direction(
+    module: nn.RNNBase, layer: int, direction: int, input: Tensor, state: State
+) -> tuple[Tensor, State]:
+    """One layer in one direction over all time steps: the hidden states ``(time, batch, hidden)`` and the last state."""
+    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+    weights = {name: getattr(module, name + suffix, None) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")}
+    step = _step_function(module, weights)
+    steps = range(input.shape[0])
+    hidden: list[Tensor | None] = [None] * input.shape[0]
+    for time in reversed(steps) if direction else steps:
+        state = step(input[time], state)
+        hidden[time] = state[0] if isinstance(state, tuple) else state
+    return torch.stack(hidden), state  # type: ignore[arg-type]  # every step filled it
+
+
+def _step_function(module: nn.RNNBase, weights: dict[str, Tensor | None]) -> Callable[[Tensor, State], State]:
+    if isinstance(module, nn.LSTM):
+        return _lstm_step(weights)
+    if isinstance(module, nn.GRU):
+        return _gru_step(weights)
+    return _rnn_step(weights, torch.tanh if module.nonlinearity == "tanh" else torch.relu)
+
+
+def _joint_linear(weights: dict[str, Tensor | None]) -> Callable[[Tensor, Tensor], Tensor]:
+    """``W_ih x + b_ih + W_hh h + b_hh`` as one dense layer on ``[x, h]`` (one epsilon rule for both)."""
+    weight = torch.cat([weights["weight_ih"], weights["weight_hh"]], dim=1)  # type: ignore[list-item]
+    bias_ih, bias_hh = weights["bias_ih"], weights["bias_hh"]
+    bias = None if bias_ih is None or bias_hh is None else bias_ih + bias_hh
+    return lambda x, h: F.linear(torch.cat([x, h], dim=-1), weight, bias)
+
+
+def _lstm_step(weights: dict[str, Tensor | None]) -> Callable[[Tensor, State], State]:
+    linear = _joint_linear(weights)
+    projection = weights["weight_hr"]
+
+    def step(x: Tensor, state: State) -> State:
+        h, c = state
+        i, f, g, o = linear(x, h).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return (h if projection is None else F.linear(h, projection)), c
+
+    return step
+
+
+def _gru_step(weights: dict[str, Tensor | None]) -> Callable[[Tensor, State], State]:
+    weight_ih, weight_hh = weights["weight_ih"], weights["weight_hh"]
+    bias_ih, bias_hh = weights["bias_ih"], weights["bias_hh"]
+
+    def step(x: Tensor, h: State) -> State:
+        x_r, x_z, x_n = F.linear(x, weight_ih, bias_ih).chunk(3, dim=-1)  # type: ignore[arg-type]
+        h_r, h_z, h_n = F.linear(h, weight_hh, bias_hh).chunk(3, dim=-1)  # type: ignore[arg-type]
+        reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        candidate = torch.tanh(x_n + reset * h_n)
+        return (1 - update) * candidate + update * h
+
+    return step
+
+
+def _rnn_step(weights: dict[str, Tensor | None], activation: Callable[[Tensor], Tensor]) -> Callable[[Tensor, State], State]:
+    linear = _joint_linear(weights)
+    return lambda x, h: activation(linear(x, h))
