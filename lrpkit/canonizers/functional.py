@@ -239,7 +239,8 @@ class _Capture:
     #: ``id`` of every module that ran before the report (until then ``_push`` records them).
     ran: set[int] = field(default_factory=set)
     #: Until the report: the autograd node of each custom autograd Function whose output a module
-    #: without a rule returned (``id(node) -> (path, module type, Function)``), innermost module first.
+    #: without a rule returned or passed on (``id(node) -> (path, module type, "output of Function")``),
+    #: innermost module first.
     custom_functions: dict[int, tuple[str, str, str]] = field(default_factory=dict)
     #: Whether a captured call had an activation among its arguments (the report waits for one).
     saw_activation: bool = False
@@ -342,6 +343,9 @@ class _Capture:
         binding = self.binding
         inside_rule = bool(self.frames) and self.frames[-1].hooked
         hooked = inside_rule or (binding is not None and id(module) in binding.hooked)
+        if hooked and not inside_rule and not self.reported and self.frames:
+            # a rule's input computed by a custom autograd Function in the caller's forward
+            self._note_custom_functions(self.frames[-1], args, "its forward calls")
         paused = hooked and not inside_rule and _pause(self.mode)
         self.frames.append(_Frame(self.paths.get(module, ""), hooked, paused, module))
 
@@ -352,18 +356,27 @@ class _Capture:
         if frame.paused:
             torch._C._push_on_torch_function_stack(self.mode)
         if not self.reported and not frame.hooked:
-            self._note_custom_function(frame, output)
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            self._note_custom_functions(frame, outputs, "output of")
 
-    def _note_custom_function(self, frame: _Frame, output: Any) -> None:
-        """Remember a custom autograd Function (not lrpkit's) that computed this module's output."""
-        tensors = [item for item in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(item, Tensor)]
-        with torch._C.DisableTorchFunction():  # a hook runs inside the capture's mode: not a call to capture
+    def _note_custom_functions(self, frame: _Frame, values: Any, relation: str) -> None:
+        """Remember each custom autograd Function (not lrpkit's) that computed one of ``values``.
+
+        ``relation``: how ``frame``'s module relates to it (``"output of"``: it returns the
+        Function's output; ``"its forward calls"``: its forward passes that output on).
+        Recorded once per autograd node, by the first module that shows it.
+        """
+        tensors = [value for value in values if isinstance(value, Tensor)]
+        if not tensors:
+            return
+        with torch._C.DisableTorchFunction():  # hooks and calls run inside the capture's mode: not a call to capture
             nodes = [tensor.grad_fn for tensor in tensors]
         for node in nodes:
             if isinstance(node, BackwardCFunction) and id(node) not in self.custom_functions:
                 function = node._forward_cls  # type: ignore[attr-defined]
                 if not function.__module__.startswith("lrpkit."):
-                    self.custom_functions[id(node)] = (frame.path, type(frame.module).__name__, function.__qualname__)
+                    module = type(frame.module).__name__
+                    self.custom_functions[id(node)] = (frame.path, module, f"{relation} {function.__qualname__}")
 
     _pop.lrpkit_hook = True  # type: ignore[attr-defined]  # observes only; see LayerOps.output_has_no_negative_zero
 
@@ -408,6 +421,8 @@ class _Capture:
         if not activations:
             return func(*args, **kwargs)
         self.saw_activation = True
+        if not self.reported and self.frames:
+            self._note_custom_functions(self.frames[-1], [leaves[index] for index in activations], "its forward calls")
         if self.binding is not None and self.binding.unchecked and not self.reported and torch.is_grad_enabled():
             self.note_parameter_use(leaves, kind or captured.kind_of(_out_of_place(op)))
         as_written = (func, args, kwargs)
@@ -608,7 +623,7 @@ def _by_function(calls: list[tuple[str, str, str]], shown: int = 3) -> list[str]
     described = []
     for (module, function), names in paths.items():
         more = f" and {len(names) - shown} more" if len(names) > shown else ""
-        described.append(f"{', '.join(list(names)[:shown])}{more} ({module}: output of {function}.apply)")
+        described.append(f"{', '.join(list(names)[:shown])}{more} ({module}: {function}.apply)")
     return described
 
 

@@ -345,6 +345,28 @@ def test_output_of_a_custom_autograd_function_is_named(activation: Callable[[], 
     assert hooks_left(model) == []
 
 
+class CallsSwish(nn.Module):
+    """A custom autograd function called in the middle of a forward: into a layer, or into a captured call."""
+
+    def __init__(self, into: str) -> None:
+        super().__init__()
+        self.into = into
+        self.first, self.second = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = _SwishFunction.apply(self.first(x))
+        if self.into == "captured call":
+            hidden = hidden * 0.5
+        return self.second(hidden)
+
+
+@pytest.mark.parametrize("into", ["layer", "captured call"])
+def test_a_custom_function_called_in_a_forward_names_that_module(into: str) -> None:
+    model = CallsSwish(into).double()
+    with pytest.warns(composites.UncoveredModuleWarning, match=r"'' \(CallsSwish: its forward calls _SwishFunction\.apply\)"):
+        Gradient(model, composites.EpsilonPlus())(torch.rand(2, 3, dtype=torch.float64), target=0)
+
+
 def test_custom_functions_are_named_by_module_type_and_function() -> None:
     """Many modules of one type: three names, the count of the rest, the type once; a module called twice once."""
     twice = EfficientSwish()
