@@ -3,13 +3,17 @@
 torch runs a recurrent layer as one fused call (``torch.lstm``), whose only backward is the
 gradient. :class:`~lrpkit.canonizers.FunctionalCapture` therefore gives each such module, inside
 a composite's context, a forward of its own that computes the same thing with calls the capture
-explains: per time step one ``F.linear`` of the input and the previous hidden state (a dense
-layer: the composite's dense rule), the gates' ``sigmoid`` and the cell's ``tanh`` (activations),
-and the products and sums of the cell update. A product of a gate and a signal gives all its
-relevance to the signal (the gate levels of :class:`~lrpkit.rules.Product`), so an LSTM is
-explained as in Arras et al., "Explaining Recurrent Neural Network Predictions in Sentiment
-Analysis" (WASSA 2017): gates get no relevance, and the cell update ``c = f c' + i g`` splits
-its relevance between the old cell and the candidate in proportion to their contributions.
+explains: per layer one ``F.linear`` of the input at every time step and in both directions
+(a dense layer: the composite's dense rule, a first-layer rule for all steps alike), per time
+step one ``F.linear`` of the previous hidden state, added to it (a sum), the gates' ``sigmoid``
+and the cell's ``tanh`` (activations), and the products and sums of the cell update. A product
+of a gate and a signal gives all its relevance to the signal (the gate levels of
+:class:`~lrpkit.rules.Product`), so an LSTM is explained as in Arras et al., "Explaining
+Recurrent Neural Network Predictions in Sentiment Analysis" (WASSA 2017): gates get no
+relevance, the cell update ``c = f c' + i g`` splits its relevance between the old cell and the
+candidate in proportion to their contributions, and the pre-activation ``W_ih x + W_hh h + b``
+between input and hidden state (the epsilon rule of the two maps after a proportional split
+equals that of the joint map, up to the stabilisers).
 
 The written-out forward gives the fused call's output up to rounding. A ``PackedSequence``
 input runs the module's own forward (its relevance is then the gradient, which
@@ -65,11 +69,14 @@ def _run(module: nn.RNNBase, input: Tensor, hx: State) -> tuple[Tensor, State]:
     last_h: list[Tensor] = []
     last_c: list[Tensor] = []
     for layer in range(module.num_layers):
+        suffixes = [f"_l{layer}" + ("_reverse" if direction else "") for direction in range(directions)]
+        projected = _input_projection(module, layer_input, suffixes).chunk(directions, dim=-1)
         outputs = []
-        for direction in range(directions):
+        for direction, suffix in enumerate(suffixes):
             index = layer * directions + direction
             state = (h0[index], c0[index]) if lstm else h0[index]
-            sequence, state = _direction(module, layer, direction, layer_input, state)
+            step = _step_function(module, suffix)
+            sequence, state = _direction(step, projected[direction], state, reverse=direction == 1)
             outputs.append(sequence)
             if lstm:
                 last_h.append(state[0])
@@ -105,44 +112,49 @@ def _initial_state(module: nn.RNNBase, input: Tensor, hx: State, lstm: bool) -> 
     return hx, None
 
 
+def _input_projection(module: nn.RNNBase, input: Tensor, suffixes: list[str]) -> Tensor:
+    """``W_ih x_t + b`` for every time step and direction of one layer: one dense layer call.
+
+    One call, so that a composite's first-layer rule (Flat) reaches every time step and both
+    directions. ``b`` is ``b_ih + b_hh``, except for a GRU, whose ``b_hh`` stays inside the
+    reset gate's product.
+    """
+    weight = torch.cat([getattr(module, "weight_ih" + suffix) for suffix in suffixes])
+    if not module.bias:
+        return F.linear(input, weight)
+    biases = [getattr(module, "bias_ih" + suffix) for suffix in suffixes]
+    if not isinstance(module, nn.GRU):
+        biases = [bias + getattr(module, "bias_hh" + suffix) for bias, suffix in zip(biases, suffixes)]
+    return F.linear(input, weight, torch.cat(biases))
+
+
 def _direction(
-    module: nn.RNNBase, layer: int, direction: int, input: Tensor, state: State
+    step: Callable[[Tensor, State], State], projected: Tensor, state: State, reverse: bool
 ) -> tuple[Tensor, State]:
     """One layer in one direction over all time steps: the hidden states ``(time, batch, hidden)`` and the last state."""
-    suffix = f"_l{layer}" + ("_reverse" if direction else "")
-    weights = {name: getattr(module, name + suffix, None) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")}
-    step = _step_function(module, weights)
-    steps = range(input.shape[0])
-    hidden: list[Tensor | None] = [None] * input.shape[0]
-    for time in reversed(steps) if direction else steps:
-        state = step(input[time], state)
+    steps = range(projected.shape[0])
+    hidden: list[Tensor | None] = [None] * projected.shape[0]
+    for time in reversed(steps) if reverse else steps:
+        state = step(projected[time], state)
         hidden[time] = state[0] if isinstance(state, tuple) else state
     return torch.stack(hidden), state  # type: ignore[arg-type]  # every step filled it
 
 
-def _step_function(module: nn.RNNBase, weights: dict[str, Tensor | None]) -> Callable[[Tensor, State], State]:
+def _step_function(module: nn.RNNBase, suffix: str) -> Callable[[Tensor, State], State]:
+    """One time step, from the step's input projection and the previous state."""
+    weight_hh = getattr(module, "weight_hh" + suffix)
     if isinstance(module, nn.LSTM):
-        return _lstm_step(weights)
+        return _lstm_step(weight_hh, getattr(module, "weight_hr" + suffix, None))
     if isinstance(module, nn.GRU):
-        return _gru_step(weights)
-    return _rnn_step(weights, torch.tanh if module.nonlinearity == "tanh" else torch.relu)
+        return _gru_step(weight_hh, getattr(module, "bias_hh" + suffix) if module.bias else None)
+    activation = torch.tanh if module.nonlinearity == "tanh" else torch.relu
+    return lambda projected, h: activation(projected + F.linear(h, weight_hh))
 
 
-def _joint_linear(weights: dict[str, Tensor | None]) -> Callable[[Tensor, Tensor], Tensor]:
-    """``W_ih x + b_ih + W_hh h + b_hh`` as one dense layer on ``[x, h]`` (one epsilon rule for both)."""
-    weight = torch.cat([weights["weight_ih"], weights["weight_hh"]], dim=1)  # type: ignore[list-item]
-    bias_ih, bias_hh = weights["bias_ih"], weights["bias_hh"]
-    bias = None if bias_ih is None or bias_hh is None else bias_ih + bias_hh
-    return lambda x, h: F.linear(torch.cat([x, h], dim=-1), weight, bias)
-
-
-def _lstm_step(weights: dict[str, Tensor | None]) -> Callable[[Tensor, State], State]:
-    linear = _joint_linear(weights)
-    projection = weights["weight_hr"]
-
-    def step(x: Tensor, state: State) -> State:
+def _lstm_step(weight_hh: Tensor, projection: Tensor | None) -> Callable[[Tensor, State], State]:
+    def step(projected: Tensor, state: State) -> State:
         h, c = state
-        i, f, g, o = linear(x, h).chunk(4, dim=-1)
+        i, f, g, o = (projected + F.linear(h, weight_hh)).chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return (h if projection is None else F.linear(h, projection)), c
@@ -150,20 +162,12 @@ def _lstm_step(weights: dict[str, Tensor | None]) -> Callable[[Tensor, State], S
     return step
 
 
-def _gru_step(weights: dict[str, Tensor | None]) -> Callable[[Tensor, State], State]:
-    weight_ih, weight_hh = weights["weight_ih"], weights["weight_hh"]
-    bias_ih, bias_hh = weights["bias_ih"], weights["bias_hh"]
-
-    def step(x: Tensor, h: State) -> State:
-        x_r, x_z, x_n = F.linear(x, weight_ih, bias_ih).chunk(3, dim=-1)  # type: ignore[arg-type]
-        h_r, h_z, h_n = F.linear(h, weight_hh, bias_hh).chunk(3, dim=-1)  # type: ignore[arg-type]
+def _gru_step(weight_hh: Tensor, bias_hh: Tensor | None) -> Callable[[Tensor, State], State]:
+    def step(projected: Tensor, h: State) -> State:
+        x_r, x_z, x_n = projected.chunk(3, dim=-1)
+        h_r, h_z, h_n = F.linear(h, weight_hh, bias_hh).chunk(3, dim=-1)
         reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
         candidate = torch.tanh(x_n + reset * h_n)
         return (1 - update) * candidate + update * h
 
     return step
-
-
-def _rnn_step(weights: dict[str, Tensor | None], activation: Callable[[Tensor], Tensor]) -> Callable[[Tensor, State], State]:
-    linear = _joint_linear(weights)
-    return lambda x, h: activation(linear(x, h))

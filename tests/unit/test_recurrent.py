@@ -192,3 +192,14 @@ def test_unroll_recurrent_false_keeps_the_fused_call() -> None:
     keep = composites.EpsilonPlus(canonizers=[MergeBatchNorm(), FunctionalCapture(unroll_recurrent=False)])
     with pytest.warns(composites.UncoveredModuleWarning, match=r"'recurrent' \(LSTM\)"):
         Gradient(model, keep)(torch.randn(2, 6, 4, dtype=DTYPE), target=0)
+
+
+@pytest.mark.parametrize("config", ["lstm 2 layers bidirectional", "gru bidirectional"])
+def test_a_first_layer_rule_reaches_every_time_step_and_direction(config: str) -> None:
+    """The input projection of the first layer is one dense layer call: Flat spreads each step's
+    relevance evenly over its features, at every time step, in both directions."""
+    model = build(config)
+    x = torch.randn(2, 6, 4, dtype=DTYPE)
+    relevance = Gradient(model, composites.EpsilonPlusFlat())(x, target=0).relevance
+    torch.testing.assert_close(relevance, relevance[:, :, :1].expand_as(relevance), rtol=1e-10, atol=1e-14)
+    assert relevance[:, :, 0].abs().min() > 0  # every step got relevance
