@@ -411,7 +411,7 @@ class _Capture:
         op = _op_name(func)
         if op is None:
             return func(*args, **kwargs)
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+        leaves, spec = _flatten_call(args, kwargs)
         activations = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
         kind = None
         if op in captured.LAYER_OPS:
@@ -437,7 +437,7 @@ class _Capture:
         rectify = False
         if kwargs.get("inplace") is True:
             kwargs = {**kwargs, "inplace": False}
-            leaves, spec = pytree.tree_flatten((args, kwargs))
+            leaves, spec = _flatten_call(args, kwargs)
             in_place = True
             rebind = references <= _BASELINES["inplace_argument"] and not _result_discarded(caller)
             rectify = rebind and op == "relu" and activations == [0] and torch.is_grad_enabled()
@@ -704,6 +704,28 @@ def _op_name(func: Any) -> str | None:
     if not name or name in _IGNORED:
         return None
     return name
+
+
+def _flatten_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], pytree.TreeSpec]:
+    """``pytree.tree_flatten((args, kwargs))``, without its cost for the common call of plain leaves.
+
+    When no argument is a container (tensors, numbers, strings, ``None``, dtypes, devices), the
+    leaves are the arguments themselves and the spec depends only on their number and keyword
+    names: it is made once and kept.
+    """
+    if all(isinstance(value, Tensor) or type(value) in _LEAF_TYPES for value in (*args, *kwargs.values())):
+        key = (len(args), tuple(kwargs))
+        spec = _CALL_SPECS.get(key)
+        if spec is None:
+            spec = _CALL_SPECS[key] = pytree.tree_flatten(((_SLOT,) * len(args), dict.fromkeys(kwargs, _SLOT)))[1]
+        return [*args, *kwargs.values()], spec
+    return pytree.tree_flatten((args, kwargs))
+
+
+#: Argument types that pytree keeps as leaves (exact types: a subclass may be a registered node).
+_LEAF_TYPES = frozenset({int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format})
+_CALL_SPECS: dict[tuple[int, tuple[str, ...]], pytree.TreeSpec] = {}
+_SLOT = object()
 
 
 def _out_of_place(op: str) -> str:
