@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from helpers import hooks_left
@@ -35,6 +36,7 @@ import lrpkit
 from lrpkit import captured, composites, core, rules, types
 from lrpkit.attribution import Gradient
 from lrpkit.canonizers import FunctionalCapture
+from lrpkit.canonizers.functional import _flatten_call
 
 DTYPE = torch.float64
 RTOL = 1e-6
@@ -1806,3 +1808,23 @@ def test_a_group_normalised_network_conserves_relevance() -> None:
                 module.bias.zero_()
     output, relevance = Gradient(model, composites.EpsilonPlus(epsilon=1e-9, stabilizer=1e-9, canonizers=[FunctionalCapture(stabilizer=1e-9)]))(images(), target=0)
     torch.testing.assert_close(relevance.flatten(1).sum(1), output[:, 0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((torch.ones(2), torch.ones(2)), {}),
+        ((torch.ones(2), 1, 2.0, None, True), {"dim": -1, "keepdim": True}),
+        ((torch.ones(2),), {"dtype": torch.float64, "device": torch.device("cpu")}),
+        (([torch.ones(2), torch.ones(2)],), {"dim": 0}),  # a container: pytree's own path
+        ((torch.ones(2), torch.Size([2])), {}),  # torch.Size is a pytree node
+        ((), {}),
+    ],
+)
+def test_the_fast_flattening_of_a_call_matches_pytree(args: tuple, kwargs: dict) -> None:
+    leaves, spec = _flatten_call(args, kwargs)
+    expected_leaves, expected_spec = pytree.tree_flatten((args, kwargs))
+    assert spec == expected_spec
+    assert len(leaves) == len(expected_leaves) and all(ours is theirs for ours, theirs in zip(leaves, expected_leaves))
+    rebuilt_args, rebuilt_kwargs = pytree.tree_unflatten(leaves, spec)
+    assert len(rebuilt_args) == len(args) and list(rebuilt_kwargs) == list(kwargs)
