@@ -1828,3 +1828,34 @@ def test_the_fast_flattening_of_a_call_matches_pytree(args: tuple, kwargs: dict)
     assert len(leaves) == len(expected_leaves) and all(ours is theirs for ours, theirs in zip(leaves, expected_leaves))
     rebuilt_args, rebuilt_kwargs = pytree.tree_unflatten(leaves, spec)
     assert len(rebuilt_args) == len(args) and list(rebuilt_kwargs) == list(kwargs)
+
+
+class SwitchesOp(nn.Module):
+    """The call site ``pow`` is an element-wise function of one activation, or (``mixed``) of two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+        self.mixed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.layer(x)) + 1
+        return torch.pow(hidden, x) if self.mixed else torch.pow(hidden, 2)
+
+
+def test_call_sites_keep_their_object_between_contexts() -> None:
+    """As the model's own modules do; a call site whose kind changed gets a new object."""
+    model = SwitchesOp().double()
+    composite = composites.EpsilonPlus()
+    (capture,) = [canonizer for canonizer in composite.canonizers if isinstance(canonizer, FunctionalCapture)]
+    x = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    seen = []
+    for mixed in (False, False, True):
+        model.mixed = mixed
+        with composite.context(model):
+            model(x)
+            seen.append(capture.ops(model))
+    assert seen[0]["pow"] is seen[1]["pow"] and isinstance(seen[0]["pow"], captured.Activation)
+    assert isinstance(seen[2]["pow"], captured.Other)
+    assert seen[0]["add"] is seen[2]["add"]
+    assert hooks_left(model) == []
