@@ -228,22 +228,22 @@ class Composite:
 
     def _report_uncovered(self, labels: list[str]) -> None:
         """Warn (``strict``: raise) that the modules ``labels`` keep their plain gradient."""
-        message = (
+        self._warn_or_raise(
             f"{type(self).__name__}: no rule for the module(s) with parameters "
             f"{', '.join(labels)}; their relevance is their plain gradient. Map them to a rule"
         )
-        if self.strict:
-            raise ValueError(message + ", or pass strict=False to only warn.")
-        warnings.warn(message + ", or pass strict=True to make this an error.", UncoveredModuleWarning, stacklevel=_user_stacklevel())
 
     def _report_custom_functions(self, labels: list[str]) -> None:
-        """Warn (``strict``: raise) that the modules ``labels`` return a custom autograd Function's output."""
-        message = (
+        """Warn (``strict``: raise) that the modules ``labels`` return or pass on a custom autograd Function's output."""
+        self._warn_or_raise(
             f"{type(self).__name__}: no rule for the module(s) {', '.join(labels)}; lrpkit cannot "
             "replace the backward of a custom torch.autograd.Function, so their relevance is that "
             "backward (for an activation its derivative, which does not conserve relevance). Map "
             "them to a rule (an element-wise activation: rules.Pass())"
         )
+
+    def _warn_or_raise(self, message: str) -> None:
+        """An :class:`UncoveredModuleWarning` with ``message``, or a ``ValueError`` when ``strict``."""
         if self.strict:
             raise ValueError(message + ", or pass strict=False to only warn.")
         warnings.warn(message + ", or pass strict=True to make this an error.", UncoveredModuleWarning, stacklevel=_user_stacklevel())
