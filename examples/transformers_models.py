@@ -4,11 +4,13 @@ Needs transformers (``pip install transformers``). Nothing is downloaded: every 
 from a small config with random weights (pass your own model, loaded from a local path with
 ``from_pretrained(path)``, to :func:`token_relevance`).
 
-A text model takes token ids, which have no gradient, so it is explained from its input
-embeddings: :class:`EmbeddingsToLogits` maps ``inputs_embeds`` to the logits (of the last
-position, for a causal language model), and :func:`token_relevance` sums the relevance of each
-token's embedding vector. A vision model is explained from ``pixel_values``
-(:class:`PixelsToLogits`).
+A text model takes token ids, which have no gradient; lrpkit's attributors explain them
+through the model's token embedding (``lrpkit.tokens``) and sum the relevance of each token's
+embedding vector: :func:`token_relevance` passes the ids, with the attention mask, through
+:class:`IdsToLogits`, which returns the logits (of the last position, for a causal language
+model). The checks below start from the embeddings instead (:class:`EmbeddingsToLogits`, the
+same model as a function of ``inputs_embeds``), to explain random vectors. A vision model is
+explained from ``pixel_values`` (:class:`PixelsToLogits`).
 
 For each model name, :func:`main` runs the timm example's ``check`` (imported from
 ``timm_models.py``, which needs no timm to import): with ``EpsilonGammaBox`` and
@@ -201,9 +203,20 @@ class EmbeddingsToLogits(nn.Module):
         self.attention_mask = attention_mask  # 1 for tokens, 0 for padding, as the tokenizer gives it
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        output = self.model(inputs_embeds=embeddings, attention_mask=self.attention_mask)
-        logits = output.logits if hasattr(output, "logits") else output.last_hidden_state.sum(dim=1)
-        return logits[:, -1] if logits.dim() == 3 else logits
+        return _logits(self.model(inputs_embeds=embeddings, attention_mask=self.attention_mask))
+
+
+class IdsToLogits(EmbeddingsToLogits):
+    """The same for token ids (``input_ids``), which lrpkit explains through the token embedding."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _logits(self.model(input_ids=ids, attention_mask=self.attention_mask))
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """The logits of the last position or of the classifier, or the summed hidden states."""
+    logits = output.logits if hasattr(output, "logits") else output.last_hidden_state.sum(dim=1)
+    return logits[:, -1] if logits.dim() == 3 else logits
 
 
 class PixelsToLogits(nn.Module):
@@ -256,15 +269,13 @@ def token_relevance(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits and one relevance per token (``(batch, tokens)``) of a text model for ``ids``.
 
-    The relevance of the predicted logit is propagated to the input embeddings and summed over
-    each embedding vector. ``attention_mask`` (0 at padding) is passed to the model: a
-    left-padded batch for a causal model gets no relevance at its padding.
+    The relevance of the predicted logit is propagated to the token embedding's output and
+    summed over each embedding vector (lrpkit does both for integer inputs). ``attention_mask``
+    (0 at padding) is passed to the model: a left-padded batch for a causal model gets no
+    relevance at its padding.
     """
-    with torch.no_grad():
-        embeddings = model.get_input_embeddings()(ids)
-    wrapped = EmbeddingsToLogits(model, attention_mask)
-    output, relevance = Gradient(wrapped, explainer or composite("EpsilonGammaBox"))(embeddings)
-    return output, relevance.sum(dim=-1)
+    output, relevance = Gradient(IdsToLogits(model, attention_mask), explainer or composite("EpsilonGammaBox"))(ids)
+    return output, relevance
 
 
 #: Parameters besides biases that absorb relevance like them, zeroed for the conservation check.

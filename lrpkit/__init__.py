@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import attribution, captured, canonizers, composites, evaluation, image, patterns, rules, types
+from . import attribution, captured, canonizers, composites, evaluation, image, patterns, rules, tokens, types
 from .attribution import (
     Attribution,
     Gradient,
@@ -47,7 +47,8 @@ def explain(
     model
         The model (put it in ``eval()`` mode first).
     x
-        A floating-point input batch.
+        A floating-point input batch, or integer token ids (explained through the model's
+        ``nn.Embedding``, one relevance per token; see :mod:`lrpkit.tokens`).
     composite
         A preset name (see :func:`lrpkit.composites.names`), a composite, or ``None`` for the plain
         gradient. For ``"epsilon_gamma_box"`` the z^B bounds are the minimum and maximum of ``x``.
@@ -84,5 +85,6 @@ __all__ = [
     "image",
     "patterns",
     "rules",
+    "tokens",
     "types",
 ]

@@ -19,6 +19,12 @@ Anywhere in the model: ``layer="features.28"`` (a module name, or the name of a 
 model's; a class target then picks a channel (dim 1) of it. ``Gradient(...)(x, record=True)``
 also returns the relevance at the input of every leaf module and captured call.
 
+Text models: an input of integer token ids is explained through the model's ``nn.Embedding``
+that looks them up (:mod:`lrpkit.tokens`): the attributors explain the embedding vectors and sum
+each token's relevance over them, so ``relevance`` has the ids' shape. SmoothGrad adds its noise
+to the vectors, IntegratedGradients integrates from a baseline of vectors (zeros, or the vectors
+of baseline ids given as an integer tensor), and Occlusion replaces tokens by the id ``fill``.
+
 Besides :class:`Gradient` (one backward pass: LRP with a composite, the gradient without), the
 module has the classic attribution methods, each batched and each usable with a composite:
 :class:`SmoothGrad`, :class:`IntegratedGradients`, :class:`GradientXInput`,
@@ -56,6 +62,7 @@ from .canonizers.base import CallbackHandle, Canonizer, Handle
 from .composites.maps import Composite, eager_module, in_context
 from .ops import hooks_are_suspended, hooks_suspended
 from .progress import Progress
+from .tokens import TokenLookup, is_token_ids
 
 Target = Union[None, int, Sequence[int], Tensor, Callable[[Tensor], Tensor]]
 OutputSelector = Union[None, int, str, Callable[[Any], Tensor]]
@@ -76,7 +83,8 @@ class Attribution:
         inputs (SmoothGrad, IntegratedGradients, Occlusion) it is the output for the input as
         given.
     relevance
-        Relevance (or gradient) of each input feature, shaped like the input.
+        Relevance (or gradient) of each input feature, shaped like the input; for token ids one
+        value per token (its embedding vector's, summed).
     intermediate
         With ``record=...``: the relevance at the input of each recorded module or captured
         call, by name, in the order of the forward pass (empty otherwise). See :class:`Gradient`.
@@ -129,6 +137,54 @@ def select_output(raw: Any, selector: OutputSelector) -> Tensor:
     if not isinstance(selected, Tensor):
         raise TypeError(f"output={selector!r} selected a {type(selected).__name__}, not a tensor")
     return selected
+
+
+#: Backward nodes of operations that only pick or rearrange values (their gradient routes relevance unchanged).
+_PICKING = frozenset(
+    f"{name}Backward{suffix}"
+    for name in (
+        "Select", "Slice", "Index", "View", "UnsafeView", "Squeeze", "Unsqueeze", "Transpose", "T", "Permute",
+        "Clone", "ToCopy", "AsStrided", "Unbind", "Split", "SplitWithSizes", "Gather", "Expand", "Alias",
+    )
+    for suffix in ("0", "1", "2")
+)
+
+
+def _warn_if_selector_computes(raw: Any, selected: Tensor, limit: int = 32) -> None:
+    """Warn when ``output=`` computed on the model's output instead of picking from it.
+
+    Its operations run after the model, outside the composite's rules: a sum would hand every
+    term the whole relevance, a softmax would mix the classes' relevance by its Jacobian.
+    """
+    sources = {id(tensor.grad_fn) for tensor in _tensors_in(raw) if tensor.grad_fn is not None}
+    node = selected.grad_fn
+    for _ in range(limit):
+        if node is None or id(node) in sources:
+            return
+        name = type(node).__name__
+        if name not in _PICKING:
+            warnings.warn(
+                f"lrpkit: the output selector computes on the model's output ({name}), after the "
+                "model returned and outside the composite's rules, so the backward pass through it is "
+                "the plain gradient, not LRP (a sum hands every term the whole relevance). Select "
+                "only (an index, a key, out.logits[:, -1]) and compute inside a module: a wrapper "
+                "whose forward returns the tensor to explain",
+                stacklevel=4,
+            )
+            return
+        parents = [parent for parent, _ in node.next_functions if parent is not None]
+        if len(parents) != 1:
+            return
+        node = parents[0]
+
+
+def _tensors_in(value: Any, depth: int = 4) -> Iterator[Tensor]:
+    """The tensors in a model's return value (tensors, tuples, lists, dicts, nested ``depth`` deep)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif depth > 0 and isinstance(value, (tuple, list, dict)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _tensors_in(item, depth - 1)
 
 
 def initial_relevance(output: Tensor, target: Target) -> Tensor:
@@ -229,21 +285,29 @@ def _one_hot(output: Tensor, indices: Tensor) -> Tensor:
     return mask.scatter_(1, index, 1.0)
 
 
-def check_input(x: Any, autograd: bool = True) -> None:
-    """Raise a clear error for inputs that cannot carry relevance.
+def check_input(x: Any, autograd: bool = True, tokens: bool = False) -> bool:
+    """Raise a clear error for inputs that cannot carry relevance; whether ``x`` holds token ids.
 
     ``autograd``: the attributor runs a backward pass, which ``torch.inference_mode()`` rules out,
-    both while it is active and for tensors made inside it.
+    both while it is active and for tensors made inside it. ``tokens``: the caller explains
+    integer token ids through the model's embedding (:mod:`lrpkit.tokens`).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"the input must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
+    is_tokens = tokens and is_token_ids(x)
+    if not x.is_floating_point() and not is_tokens:
+        hint = (
+            "; token ids are explained by the attributors (Gradient, SmoothGrad, ...) through the "
+            "model's nn.Embedding"
+            if is_token_ids(x)
+            else ""
+        )
         raise TypeError(
             f"the input must be a floating-point tensor to carry relevance, got dtype {x.dtype}; "
-            "convert it first, e.g. x.float()"
+            f"convert it first, e.g. x.float(){hint}"
         )
     if not autograd:
-        return
+        return is_tokens
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "lrpkit: attributions need autograd, which torch.inference_mode() switches off for the "
@@ -255,6 +319,16 @@ def check_input(x: Any, autograd: bool = True) -> None:
             "lrpkit: the input was made under torch.inference_mode(), and autograd cannot track "
             "such a tensor; pass a copy made outside it (x.clone() outside the block)"
         )
+    return is_tokens
+
+
+def _per_feature(relevance: Tensor, tokens: bool) -> Tensor:
+    """The relevance of the explained tensor as the input's: summed over the embedding for token ids."""
+    return relevance.sum(-1) if tokens else relevance
+
+
+def _tokens_or_none(x: Tensor, tokens: bool) -> Tensor | None:
+    return x if tokens else None
 
 
 @dataclass
@@ -388,6 +462,7 @@ class _Session:
         selector: OutputSelector,
         layer: str | None = None,
         record: Record = None,
+        tokens: Tensor | None = None,
     ) -> None:
         _check_layer(layer)
         self.model = model
@@ -395,6 +470,10 @@ class _Session:
         self.selector = selector
         self.layer = layer
         self.record = _record_names(record)
+        self.tokens = tokens
+        self.lookup: TokenLookup | None = None
+        #: Whether the selector's work is still to be checked (LRP only: a plain gradient has no rules to miss).
+        self._check_selector = callable(selector) and (composite is not None or in_context(model))
         self.tap: _LayerTap | None = None
         self.recorder: _Recorder | None = None
         self._stack = ExitStack()
@@ -407,6 +486,9 @@ class _Session:
                 stack.enter_context(composite.context(self.model))
             captures = _captures(composite.canonizers) if composite is not None else []
             stack.enter_context(torch.enable_grad())
+            if self.tokens is not None:  # first, so that a tap or a recorder sees the vectors put in
+                self.lookup = TokenLookup(self.model)
+                stack.callback(self.lookup.remove)
             if self.layer is not None:
                 self.tap = _install_tap(self.model, self.layer, captures, stack)
             if self.record is not None:
@@ -428,21 +510,41 @@ class _Session:
             return _GradientNames()
         return None
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        """Run the model on ``inputs``; the selected output, or the layer's output (stopping there)."""
+    def explained(self, x: Tensor) -> Tensor:
+        """The tensor the attributor explains: ``x``, or for token ids their embedding vectors."""
+        if self.lookup is None:
+            return x
+        return self.lookup.vectors(self.model, x)
+
+    def forward(self, inputs: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Run the model on ``inputs``; the selected output, or the layer's output (stopping there).
+
+        For token ids ``inputs`` are embedding vectors of the ids' samples ``rows`` (all if ``None``).
+        """
         if self.tap is None:
-            output = select_output(self.model(inputs), self.selector)
+            raw = self._call(inputs, rows)
+            output = select_output(raw, self.selector)
+            if self._check_selector and output.grad_fn is not None:  # (not the clean, gradient-free pass)
+                self._check_selector = False
+                _warn_if_selector_computes(raw, output)
         else:
-            output = self._forward_to_layer(inputs, self.tap)
+            output = self._forward_to_layer(inputs, rows, self.tap)
         if self.recorder is not None:
             self.recorder.check_names()
         return output
 
-    def _forward_to_layer(self, inputs: Tensor, tap: _LayerTap) -> Tensor:
+    def _call(self, inputs: Tensor, rows: Tensor | None) -> Any:
+        if self.lookup is None:
+            return self.model(inputs)
+        assert self.tokens is not None
+        ids = self.tokens if rows is None else self.tokens[rows.to(self.tokens.device)]
+        return self.lookup.run(self.model, ids, inputs)
+
+    def _forward_to_layer(self, inputs: Tensor, rows: Tensor | None, tap: _LayerTap) -> Tensor:
         tap.output = None
         tap.seen_calls.clear()
         try:
-            self.model(inputs)
+            self._call(inputs, rows)
         except _StopForward:
             pass
         if tap.output is None:
@@ -854,13 +956,13 @@ class Gradient:
         self, x: Tensor, target: Target = None, layer: str | None = None, record: Record = None
     ) -> Attribution:
         """Explain ``x`` for ``target`` (see the module docstring for the target forms)."""
-        check_input(x)
-        with _Session(self.model, self.composite, self.output, layer, record) as session:
-            inputs = x.detach().requires_grad_(True)
+        tokens = check_input(x, tokens=True)
+        with _Session(self.model, self.composite, self.output, layer, record, _tokens_or_none(x, tokens)) as session:
+            inputs = session.explained(x).detach().requires_grad_(True)
             output = session.forward(inputs)
             with _naming_layer(layer):
                 start = initial_relevance(output, target)
-            relevance = _input_gradient(output, inputs, start)
+            relevance = _per_feature(_input_gradient(output, inputs, start), tokens)
             intermediate = session.recorder.collect() if session.recorder is not None else {}
         return Attribution(output=output.detach(), relevance=relevance, intermediate=intermediate, start=start)
 
@@ -873,15 +975,19 @@ class _ScoreGradient:
         self.composite = composite
         self.output = output
 
-    def _score_gradient(self, x: Tensor, target: Target, layer: str | None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(output, weights, gradient)`` for ``x``."""
-        check_input(x)
-        with _Session(self.model, self.composite, self.output, layer) as session:
-            inputs = x.detach().requires_grad_(True)
+    def _score_gradient(self, x: Tensor, target: Target, layer: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+        """``(output, weights, explained, gradient, tokens)`` for ``x``.
+
+        ``explained`` is ``x``, or for token ids (``tokens``) their embedding vectors, and
+        ``gradient`` is the gradient at it.
+        """
+        tokens = check_input(x, tokens=True)
+        with _Session(self.model, self.composite, self.output, layer, tokens=_tokens_or_none(x, tokens)) as session:
+            inputs = session.explained(x).detach().requires_grad_(True)
             output = session.forward(inputs)
             score = _score(output, target, layer)
             gradient = _input_gradient(output, inputs, score.weights)
-        return output.detach(), score.weights, gradient
+        return output.detach(), score.weights, inputs.detach(), gradient, tokens
 
 
 class GradientXInput(_ScoreGradient):
@@ -915,8 +1021,8 @@ class GradientXInput(_ScoreGradient):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        output, weights, gradient = self._score_gradient(x, target, layer)
-        return Attribution(output=output, relevance=x.detach() * gradient, start=weights)
+        output, weights, explained, gradient, tokens = self._score_gradient(x, target, layer)
+        return Attribution(output=output, relevance=_per_feature(explained * gradient, tokens), start=weights)
 
 
 class Sensitivity(_ScoreGradient):
@@ -963,9 +1069,14 @@ class Sensitivity(_ScoreGradient):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        output, weights, gradient = self._score_gradient(x, target, layer)
-        squares = gradient.square()
+        output, weights, _, gradient, tokens = self._score_gradient(x, target, layer)
+        squares = _per_feature(gradient.square(), tokens)
         if self.sum_channels:
+            if tokens:
+                raise ValueError(
+                    "sum_channels=True: token ids have no channel dimension; each token's squares are "
+                    "already summed over its embedding"
+                )
             if squares.ndim < 2:
                 raise ValueError(
                     f"sum_channels=True needs an input with a channel dimension (dim 1); got shape {tuple(x.shape)}"
@@ -1018,7 +1129,7 @@ class _Batched:
     def _clean(self, session: _Session, x: Tensor) -> Tensor:
         """The explained output for the input as given (batched, without gradients)."""
         with torch.no_grad():
-            parts = [session.forward(x[rows]) for rows in _batches(len(x), self.batch_size, "", False)]
+            parts = [session.forward(x[rows], rows) for rows in _batches(len(x), self.batch_size, "", False)]
         return torch.cat(parts).detach()
 
 
@@ -1096,8 +1207,9 @@ class SmoothGrad(_Batched):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        check_input(x)
-        with _Session(self.model, self.composite, self.output, layer) as session:
+        tokens = check_input(x, tokens=True)
+        with _Session(self.model, self.composite, self.output, layer, tokens=_tokens_or_none(x, tokens)) as session:
+            x = session.explained(x)
             clean = self._clean(session, x)
             score = _score(clean, target, layer)
             patterns = self._patterns(x)
@@ -1110,11 +1222,12 @@ class SmoothGrad(_Batched):
                 rows = rows.to(x.device)
                 inputs = (x[rows] + _expand_rows(spread[rows], x.ndim) * patterns[pattern.to(x.device)]).detach()
                 inputs.requires_grad_(True)
-                output = session.forward(inputs)
+                output = session.forward(inputs, rows)
                 start = score.start(output, rows)
                 total.index_add_(0, rows, _input_gradient(output, inputs, start))
                 starts.index_add_(0, rows, start)
-        return Attribution(output=clean, relevance=total / self.samples, start=starts / self.samples)
+        relevance = _per_feature(total / self.samples, tokens)
+        return Attribution(output=clean, relevance=relevance, start=starts / self.samples)
 
     def _patterns(self, x: Tensor) -> Tensor:
         """``samples`` standard-normal patterns shaped like one sample."""
@@ -1153,7 +1266,9 @@ class IntegratedGradients(_Batched):
     model, composite, output
         As for :class:`Gradient`. With a composite the LRP-modified gradient is integrated.
     baseline
-        ``None`` (zeros), a float, or a tensor broadcastable to the input.
+        ``None`` (zeros), a float, or a tensor broadcastable to the input. For token ids these
+        are embedding vectors; an integer tensor is baseline ids (e.g. pad ids), whose vectors
+        are the baseline.
     steps
         Gradient evaluations per sample.
     method
@@ -1202,12 +1317,13 @@ class IntegratedGradients(_Batched):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        check_input(x)
-        baseline = self._baseline(x)
-        difference = x.detach() - baseline
-        alphas = torch.tensor(self.alphas, dtype=x.dtype, device=x.device)
-        weights = torch.tensor(self.weights, dtype=x.dtype, device=x.device)
-        with _Session(self.model, self.composite, self.output, layer) as session:
+        tokens = check_input(x, tokens=True)
+        with _Session(self.model, self.composite, self.output, layer, tokens=_tokens_or_none(x, tokens)) as session:
+            ids, x = x, session.explained(x)
+            baseline = self._baseline(x, ids, session) if tokens else self._baseline(x)
+            difference = x.detach() - baseline
+            alphas = torch.tensor(self.alphas, dtype=x.dtype, device=x.device)
+            weights = torch.tensor(self.weights, dtype=x.dtype, device=x.device)
             clean = self._clean(session, x)
             score = _score(clean, target, layer)
             total = torch.zeros_like(x)
@@ -1215,14 +1331,17 @@ class IntegratedGradients(_Batched):
                 rows, step = (points // self.steps).to(x.device), (points % self.steps).to(x.device)
                 inputs = (baseline[rows] + _expand_rows(alphas[step], x.ndim) * difference[rows]).detach()
                 inputs.requires_grad_(True)
-                output = session.forward(inputs)
+                output = session.forward(inputs, rows)
                 gradient = _input_gradient(output, inputs, score.weights[rows])
                 total.index_add_(0, rows, gradient * _expand_rows(weights[step], x.ndim))
-        return Attribution(output=clean, relevance=difference * total, start=score.weights)
+        return Attribution(output=clean, relevance=_per_feature(difference * total, tokens), start=score.weights)
 
-    def _baseline(self, x: Tensor) -> Tensor:
+    def _baseline(self, x: Tensor, ids: Tensor | None = None, session: _Session | None = None) -> Tensor:
+        """The baseline shaped like ``x``; for token ids (``ids``) a baseline of ids is embedded."""
         if self.baseline is None:
             return torch.zeros_like(x)
+        if ids is not None and session is not None and is_token_ids(self.baseline):
+            return session.explained(self._baseline_ids(ids))
         baseline = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
         try:
             return torch.broadcast_to(baseline, x.shape).detach()
@@ -1230,6 +1349,17 @@ class IntegratedGradients(_Batched):
             raise ValueError(
                 f"baseline has shape {tuple(baseline.shape)}, which does not broadcast to the input's "
                 f"shape {tuple(x.shape)}; give a float, a tensor shaped like one sample or like the input"
+            ) from None
+
+    def _baseline_ids(self, ids: Tensor) -> Tensor:
+        """A baseline of token ids broadcast to the shape of the input's ids."""
+        assert isinstance(self.baseline, Tensor)
+        try:
+            return torch.broadcast_to(self.baseline.to(device=ids.device, dtype=ids.dtype), ids.shape).contiguous()
+        except RuntimeError:
+            raise ValueError(
+                f"baseline token ids of shape {tuple(self.baseline.shape)} do not broadcast to the input's "
+                f"ids of shape {tuple(ids.shape)}"
             ) from None
 
 
@@ -1256,7 +1386,8 @@ class Occlusion(_Batched):
         Step of the window (int or one per window dimension); ``None``: the window size.
     fill
         Value of the occluded features: a float, or a tensor broadcastable to the input (e.g. a
-        blurred copy of it).
+        blurred copy of it). For token ids, the id that replaces the occluded tokens (e.g. the
+        tokenizer's pad or mask id).
     batch_size
         Occluded copies per model call.
     progress
@@ -1297,7 +1428,7 @@ class Occlusion(_Batched):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        check_input(x, autograd=False)
+        check_input(x, autograd=False, tokens=True)
         x = x.detach()
         windows = _windows(x.shape, self.window, self.stride)
         fill = self._fill(x)
@@ -1305,7 +1436,7 @@ class Occlusion(_Batched):
             clean = self._clean(session, x)
             score = _score(clean, target, layer)
             clean_score = score.value(clean, torch.arange(len(x), device=x.device))
-            drops = torch.zeros_like(x)
+            drops = torch.zeros(x.shape, dtype=clean_score.dtype, device=x.device)
             for copies in self._batches(len(x) * len(windows)):
                 rows, where = (copies // len(windows)).tolist(), (copies % len(windows)).tolist()
                 occluded = x[rows].clone()
@@ -1315,12 +1446,17 @@ class Occlusion(_Batched):
                 drop = clean_score[rows_tensor] - score.value(session.forward(occluded), rows_tensor)
                 for index, (row, position) in enumerate(zip(rows, where)):
                     drops[row][windows[position]] += drop[index]
-        coverage = torch.zeros_like(x[0])
+        coverage = torch.zeros_like(drops[0])
         for window in windows:
             coverage[window] += 1
         return Attribution(output=clean, relevance=drops / coverage, start=score.weights)
 
     def _fill(self, x: Tensor) -> Tensor:
+        if is_token_ids(x) and not _holds_integers(self.fill):
+            raise ValueError(
+                f"fill={self.fill!r}: the input holds token ids, so fill must be a token id (an int, "
+                "e.g. the tokenizer's pad or mask id) or a tensor of them"
+            )
         fill = torch.as_tensor(self.fill, dtype=x.dtype, device=x.device)
         try:
             return torch.broadcast_to(fill, x.shape)
@@ -1329,6 +1465,13 @@ class Occlusion(_Batched):
                 f"fill has shape {tuple(fill.shape)}, which does not broadcast to the input's shape "
                 f"{tuple(x.shape)}; give a float or a tensor shaped like one sample or like the input"
             ) from None
+
+
+def _holds_integers(value: float | Tensor) -> bool:
+    """Whether ``value`` holds only whole numbers (an int, an integral float, an integer tensor)."""
+    if isinstance(value, Tensor):
+        return is_token_ids(value) or bool((value == value.round()).all())
+    return float(value).is_integer()
 
 
 def _sizes(value: WindowSpec, name: str) -> tuple[int, ...] | int:

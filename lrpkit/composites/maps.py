@@ -218,7 +218,7 @@ class Composite:
         for name, module in model.named_modules():
             choice = self.module_map(ctx, name, module)
             if choice is None:
-                if _has_own_parameters(module) and not canonizer.explains(module):
+                if _needs_rule(module) and not canonizer.explains(module):
                     uncovered.append((f"'{name}' ({type(module).__name__})", module))
                 continue
             choose: RuleChoice = choice if isinstance(choice, FirstLayerChoice) else _constant(choice)
@@ -281,8 +281,13 @@ def _release(modules: list[nn.Module], session: Session) -> None:
         _MODULES_IN_CONTEXT.discard(module)
 
 
-def _has_own_parameters(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
+def _needs_rule(module: nn.Module) -> bool:
+    """Whether relevance passes through ``module``'s parameters to its inputs, so it wants a rule.
+
+    An ``nn.Embedding`` looks its table up with integer ids: no relevance passes through it, and
+    what reaches its output is the tokens' relevance (:mod:`lrpkit.tokens`).
+    """
+    return any(True for _ in module.parameters(recurse=False)) and not isinstance(module, nn.Embedding)
 
 #: Marks a flag a module's ``__dict__`` does not hold.
 _ABSENT = object()

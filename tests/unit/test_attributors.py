@@ -7,6 +7,8 @@ the progress bar, errors that name the argument, and that nothing is left on the
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -403,3 +405,39 @@ def test_occlusion_needs_no_autograd_and_runs_in_inference_mode() -> None:
     with torch.inference_mode():
         inside = Occlusion(model, window=1)(inputs(), target=0).relevance
     assert torch.equal(inside, expected)
+
+
+class DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.linear(x), "hidden": x}
+
+
+@pytest.mark.parametrize(
+    "selector, computes",
+    [
+        (lambda out: out["logits"], None),
+        (lambda out: out["logits"][:, :2].float(), None),
+        (lambda out: out["logits"].softmax(1), "SoftmaxBackward0"),
+        (lambda out: out["logits"].sum(1, keepdim=True), "SumBackward1"),
+    ],
+)
+def test_selector_that_computes_is_named(selector, computes: str | None) -> None:
+    """Arithmetic in ``output=`` runs outside the rules: warned once per call, with LRP only."""
+    model, x = DictOutput().eval(), torch.rand(2, 4)
+    for attributor in (Gradient(model, composites.EpsilonPlus(), output=selector),
+                       SmoothGrad(model, composites.EpsilonPlus(), output=selector, samples=3, batch_size=2)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            attributor(x)
+        messages = [str(warning.message) for warning in caught]
+        assert len(messages) == (computes is not None), messages
+        if computes:
+            assert computes in messages[0] and "outside the composite's rules" in messages[0]
+            assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Gradient(model, output=selector)(x)  # a plain gradient: nothing is missed

@@ -1,0 +1,222 @@
+"""Token-id inputs: explain a text model from its integer input, through its embedding lookup.
+
+Integer token ids carry no gradient, so the attributors explain the output of the model's
+``nn.Embedding`` that looks them up: the embedding vectors of the tokens. The relevance of a
+token is the sum of its vector's relevance over the embedding dimension (Arras et al. 2017), so
+for conservative rules the tokens' relevances still sum to the explained output.
+
+:class:`TokenLookup` finds that lookup by its input: the call of an ``nn.Embedding`` (or a
+subclass) whose input is the token-id tensor given to the model or a view of it
+(``ids.t()``, ``ids.view(-1, T)``, ``ids[:, 1:]``). It keeps the embedding vectors in the
+layout of the ids, ``(*ids.shape, dim)``, so that the attributors can index, perturb and
+integrate them per sample as they do any input, and puts them in place of the lookup's output in
+each forward pass.
+
+Examples
+--------
+>>> import torch
+>>> from torch import nn
+>>> from lrpkit import composites
+>>> from lrpkit.attribution import Gradient
+>>> model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2, bias=False))
+>>> ids = torch.tensor([[1, 5, 7]])
+>>> output, relevance = Gradient(model, composites.EpsilonPlus())(ids, target=0)
+>>> relevance.shape
+torch.Size([1, 3])
+>>> torch.allclose(relevance.sum(), output[0, 0], atol=1e-5)
+True
+
+References
+----------
+L. Arras, G. Montavon, K.-R. Müller, W. Samek. "Explaining Recurrent Neural Network Predictions
+in Sentiment Analysis", EMNLP workshop WASSA, 2017.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .ops import hooks_suspended
+
+
+
+def is_token_ids(x: Any) -> bool:
+    """Whether ``x`` is a tensor of integer token ids (any integer dtype, not bool)."""
+    return isinstance(x, Tensor) and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+
+
+class _Found(Exception):
+    """Stops the forward pass once the lookup's output is kept (nothing after it is needed)."""
+
+
+class TokenLookup:
+    """Forward hooks on ``model``'s embeddings that find and replace the lookup of the token ids.
+
+    Parameters
+    ----------
+    model
+        The model; every ``nn.Embedding`` in it gets a forward hook until :meth:`remove`.
+
+    Notes
+    -----
+    Only a lookup whose input shares its memory with the ids given to the model counts; position
+    or segment embeddings looked up with ids the model makes itself are left alone. Exactly one
+    lookup of the ids per forward pass is supported.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._ids: Tensor | None = None
+        self._vectors: Tensor | None = None
+        self._keep = False
+        self._kept: Tensor | None = None
+        self._seen: list[str] = []
+        self._handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Embedding)
+        ]
+        if not self._handles:
+            self.remove()
+            raise TypeError(
+                f"lrpkit: the input holds integers, and the model ({type(model).__name__}) has no "
+                "nn.Embedding to look them up as token ids; pass a floating-point tensor instead, e.g. "
+                "x.float() (an 8-bit image: x.float() / 255)"
+            )
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def vectors(self, call: Callable[[Tensor], Any], ids: Tensor) -> Tensor:
+        """The embedding vectors of ``ids``, ``(*ids.shape, dim)``; runs ``call(ids)`` up to the lookup.
+
+        A token the lookup skips (``ids[:, 1:]``) gets a zero vector.
+        """
+        ids = ids.contiguous()
+        with self._looking_up(ids), torch.no_grad():
+            self._keep = True
+            try:
+                call(ids)
+            except _Found:
+                pass
+            finally:
+                self._keep = False
+        kept, self._kept = self._kept, None
+        if kept is None:
+            raise ValueError(_NOT_LOOKED_UP)
+        return kept
+
+    def run(self, call: Callable[[Tensor], Any], ids: Tensor, vectors: Tensor) -> Any:
+        """``call(ids)`` with ``vectors`` (``(*ids.shape, dim)``) in place of the lookup's output."""
+        ids = ids.contiguous()
+        with self._looking_up(ids):
+            self._vectors = vectors
+            try:
+                result = call(ids)
+            finally:
+                self._vectors = None
+        if not self._seen:
+            raise ValueError(_NOT_LOOKED_UP)
+        return result
+
+    @contextmanager
+    def _looking_up(self, ids: Tensor) -> Iterator[None]:
+        self._ids, self._seen = ids, []
+        try:
+            yield
+        finally:
+            self._ids = None
+
+    def _hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            ids = self._ids
+            if ids is None or not args or not _is_view_of(args[0], ids):
+                return None
+            with hooks_suspended(), torch._C.DisableTorchFunction():
+                return self._lookup(name, module, args[0], ids, output)
+
+        return hook
+
+    def _lookup(self, name: str, module: nn.Module, lookup: Tensor, ids: Tensor, output: Any) -> Tensor:
+        """The vectors put in place of the lookup's ``output`` (raises :class:`_Found` when keeping it)."""
+        self._seen.append(name)
+        if len(self._seen) > 1:
+            raise ValueError(
+                f"lrpkit: the token ids are looked up more than once in one forward pass (by "
+                f"{', '.join(repr(seen) for seen in self._seen)}); only one lookup can be explained. "
+                "Explain from the embeddings instead: run the rest of the model on a "
+                "floating-point tensor of them"
+            )
+        positions = _positions(lookup, ids)
+        if not isinstance(output, Tensor) or output.shape[:-1] != positions.shape:
+            raise ValueError(
+                f"lrpkit: embedding {name!r} ({type(module).__name__}) looked up ids of shape "
+                f"{tuple(positions.shape)} but returned {_shape_of(output)}; lrpkit needs one vector "
+                "per id (shape (*ids.shape, dim))"
+            )
+        if self._keep:
+            kept = output.new_zeros((ids.numel(), output.shape[-1]))
+            kept[positions.reshape(-1)] = output.detach().reshape(-1, output.shape[-1])
+            self._kept = kept.view(*ids.shape, output.shape[-1])
+            raise _Found
+        return _placed(self._vectors, positions, output)
+
+
+def _placed(vectors: Tensor | None, positions: Tensor, output: Tensor) -> Tensor:
+    """``vectors`` (ids' layout) arranged as the lookup's ``output``: one row per looked-up id."""
+    assert vectors is not None
+    if vectors.shape[-1] != output.shape[-1]:
+        raise ValueError(
+            f"lrpkit: embedding vectors of size {vectors.shape[-1]} were given for a lookup of size "
+            f"{output.shape[-1]}"
+        )
+    rows = vectors.reshape(-1, vectors.shape[-1])[positions.reshape(-1)]
+    return rows.view(output.shape).to(output.dtype)
+
+
+def _is_view_of(lookup: Any, ids: Tensor) -> bool:
+    """Whether ``lookup`` is ``ids`` or a view of its memory with the same dtype."""
+    if not isinstance(lookup, Tensor) or lookup.dtype != ids.dtype or lookup.device != ids.device:
+        return False
+    if lookup is ids:
+        return True
+    return lookup.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr()
+
+
+def _positions(lookup: Tensor, ids: Tensor) -> Tensor:
+    """For each element of ``lookup`` (a view of the contiguous ``ids``), its flat index in ``ids``."""
+    flat = torch.arange(ids.numel(), device=ids.device)
+    if lookup is ids:
+        return flat.view(ids.shape)
+    if lookup.numel() == 0:
+        return flat.new_empty(lookup.shape)
+    offset = lookup.storage_offset() - ids.storage_offset()
+    last = offset + sum((size - 1) * stride for size, stride in zip(lookup.shape, lookup.stride()) if size > 0)
+    if offset < 0 or last >= ids.numel():
+        raise ValueError(
+            f"lrpkit: an embedding looked up a tensor of shape {tuple(lookup.shape)} that shares memory "
+            f"with the token ids of shape {tuple(ids.shape)} but is not a view of them"
+        )
+    return flat.as_strided(lookup.shape, lookup.stride(), offset)
+
+
+def _shape_of(value: Any) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+
+_NOT_LOOKED_UP = (
+    "lrpkit: the input holds integer token ids, but no nn.Embedding of the model looked them up "
+    "(nor a view of them) in the forward pass. If the model converts them first (ids.long(), "
+    "ids.to(device)), pass them converted; if it reads its embedding table another way "
+    "(F.embedding, weight[ids]), explain from the embeddings: run the rest of the model on a "
+    "floating-point tensor of them"
+)
+
+
+__all__ = ["TokenLookup", "is_token_ids"]

@@ -1,0 +1,220 @@
+"""Token-id inputs: attributors explain the embedding lookup's vectors, one relevance per token.
+
+The reference for every attributor is the same attributor run on the embedding vectors by a
+model that starts after the lookup (what a user had to write before), summed over the
+embedding dimension.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import lrpkit
+from lrpkit import composites
+from lrpkit.attribution import Gradient, GradientXInput, IntegratedGradients, Occlusion, Sensitivity, SmoothGrad
+
+VOCAB, WIDTH, TOKENS = 12, 5, 6
+
+
+class BagText(nn.Module):
+    """Embedding, flatten, linear: relevance is exactly conserved without biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, WIDTH)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(TOKENS * WIDTH, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.rest(self.embedding(ids))
+
+    def rest(self, vectors: Tensor) -> Tensor:
+        return self.head(vectors)
+
+
+class LstmText(nn.Module):
+    """An LSTM classifier; ``seq_first`` looks up ``ids.t()`` (a transposed view) as such models do."""
+
+    def __init__(self, seq_first: bool = False) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.embedding = nn.Embedding(VOCAB, WIDTH)
+        self.lstm = nn.LSTM(WIDTH, 4, batch_first=not seq_first)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        vectors = self.embedding(ids.t() if self.seq_first else ids)
+        return self.rest(vectors.transpose(0, 1) if self.seq_first else vectors)
+
+    def rest(self, vectors: Tensor) -> Tensor:
+        states, _ = self.lstm(vectors.transpose(0, 1) if self.seq_first else vectors)
+        return self.head(states[-1] if self.seq_first else states[:, -1])
+
+
+class SkipsFirst(BagText):
+    """Looks up ``ids[:, 1:]`` (a sliced view): the first token gets no relevance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head[1] = nn.Linear((TOKENS - 1) * WIDTH, 8, bias=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.embedding(ids[:, 1:]))
+
+    def rest(self, vectors: Tensor) -> Tensor:
+        return self.head(vectors[:, 1:])
+
+
+class FromVectors(nn.Module):
+    """The model after its lookup, on the vectors in the ids' layout."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, vectors: Tensor) -> Tensor:
+        return self.model.rest(vectors)
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = {"bag": BagText, "lstm": LstmText, "seq_first": lambda: LstmText(seq_first=True), "skips": SkipsFirst}[kind]()
+    return model.double().eval()
+
+
+def _ids(rows: int = 3) -> Tensor:
+    return torch.randint(0, VOCAB, (rows, TOKENS), generator=torch.Generator().manual_seed(1))
+
+
+def _vectors(model: nn.Module, ids: Tensor) -> Tensor:
+    return model.embedding(ids).detach()
+
+
+@pytest.mark.parametrize("kind", ["bag", "lstm", "seq_first", "skips"])
+@pytest.mark.parametrize("composite", [None, "EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1"])
+def test_gradient_explains_the_lookup(kind: str, composite: str | None) -> None:
+    model, ids = _model(kind), _ids()
+    make = (lambda: None) if composite is None else getattr(composites, composite)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no UncoveredModuleWarning for the embedding
+        output, relevance = Gradient(model, make())(ids, target=1)
+    expected_output, expected = Gradient(FromVectors(model), make())(_vectors(model, ids), target=1)
+    assert relevance.shape == ids.shape and relevance.dtype == torch.float64
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    torch.testing.assert_close(relevance, expected.sum(-1), rtol=1e-12, atol=1e-14)
+    assert all(not module._forward_hooks for module in model.modules())
+    if kind == "skips":
+        assert torch.all(relevance[:, 0] == 0)
+
+
+def test_conserved_and_batch_independent() -> None:
+    model, ids = _model("bag"), _ids()
+    output, relevance = Gradient(model, composites.EpsilonPlus(epsilon=1e-12))(ids, target=2)
+    torch.testing.assert_close(relevance.sum(1), output[:, 2], rtol=1e-9, atol=1e-12)
+    _, alone = Gradient(model, composites.EpsilonPlus(epsilon=1e-12))(ids[1:2], target=2)
+    torch.testing.assert_close(alone, relevance[1:2], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "attributor, options",
+    [
+        (GradientXInput, {}),
+        (Sensitivity, {}),
+        (SmoothGrad, {"noise": 0.2, "samples": 3, "seed": 0, "batch_size": 2}),
+        (IntegratedGradients, {"steps": 4, "baseline": 0.1, "batch_size": 5}),
+    ],
+)
+def test_batched_and_gradient_attributors(attributor: type, options: dict) -> None:
+    model, ids = _model("lstm"), _ids()
+    result = attributor(model, composites.EpsilonPlus(), **options)(ids, target=0)
+    expected = attributor(FromVectors(model), composites.EpsilonPlus(), **options)(_vectors(model, ids), target=0)
+    torch.testing.assert_close(result.output, expected.output, rtol=0, atol=0)
+    torch.testing.assert_close(result.relevance, expected.relevance.sum(-1))
+
+
+def test_integrated_gradients_from_baseline_ids() -> None:
+    model, ids = _model("bag"), _ids()
+    pad = torch.zeros(TOKENS, dtype=torch.long)
+    result = IntegratedGradients(model, baseline=pad, steps=8)(ids, target=1)
+    baseline = _vectors(model, pad.expand_as(ids))
+    expected = IntegratedGradients(FromVectors(model), baseline=baseline, steps=8)(_vectors(model, ids), target=1)
+    torch.testing.assert_close(result.relevance, expected.relevance.sum(-1))
+    # completeness: score(ids) - score(pad ids), up to the quadrature (a piecewise linear model)
+    gap = model(ids)[:, 1] - model(pad.expand_as(ids))[:, 1]
+    torch.testing.assert_close(result.relevance.sum(1), gap.detach(), rtol=0.05, atol=0.05)
+
+
+def test_occlusion_replaces_tokens_by_the_fill_id() -> None:
+    model, ids = _model("lstm"), _ids(2)
+    result = Occlusion(model, window=1, fill=7)(ids, target=2)
+    with torch.no_grad():
+        clean = model(ids)[:, 2]
+        for position in range(TOKENS):
+            covered = ids.clone()
+            covered[:, position] = 7
+            torch.testing.assert_close(result.relevance[:, position], clean - model(covered)[:, 2])
+    with pytest.raises(ValueError, match="fill must be a token id"):
+        Occlusion(model, window=1, fill=0.5)(ids)
+
+
+def test_record_names_the_models_calls_only() -> None:
+    model, ids = _model("bag"), _ids()
+    result = Gradient(model, composites.EpsilonPlus())(ids, record=True)
+    expected = Gradient(FromVectors(model), composites.EpsilonPlus())(_vectors(model, ids), record=True)
+    assert list(result.intermediate) == [name.removeprefix("model.") for name in expected.intermediate]
+    for name, relevance in result.intermediate.items():
+        torch.testing.assert_close(relevance, expected.intermediate["model." + name])
+    layer = Gradient(model, composites.EpsilonPlus())(ids, layer="head.2", target=0)
+    assert layer.relevance.shape == ids.shape
+
+
+def test_explain_and_presets() -> None:
+    model, ids = _model("bag"), _ids()
+    output, relevance = lrpkit.explain(model, ids)
+    assert relevance.shape == ids.shape
+    with pytest.raises(ValueError, match="token ids"):
+        lrpkit.explain(model, ids, "epsilon_gamma_box")
+    with pytest.raises(TypeError, match="token ids are explained by the attributors"):
+        lrpkit.describe(model, ids)
+
+
+class Twice(BagText):
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.embedding(ids) + self.embedding(ids))
+
+
+class Converts(BagText):
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.embedding(ids.long()))
+
+
+class NoLookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(TOKENS, 2)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(ids.double())
+
+
+@pytest.mark.parametrize(
+    "model, ids, match",
+    [
+        (Twice(), _ids(), "looked up more than once .*'embedding'"),
+        (Converts(), _ids().int(), "pass them converted"),
+        (NoLookup(), _ids(), "has no nn.Embedding .* floating-point tensor"),
+    ],
+)
+def test_clear_errors_and_nothing_left_behind(model: nn.Module, ids: Tensor, match: str) -> None:
+    model = model.double().eval()
+    with pytest.raises((ValueError, TypeError), match=match):
+        Gradient(model, composites.EpsilonPlus())(ids)
+    assert all(not module._forward_hooks and not module._forward_pre_hooks for module in model.modules())
+
+
+def test_boolean_input_refused() -> None:
+    with pytest.raises(TypeError, match="floating-point"):
+        Gradient(_model("bag"))(torch.ones(1, TOKENS, dtype=torch.bool))
