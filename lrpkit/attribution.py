@@ -1095,6 +1095,18 @@ def _batches(count: int, batch_size: int, label: str, progress: bool | None) -> 
             bar.step()
 
 
+def _check_batched(x: Any, name: str, autograd: bool = True) -> bool:
+    """:func:`check_input` for the batched attributors; token ids must have a batch dimension."""
+    tokens = check_input(x, autograd=autograd, tokens=True)
+    if tokens and x.dim() < 2:
+        raise ValueError(
+            f"{name} explains token ids of shape (batch, tokens, ...), one sample per row; got shape "
+            f"{tuple(x.shape)} (flat ids with offsets, as an nn.EmbeddingBag takes, have no batch "
+            "dimension). Use Gradient for them, or pass the ids as (batch, tokens)"
+        )
+    return tokens
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -1207,7 +1219,7 @@ class SmoothGrad(_Batched):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        tokens = check_input(x, tokens=True)
+        tokens = _check_batched(x, type(self).__name__)
         with _Session(self.model, self.composite, self.output, layer, tokens=_tokens_or_none(x, tokens)) as session:
             x = session.explained(x)
             clean = self._clean(session, x)
@@ -1317,7 +1329,7 @@ class IntegratedGradients(_Batched):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        tokens = check_input(x, tokens=True)
+        tokens = _check_batched(x, type(self).__name__)
         with _Session(self.model, self.composite, self.output, layer, tokens=_tokens_or_none(x, tokens)) as session:
             ids, x = x, session.explained(x)
             baseline = self._baseline(x, ids, session) if tokens else self._baseline(x)
@@ -1428,7 +1440,7 @@ class Occlusion(_Batched):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        check_input(x, autograd=False, tokens=True)
+        _check_batched(x, type(self).__name__, autograd=False)
         x = x.detach()
         windows = _windows(x.shape, self.window, self.stride)
         fill = self._fill(x)

@@ -12,6 +12,12 @@ layout of the ids, ``(*ids.shape, dim)``, so that the attributors can index, per
 integrate them per sample as they do any input, and puts them in place of the lookup's output in
 each forward pass.
 
+An ``nn.EmbeddingBag`` (mode ``"sum"`` or ``"mean"``; ids of shape ``(bags, tokens)``, or flat
+with ``offsets``; ``padding_idx`` and ``per_sample_weights``) looks up and reduces in one call.
+Its lookup is replaced the same way, and its reduction is computed again from the vectors as
+calls that :class:`~lrpkit.canonizers.FunctionalCapture` (in every preset) explains: each bag's
+sum split in proportion to its tokens' vectors, the mean's count and the weights held constant.
+
 Examples
 --------
 >>> import torch
@@ -35,9 +41,11 @@ in Sentiment Analysis", EMNLP workshop WASSA, 2017.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import hooks_suspended
@@ -59,7 +67,8 @@ class TokenLookup:
     Parameters
     ----------
     model
-        The model; every ``nn.Embedding`` in it gets a forward hook until :meth:`remove`.
+        The model; every ``nn.Embedding`` and ``nn.EmbeddingBag`` in it gets a forward hook until
+        :meth:`remove`.
 
     Notes
     -----
@@ -75,9 +84,9 @@ class TokenLookup:
         self._kept: Tensor | None = None
         self._seen: list[str] = []
         self._handles = [
-            module.register_forward_hook(self._hook(name))
+            module.register_forward_hook(self._hook(name), with_kwargs=True)
             for name, module in model.named_modules()
-            if isinstance(module, nn.Embedding)
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
         ]
         if not self._handles:
             self.remove()
@@ -134,14 +143,29 @@ class TokenLookup:
             self._ids = None
 
     def _hook(self, name: str) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             ids = self._ids
-            if ids is None or not args or not _is_view_of(args[0], ids):
+            lookup = args[0] if args else kwargs.get("input")
+            if ids is None or not _is_view_of(lookup, ids):
                 return None
+            if isinstance(module, nn.EmbeddingBag):
+                return self._bag(name, module, _bag_arguments(module, args, kwargs), ids, output)
             with hooks_suspended(), torch._C.DisableTorchFunction():
-                return self._lookup(name, module, args[0], ids, output)
+                return self._lookup(name, module, lookup, ids, output)
 
         return hook
+
+    def _bag(self, name: str, module: nn.EmbeddingBag, bag: _BagCall, ids: Tensor, output: Tensor) -> Tensor:
+        """What a bag returns, computed from the vectors put in place of its lookup's rows.
+
+        The reduction runs as calls that ``FunctionalCapture`` explains (a sum or an ``index_add``
+        split proportionally, the mean's count and ``per_sample_weights`` held constant).
+        """
+        with hooks_suspended(), torch._C.DisableTorchFunction():
+            _check_bag(name, module, bag)
+            rows = F.embedding(bag.lookup, module.weight, max_norm=module.max_norm, norm_type=module.norm_type)
+            rows = self._lookup(name, module, bag.lookup, ids, rows.detach())
+        return _reduced(module, bag, rows, output.shape[0])
 
     def _lookup(self, name: str, module: nn.Module, lookup: Tensor, ids: Tensor, output: Any) -> Tensor:
         """The vectors put in place of the lookup's ``output`` (raises :class:`_Found` when keeping it)."""
@@ -166,6 +190,57 @@ class TokenLookup:
             self._kept = kept.view(*ids.shape, output.shape[-1])
             raise _Found
         return _placed(self._vectors, positions, output)
+
+
+@dataclass
+class _BagCall:
+    """The arguments of an ``nn.EmbeddingBag`` call."""
+
+    lookup: Tensor
+    offsets: Tensor | None
+    weights: Tensor | None
+
+
+def _bag_arguments(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _BagCall:
+    values = dict(zip(("input", "offsets", "per_sample_weights"), args), **kwargs)
+    return _BagCall(values["input"], values.get("offsets"), values.get("per_sample_weights"))
+
+
+def _check_bag(name: str, module: nn.EmbeddingBag, bag: _BagCall) -> None:
+    if module.mode not in ("sum", "mean"):
+        raise ValueError(
+            f"lrpkit: embedding bag {name!r} reduces with mode={module.mode!r}; token ids are explained "
+            "through bags with mode 'sum' or 'mean'"
+        )
+    if bag.lookup.dim() == 1 and bag.offsets is None:
+        raise ValueError(f"lrpkit: embedding bag {name!r} was called with 1-D ids and no offsets")
+
+
+def _kept_rows(module: nn.EmbeddingBag, bag: _BagCall) -> Tensor:
+    """1 for each looked-up id that counts in its bag, 0 for ``padding_idx``."""
+    if module.padding_idx is None:
+        return torch.ones_like(bag.lookup, dtype=torch.bool)
+    return bag.lookup != module.padding_idx
+
+
+def _reduced(module: nn.EmbeddingBag, bag: _BagCall, rows: Tensor, count: int) -> Tensor:
+    """The ``count`` bags' sums or means of ``rows`` (one per looked-up id) without the padding."""
+    with torch._C.DisableTorchFunction():
+        kept = _kept_rows(module, bag).to(rows.dtype)
+        index = _bag_index(bag, count) if bag.lookup.dim() == 1 else None
+        sizes = kept.sum(-1) if index is None else kept.new_zeros(count).index_add(0, index, kept)
+        divisor = sizes.clamp(min=1).unsqueeze(-1)
+        factors = kept if bag.weights is None else kept * bag.weights.detach()
+    rows = rows * factors.unsqueeze(-1)
+    total = rows.sum(-2) if index is None else rows.new_zeros(count, rows.shape[-1]).index_add(0, index, rows)
+    return total / divisor if module.mode == "mean" else total
+
+
+def _bag_index(bag: _BagCall, count: int) -> Tensor:
+    """For flat ids with offsets: the bag of each id."""
+    assert bag.offsets is not None
+    starts = bag.offsets[:count]
+    return torch.searchsorted(starts, torch.arange(bag.lookup.numel(), device=starts.device), right=True) - 1
 
 
 def _placed(vectors: Tensor | None, positions: Tensor, output: Tensor) -> Tensor:

@@ -284,10 +284,11 @@ def _release(modules: list[nn.Module], session: Session) -> None:
 def _needs_rule(module: nn.Module) -> bool:
     """Whether relevance passes through ``module``'s parameters to its inputs, so it wants a rule.
 
-    An ``nn.Embedding`` looks its table up with integer ids: no relevance passes through it, and
-    what reaches its output is the tokens' relevance (:mod:`lrpkit.tokens`).
+    An ``nn.Embedding`` or ``nn.EmbeddingBag`` looks its table up with integer ids: no relevance
+    passes through it to them, and what reaches its output is the tokens' relevance
+    (:mod:`lrpkit.tokens`).
     """
-    return any(True for _ in module.parameters(recurse=False)) and not isinstance(module, nn.Embedding)
+    return any(True for _ in module.parameters(recurse=False)) and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
 
 #: Marks a flag a module's ``__dict__`` does not hold.
 _ABSENT = object()

@@ -218,3 +218,79 @@ def test_clear_errors_and_nothing_left_behind(model: nn.Module, ids: Tensor, mat
 def test_boolean_input_refused() -> None:
     with pytest.raises(TypeError, match="floating-point"):
         Gradient(_model("bag"))(torch.ones(1, TOKENS, dtype=torch.bool))
+
+
+class BagModel(nn.Module):
+    """``nn.EmbeddingBag`` and a linear head, as PyTorch's text-classification tutorial builds it."""
+
+    def __init__(self, mode: str, padding_idx: int | None) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(VOCAB, WIDTH, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(WIDTH, 3, bias=False)
+
+    def forward(self, ids: Tensor, offsets: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
+        return self.head(self.bag(ids, offsets, per_sample_weights=weights))
+
+
+class BagWrittenOut(nn.Module):
+    """The same bag written out on the vectors of ``ids``: a masked, weighted sum or mean."""
+
+    def __init__(self, model: BagModel, ids: Tensor, weights: Tensor | None) -> None:
+        super().__init__()
+        self.model, self.ids, self.weights = model, ids, weights
+
+    def forward(self, vectors: Tensor) -> Tensor:
+        pad = self.model.bag.padding_idx
+        kept = (self.ids != pad).double() if pad is not None else torch.ones_like(self.ids, dtype=torch.double)
+        factors = kept if self.weights is None else kept * self.weights
+        total = (vectors * factors.unsqueeze(-1)).sum(1)
+        if self.model.bag.mode == "mean":
+            total = total / kept.sum(1, keepdim=True).clamp(min=1)
+        return self.model.head(total)
+
+
+class Bound(nn.Module):
+    """The bag model on flat ids with fixed offsets (and weights), as one-input attributors need."""
+
+    def __init__(self, model: BagModel, offsets: Tensor | None = None, weights: Tensor | None = None) -> None:
+        super().__init__()
+        self.model, self.offsets, self.weights = model, offsets, weights
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(ids, self.offsets, self.weights)
+
+
+@pytest.mark.parametrize("mode, padding_idx, weighted", [("sum", None, False), ("sum", 0, True), ("mean", None, False), ("mean", 0, False)])
+def test_embedding_bag(mode: str, padding_idx: int | None, weighted: bool) -> None:
+    torch.manual_seed(0)
+    model, ids = BagModel(mode, padding_idx).double().eval(), _ids()
+    ids[1, 2] = ids[2, :] = 0  # padding, and a bag of padding only
+    if padding_idx is not None:
+        with torch.no_grad():
+            model.bag.weight[padding_idx] = 1.0  # (trained or loaded, not zero): the bag still leaves it out
+    weights = torch.rand(ids.shape, dtype=torch.float64) if weighted else None
+    lrp = composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        output, relevance = Gradient(Bound(model, weights=weights), lrp)(ids)
+    vectors = nn.functional.embedding(ids, model.bag.weight).detach()
+    expected_output, expected = Gradient(BagWrittenOut(model, ids, weights), lrp)(vectors)
+    torch.testing.assert_close(output, expected_output, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(relevance, expected.sum(-1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(relevance.sum(1), output.max(1).values, rtol=1e-9, atol=1e-12)
+    if padding_idx is not None:
+        assert torch.all(relevance[ids == padding_idx] == 0)
+    # the same ids flat, with offsets: one relevance per id
+    flat_weights = None if weights is None else weights.reshape(-1)
+    offsets = torch.arange(0, ids.numel(), TOKENS)
+    _, flat = Gradient(Bound(model, offsets, flat_weights), lrp)(ids.reshape(-1))
+    torch.testing.assert_close(flat, relevance.reshape(-1), rtol=1e-12, atol=1e-14)
+
+
+def test_embedding_bag_refusals() -> None:
+    ids = _ids()
+    with pytest.raises(ValueError, match="mode='max'"):
+        Gradient(Bound(BagModel("max", None).double().eval()), composites.EpsilonPlus())(ids)
+    flat = Bound(BagModel("sum", None).double().eval(), torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="SmoothGrad explains token ids of shape .batch, tokens"):
+        SmoothGrad(flat, composites.EpsilonPlus())(ids.reshape(-1))
