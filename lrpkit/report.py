@@ -33,6 +33,7 @@ from .composites import Composite
 from .composites import get_for_input
 from .composites.maps import eager_module
 from .ops import hooks_are_suspended
+from .tokens import TokenLookup
 
 
 @dataclass
@@ -46,8 +47,9 @@ class Row:
     kind
         The module's class name, or the kind of the captured call with its op (``Add: add``).
     rule
-        The rule's ``repr``, ``"gradient"`` for a call without rule, or ``"-"`` for a container or
-        a module without a rule whose captured calls (the rows below it) have the rules.
+        The rule's ``repr``, ``"gradient"`` for a call without rule, ``"-"`` for a container or
+        a module without a rule whose captured calls (the rows below it) have the rules, or
+        ``"lookup"`` for an embedding (its ids are integers: relevance ends at its output).
     relevance
         Sum of the relevance that reached the output (over the batch and all calls of it);
         ``None`` when no relevance reached it.
@@ -130,7 +132,8 @@ def describe(
     model
         The model (in ``eval()`` mode).
     x
-        An input batch.
+        An input batch, or integer token ids (explained through the model's embedding, as the
+        attributors do; ``.relevance`` then has one value per token).
     composite
         A preset name or a composite. For ``"epsilon_gamma_box"`` the bounds are ``x``'s min/max.
     target
@@ -141,20 +144,24 @@ def describe(
     Description
         ``.rows`` (a list of :class:`Row`), ``.output``, ``.relevance``; ``print()`` it for a table.
     """
-    check_input(x)
+    tokens = check_input(x, tokens=True)
     model = eager_module(model)
     if isinstance(composite, str):
         composite = get_for_input(composite, x)
     table = Description()
     with composite.context(model), ExitStack() as stack, torch.enable_grad():
+        lookup = TokenLookup(model) if tokens else None
+        if lookup is not None:  # before the watching hooks: they see the vectors put in
+            stack.callback(lookup.remove)
+        inputs = (x if lookup is None else lookup.vectors(model, x)).detach().requires_grad_(True)
         _watch_modules(model, composite, table, stack)
         for capture in (c for c in composite.canonizers if isinstance(c, FunctionalCapture)):
             stack.callback(capture.observe(model, _op_observer(table)).remove)
-        inputs = x.detach().requires_grad_(True)
-        output = select_output(model(inputs), None)
+        output = select_output(model(inputs) if lookup is None else lookup.run(model, x, inputs), None)
         (relevance,) = torch.autograd.grad(output, inputs, initial_relevance(output, target), allow_unused=True)
     table.output = output.detach()
-    table.relevance = torch.zeros_like(inputs) if relevance is None else relevance.detach()
+    relevance = torch.zeros_like(inputs) if relevance is None else relevance.detach()
+    table.relevance = relevance.sum(-1) if tokens else relevance
     return table
 
 
@@ -182,6 +189,8 @@ def _finish(table: Description, rows: dict[int, Row], composite: Composite) -> A
         rule = composite.rule_of(module)
         if rule is not None:
             row.rule = repr(rule)
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            row.rule = "lookup"  # integer ids: relevance ends at its output
         else:
             # "-": the rules are those of its children or of its captured calls, the rows below it
             row.rule = "-" if any(True for _ in module.children()) or _has_call_rows(table, row) else "gradient"

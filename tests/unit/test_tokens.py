@@ -177,8 +177,11 @@ def test_explain_and_presets() -> None:
     assert relevance.shape == ids.shape
     with pytest.raises(ValueError, match="token ids"):
         lrpkit.explain(model, ids, "epsilon_gamma_box")
-    with pytest.raises(TypeError, match="token ids are explained by the attributors"):
-        lrpkit.describe(model, ids)
+    table = lrpkit.describe(model, ids, "epsilon_plus")
+    torch.testing.assert_close(table.relevance, Gradient(model, composites.EpsilonPlus())(ids).relevance)
+    assert [row.name for row in table.rows][:2] == ["", "embedding"]
+    embedding = table.rows[1]
+    assert embedding.rule == "lookup" and embedding.relevance == pytest.approx(float(table.relevance.sum()), rel=1e-6)
 
 
 class Twice(BagText):
