@@ -15,13 +15,14 @@ torch.Size([2, 4])
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from . import attribution, captured, canonizers, composites, evaluation, image, patterns, rules, tokens, types
 from .attribution import (
     Attribution,
     Gradient,
     GradientXInput,
+    Inputs,
     IntegratedGradients,
     Occlusion,
     Sensitivity,
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 
 def explain(
     model: nn.Module,
-    x: Tensor,
+    x: Inputs,
     composite: str | Composite | None = "epsilon_plus_flat",
     target: Target = None,
 ) -> Attribution:
@@ -48,7 +49,8 @@ def explain(
         The model (put it in ``eval()`` mode first).
     x
         A floating-point input batch, or integer token ids (explained through the model's
-        ``nn.Embedding``, one relevance per token; see :mod:`lrpkit.tokens`).
+        ``nn.Embedding``, one relevance per token; see :mod:`lrpkit.tokens`), or a tuple of them
+        for a model with several inputs (``model(*x)``; the relevance is then a tuple too).
     composite
         A preset name (see :func:`lrpkit.composites.names`), a composite, or ``None`` for the plain
         gradient. For ``"epsilon_gamma_box"`` the z^B bounds are the minimum and maximum of ``x``.

@@ -19,6 +19,12 @@ Anywhere in the model: ``layer="features.28"`` (a module name, or the name of a 
 model's; a class target then picks a channel (dim 1) of it. ``Gradient(...)(x, record=True)``
 also returns the relevance at the input of every leaf module and captured call.
 
+Several inputs: ``attributor((a, b))`` (a tuple or list) runs ``model(a, b)`` and explains all
+of them in one pass; ``relevance`` is then a tuple with one tensor per input, and for a
+conservative composite their sums add up to the explained logit. Every input needs the same
+batch size. Options that describe an input (IntegratedGradients' ``baseline``, Occlusion's
+``window``, ``stride`` and ``fill``) take one value for every input or a tuple with one per input.
+
 Text models: an input of integer token ids is explained through the model's ``nn.Embedding``
 that looks them up (:mod:`lrpkit.tokens`): the attributors explain the embedding vectors and sum
 each token's relevance over them, so ``relevance`` has the ids' shape. SmoothGrad adds its noise
@@ -65,6 +71,8 @@ from .progress import Progress
 from .tokens import TokenLookup, is_token_ids
 
 Target = Union[None, int, Sequence[int], Tensor, Callable[[Tensor], Tensor]]
+#: What an attributor explains: a tensor, or a tuple or list of tensors for ``model(*inputs)``.
+Inputs = Union[Tensor, Sequence[Tensor]]
 OutputSelector = Union[None, int, str, Callable[[Any], Tensor]]
 #: ``record=``: ``True`` (every leaf module and captured call), or names of modules/captured calls.
 Record = Union[None, bool, str, Sequence[str]]
@@ -84,7 +92,8 @@ class Attribution:
         given.
     relevance
         Relevance (or gradient) of each input feature, shaped like the input; for token ids one
-        value per token (its embedding vector's, summed).
+        value per token (its embedding vector's, summed). For a tuple of inputs a tuple, one
+        tensor per input.
     intermediate
         With ``record=...``: the relevance at the input of each recorded module or captured
         call, by name, in the order of the forward pass (empty otherwise). See :class:`Gradient`.
@@ -322,13 +331,71 @@ def check_input(x: Any, autograd: bool = True, tokens: bool = False) -> bool:
     return is_tokens
 
 
-def _per_feature(relevance: Tensor, tokens: bool) -> Tensor:
-    """The relevance of the explained tensor as the input's: summed over the embedding for token ids."""
-    return relevance.sum(-1) if tokens else relevance
+@dataclass
+class ExplainedInputs:
+    """What an attributor was given: one tensor, or a tuple of them (a model with several inputs).
+
+    ``parts`` are the tensors as given, ``single`` says that there was one (the results are then
+    one tensor, not a tuple), ``tokens`` which parts are token ids (explained as their
+    embedding vectors, see :mod:`lrpkit.tokens`).
+    """
+
+    parts: tuple[Tensor, ...]
+    single: bool
+    tokens: tuple[bool, ...]
+
+    @property
+    def token_positions(self) -> tuple[int, ...]:
+        return tuple(index for index, is_tokens in enumerate(self.tokens) if is_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    def packed(self, relevances: Sequence[Tensor], per_token: bool = True) -> Tensor | tuple[Tensor, ...]:
+        """One relevance per input (summed over each token's vector if ``per_token``), as given: a tensor or a tuple."""
+        if per_token:
+            relevances = [rel.sum(-1) if is_tokens else rel for rel, is_tokens in zip(relevances, self.tokens)]
+        return relevances[0] if self.single else tuple(relevances)
 
 
-def _tokens_or_none(x: Tensor, tokens: bool) -> Tensor | None:
-    return x if tokens else None
+def explained_inputs(x: Any, autograd: bool = True, batched: str | None = None) -> ExplainedInputs:
+    """Check what an attributor was given: a tensor, or a tuple or list of tensors (``model(*x)``).
+
+    ``batched``: the attributor's name, when it handles samples one row at a time (token ids
+    need a batch dimension there).
+    """
+    single = not isinstance(x, (tuple, list))
+    parts = (x,) if single else tuple(x)
+    if not parts:
+        raise ValueError("the input is an empty tuple; give a tensor, or a tuple of tensors for model(*inputs)")
+    tokens = tuple(_checked_part(part, index, single, autograd) for index, part in enumerate(parts))
+    if not single:
+        sizes = [tuple(part.shape[:1]) for part in parts]
+        if any(part.dim() == 0 for part in parts) or len(set(sizes)) > 1:
+            raise ValueError(
+                f"the inputs' first dimensions differ ({', '.join(str(tuple(part.shape)) for part in parts)}); "
+                "every input of a model with several needs one row per sample"
+            )
+    if batched is not None:
+        for index in (index for index, is_tokens in enumerate(tokens) if is_tokens and parts[index].dim() < 2):
+            raise ValueError(
+                f"{batched} explains token ids of shape (batch, tokens, ...), one sample per row; got "
+                f"shape {tuple(parts[index].shape)}{'' if single else f' for input {index}'} (flat ids "
+                "with offsets, as an nn.EmbeddingBag takes, have no batch dimension). Use Gradient for "
+                "them, or pass the ids as (batch, tokens)"
+            )
+    return ExplainedInputs(parts, single, tokens)
+
+
+def _checked_part(part: Any, index: int, single: bool, autograd: bool) -> bool:
+    """:func:`check_input` for one of the inputs, naming it when there are several."""
+    if single:
+        return check_input(part, autograd, tokens=True)
+    try:
+        return check_input(part, autograd, tokens=True)
+    except (TypeError, RuntimeError) as error:
+        raise type(error)(f"input {index}: {error}") from None
 
 
 @dataclass
@@ -462,7 +529,7 @@ class _Session:
         selector: OutputSelector,
         layer: str | None = None,
         record: Record = None,
-        tokens: Tensor | None = None,
+        inputs: ExplainedInputs | None = None,
     ) -> None:
         _check_layer(layer)
         self.model = model
@@ -470,7 +537,7 @@ class _Session:
         self.selector = selector
         self.layer = layer
         self.record = _record_names(record)
-        self.tokens = tokens
+        self.inputs = inputs
         self.lookup: TokenLookup | None = None
         #: Whether the selector's work is still to be checked (LRP only: a plain gradient has no rules to miss).
         self._check_selector = callable(selector) and (composite is not None or in_context(model))
@@ -486,7 +553,7 @@ class _Session:
                 stack.enter_context(composite.context(self.model))
             captures = _captures(composite.canonizers) if composite is not None else []
             stack.enter_context(torch.enable_grad())
-            if self.tokens is not None:  # first, so that a tap or a recorder sees the vectors put in
+            if self.inputs is not None and self.inputs.token_positions:  # first: a tap or a recorder sees the vectors put in
                 self.lookup = TokenLookup(self.model)
                 stack.callback(self.lookup.remove)
             if self.layer is not None:
@@ -510,16 +577,21 @@ class _Session:
             return _GradientNames()
         return None
 
-    def explained(self, x: Tensor) -> Tensor:
-        """The tensor the attributor explains: ``x``, or for token ids their embedding vectors."""
+    def explained(self, parts: tuple[Tensor, ...] | None = None) -> tuple[Tensor, ...]:
+        """The tensors the attributor explains: the inputs (or ``parts`` in their place), token ids as their vectors."""
+        assert self.inputs is not None
+        parts = self.inputs.parts if parts is None else parts
         if self.lookup is None:
-            return x
-        return self.lookup.vectors(self.model, x)
+            return parts
+        positions = self.inputs.token_positions
+        vectors = dict(zip(positions, self.lookup.vectors(self.model, parts, positions)))
+        return tuple(vectors.get(index, part) for index, part in enumerate(parts))
 
-    def forward(self, inputs: Tensor, rows: Tensor | None = None) -> Tensor:
-        """Run the model on ``inputs``; the selected output, or the layer's output (stopping there).
+    def forward(self, inputs: tuple[Tensor, ...], rows: Tensor | None = None) -> Tensor:
+        """Run the model on ``inputs`` (``model(*inputs)``); the selected output, or the layer's output (stopping there).
 
-        For token ids ``inputs`` are embedding vectors of the ids' samples ``rows`` (all if ``None``).
+        For token ids the entry of ``inputs`` holds the embedding vectors of the ids' samples
+        ``rows`` (all if ``None``).
         """
         if self.tap is None:
             raw = self._call(inputs, rows)
@@ -533,14 +605,18 @@ class _Session:
             self.recorder.check_names()
         return output
 
-    def _call(self, inputs: Tensor, rows: Tensor | None) -> Any:
+    def _call(self, inputs: tuple[Tensor, ...], rows: Tensor | None) -> Any:
         if self.lookup is None:
-            return self.model(inputs)
-        assert self.tokens is not None
-        ids = self.tokens if rows is None else self.tokens[rows.to(self.tokens.device)]
-        return self.lookup.run(self.model, ids, inputs)
+            return self.model(*inputs)
+        assert self.inputs is not None
+        args, vectors = list(inputs), {}
+        for position in self.inputs.token_positions:
+            ids = self.inputs.parts[position]
+            args[position] = ids if rows is None else ids[rows.to(ids.device)]
+            vectors[position] = inputs[position]
+        return self.lookup.run(self.model, args, vectors)
 
-    def _forward_to_layer(self, inputs: Tensor, rows: Tensor | None, tap: _LayerTap) -> Tensor:
+    def _forward_to_layer(self, inputs: tuple[Tensor, ...], rows: Tensor | None, tap: _LayerTap) -> Tensor:
         tap.output = None
         tap.seen_calls.clear()
         try:
@@ -881,15 +957,21 @@ def _add_node_grads(entries: dict[int, _Entry], grads: Sequence[Tensor | None]) 
 
 
 # -- the backward pass -------------------------------------------------------------------------
-def _input_gradient(output: Tensor, inputs: Tensor, start: Tensor) -> Tensor:
-    """The (LRP-modified) gradient of ``output`` weighted by ``start`` at ``inputs``."""
+def _input_gradients(output: Tensor, inputs: tuple[Tensor, ...], start: Tensor) -> tuple[Tensor, ...]:
+    """The (LRP-modified) gradient of ``output`` weighted by ``start`` at each of ``inputs``."""
     if not output.requires_grad:
         raise RuntimeError(
             "the selected output does not depend on the input through autograd (was the "
             "model run under torch.no_grad(), or is the output detached?)"
         )
-    (gradient,) = torch.autograd.grad(output, inputs, start, allow_unused=True)
-    return torch.zeros_like(inputs) if gradient is None else gradient.detach()
+    gradients = torch.autograd.grad(output, inputs, start, allow_unused=True)
+    return tuple(
+        torch.zeros_like(tensor) if gradient is None else gradient.detach() for tensor, gradient in zip(inputs, gradients)
+    )
+
+
+def _requiring_grad(parts: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return tuple(part.detach().requires_grad_(True) for part in parts)
 
 
 class Gradient:
@@ -953,16 +1035,16 @@ class Gradient:
         self.output = output
 
     def __call__(
-        self, x: Tensor, target: Target = None, layer: str | None = None, record: Record = None
+        self, x: Inputs, target: Target = None, layer: str | None = None, record: Record = None
     ) -> Attribution:
         """Explain ``x`` for ``target`` (see the module docstring for the target forms)."""
-        tokens = check_input(x, tokens=True)
-        with _Session(self.model, self.composite, self.output, layer, record, _tokens_or_none(x, tokens)) as session:
-            inputs = session.explained(x).detach().requires_grad_(True)
+        given = explained_inputs(x)
+        with _Session(self.model, self.composite, self.output, layer, record, given) as session:
+            inputs = _requiring_grad(session.explained())
             output = session.forward(inputs)
             with _naming_layer(layer):
                 start = initial_relevance(output, target)
-            relevance = _per_feature(_input_gradient(output, inputs, start), tokens)
+            relevance = given.packed(_input_gradients(output, inputs, start))
             intermediate = session.recorder.collect() if session.recorder is not None else {}
         return Attribution(output=output.detach(), relevance=relevance, intermediate=intermediate, start=start)
 
@@ -975,19 +1057,21 @@ class _ScoreGradient:
         self.composite = composite
         self.output = output
 
-    def _score_gradient(self, x: Tensor, target: Target, layer: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
-        """``(output, weights, explained, gradient, tokens)`` for ``x``.
+    def _score_gradient(
+        self, x: Inputs, target: Target, layer: str | None
+    ) -> tuple[Tensor, Tensor, ExplainedInputs, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(output, weights, given, explained, gradients)`` for ``x``.
 
-        ``explained`` is ``x``, or for token ids (``tokens``) their embedding vectors, and
-        ``gradient`` is the gradient at it.
+        ``explained`` are the inputs, token ids as their embedding vectors, and ``gradients`` the
+        gradients at them.
         """
-        tokens = check_input(x, tokens=True)
-        with _Session(self.model, self.composite, self.output, layer, tokens=_tokens_or_none(x, tokens)) as session:
-            inputs = session.explained(x).detach().requires_grad_(True)
+        given = explained_inputs(x)
+        with _Session(self.model, self.composite, self.output, layer, inputs=given) as session:
+            inputs = _requiring_grad(session.explained())
             output = session.forward(inputs)
             score = _score(output, target, layer)
-            gradient = _input_gradient(output, inputs, score.weights)
-        return output.detach(), score.weights, inputs.detach(), gradient, tokens
+            gradients = _input_gradients(output, inputs, score.weights)
+        return output.detach(), score.weights, given, tuple(part.detach() for part in inputs), gradients
 
 
 class GradientXInput(_ScoreGradient):
@@ -1021,8 +1105,9 @@ class GradientXInput(_ScoreGradient):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        output, weights, explained, gradient, tokens = self._score_gradient(x, target, layer)
-        return Attribution(output=output, relevance=_per_feature(explained * gradient, tokens), start=weights)
+        output, weights, given, explained, gradients = self._score_gradient(x, target, layer)
+        relevance = given.packed([part * gradient for part, gradient in zip(explained, gradients)])
+        return Attribution(output=output, relevance=relevance, start=weights)
 
 
 class Sensitivity(_ScoreGradient):
@@ -1067,22 +1152,25 @@ class Sensitivity(_ScoreGradient):
         super().__init__(model, composite, output)
         self.sum_channels = sum_channels
 
-    def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
+    def __call__(self, x: Inputs, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        output, weights, _, gradient, tokens = self._score_gradient(x, target, layer)
-        squares = _per_feature(gradient.square(), tokens)
+        output, weights, given, _, gradients = self._score_gradient(x, target, layer)
+        squares = [gradient.square() for gradient in gradients]
         if self.sum_channels:
-            if tokens:
-                raise ValueError(
-                    "sum_channels=True: token ids have no channel dimension; each token's squares are "
-                    "already summed over its embedding"
-                )
-            if squares.ndim < 2:
-                raise ValueError(
-                    f"sum_channels=True needs an input with a channel dimension (dim 1); got shape {tuple(x.shape)}"
-                )
-            squares = squares.sum(dim=1, keepdim=True)
-        return Attribution(output=output, relevance=squares, start=weights)
+            squares = [self._channels_summed(part, given, index) for index, part in enumerate(squares)]
+        return Attribution(output=output, relevance=given.packed(squares), start=weights)
+
+    @staticmethod
+    def _channels_summed(squares: Tensor, given: ExplainedInputs, index: int) -> Tensor:
+        """``squares`` summed over dim 1 (token ids: over each token's embedding, as without the option)."""
+        if given.tokens[index]:
+            return squares
+        if squares.ndim < 2:
+            raise ValueError(
+                f"sum_channels=True needs an input with a channel dimension (dim 1); got shape "
+                f"{tuple(squares.shape)}{'' if given.single else f' for input {index}'}"
+            )
+        return squares.sum(dim=1, keepdim=True)
 
 
 # -- batched attributors -----------------------------------------------------------------------
@@ -1093,18 +1181,6 @@ def _batches(count: int, batch_size: int, label: str, progress: bool | None) -> 
         for chunk in chunks:
             yield chunk
             bar.step()
-
-
-def _check_batched(x: Any, name: str, autograd: bool = True) -> bool:
-    """:func:`check_input` for the batched attributors; token ids must have a batch dimension."""
-    tokens = check_input(x, autograd=autograd, tokens=True)
-    if tokens and x.dim() < 2:
-        raise ValueError(
-            f"{name} explains token ids of shape (batch, tokens, ...), one sample per row; got shape "
-            f"{tuple(x.shape)} (flat ids with offsets, as an nn.EmbeddingBag takes, have no batch "
-            "dimension). Use Gradient for them, or pass the ids as (batch, tokens)"
-        )
-    return tokens
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -1138,11 +1214,14 @@ class _Batched:
     def _batches(self, count: int) -> Iterator[Tensor]:
         return _batches(count, self.batch_size, type(self).__name__, self.progress)
 
-    def _clean(self, session: _Session, x: Tensor) -> Tensor:
-        """The explained output for the input as given (batched, without gradients)."""
+    def _clean(self, session: _Session, parts: tuple[Tensor, ...]) -> Tensor:
+        """The explained output for the inputs as given (batched, without gradients)."""
         with torch.no_grad():
-            parts = [session.forward(x[rows], rows) for rows in _batches(len(x), self.batch_size, "", False)]
-        return torch.cat(parts).detach()
+            outputs = [
+                session.forward(tuple(part[rows] for part in parts), rows)
+                for rows in _batches(len(parts[0]), self.batch_size, "", False)
+            ]
+        return torch.cat(outputs).detach()
 
 
 class SmoothGrad(_Batched):
@@ -1219,34 +1298,47 @@ class SmoothGrad(_Batched):
 
     def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        tokens = _check_batched(x, type(self).__name__)
-        with _Session(self.model, self.composite, self.output, layer, tokens=_tokens_or_none(x, tokens)) as session:
-            x = session.explained(x)
-            clean = self._clean(session, x)
+        given = explained_inputs(x, batched=type(self).__name__)
+        with _Session(self.model, self.composite, self.output, layer, inputs=given) as session:
+            parts = tuple(part.detach() for part in session.explained())
+            clean = self._clean(session, parts)
             score = _score(clean, target, layer)
-            patterns = self._patterns(x)
-            flat = x.detach().reshape(len(x), -1)
-            spread = self.noise * (flat.amax(1) - flat.amin(1))
-            total = torch.zeros_like(x)
+            patterns = self._patterns(parts)
+            spreads = [self.noise * _value_range(part) for part in parts]
+            totals = [torch.zeros_like(part) for part in parts]
             starts = torch.zeros_like(clean)
-            for copies in self._batches(len(x) * self.samples):
+            for copies in self._batches(len(parts[0]) * self.samples):
                 rows, pattern = copies // self.samples, copies % self.samples
-                rows = rows.to(x.device)
-                inputs = (x[rows] + _expand_rows(spread[rows], x.ndim) * patterns[pattern.to(x.device)]).detach()
-                inputs.requires_grad_(True)
+                rows, pattern = rows.to(given.device), pattern.to(given.device)
+                inputs = _requiring_grad(
+                    tuple(
+                        part[rows] + _expand_rows(spread[rows], part.ndim) * noise[pattern]
+                        for part, spread, noise in zip(parts, spreads, patterns)
+                    )
+                )
                 output = session.forward(inputs, rows)
                 start = score.start(output, rows)
-                total.index_add_(0, rows, _input_gradient(output, inputs, start))
+                for total, gradient in zip(totals, _input_gradients(output, inputs, start)):
+                    total.index_add_(0, rows, gradient)
                 starts.index_add_(0, rows, start)
-        relevance = _per_feature(total / self.samples, tokens)
+        relevance = given.packed([total / self.samples for total in totals])
         return Attribution(output=clean, relevance=relevance, start=starts / self.samples)
 
-    def _patterns(self, x: Tensor) -> Tensor:
-        """``samples`` standard-normal patterns shaped like one sample."""
+    def _patterns(self, parts: tuple[Tensor, ...]) -> list[Tensor]:
+        """``samples`` standard-normal patterns shaped like one sample of each input, drawn in turn."""
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)))
         generator = torch.Generator().manual_seed(seed)
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return torch.randn((self.samples, *x.shape[1:]), generator=generator, dtype=dtype).to(x)
+        patterns = []
+        for part in parts:
+            dtype = torch.float64 if part.dtype == torch.float64 else torch.float32
+            patterns.append(torch.randn((self.samples, *part.shape[1:]), generator=generator, dtype=dtype).to(part))
+        return patterns
+
+
+def _value_range(part: Tensor) -> Tensor:
+    """``max - min`` of each sample (row) of ``part``."""
+    flat = part.reshape(len(part), -1)
+    return flat.amax(1) - flat.amin(1)
 
 
 def _path(steps: int, method: PathMethod) -> tuple[list[float], list[float]]:
@@ -1280,7 +1372,8 @@ class IntegratedGradients(_Batched):
     baseline
         ``None`` (zeros), a float, or a tensor broadcastable to the input. For token ids these
         are embedding vectors; an integer tensor is baseline ids (e.g. pad ids), whose vectors
-        are the baseline.
+        are the baseline. For several inputs: one for all (``None`` or a float), or a tuple with
+        one per input.
     steps
         Gradient evaluations per sample.
     method
@@ -1313,66 +1406,107 @@ class IntegratedGradients(_Batched):
         composite: Composite | None = None,
         output: OutputSelector = None,
         *,
-        baseline: float | Tensor | None = None,
+        baseline: Baseline | Sequence[Baseline] = None,
         steps: int = 32,
         method: PathMethod = "trapezoid",
         batch_size: int = 32,
         progress: bool | None = None,
     ) -> None:
         super().__init__(model, composite, output, batch_size, progress)
-        if baseline is not None and not isinstance(baseline, (int, float, Tensor)):
-            raise TypeError(f"baseline must be None (zeros), a float or a tensor, got {type(baseline).__name__}")
+        for each in baseline if isinstance(baseline, (tuple, list)) else (baseline,):
+            if each is not None and not isinstance(each, (int, float, Tensor)):
+                raise TypeError(
+                    f"baseline must be None (zeros), a float, a tensor, or a tuple of them (one per input), "
+                    f"got {type(each).__name__}"
+                )
         self.baseline = baseline
         self.steps = _positive_int(steps, "steps")
         self.alphas, self.weights = _path(self.steps, method)
         self.method = method
 
-    def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
+    def __call__(self, x: Inputs, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        tokens = _check_batched(x, type(self).__name__)
-        with _Session(self.model, self.composite, self.output, layer, tokens=_tokens_or_none(x, tokens)) as session:
-            ids, x = x, session.explained(x)
-            baseline = self._baseline(x, ids, session) if tokens else self._baseline(x)
-            difference = x.detach() - baseline
-            alphas = torch.tensor(self.alphas, dtype=x.dtype, device=x.device)
-            weights = torch.tensor(self.weights, dtype=x.dtype, device=x.device)
-            clean = self._clean(session, x)
+        given = explained_inputs(x, batched=type(self).__name__)
+        with _Session(self.model, self.composite, self.output, layer, inputs=given) as session:
+            parts = tuple(part.detach() for part in session.explained())
+            baselines = self._baselines(given, parts, session)
+            differences = [part - baseline for part, baseline in zip(parts, baselines)]
+            alphas = [torch.tensor(self.alphas, dtype=part.dtype, device=part.device) for part in parts]
+            weights = [torch.tensor(self.weights, dtype=part.dtype, device=part.device) for part in parts]
+            clean = self._clean(session, parts)
             score = _score(clean, target, layer)
-            total = torch.zeros_like(x)
-            for points in self._batches(len(x) * self.steps):
-                rows, step = (points // self.steps).to(x.device), (points % self.steps).to(x.device)
-                inputs = (baseline[rows] + _expand_rows(alphas[step], x.ndim) * difference[rows]).detach()
-                inputs.requires_grad_(True)
+            totals = [torch.zeros_like(part) for part in parts]
+            for points in self._batches(len(parts[0]) * self.steps):
+                rows, step = (points // self.steps).to(given.device), (points % self.steps).to(given.device)
+                inputs = _requiring_grad(
+                    tuple(
+                        baseline[rows] + _expand_rows(alpha[step], baseline.ndim) * difference[rows]
+                        for baseline, alpha, difference in zip(baselines, alphas, differences)
+                    )
+                )
                 output = session.forward(inputs, rows)
-                gradient = _input_gradient(output, inputs, score.weights[rows])
-                total.index_add_(0, rows, gradient * _expand_rows(weights[step], x.ndim))
-        return Attribution(output=clean, relevance=_per_feature(difference * total, tokens), start=score.weights)
+                gradients = _input_gradients(output, inputs, score.weights[rows])
+                for total, gradient, weight in zip(totals, gradients, weights):
+                    total.index_add_(0, rows, gradient * _expand_rows(weight[step], gradient.ndim))
+        relevance = given.packed([difference * total for difference, total in zip(differences, totals)])
+        return Attribution(output=clean, relevance=relevance, start=score.weights)
 
-    def _baseline(self, x: Tensor, ids: Tensor | None = None, session: _Session | None = None) -> Tensor:
-        """The baseline shaped like ``x``; for token ids (``ids``) a baseline of ids is embedded."""
-        if self.baseline is None:
-            return torch.zeros_like(x)
-        if ids is not None and session is not None and is_token_ids(self.baseline):
-            return session.explained(self._baseline_ids(ids))
-        baseline = torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device)
-        try:
-            return torch.broadcast_to(baseline, x.shape).detach()
-        except RuntimeError:
-            raise ValueError(
-                f"baseline has shape {tuple(baseline.shape)}, which does not broadcast to the input's "
-                f"shape {tuple(x.shape)}; give a float, a tensor shaped like one sample or like the input"
-            ) from None
+    def _baselines(self, given: ExplainedInputs, parts: tuple[Tensor, ...], session: _Session) -> list[Tensor]:
+        """One baseline shaped like each explained input; baseline ids of token inputs are embedded."""
+        specs = _per_input(self.baseline, len(parts), "baseline")
+        id_baselines = {
+            index: _broadcast_ids(spec, given.parts[index], index, given.single)
+            for index, spec in enumerate(specs)
+            if given.tokens[index] and is_token_ids(spec)
+        }
+        embedded = session.explained(tuple(id_baselines.get(index, part) for index, part in enumerate(given.parts)))
+        return [
+            embedded[index].detach() if index in id_baselines else _baseline_like(spec, part, index, given.single)
+            for index, (spec, part) in enumerate(zip(specs, parts))
+        ]
 
-    def _baseline_ids(self, ids: Tensor) -> Tensor:
-        """A baseline of token ids broadcast to the shape of the input's ids."""
-        assert isinstance(self.baseline, Tensor)
-        try:
-            return torch.broadcast_to(self.baseline.to(device=ids.device, dtype=ids.dtype), ids.shape).contiguous()
-        except RuntimeError:
-            raise ValueError(
-                f"baseline token ids of shape {tuple(self.baseline.shape)} do not broadcast to the input's "
-                f"ids of shape {tuple(ids.shape)}"
-            ) from None
+
+Baseline = Union[None, float, Tensor]
+
+
+def _per_input(spec: Any, count: int, name: str) -> list[Any]:
+    """``spec`` for each of ``count`` inputs: a tuple or list gives one per input, anything else is shared."""
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != count:
+            raise ValueError(f"{name} has {len(spec)} entries for a model with {count} input(s); give one per input")
+        return list(spec)
+    if count > 1 and isinstance(spec, Tensor):
+        raise ValueError(
+            f"{name} is one tensor for a model with {count} inputs; give a tuple with one per input "
+            "(or a float, used for every input)"
+        )
+    return [spec] * count
+
+
+def _baseline_like(spec: Baseline, part: Tensor, index: int, single: bool) -> Tensor:
+    """The baseline ``spec`` (``None``: zeros) broadcast to the explained input ``part``."""
+    if spec is None:
+        return torch.zeros_like(part)
+    baseline = torch.as_tensor(spec, dtype=part.dtype, device=part.device)
+    try:
+        return torch.broadcast_to(baseline, part.shape).detach()
+    except RuntimeError:
+        raise ValueError(
+            f"baseline{'' if single else f' {index}'} has shape {tuple(baseline.shape)}, which does not "
+            f"broadcast to the input's shape {tuple(part.shape)}; give a float, a tensor shaped like one "
+            "sample or like the input"
+        ) from None
+
+
+def _broadcast_ids(spec: Tensor, ids: Tensor, index: int, single: bool) -> Tensor:
+    """Baseline token ids broadcast to the shape of the input's ids."""
+    try:
+        return torch.broadcast_to(spec.to(device=ids.device, dtype=ids.dtype), ids.shape).contiguous()
+    except RuntimeError:
+        raise ValueError(
+            f"baseline token ids{'' if single else f' {index}'} of shape {tuple(spec.shape)} do not broadcast "
+            f"to the input's ids of shape {tuple(ids.shape)}"
+        ) from None
 
 
 WindowSpec = Union[int, Sequence[int]]
@@ -1393,13 +1527,16 @@ class Occlusion(_Batched):
         and is accepted so that every attributor is built alike.
     window
         Window size over the last ``len(window)`` dimensions; an int: that size on every dimension
-        after the channel dimension (on dimension 1 for ``(N, features)`` inputs).
+        after the channel dimension (on dimension 1 for ``(N, features)`` inputs). For several
+        inputs an int (every input) or a list with one window per input, ``[(4, 4), 1]``; each
+        occluded copy covers a window of one input.
     stride
-        Step of the window (int or one per window dimension); ``None``: the window size.
+        Step of the window (int or one per window dimension); ``None``: the window size. For
+        several inputs as ``window``.
     fill
         Value of the occluded features: a float, or a tensor broadcastable to the input (e.g. a
         blurred copy of it). For token ids, the id that replaces the occluded tokens (e.g. the
-        tokenizer's pad or mask id).
+        tokenizer's pad or mask id). For several inputs one float for all or a tuple, one per input.
     batch_size
         Occluded copies per model call.
     progress
@@ -1425,56 +1562,73 @@ class Occlusion(_Batched):
         composite: Composite | None = None,
         output: OutputSelector = None,
         *,
-        window: WindowSpec,
-        stride: WindowSpec | None = None,
-        fill: float | Tensor = 0.0,
+        window: WindowSpec | Sequence[WindowSpec],
+        stride: WindowSpec | Sequence[WindowSpec] | None = None,
+        fill: float | Tensor | Sequence[float | Tensor] = 0.0,
         batch_size: int = 32,
         progress: bool | None = None,
     ) -> None:
         super().__init__(model, composite, output, batch_size, progress)
-        self.window = _sizes(window, "window")
-        self.stride = None if stride is None else _sizes(stride, "stride")
-        if not isinstance(fill, (int, float, Tensor)) or isinstance(fill, bool):
-            raise TypeError(f"fill must be a float or a tensor, got {type(fill).__name__}")
+        self.window = _window_spec(window, "window")
+        self.stride = None if stride is None else _window_spec(stride, "stride")
+        for each in fill if isinstance(fill, (tuple, list)) else (fill,):
+            if not isinstance(each, (int, float, Tensor)) or isinstance(each, bool):
+                raise TypeError(f"fill must be a float, a tensor, or a tuple of them (one per input), got {type(each).__name__}")
         self.fill = fill
 
-    def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
+    def __call__(self, x: Inputs, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        _check_batched(x, type(self).__name__, autograd=False)
-        x = x.detach()
-        windows = _windows(x.shape, self.window, self.stride)
-        fill = self._fill(x)
+        given = explained_inputs(x, autograd=False, batched=type(self).__name__)
+        parts = tuple(part.detach() for part in given.parts)
+        windows = self._windows(given)  # (input, index tuple of the window) for every window of every input
+        fills = [self._fill(part, fill, index, given.single) for index, (part, fill) in enumerate(zip(parts, _per_input(self.fill, len(parts), "fill")))]
         with _Session(self.model, None, self.output, layer) as session, torch.no_grad():
-            clean = self._clean(session, x)
+            clean = self._clean(session, parts)
             score = _score(clean, target, layer)
-            clean_score = score.value(clean, torch.arange(len(x), device=x.device))
-            drops = torch.zeros(x.shape, dtype=clean_score.dtype, device=x.device)
-            for copies in self._batches(len(x) * len(windows)):
+            clean_score = score.value(clean, torch.arange(len(clean), device=given.device))
+            drops = [torch.zeros(part.shape, dtype=clean_score.dtype, device=part.device) for part in parts]
+            for copies in self._batches(len(parts[0]) * len(windows)):
                 rows, where = (copies // len(windows)).tolist(), (copies % len(windows)).tolist()
-                occluded = x[rows].clone()
+                occluded = [part[rows].clone() for part in parts]
                 for index, (row, position) in enumerate(zip(rows, where)):
-                    occluded[index][windows[position]] = fill[row][windows[position]]
-                rows_tensor = torch.tensor(rows, device=x.device)
-                drop = clean_score[rows_tensor] - score.value(session.forward(occluded), rows_tensor)
+                    part, window = windows[position]
+                    occluded[part][index][window] = fills[part][row][window]
+                rows_tensor = torch.tensor(rows, device=given.device)
+                drop = clean_score[rows_tensor] - score.value(session.forward(tuple(occluded), rows_tensor), rows_tensor)
                 for index, (row, position) in enumerate(zip(rows, where)):
-                    drops[row][windows[position]] += drop[index]
-        coverage = torch.zeros_like(drops[0])
-        for window in windows:
-            coverage[window] += 1
-        return Attribution(output=clean, relevance=drops / coverage, start=score.weights)
+                    part, window = windows[position]
+                    drops[part][row][window] += drop[index]
+        coverages = [torch.zeros_like(drop[0]) for drop in drops]
+        for part, window in windows:
+            coverages[part][window] += 1
+        relevance = given.packed([drop / coverage for drop, coverage in zip(drops, coverages)], per_token=False)
+        return Attribution(output=clean, relevance=relevance, start=score.weights)
 
-    def _fill(self, x: Tensor) -> Tensor:
-        if is_token_ids(x) and not _holds_integers(self.fill):
+    def _windows(self, given: ExplainedInputs) -> list[tuple[int, tuple[slice, ...]]]:
+        """Every window position of every input, as ``(input, index tuple into one sample)``."""
+        count = len(given.parts)
+        windows = _per_window_input(self.window, count, "window")
+        strides = [None] * count if self.stride is None else _per_window_input(self.stride, count, "stride")
+        return [
+            (index, window)
+            for index, (part, size, stride) in enumerate(zip(given.parts, windows, strides))
+            for window in _windows(part.shape, size, stride)
+        ]
+
+    @staticmethod
+    def _fill(x: Tensor, fill: float | Tensor, index: int, single: bool) -> Tensor:
+        which = "" if single else f" (input {index})"
+        if is_token_ids(x) and not _holds_integers(fill):
             raise ValueError(
-                f"fill={self.fill!r}: the input holds token ids, so fill must be a token id (an int, "
+                f"fill={fill!r}: the input{which} holds token ids, so fill must be a token id (an int, "
                 "e.g. the tokenizer's pad or mask id) or a tensor of them"
             )
-        fill = torch.as_tensor(self.fill, dtype=x.dtype, device=x.device)
+        value = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
         try:
-            return torch.broadcast_to(fill, x.shape)
+            return torch.broadcast_to(value, x.shape)
         except RuntimeError:
             raise ValueError(
-                f"fill has shape {tuple(fill.shape)}, which does not broadcast to the input's shape "
+                f"fill{which} has shape {tuple(value.shape)}, which does not broadcast to the input's shape "
                 f"{tuple(x.shape)}; give a float or a tensor shaped like one sample or like the input"
             ) from None
 
@@ -1484,6 +1638,30 @@ def _holds_integers(value: float | Tensor) -> bool:
     if isinstance(value, Tensor):
         return is_token_ids(value) or bool((value == value.round()).all())
     return float(value).is_integer()
+
+
+def _window_spec(value: Any, name: str) -> Any:
+    """Check a window or stride: sizes (:func:`_sizes`), or a tuple/list of sizes, one per input."""
+    if isinstance(value, (tuple, list)) and any(isinstance(item, (tuple, list)) for item in value):
+        return [_sizes(item, name) for item in value]
+    return _sizes(value, name)
+
+
+def _per_window_input(spec: Any, count: int, name: str) -> list[Any]:
+    """The window (or stride) of each of ``count`` inputs: an int is shared; with several inputs a
+    tuple or list has one entry per input (one input: a tuple is that input's window)."""
+    if isinstance(spec, list):  # checked by _window_spec: one entry per input
+        entries = spec
+    elif count == 1 or isinstance(spec, int):
+        return [spec] * count
+    else:
+        entries = list(spec)
+    if len(entries) != count:
+        raise ValueError(
+            f"{name}={spec!r}: a model with {count} inputs needs an int (every input) or one {name} per "
+            "input, e.g. ((2, 2), 1)"
+        )
+    return entries
 
 
 def _sizes(value: WindowSpec, name: str) -> tuple[int, ...] | int:
@@ -1535,6 +1713,7 @@ __all__ = [
     "Attribution",
     "Gradient",
     "GradientXInput",
+    "Inputs",
     "IntegratedGradients",
     "Occlusion",
     "Record",

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attribution import Target, check_input, initial_relevance, select_output
+from .attribution import Inputs, Target, explained_inputs, initial_relevance, select_output
 from .canonizers import FunctionalCapture
 from .captured import CapturedOp
 from .composites import Composite
@@ -70,7 +70,7 @@ class Description:
 
     rows: list[Row] = field(default_factory=list)
     output: Tensor | None = None
-    relevance: Tensor | None = None
+    relevance: Tensor | tuple[Tensor, ...] | None = None
 
     def __iter__(self) -> Iterator[Row]:
         return iter(self.rows)
@@ -115,7 +115,7 @@ def format_table(header: Sequence[str], lines: Sequence[Sequence[str]], numbers_
 
 def describe(
     model: nn.Module,
-    x: Tensor,
+    x: Inputs,
     composite: str | Composite = "epsilon_plus_flat",
     target: Target = None,
 ) -> Description:
@@ -133,7 +133,8 @@ def describe(
         The model (in ``eval()`` mode).
     x
         An input batch, or integer token ids (explained through the model's embedding, as the
-        attributors do; ``.relevance`` then has one value per token).
+        attributors do; ``.relevance`` then has one value per token), or a tuple of them for
+        ``model(*x)`` (``.relevance`` is then a tuple).
     composite
         A preset name or a composite. For ``"epsilon_gamma_box"`` the bounds are ``x``'s min/max.
     target
@@ -144,24 +145,33 @@ def describe(
     Description
         ``.rows`` (a list of :class:`Row`), ``.output``, ``.relevance``; ``print()`` it for a table.
     """
-    tokens = check_input(x, tokens=True)
+    given = explained_inputs(x)
     model = eager_module(model)
     if isinstance(composite, str):
         composite = get_for_input(composite, x)
     table = Description()
+    positions = given.token_positions
     with composite.context(model), ExitStack() as stack, torch.enable_grad():
-        lookup = TokenLookup(model) if tokens else None
+        lookup = TokenLookup(model) if positions else None
+        vectors: dict[int, Tensor] = {}
         if lookup is not None:  # before the watching hooks: they see the vectors put in
             stack.callback(lookup.remove)
-        inputs = (x if lookup is None else lookup.vectors(model, x)).detach().requires_grad_(True)
+            vectors = dict(zip(positions, lookup.vectors(model, given.parts, positions)))
+        inputs = tuple(vectors.get(index, part).detach().requires_grad_(True) for index, part in enumerate(given.parts))
         _watch_modules(model, composite, table, stack)
         for capture in (c for c in composite.canonizers if isinstance(c, FunctionalCapture)):
             stack.callback(capture.observe(model, _op_observer(table)).remove)
-        output = select_output(model(inputs) if lookup is None else lookup.run(model, x, inputs), None)
-        (relevance,) = torch.autograd.grad(output, inputs, initial_relevance(output, target), allow_unused=True)
+        if lookup is None:
+            raw = model(*inputs)
+        else:
+            args = tuple(given.parts[index] if index in vectors else tensor for index, tensor in enumerate(inputs))
+            raw = lookup.run(model, args, {index: inputs[index] for index in vectors})
+        output = select_output(raw, None)
+        gradients = torch.autograd.grad(output, inputs, initial_relevance(output, target), allow_unused=True)
     table.output = output.detach()
-    relevance = torch.zeros_like(inputs) if relevance is None else relevance.detach()
-    table.relevance = relevance.sum(-1) if tokens else relevance
+    table.relevance = given.packed(
+        [torch.zeros_like(tensor) if gradient is None else gradient.detach() for tensor, gradient in zip(inputs, gradients)]
+    )
     return table
 
 

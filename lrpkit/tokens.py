@@ -40,9 +40,10 @@ in Sentiment Analysis", EMNLP workshop WASSA, 2017.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +59,14 @@ def is_token_ids(x: Any) -> bool:
 
 
 class _Found(Exception):
-    """Stops the forward pass once the lookup's output is kept (nothing after it is needed)."""
+    """Stops the forward pass once every lookup's output is kept (nothing after them is needed)."""
+
+
+Call = Callable[..., Any]
 
 
 class TokenLookup:
-    """Forward hooks on ``model``'s embeddings that find and replace the lookup of the token ids.
+    """Forward hooks on ``model``'s embeddings that find and replace the lookups of token ids.
 
     Parameters
     ----------
@@ -72,17 +76,20 @@ class TokenLookup:
 
     Notes
     -----
-    Only a lookup whose input shares its memory with the ids given to the model counts; position
-    or segment embeddings looked up with ids the model makes itself are left alone. Exactly one
-    lookup of the ids per forward pass is supported.
+    The model is called as ``call(*args)``; the token ids are the arguments at the given
+    positions (several for a model with several token inputs). Only a lookup whose input shares
+    its memory with one of them counts; position or segment embeddings looked up with ids the
+    model makes itself are left alone. Each id tensor must be looked up exactly once per forward
+    pass.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._ids: Tensor | None = None
-        self._vectors: Tensor | None = None
+        self._ids: dict[int, Tensor] = {}
+        self._count = 1
+        self._vectors: dict[int, Tensor] = {}
         self._keep = False
-        self._kept: Tensor | None = None
-        self._seen: list[str] = []
+        self._kept: dict[int, Tensor] = {}
+        self._seen: dict[int, list[str]] = {}
         self._handles = [
             module.register_forward_hook(self._hook(name), with_kwargs=True)
             for name, module in model.named_modules()
@@ -102,60 +109,64 @@ class TokenLookup:
             handle.remove()
         self._handles = []
 
-    def vectors(self, call: Callable[[Tensor], Any], ids: Tensor) -> Tensor:
-        """The embedding vectors of ``ids``, ``(*ids.shape, dim)``; runs ``call(ids)`` up to the lookup.
+    def vectors(self, call: Call, args: Sequence[Any], positions: Sequence[int]) -> tuple[Tensor, ...]:
+        """The embedding vectors of the ids ``args[p]`` for ``p`` in ``positions``, ``(*ids.shape, dim)`` each.
 
-        A token the lookup skips (``ids[:, 1:]``) gets a zero vector.
+        Runs ``call(*args)`` up to the last of their lookups. A token a lookup skips
+        (``ids[:, 1:]``) gets a zero vector.
         """
-        ids = ids.contiguous()
-        with self._looking_up(ids), torch.no_grad():
+        args = _contiguous(args, positions)
+        with self._looking_up(args, positions), torch.no_grad():
             self._keep = True
             try:
-                call(ids)
+                call(*args)
             except _Found:
                 pass
             finally:
                 self._keep = False
-        kept, self._kept = self._kept, None
-        if kept is None:
-            raise ValueError(_NOT_LOOKED_UP)
-        return kept
+            kept, self._kept = self._kept, {}
+            self._check_seen(kept)
+        return tuple(kept[position] for position in positions)
 
-    def run(self, call: Callable[[Tensor], Any], ids: Tensor, vectors: Tensor) -> Any:
-        """``call(ids)`` with ``vectors`` (``(*ids.shape, dim)``) in place of the lookup's output."""
-        ids = ids.contiguous()
-        with self._looking_up(ids):
+    def run(self, call: Call, args: Sequence[Any], vectors: dict[int, Tensor]) -> Any:
+        """``call(*args)`` with ``vectors[p]`` (``(*args[p].shape, dim)``) in place of the lookup of ``args[p]``."""
+        args = _contiguous(args, list(vectors))
+        with self._looking_up(args, list(vectors)):
             self._vectors = vectors
             try:
-                result = call(ids)
+                result = call(*args)
             finally:
-                self._vectors = None
-        if not self._seen:
-            raise ValueError(_NOT_LOOKED_UP)
+                self._vectors = {}
+            self._check_seen(self._seen)
         return result
 
     @contextmanager
-    def _looking_up(self, ids: Tensor) -> Iterator[None]:
-        self._ids, self._seen = ids, []
+    def _looking_up(self, args: Sequence[Any], positions: Sequence[int]) -> Iterator[None]:
+        self._ids, self._count, self._seen = {position: args[position] for position in positions}, len(args), {}
         try:
             yield
         finally:
-            self._ids = None
+            self._ids = {}
+
+    def _check_seen(self, found: dict[int, Any]) -> None:
+        missing = [position for position in self._ids if position not in found]
+        if missing:
+            raise ValueError(_not_looked_up(_which(missing[0], self._count)))
 
     def _hook(self, name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            ids = self._ids
             lookup = args[0] if args else kwargs.get("input")
-            if ids is None or not _is_view_of(lookup, ids):
+            position = next((position for position, ids in self._ids.items() if _is_view_of(lookup, ids)), None)
+            if position is None:
                 return None
             if isinstance(module, nn.EmbeddingBag):
-                return self._bag(name, module, _bag_arguments(module, args, kwargs), ids, output)
+                return self._bag(name, module, _bag_arguments(module, args, kwargs), position, output)
             with hooks_suspended(), torch._C.DisableTorchFunction():
-                return self._lookup(name, module, lookup, ids, output)
+                return self._lookup(name, module, lookup, position, output)
 
         return hook
 
-    def _bag(self, name: str, module: nn.EmbeddingBag, bag: _BagCall, ids: Tensor, output: Tensor) -> Tensor:
+    def _bag(self, name: str, module: nn.EmbeddingBag, bag: _BagCall, position: int, output: Tensor) -> Tensor:
         """What a bag returns, computed from the vectors put in place of its lookup's rows.
 
         The reduction runs as calls that ``FunctionalCapture`` explains (a sum or an ``index_add``
@@ -164,19 +175,21 @@ class TokenLookup:
         with hooks_suspended(), torch._C.DisableTorchFunction():
             _check_bag(name, module, bag)
             rows = F.embedding(bag.lookup, module.weight, max_norm=module.max_norm, norm_type=module.norm_type)
-            rows = self._lookup(name, module, bag.lookup, ids, rows.detach())
+            rows = self._lookup(name, module, bag.lookup, position, rows.detach())
         return _reduced(module, bag, rows, output.shape[0])
 
-    def _lookup(self, name: str, module: nn.Module, lookup: Tensor, ids: Tensor, output: Any) -> Tensor:
-        """The vectors put in place of the lookup's ``output`` (raises :class:`_Found` when keeping it)."""
-        self._seen.append(name)
-        if len(self._seen) > 1:
+    def _lookup(self, name: str, module: nn.Module, lookup: Tensor, position: int, output: Any) -> Tensor:
+        """The vectors put in place of the lookup's ``output`` (raises :class:`_Found` when all are kept)."""
+        seen = self._seen.setdefault(position, [])
+        seen.append(name)
+        if len(seen) > 1:
             raise ValueError(
-                f"lrpkit: the token ids are looked up more than once in one forward pass (by "
-                f"{', '.join(repr(seen) for seen in self._seen)}); only one lookup can be explained. "
-                "Explain from the embeddings instead: run the rest of the model on a "
+                f"lrpkit: the token ids{_which(position, self._count)} are looked up more than once in one "
+                f"forward pass (by {', '.join(repr(each) for each in seen)}); only one lookup can be "
+                "explained. Explain from the embeddings instead: run the rest of the model on a "
                 "floating-point tensor of them"
             )
+        ids = self._ids[position]
         positions = _positions(lookup, ids)
         if not isinstance(output, Tensor) or output.shape[:-1] != positions.shape:
             raise ValueError(
@@ -187,9 +200,21 @@ class TokenLookup:
         if self._keep:
             kept = output.new_zeros((ids.numel(), output.shape[-1]))
             kept[positions.reshape(-1)] = output.detach().reshape(-1, output.shape[-1])
-            self._kept = kept.view(*ids.shape, output.shape[-1])
-            raise _Found
-        return _placed(self._vectors, positions, output)
+            self._kept[position] = kept.view(*ids.shape, output.shape[-1])
+            if len(self._kept) == len(self._ids):
+                raise _Found
+            return output
+        return _placed(self._vectors[position], positions, output)
+
+
+def _contiguous(args: Sequence[Any], positions: Sequence[int]) -> tuple[Any, ...]:
+    """``args`` with the ids at ``positions`` contiguous (so that a view's strides index them)."""
+    return tuple(arg.contiguous() if index in positions else arg for index, arg in enumerate(args))
+
+
+def _which(position: int, count: int) -> str:
+    """`` (input 1)`` for one of several inputs, nothing for the only one."""
+    return f" (input {position})" if count > 1 else ""
 
 
 @dataclass
@@ -285,13 +310,14 @@ def _shape_of(value: Any) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
 
 
-_NOT_LOOKED_UP = (
-    "lrpkit: the input holds integer token ids, but no nn.Embedding of the model looked them up "
-    "(nor a view of them) in the forward pass. If the model converts them first (ids.long(), "
-    "ids.to(device)), pass them converted; if it reads its embedding table another way "
-    "(F.embedding, weight[ids]), explain from the embeddings: run the rest of the model on a "
-    "floating-point tensor of them"
-)
+def _not_looked_up(which: str) -> str:
+    return (
+        f"lrpkit: the input{which} holds integer token ids, but no nn.Embedding of the model looked "
+        "them up (nor a view of them) in the forward pass. If the model converts them first "
+        "(ids.long(), ids.to(device)), pass them converted; if it reads its embedding table another "
+        "way (F.embedding, weight[ids]), explain from the embeddings: run the rest of the model on a "
+        "floating-point tensor of them"
+    )
 
 
 __all__ = ["TokenLookup", "is_token_ids"]

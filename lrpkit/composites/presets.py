@@ -72,16 +72,23 @@ def get(name: str, **kwargs: Any) -> Composite:
 _BOUNDED = {"epsilon_gamma_box"}
 
 
-def get_for_input(name: str, x: torch.Tensor) -> Composite:
+def get_for_input(name: str, x: torch.Tensor | Sequence[torch.Tensor]) -> Composite:
     """The preset ``name``; one that needs input bounds (``epsilon_gamma_box``) gets ``x``'s min and max."""
-    if name in _BOUNDED and not x.is_floating_point():
+    if name not in _BOUNDED:
+        return get(name)
+    if isinstance(x, (tuple, list)):
+        raise ValueError(
+            f"composite {name!r} takes its z^B bounds from the input's minimum and maximum, and a model "
+            "with several inputs has several; build it with the bounds of the input its first layer "
+            "reads, e.g. composites.EpsilonGammaBox(low=0.0, high=1.0)"
+        )
+    if not x.is_floating_point():
         raise ValueError(
             f"composite {name!r} takes its z^B bounds from the input's minimum and maximum, which an input "
             f"of dtype {x.dtype} (token ids) does not give; build it with the range of the embedding "
             "vectors, e.g. composites.EpsilonGammaBox(low=-3.0, high=3.0), or choose another preset"
         )
-    bounds = {"low": float(x.min()), "high": float(x.max())} if name in _BOUNDED else {}
-    return get(name, **bounds)
+    return get(name, low=float(x.min()), high=float(x.max()))
 
 
 def layer_map_base(stabilizer: float = 1e-6) -> list[tuple[Any, Any]]:
