@@ -520,6 +520,9 @@ class _Session:
         The module or captured call whose output is explained, or ``None``.
     record
         What to record (see :class:`Gradient`), or ``None``.
+    inputs
+        What the attributor was given; token ids among them are looked up through the model's
+        embeddings (:class:`~lrpkit.tokens.TokenLookup`) while the session is open.
     """
 
     def __init__(
@@ -1103,7 +1106,7 @@ class GradientXInput(_ScoreGradient):
     True
     """
 
-    def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
+    def __call__(self, x: Inputs, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
         output, weights, given, explained, gradients = self._score_gradient(x, target, layer)
         relevance = given.packed([part * gradient for part, gradient in zip(explained, gradients)])
@@ -1296,7 +1299,7 @@ class SmoothGrad(_Batched):
         self.samples = _positive_int(samples, "samples")
         self.seed = seed
 
-    def __call__(self, x: Tensor, target: Target = None, layer: str | None = None) -> Attribution:
+    def __call__(self, x: Inputs, target: Target = None, layer: str | None = None) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
         given = explained_inputs(x, batched=type(self).__name__)
         with _Session(self.model, self.composite, self.output, layer, inputs=given) as session:
