@@ -150,3 +150,16 @@ def test_transformers_models_example() -> None:
     mask[1, :2] = 0  # left padding: those queries attend to nothing
     _, relevance = transformers_models.token_relevance(model, ids, attention_mask=mask)
     assert torch.isfinite(relevance).all() and not relevance[1, :2].any() and relevance[1, 2:].any()
+
+
+def test_sentiment_example_finds_the_deciding_words() -> None:
+    """Both toy classifiers, trained in-process from token ids, put the most relevance on a
+    sentiment word of the class they predict, and conserve relevance (no biases)."""
+    sentiment = _load("sentiment")
+    results = sentiment.main(steps=200)
+    for name, result in results.items():
+        assert result["accuracy"] > 0.95, name
+        assert result["top token decides"] > 0.9, name
+        assert result["conservation error"] < 1e-3, name
+    ids, labels = sentiment.sentences(5, torch.Generator().manual_seed(3))
+    assert ids.shape == (5, sentiment.LENGTH) and set(labels.tolist()) <= {0, 1}
