@@ -15,6 +15,8 @@ torch.Size([2, 4])
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from . import attribution, captured, canonizers, composites, evaluation, image, patterns, rules, tokens, types
@@ -40,6 +42,7 @@ def explain(
     x: Inputs,
     composite: str | Composite | None = "epsilon_plus_flat",
     target: Target = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> Attribution:
     """Explain ``model``'s prediction on ``x`` in one call.
 
@@ -56,6 +59,8 @@ def explain(
         gradient. For ``"epsilon_gamma_box"`` the z^B bounds are the minimum and maximum of ``x``.
     target
         What to explain; see :mod:`lrpkit.attribution`.
+    model_kwargs
+        Keyword arguments for the model call that are not explained (an attention mask).
 
     Returns
     -------
@@ -64,7 +69,7 @@ def explain(
     """
     if isinstance(composite, str):
         composite = composites.get_for_input(composite, x)
-    return Gradient(model, composite=composite)(x, target=target)
+    return Gradient(model, composite=composite)(x, target=target, model_kwargs=model_kwargs)
 
 
 __all__ = [

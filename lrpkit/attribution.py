@@ -25,6 +25,10 @@ conservative composite their sums add up to the explained logit. Every input nee
 batch size. Options that describe an input (IntegratedGradients' ``baseline``, Occlusion's
 ``window``, ``stride`` and ``fill``) take one value for every input or a tuple with one per input.
 
+Arguments that are not explained (an attention mask, lengths, a flag) go to every model call as
+``attributor(x, model_kwargs={"attention_mask": mask})``; the batched attributors index a tensor
+among them that has one row per sample along with the samples.
+
 Text models: an input of integer token ids is explained through the model's ``nn.Embedding``
 that looks them up (:mod:`lrpkit.tokens`): the attributors explain the embedding vectors and sum
 each token's relevance over them, so ``relevance`` has the ids' shape. SmoothGrad adds its noise
@@ -50,7 +54,9 @@ torch.Size([2, 4])
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import itertools
 import warnings
 import weakref
@@ -343,6 +349,18 @@ class ExplainedInputs:
     parts: tuple[Tensor, ...]
     single: bool
     tokens: tuple[bool, ...]
+    #: Keyword arguments for every model call (``model_kwargs=``), not explained.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs_for(self, rows: Tensor | None) -> dict[str, Any]:
+        """The keyword arguments for the samples ``rows``: a tensor with one row per sample is indexed."""
+        if rows is None:
+            return self.kwargs
+        samples = len(self.parts[0])
+        return {
+            key: value[rows.to(value.device)] if isinstance(value, Tensor) and value.dim() > 0 and len(value) == samples else value
+            for key, value in self.kwargs.items()
+        }
 
     @property
     def token_positions(self) -> tuple[int, ...]:
@@ -359,12 +377,21 @@ class ExplainedInputs:
         return relevances[0] if self.single else tuple(relevances)
 
 
-def explained_inputs(x: Any, autograd: bool = True, batched: str | None = None) -> ExplainedInputs:
+def explained_inputs(
+    x: Any, autograd: bool = True, batched: str | None = None, model_kwargs: dict[str, Any] | None = None
+) -> ExplainedInputs:
     """Check what an attributor was given: a tensor, or a tuple or list of tensors (``model(*x)``).
 
     ``batched``: the attributor's name, when it handles samples one row at a time (token ids
-    need a batch dimension there).
+    need a batch dimension there). ``model_kwargs``: keyword arguments for every model call.
     """
+    if model_kwargs is not None and (
+        not isinstance(model_kwargs, dict) or not all(isinstance(key, str) for key in model_kwargs)
+    ):
+        raise TypeError(
+            f"model_kwargs must be a dict of keyword arguments for the model, e.g. "
+            f"{{'attention_mask': mask}}, got {type(model_kwargs).__name__}"
+        )
     single = not isinstance(x, (tuple, list))
     parts = (x,) if single else tuple(x)
     if not parts:
@@ -385,7 +412,7 @@ def explained_inputs(x: Any, autograd: bool = True, batched: str | None = None) 
                 "with offsets, as an nn.EmbeddingBag takes, have no batch dimension). Use Gradient for "
                 "them, or pass the ids as (batch, tokens)"
             )
-    return ExplainedInputs(parts, single, tokens)
+    return ExplainedInputs(parts, single, tokens, dict(model_kwargs or {}))
 
 
 def _checked_part(part: Any, index: int, single: bool, autograd: bool) -> bool:
@@ -587,7 +614,7 @@ class _Session:
         if self.lookup is None:
             return parts
         positions = self.inputs.token_positions
-        vectors = dict(zip(positions, self.lookup.vectors(self.model, parts, positions)))
+        vectors = dict(zip(positions, self.lookup.vectors(self._bound(None), parts, positions)))
         return tuple(vectors.get(index, part) for index, part in enumerate(parts))
 
     def forward(self, inputs: tuple[Tensor, ...], rows: Tensor | None = None) -> Tensor:
@@ -610,14 +637,19 @@ class _Session:
 
     def _call(self, inputs: tuple[Tensor, ...], rows: Tensor | None) -> Any:
         if self.lookup is None:
-            return self.model(*inputs)
+            return self._bound(rows)(*inputs)
         assert self.inputs is not None
         args, vectors = list(inputs), {}
         for position in self.inputs.token_positions:
             ids = self.inputs.parts[position]
             args[position] = ids if rows is None else ids[rows.to(ids.device)]
             vectors[position] = inputs[position]
-        return self.lookup.run(self.model, args, vectors)
+        return self.lookup.run(self._bound(rows), args, vectors)
+
+    def _bound(self, rows: Tensor | None) -> Callable[..., Any]:
+        """The model with the keyword arguments of the samples ``rows`` (all if ``None``) bound."""
+        kwargs = self.inputs.kwargs_for(rows) if self.inputs is not None else {}
+        return functools.partial(self.model, **kwargs) if kwargs else self.model
 
     def _forward_to_layer(self, inputs: tuple[Tensor, ...], rows: Tensor | None, tap: _LayerTap) -> Tensor:
         tap.output = None
@@ -1038,10 +1070,15 @@ class Gradient:
         self.output = output
 
     def __call__(
-        self, x: Inputs, target: Target = None, layer: str | None = None, record: Record = None
+        self,
+        x: Inputs,
+        target: Target = None,
+        layer: str | None = None,
+        record: Record = None,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> Attribution:
         """Explain ``x`` for ``target`` (see the module docstring for the target forms)."""
-        given = explained_inputs(x)
+        given = explained_inputs(x, model_kwargs=model_kwargs)
         with _Session(self.model, self.composite, self.output, layer, record, given) as session:
             inputs = _requiring_grad(session.explained())
             output = session.forward(inputs)
@@ -1061,14 +1098,14 @@ class _ScoreGradient:
         self.output = output
 
     def _score_gradient(
-        self, x: Inputs, target: Target, layer: str | None
+        self, x: Inputs, target: Target, layer: str | None, model_kwargs: dict[str, Any] | None
     ) -> tuple[Tensor, Tensor, ExplainedInputs, tuple[Tensor, ...], tuple[Tensor, ...]]:
         """``(output, weights, given, explained, gradients)`` for ``x``.
 
         ``explained`` are the inputs, token ids as their embedding vectors, and ``gradients`` the
         gradients at them.
         """
-        given = explained_inputs(x)
+        given = explained_inputs(x, model_kwargs=model_kwargs)
         with _Session(self.model, self.composite, self.output, layer, inputs=given) as session:
             inputs = _requiring_grad(session.explained())
             output = session.forward(inputs)
@@ -1106,9 +1143,11 @@ class GradientXInput(_ScoreGradient):
     True
     """
 
-    def __call__(self, x: Inputs, target: Target = None, layer: str | None = None) -> Attribution:
+    def __call__(
+        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: dict[str, Any] | None = None
+    ) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        output, weights, given, explained, gradients = self._score_gradient(x, target, layer)
+        output, weights, given, explained, gradients = self._score_gradient(x, target, layer, model_kwargs)
         relevance = given.packed([part * gradient for part, gradient in zip(explained, gradients)])
         return Attribution(output=output, relevance=relevance, start=weights)
 
@@ -1155,9 +1194,11 @@ class Sensitivity(_ScoreGradient):
         super().__init__(model, composite, output)
         self.sum_channels = sum_channels
 
-    def __call__(self, x: Inputs, target: Target = None, layer: str | None = None) -> Attribution:
+    def __call__(
+        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: dict[str, Any] | None = None
+    ) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        output, weights, given, _, gradients = self._score_gradient(x, target, layer)
+        output, weights, given, _, gradients = self._score_gradient(x, target, layer, model_kwargs)
         squares = [gradient.square() for gradient in gradients]
         if self.sum_channels:
             squares = [self._channels_summed(part, given, index) for index, part in enumerate(squares)]
@@ -1299,9 +1340,11 @@ class SmoothGrad(_Batched):
         self.samples = _positive_int(samples, "samples")
         self.seed = seed
 
-    def __call__(self, x: Inputs, target: Target = None, layer: str | None = None) -> Attribution:
+    def __call__(
+        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: dict[str, Any] | None = None
+    ) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        given = explained_inputs(x, batched=type(self).__name__)
+        given = explained_inputs(x, batched=type(self).__name__, model_kwargs=model_kwargs)
         with _Session(self.model, self.composite, self.output, layer, inputs=given) as session:
             parts = tuple(part.detach() for part in session.explained())
             clean = self._clean(session, parts)
@@ -1427,9 +1470,11 @@ class IntegratedGradients(_Batched):
         self.alphas, self.weights = _path(self.steps, method)
         self.method = method
 
-    def __call__(self, x: Inputs, target: Target = None, layer: str | None = None) -> Attribution:
+    def __call__(
+        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: dict[str, Any] | None = None
+    ) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        given = explained_inputs(x, batched=type(self).__name__)
+        given = explained_inputs(x, batched=type(self).__name__, model_kwargs=model_kwargs)
         with _Session(self.model, self.composite, self.output, layer, inputs=given) as session:
             parts = tuple(part.detach() for part in session.explained())
             baselines = self._baselines(given, parts, session)
@@ -1579,13 +1624,17 @@ class Occlusion(_Batched):
                 raise TypeError(f"fill must be a float, a tensor, or a tuple of them (one per input), got {type(each).__name__}")
         self.fill = fill
 
-    def __call__(self, x: Inputs, target: Target = None, layer: str | None = None) -> Attribution:
+    def __call__(
+        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: dict[str, Any] | None = None
+    ) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        given = explained_inputs(x, autograd=False, batched=type(self).__name__)
+        given = explained_inputs(x, autograd=False, batched=type(self).__name__, model_kwargs=model_kwargs)
         parts = tuple(part.detach() for part in given.parts)
         windows = self._windows(given)  # (input, index tuple of the window) for every window of every input
         fills = [self._fill(part, fill, index, given.single) for index, (part, fill) in enumerate(zip(parts, _per_input(self.fill, len(parts), "fill")))]
-        with _Session(self.model, None, self.output, layer) as session, torch.no_grad():
+        # token ids are occluded as they are: no lookup of them
+        as_given = dataclasses.replace(given, tokens=(False,) * len(parts))
+        with _Session(self.model, None, self.output, layer, inputs=as_given) as session, torch.no_grad():
             clean = self._clean(session, parts)
             score = _score(clean, target, layer)
             clean_score = score.value(clean, torch.arange(len(clean), device=given.device))

@@ -204,3 +204,45 @@ def test_describe_with_several_inputs() -> None:
     for got, want in zip(table.relevance, expected):
         torch.testing.assert_close(got, want)
     assert [row.name for row in table.rows][:3] == ["", "image", "image.0"]
+
+
+class Masked(nn.Module):
+    """A masked mean over positions, as a text model's attention mask is used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 3)
+        self.head = nn.Linear(3, 2, bias=False)
+
+    def forward(self, ids: Tensor, mask: Tensor | None = None, scale: float = 1.0) -> Tensor:
+        vectors = self.embedding(ids) * mask.unsqueeze(-1)
+        return self.head(vectors.sum(1) * scale)
+
+
+class BoundMask(nn.Module):
+    def __init__(self, model: Masked, mask: Tensor, scale: float) -> None:
+        super().__init__()
+        self.model, self.mask, self.scale = model, mask, scale
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(ids, mask=self.mask, scale=self.scale)
+
+
+@pytest.mark.parametrize("attributor, options", [(Gradient, {}), (SmoothGrad, {"noise": 0.2, "samples": 3, "seed": 1, "batch_size": 2}),
+                                                 (IntegratedGradients, {"steps": 3, "batch_size": 2}), (Occlusion, {"window": 1, "batch_size": 2})])
+def test_model_kwargs_go_to_every_call_row_by_row(attributor: type, options: dict) -> None:
+    torch.manual_seed(0)
+    model = Masked().double().eval()
+    ids = torch.randint(0, 10, (3, 4))
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.float64)
+    lrp = None if attributor is Occlusion else composites.EpsilonPlus()
+    result = attributor(model, lrp, **options)(ids, target=1, model_kwargs={"mask": mask, "scale": 2.0})
+    for row in range(3):  # the same sample alone, its mask bound in a module
+        one = slice(row, row + 1)
+        alone = attributor(BoundMask(model, mask[one], 2.0), lrp, **options)(ids[one], target=1)
+        torch.testing.assert_close(result.relevance[one], alone.relevance)
+        torch.testing.assert_close(result.output[one], alone.output)
+    if attributor is not Occlusion:
+        assert torch.all(result.relevance[mask == 0] == 0)
+    with pytest.raises(TypeError, match="model_kwargs must be a dict"):
+        attributor(model, lrp, **options)(ids, model_kwargs=[mask])
