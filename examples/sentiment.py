@@ -15,20 +15,24 @@ the ids up through the model's embedding and gives one relevance per token. The 
 the accuracy on fresh sentences, how often the token with the largest relevance for the
 predicted class is a sentiment word of that class, and how far the tokens' relevances sum from
 the logit (the layers have no biases, which would absorb relevance), and prints one sentence
-with its tokens' relevances.
+with its tokens' relevances. With ``--html PATH`` it writes a page of test sentences for each
+model, every word coloured by its relevance (``lrpkit.image.text_heatmap``: red for the
+predicted class, blue against it).
 
-Run it as ``python examples/sentiment.py``.
+Run it as ``python examples/sentiment.py --html sentiment.html``.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 import lrpkit
+from lrpkit import image
 
 POSITIVE = ("good", "great")
 NEGATIVE = ("bad", "awful")
@@ -122,16 +126,37 @@ def show(model: nn.Module, ids: torch.Tensor) -> str:
     return f"{label}: " + " ".join(words)
 
 
-def main(names: Sequence[str] = ("lstm", "bag"), steps: int = 300, seed: int = 0) -> dict[str, dict[str, float]]:
-    results = {}
+def page(models: dict[str, nn.Module], ids: torch.Tensor) -> str:
+    """An HTML page: each model's relevance for its predicted class, one coloured line per sentence."""
+    sections = []
+    for name, model in models.items():
+        output, relevance = lrpkit.explain(model, ids, "epsilon_plus")
+        bound = float(relevance.abs().max())  # one colour scale for all sentences of a model
+        lines = [
+            f"<p>{'positive' if int(label) == 1 else 'negative'}: "
+            + image.text_heatmap([VOCABULARY[int(token)] for token in row], values, bound=bound)
+            + "</p>"
+            for row, values, label in zip(ids, relevance, output.argmax(1))
+        ]
+        sections.append(f"<h2>{name}</h2>\n" + "\n".join(lines))
+    return "<!doctype html>\n<meta charset='utf-8'>\n<body>\n" + "\n".join(sections) + "\n</body>\n"
+
+
+def main(
+    names: Sequence[str] = ("lstm", "bag"), steps: int = 300, seed: int = 0, html: str | Path | None = None
+) -> dict[str, dict[str, float]]:
+    results, models = {}, {}
     for name in names:
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        model = train(MODELS[name](), steps, generator)
+        models[name] = model = train(MODELS[name](), steps, generator)
         ids, labels = sentences(200, generator)
         results[name] = evaluate(model, ids, labels)
         print(f"{name}: {results[name]}")
         print("  " + show(model, ids))
+    if html is not None:
+        Path(html).write_text(page(models, sentences(12, torch.Generator().manual_seed(seed + 1))[0]))
+        print(f"wrote {html}")
     return results
 
 
@@ -139,8 +164,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", metavar="MODEL", help="lstm, bag (default: both)")
     parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    parser.add_argument("--html", metavar="PATH", help="write test sentences coloured by relevance to this file")
     arguments = parser.parse_args()
     unknown = sorted(set(arguments.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    main(arguments.models or list(MODELS), arguments.steps)
+    main(arguments.models or list(MODELS), arguments.steps, html=arguments.html)

@@ -5,7 +5,8 @@ under symmetric normalisation. :func:`normalize` maps relevance into [0, 1] (sym
 around zero by default, optionally clipping outliers at a percentile), :func:`reduce_channels`
 turns (C, H, W) relevance into one map, :func:`heatmap` and :func:`heatmaps` colour one sample
 or a batch, :func:`overlay` blends a heatmap onto the input image, :func:`grid` lays images out
-in labelled rows and columns and :func:`save_png` writes the result.
+in labelled rows and columns and :func:`save_png` writes the result. :func:`text_heatmap`
+colours the tokens of a text (HTML or a terminal's colour codes).
 
 Examples
 --------
@@ -23,10 +24,11 @@ Examples
 
 from __future__ import annotations
 
+import html
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -47,6 +49,7 @@ __all__ = [
     "reds",
     "reduce_channels",
     "save_png",
+    "text_heatmap",
     "to_rgb",
 ]
 
@@ -447,6 +450,68 @@ def heatmap(
     values = _to_2d(_as_numpy(relevance), reduce)
     unit = normalize(values, symmetric=symmetric, percentile=percentile, bound=bound)
     return _to_uint8(_colormap(cmap)(unit))
+
+
+TextFormat = Literal["html", "ansi"]
+
+
+def text_heatmap(
+    tokens: Sequence[str],
+    relevance: ArrayLike,
+    cmap: str | Colormap = "bwr",
+    *,
+    format: TextFormat = "html",
+    percentile: float | None = None,
+    bound: float | None = None,
+    separator: str = " ",
+) -> str:
+    """Colour each token of one text by its relevance: the text view of a heatmap.
+
+    Parameters
+    ----------
+    tokens
+        The words or tokens of one sample, e.g. ``tokenizer.convert_ids_to_tokens(ids[0])``.
+    relevance
+        One value per token (``Attribution.relevance[0]`` of token ids), array or tensor.
+    cmap
+        A colour map as for :func:`heatmap`; the default ``"bwr"`` shades positive relevance
+        red and negative blue, normalised symmetrically so that zero stays white.
+    format
+        ``"html"``: ``<span>`` elements with a background colour and the value as a tooltip, in
+        one ``<span>`` (put it in a page, or display it in a notebook);
+        ``"ansi"``: 24-bit colour escape codes for a terminal.
+    percentile, bound
+        Outlier clipping and a fixed scale shared by several texts; see :func:`normalize`.
+    separator
+        Put between tokens (``""`` for sub-word tokens that carry their own spaces).
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> text_heatmap(["not", "bad", "at", "all"], [-0.5, 1.0, 0.0, 0.25], format="ansi").split(" ")[1]
+    '\\x1b[38;2;0;0;0;48;2;255;0;0mbad\\x1b[0m'
+    >>> print(text_heatmap(["good"], [1.0])[:61])
+    <span style="line-height: 1.9; font-family: sans-serif"><span
+    """
+    values = _as_numpy(relevance).reshape(-1)
+    if len(tokens) != values.size:
+        raise ValueError(f"got {len(tokens)} tokens but {values.size} relevance values; give one value per token")
+    colours = _to_uint8(_colormap(cmap)(normalize(values, percentile=percentile, bound=bound)))
+    if format == "ansi":
+        return separator.join(
+            f"\x1b[38;2;0;0;0;48;2;{red};{green};{blue}m{token}\x1b[0m" for token, (red, green, blue) in zip(tokens, colours)
+        )
+    if format != "html":
+        raise ValueError(f"format must be 'html' or 'ansi', got {format!r}")
+    spans = separator.join(
+        f'<span style="background-color: rgb({red}, {green}, {blue}); padding: 0 2px" '
+        f'title="{value:.4g}">{html.escape(token)}</span>'
+        for token, value, (red, green, blue) in zip(tokens, values, colours)
+    )
+    return f'<span style="line-height: 1.9; font-family: sans-serif">{spans}</span>'
 
 
 def _batch_to_maps(relevance: ArrayLike, reduce: Reduction) -> np.ndarray:

@@ -152,11 +152,13 @@ def test_transformers_models_example() -> None:
     assert torch.isfinite(relevance).all() and not relevance[1, :2].any() and relevance[1, 2:].any()
 
 
-def test_sentiment_example_finds_the_deciding_words() -> None:
+def test_sentiment_example_finds_the_deciding_words(tmp_path: Path) -> None:
     """Both toy classifiers, trained in-process from token ids, put the most relevance on a
     sentiment word of the class they predict, and conserve relevance (no biases)."""
     sentiment = _load("sentiment")
-    results = sentiment.main(steps=200)
+    results = sentiment.main(steps=200, html=tmp_path / "sentiment.html")
+    page = (tmp_path / "sentiment.html").read_text()
+    assert page.count("<p>") == 2 * 12 and page.count("<span") == 2 * 12 * (sentiment.LENGTH + 1)
     for name, result in results.items():
         assert result["accuracy"] > 0.95, name
         assert result["top token decides"] > 0.9, name

@@ -420,3 +420,22 @@ def test_overlay_saves_as_png(tmp_path) -> None:
     path = save_png(blended, tmp_path / "overlay.png")
     with Image.open(path) as loaded:
         np.testing.assert_array_equal(np.asarray(loaded.convert("RGB")), blended)
+
+
+def test_text_heatmap_colours_each_token() -> None:
+    html_text = image.text_heatmap(["not", "<bad>", "at"], torch.tensor([-2.0, 4.0, 0.0]))
+    assert html_text.count("<span") == 4 and "&lt;bad&gt;" in html_text  # one around the tokens; escaped
+    assert "rgb(255, 0, 0)" in html_text and "rgb(255, 255, 255)" in html_text  # the maximum red, zero white
+    assert "rgb(128, 128, 255)" in html_text  # -2 of 4: half way to blue
+    assert 'title="4"' in html_text
+    ansi = image.text_heatmap(["a", "b"], [1.0, -1.0], format="ansi", separator="|").split("|")
+    assert ansi == ["\x1b[38;2;0;0;0;48;2;255;0;0ma\x1b[0m", "\x1b[38;2;0;0;0;48;2;0;0;255mb\x1b[0m"]
+    shared = image.text_heatmap(["a"], [1.0], bound=2.0, format="ansi")  # one scale for several texts
+    assert "48;2;255;128;128m" in shared
+
+
+def test_text_heatmap_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match="2 tokens but 3 relevance values"):
+        image.text_heatmap(["a", "b"], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="format must be"):
+        image.text_heatmap(["a"], [1.0], format="latex")
