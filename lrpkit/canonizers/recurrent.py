@@ -16,8 +16,9 @@ between input and hidden state (the epsilon rule of the two maps after a proport
 equals that of the joint map, up to the stabilisers).
 
 The written-out forward gives the fused call's output up to rounding. A ``PackedSequence``
-input runs the module's own forward (its relevance is then the gradient, which
-:class:`~lrpkit.composites.UncoveredModuleWarning` reports).
+input (sequences of different lengths) is written out on its packed data: at time step ``t``
+only the first ``batch_sizes[t]`` sequences (sorted by length) take a step, the others keep
+their state, and the output is packed as the fused call packs it.
 """
 
 from __future__ import annotations
@@ -45,14 +46,80 @@ def unrollable(module: nn.Module) -> bool:
 
 def unrolled_forward(module: nn.RNNBase) -> Callable[..., Any]:
     """A forward for ``module`` that computes its output time step by time step (see the module docstring)."""
-    fused = module.forward
 
     def forward(input: Any, hx: State = None) -> Any:
         if isinstance(input, PackedSequence):
-            return fused(input, hx)
+            return _run_packed(module, input, hx)
         return _run(module, input, hx)
 
     return forward
+
+
+def _run_packed(module: nn.RNNBase, packed: PackedSequence, hx: State) -> tuple[PackedSequence, State]:
+    """The written-out forward on a ``PackedSequence``: packed in, packed out, as the fused call.
+
+    The packed data holds time step after time step, the sequences of each step sorted by
+    length: step ``t`` is rows ``offsets[t]:offsets[t] + batch_sizes[t]``, the first
+    ``batch_sizes[t]`` sequences of the sorted batch, so each step runs on those and the others
+    keep their state (in reverse, they have not started yet). ``hx`` and the final state are in
+    the caller's order, the packed rows in the sorted one.
+    """
+    sizes = [int(size) for size in packed.batch_sizes]
+    offsets = [sum(sizes[:time]) for time in range(len(sizes))]
+    lstm = isinstance(module, nn.LSTM)
+    h0, c0 = _initial_state(module, packed.data, sizes[0], hx, lstm)
+    if packed.sorted_indices is not None and hx is not None:
+        h0, c0 = h0[:, packed.sorted_indices], (None if c0 is None else c0[:, packed.sorted_indices])
+    directions = 2 if module.bidirectional else 1
+    layer_input = packed.data
+    last_h: list[Tensor] = []
+    last_c: list[Tensor] = []
+    for layer in range(module.num_layers):
+        suffixes = [f"_l{layer}" + ("_reverse" if direction else "") for direction in range(directions)]
+        projected = _input_projection(module, layer_input, suffixes).chunk(directions, dim=-1)
+        outputs = []
+        for direction, suffix in enumerate(suffixes):
+            index = layer * directions + direction
+            state = (h0[index], c0[index]) if lstm else h0[index]
+            step = _step_function(module, suffix)
+            rows, state = _packed_direction(step, projected[direction], state, sizes, offsets, reverse=direction == 1)
+            outputs.append(rows)
+            last_h.append(state[0] if lstm else state)
+            if lstm:
+                last_c.append(state[1])
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        if module.dropout and module.training and layer < module.num_layers - 1:
+            layer_input = F.dropout(layer_input, module.dropout, training=True)
+    final: State = (torch.stack(last_h), torch.stack(last_c)) if lstm else torch.stack(last_h)
+    if packed.unsorted_indices is not None:
+        final = _map_state(final, lambda state: state[:, packed.unsorted_indices])
+    output = PackedSequence(layer_input, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+    return output, final
+
+
+def _packed_direction(
+    step: Callable[[Tensor, State], State],
+    projected: Tensor,
+    state: State,
+    sizes: list[int],
+    offsets: list[int],
+    reverse: bool,
+) -> tuple[Tensor, State]:
+    """One layer in one direction over packed rows: the hidden states, packed, and the last state."""
+    hidden: list[Tensor | None] = [None] * len(sizes)
+    for time in reversed(range(len(sizes))) if reverse else range(len(sizes)):
+        size, offset = sizes[time], offsets[time]
+        taken = step(projected[offset : offset + size], _map_state(state, lambda part: part[:size]))
+        state = taken if size == sizes[0] else _joined(taken, state, size)
+        hidden[time] = taken[0] if isinstance(taken, tuple) else taken
+    return torch.cat(hidden), state  # type: ignore[arg-type]  # every step filled it
+
+
+def _joined(taken: State, state: State, size: int) -> State:
+    """The state after a step of the first ``size`` sequences: theirs, then the others' unchanged."""
+    if isinstance(taken, tuple):
+        return tuple(torch.cat([new, old[size:]]) for new, old in zip(taken, state))
+    return torch.cat([taken, state[size:]])
 
 
 def _run(module: nn.RNNBase, input: Tensor, hx: State) -> tuple[Tensor, State]:
@@ -63,7 +130,7 @@ def _run(module: nn.RNNBase, input: Tensor, hx: State) -> tuple[Tensor, State]:
     elif module.batch_first:
         input = input.transpose(0, 1)
     lstm = isinstance(module, nn.LSTM)
-    h0, c0 = _initial_state(module, input, hx, lstm)
+    h0, c0 = _initial_state(module, input, input.shape[1], hx, lstm)
     directions = 2 if module.bidirectional else 1
     layer_input = input
     last_h: list[Tensor] = []
@@ -99,17 +166,29 @@ def _map_state(state: State, change: Callable[[Tensor], Tensor]) -> State:
     return tuple(change(part) for part in state) if isinstance(state, tuple) else change(state)
 
 
-def _initial_state(module: nn.RNNBase, input: Tensor, hx: State, lstm: bool) -> tuple[Tensor, Tensor | None]:
-    """``(h0, c0)`` per layer and direction: the given state, or zeros (``c0`` only for an LSTM)."""
+def _initial_state(
+    module: nn.RNNBase, input: Tensor, batch: int, hx: State, lstm: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``(h0, c0)`` per layer and direction: the given state, or zeros (``c0`` only for an LSTM).
+
+    Zeros that carry relevance like a state computed from the input (and get none, being zero):
+    as a constant, a GRU's first ``reset * (W_hn h0 + b_hn)`` would give its relevance to the
+    reset gate instead of to the bias, unlike every later step.
+    """
     layers = module.num_layers * (2 if module.bidirectional else 1)
-    batch = input.shape[1]
     hidden = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    carries = torch.is_grad_enabled() and input.requires_grad
     if hx is None:
-        h0 = input.new_zeros(layers, batch, hidden)
-        return h0, input.new_zeros(layers, batch, module.hidden_size) if lstm else None
+        h0 = input.new_zeros(layers, batch, hidden).requires_grad_(carries)
+        return h0, input.new_zeros(layers, batch, module.hidden_size).requires_grad_(carries) if lstm else None
     if lstm:
-        return hx[0], hx[1]
-    return hx, None
+        return _carrying(hx[0], carries), _carrying(hx[1], carries)
+    return _carrying(hx, carries), None
+
+
+def _carrying(state: Tensor, carries: bool) -> Tensor:
+    """A given state as one that carries relevance (a new leaf if it is a constant; the caller's is not changed)."""
+    return state.detach().requires_grad_(True) if carries and not state.requires_grad else state
 
 
 def _input_projection(module: nn.RNNBase, input: Tensor, suffixes: list[str]) -> Tensor:

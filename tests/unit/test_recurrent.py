@@ -167,24 +167,95 @@ def test_lstm_relevance_equals_the_matrix_form_of_arras_et_al() -> None:
     torch.testing.assert_close(ours, arras_lstm_relevance(model, x, target=2), rtol=1e-7, atol=1e-12)
 
 
-def test_packed_sequence_keeps_the_fused_call_and_says_so() -> None:
-    """A ``PackedSequence`` runs the module's own forward: its parameters keep their gradient, and the warning names it."""
-    torch.manual_seed(2)
-    lstm = nn.LSTM(4, 5, batch_first=True).to(DTYPE)
+class PackedHead(nn.Module):
+    """Sequences of different lengths, packed: the head reads each one's last hidden state (h_n)."""
 
-    class Packed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lstm = lstm
+    def __init__(self, recurrent: nn.RNNBase, lengths: list[int], enforce_sorted: bool) -> None:
+        super().__init__()
+        self.recurrent, self.lengths, self.enforce_sorted = recurrent, lengths, enforce_sorted
+        width = recurrent.proj_size if getattr(recurrent, "proj_size", 0) else recurrent.hidden_size
+        self.head = nn.Linear(width * (2 if recurrent.bidirectional else 1), 3)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            _, (h, _) = self.lstm(pack_padded_sequence(x, torch.tensor([6, 4]), batch_first=True))
-            return h[-1]
+    def forward(self, x: torch.Tensor, hx: object = None) -> torch.Tensor:
+        packed = pack_padded_sequence(x, torch.tensor(self.lengths), batch_first=True, enforce_sorted=self.enforce_sorted)
+        output, state = self.recurrent(packed, hx)
+        self.packed_output, self.state = output, state
+        h = state[0] if isinstance(state, tuple) else state
+        directions = 2 if self.recurrent.bidirectional else 1
+        return self.head(torch.cat(list(h[-directions:]), dim=-1))
 
-    model = Packed()
-    with pytest.warns(composites.UncoveredModuleWarning, match=r"'lstm' \(LSTM\)"):
-        Gradient(model, composite())(torch.randn(2, 6, 4, dtype=DTYPE), target=0)
-    assert "forward" not in lstm.__dict__
+
+PACKED = ["lstm", "lstm 2 layers bidirectional", "lstm projected", "gru bidirectional", "rnn tanh"]
+
+
+def _packed(config: str, lengths: list[int], enforce_sorted: bool) -> PackedHead:
+    torch.manual_seed(0)
+    return PackedHead(CONFIGS[config](), lengths, enforce_sorted).to(DTYPE).eval()
+
+
+@pytest.mark.parametrize("config", PACKED)
+@pytest.mark.parametrize("lengths", [[3, 6, 1, 6], [6, 4, 4, 2]])
+def test_packed_sequences_are_written_out_too(config: str, lengths: list[int]) -> None:
+    """Packed in, packed out, as the fused call (same data, batch sizes and orders, same final
+    state), with a given initial state too; each sequence's relevance equals that of the same
+    sequence explained alone, unpacked, and the module keeps no gradient (no warning)."""
+    model = _packed(config, lengths, enforce_sorted=lengths == sorted(lengths, reverse=True))
+    x = torch.randn(len(lengths), max(lengths), 4, dtype=DTYPE)
+    fused = model(x)
+    fused_output, fused_state = model.packed_output, model.state
+    with composite().context(model):
+        written = model(x)
+        assert "forward" in model.recurrent.__dict__
+        for got, want in zip((model.packed_output, *_flat(model.state)), (fused_output, *_flat(fused_state))):
+            got, want = (got.data, want.data) if hasattr(got, "batch_sizes") else (got, want)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert torch.equal(model.packed_output.batch_sizes, fused_output.batch_sizes)
+        for attribute in ("sorted_indices", "unsorted_indices"):
+            got, want = getattr(model.packed_output, attribute), getattr(fused_output, attribute)
+            assert (got is None and want is None) or torch.equal(got, want)
+    torch.testing.assert_close(written, fused, rtol=1e-12, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = Gradient(model, composite())(x, target=1)
+    for row, length in enumerate(lengths):
+        alone = build_like(model)
+        _, expected = Gradient(alone, composite())(x[row : row + 1, :length], target=1)
+        torch.testing.assert_close(result.relevance[row, :length], expected[0], rtol=1e-9, atol=1e-12)
+        assert torch.all(result.relevance[row, length:] == 0)
+
+
+def _flat(state: object) -> tuple[torch.Tensor, ...]:
+    return tuple(state) if isinstance(state, tuple) else (state,)
+
+
+class LastState(nn.Module):
+    """The packed model's layers on one unpacked sequence: the head on h_n."""
+
+    def __init__(self, packed: PackedHead) -> None:
+        super().__init__()
+        self.recurrent, self.head = packed.recurrent, packed.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, state = self.recurrent(x)
+        h = state[0] if isinstance(state, tuple) else state
+        directions = 2 if self.recurrent.bidirectional else 1
+        return self.head(torch.cat(list(h[-directions:]), dim=-1))
+
+
+def build_like(model: PackedHead) -> LastState:
+    return LastState(model)
+
+
+def test_packed_sequence_with_an_initial_state() -> None:
+    model = _packed("lstm 2 layers bidirectional", [2, 5, 3], enforce_sorted=False)
+    x = torch.randn(3, 5, 4, dtype=DTYPE)
+    hx = (torch.randn(4, 3, 5, dtype=DTYPE), torch.randn(4, 3, 5, dtype=DTYPE))
+    fused = model(x, hx)
+    fused_state = model.state
+    with composite().context(model):
+        torch.testing.assert_close(model(x, hx), fused, rtol=1e-12, atol=1e-12)
+        for got, want in zip(model.state, fused_state):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_unroll_recurrent_false_keeps_the_fused_call() -> None:
