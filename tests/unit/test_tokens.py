@@ -297,3 +297,39 @@ def test_embedding_bag_refusals() -> None:
     flat = Bound(BagModel("sum", None).double().eval(), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="SmoothGrad explains token ids of shape .batch, tokens"):
         SmoothGrad(flat, composites.EpsilonPlus())(ids.reshape(-1))
+
+
+class PackedText(nn.Module):
+    """The usual text classifier for padded batches: embedding, packed bidirectional LSTM, head on h_n."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, WIDTH, padding_idx=0)
+        self.lstm = nn.LSTM(WIDTH, 4, batch_first=True, bidirectional=True, bias=False)
+        self.head = nn.Linear(8, 3, bias=False)
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(self.embedding(ids), lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return self.head(torch.cat([h[-2], h[-1]], dim=1))
+
+
+def test_padded_batch_with_lengths_in_model_kwargs() -> None:
+    """Token ids, lengths as ``model_kwargs``, a packed LSTM: conserved, nothing on the padding,
+    and each sentence's relevance is what it gets alone, unpadded."""
+    torch.manual_seed(0)
+    model = PackedText().double().eval()
+    ids, lengths = _ids(), torch.tensor([6, 2, 4])
+    for row, length in enumerate(lengths.tolist()):
+        ids[row, length:] = 0
+    lrp = composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        output, relevance = Gradient(model, lrp)(ids, target=0, model_kwargs={"lengths": lengths})
+    torch.testing.assert_close(relevance.sum(1), output[:, 0], rtol=1e-9, atol=1e-12)
+    assert torch.all(relevance[ids == 0] == 0)
+    for row, length in enumerate(lengths.tolist()):
+        alone = Gradient(model, lrp)(ids[row : row + 1, :length], target=0, model_kwargs={"lengths": lengths[row : row + 1]})
+        torch.testing.assert_close(relevance[row, :length], alone.relevance[0], rtol=1e-9, atol=1e-12)
+    smooth = SmoothGrad(model, lrp, noise=0.0, samples=2, batch_size=2)(ids, target=0, model_kwargs={"lengths": lengths})
+    torch.testing.assert_close(smooth.relevance, relevance)
