@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from .attribution import Attribution, OutputSelector, class_indices, select_output
 from .progress import Progress
+from .tokens import is_token_ids
 from .report import format_table
 
 __all__ = [
@@ -409,7 +410,9 @@ def perturbation_curve(
         ``torch.no_grad()``), never changed.
     x
         Inputs shaped ``(batch, channels, *spatial)`` (images: ``(batch, channels, height,
-        width)``), or ``(batch, features)`` where every feature is a region.
+        width)``), or ``(batch, features)`` where every feature is a region; or token ids
+        ``(batch, tokens)``, each token a region (word deletion, as in Arras et al. 2017: give
+        ``fill`` the id that replaces a removed token).
     relevance
         The explanation to evaluate, shaped like ``x``.
     target
@@ -427,7 +430,8 @@ def perturbation_curve(
         What a removed region is replaced with: ``"mean"`` (the sample's per-channel mean),
         ``"zero"``, a float, ``"uniform"`` (noise drawn uniformly between the sample's minimum
         and maximum, once per call, with ``generator``; the choice of Samek et al.), or a
-        tensor broadcastable to ``x`` (a baseline image).
+        tensor broadcastable to ``x`` (a baseline image). For token ids: an int token id (or a
+        tensor of ids); ``"zero"`` is id 0.
     max_fraction
         Stop when this fraction of the regions is removed (in ``(0, 1]``); Samek et al. remove
         the first 100 of many regions.
@@ -587,8 +591,10 @@ def _check_pair(x: Tensor, relevance: Tensor) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if x.ndim < 2:
         raise ValueError(f"x must have a batch dimension and at least one more, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if not x.is_floating_point() and not is_token_ids(x):
+        raise TypeError(f"x must be a floating-point tensor (or integer token ids), got dtype {x.dtype}")
+    if not relevance.is_floating_point():
+        raise TypeError(f"relevance must be a floating-point tensor, got dtype {relevance.dtype}")
     if relevance.shape != x.shape:
         raise ValueError(
             f"relevance has shape {tuple(relevance.shape)} but x has shape {tuple(x.shape)}; "
@@ -711,6 +717,8 @@ def _removal_counts(n_regions: int, steps: int | None, max_fraction: float) -> T
 
 def _baseline(x: Tensor, fill: Fill, generator: torch.Generator | None) -> Tensor:
     """The values removed regions take, shaped like ``x``."""
+    if is_token_ids(x):
+        return _token_baseline(x, fill)
     if isinstance(fill, Tensor):
         try:
             return torch.broadcast_to(fill.to(x), x.shape)
@@ -730,6 +738,21 @@ def _baseline(x: Tensor, fill: Fill, generator: torch.Generator | None) -> Tenso
         noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
         return low + noise * (high - low)
     raise ValueError(f"fill must be 'mean', 'zero', 'uniform', a float or a tensor, got {fill!r}")
+
+
+def _token_baseline(ids: Tensor, fill: Fill) -> Tensor:
+    """The token id removed tokens take: ``fill`` must be one (an int, ``"zero"``, or a tensor of ids)."""
+    if isinstance(fill, Tensor) and not fill.is_floating_point() and fill.dtype != torch.bool:
+        try:
+            return torch.broadcast_to(fill.to(ids), ids.shape)
+        except RuntimeError:
+            raise ValueError(f"a tensor fill of shape {tuple(fill.shape)} does not broadcast to x's shape {tuple(ids.shape)}") from None
+    if fill == "zero" or (isinstance(fill, (int, float)) and not isinstance(fill, bool) and float(fill).is_integer()):
+        return torch.full_like(ids, 0 if fill == "zero" else int(fill))
+    raise ValueError(
+        f"fill={fill!r}: x holds token ids, so a removed token must become a token id: give fill=<id> "
+        "(the tokenizer's pad, unk or mask id), or a tensor of ids"
+    )
 
 
 def _scores(
@@ -919,8 +942,8 @@ def randomisation_check(
     >>> check.similarity.shape
     torch.Size([2, 2])
     """
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point torch.Tensor")
+    if not isinstance(x, Tensor) or not (x.is_floating_point() or is_token_ids(x)):
+        raise TypeError("x must be a floating-point torch.Tensor (or integer token ids)")
     run = _explain_function(explain)
     compare = _similarity_function(similarity)
     working = copy.deepcopy(model)

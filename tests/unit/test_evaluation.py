@@ -402,7 +402,9 @@ def test_perturbation_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="batch dimension"):
         perturbation_curve(model, torch.ones(4), torch.ones(4), target=0)
     with pytest.raises(TypeError, match="floating-point"):
-        perturbation_curve(model, x.long(), x.long(), target=0)
+        perturbation_curve(model, x.long(), x.long(), target=0)  # token ids may be x, not relevance
+    with pytest.raises(TypeError, match="floating-point"):
+        perturbation_curve(model, x.bool(), x, target=0)
 
 
 def test_progress_bar_only_when_asked() -> None:
@@ -702,3 +704,37 @@ def test_plot_curves_draws_one_line_per_curve_and_saves(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
     with pytest.raises(ValueError, match="at least one curve"):
         plot_curves({})
+
+
+class _BagOfWords(nn.Module):
+    """A linear model of token ids: the score of a sentence is the sum of its words' weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(6, 1)
+        with torch.no_grad():
+            self.embedding.weight.copy_(torch.tensor([[0.0], [1.0], [4.0], [2.0], [3.0], [-1.0]]))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        words = self.embedding(ids).squeeze(-1)
+        return torch.stack([words.sum(1), -words.sum(1)], dim=1)
+
+
+def test_word_deletion_on_token_ids() -> None:
+    """Token ids are perturbed as regions of one token each, replaced by the id ``fill``."""
+    model, ids = _BagOfWords().eval(), torch.tensor([[1, 2, 3, 4]])
+    relevance = Gradient(model, composites.EpsilonPlus())(ids, target=0).relevance
+    curve = perturbation_curve(model, ids, relevance, target=0, fill=0)
+    assert curve.scores.tolist() == [[10.0, 6.0, 3.0, 1.0, 0.0]]  # words 4, 3, 2, 1 deleted in turn
+    lerf = perturbation_curve(model, ids, relevance, target=0, fill=torch.tensor(5), order="lerf")
+    assert lerf.scores.tolist() == [[10.0, 8.0, 5.0, 1.0, -4.0]]  # replaced by the word of weight -1
+    with pytest.raises(ValueError, match="x holds token ids"):
+        perturbation_curve(model, ids, relevance, target=0)  # the default fill "mean" is no id
+
+
+def test_randomisation_check_on_token_ids() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    ids = torch.randint(0, 10, (2, 3), generator=torch.Generator().manual_seed(1))
+    check = randomisation_check(model, ids, lambda m: Gradient(m, composites.EpsilonPlus()), generator=torch.Generator().manual_seed(0))
+    assert check.layers == ("4", "2", "0") and check.similarity.shape == (3, 2)  # (layers, samples)
