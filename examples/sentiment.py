@@ -14,8 +14,9 @@ Each is explained from its token ids: ``lrpkit.explain(model, ids, "epsilon_plus
 the ids up through the model's embedding and gives one relevance per token. The script reports
 the accuracy on fresh sentences, how often the token with the largest relevance for the
 predicted class is a sentiment word of that class, and how far the tokens' relevances sum from
-the logit (the layers have no biases, which would absorb relevance), and prints one sentence
-with its tokens' relevances. With ``--html PATH`` it writes a page of test sentences for each
+the logit (the layers have no biases, which would absorb relevance), and the area over the
+word-deletion curve (AOPC: words removed most relevant first, replaced by "the") next to that of
+a random order, and prints one sentence with its tokens' relevances. With ``--html PATH`` it writes a page of test sentences for each
 model, every word coloured by its relevance (``lrpkit.image.text_heatmap``: red for the
 predicted class, blue against it).
 
@@ -33,6 +34,7 @@ from torch import nn
 
 import lrpkit
 from lrpkit import image
+from lrpkit.evaluation import aopc, perturbation_curve
 
 POSITIVE = ("good", "great")
 NEGATIVE = ("bad", "awful")
@@ -97,14 +99,19 @@ def train(model: nn.Module, steps: int, generator: torch.Generator) -> nn.Module
 
 
 def evaluate(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy, and how often the most relevant token is a sentiment word of the predicted class."""
+    """Accuracy, how often the most relevant token is a sentiment word of the predicted class,
+    and word deletion (AOPC, words replaced by "the") by relevance against a random order."""
     output, relevance = lrpkit.explain(model, ids, "epsilon_plus")
     predicted = output.argmax(1)
     top = VOCABULARY_IDS[ids.gather(1, relevance.argmax(1, keepdim=True)).squeeze(1)]
     decisive = torch.where(predicted == 1, top == 1, top == -1)
+    the = VOCABULARY.index("the")
+    random_order = torch.rand(relevance.shape, generator=torch.Generator().manual_seed(0), dtype=relevance.dtype)
     return {
         "accuracy": float((predicted == labels).double().mean()),
         "top token decides": float(decisive.double().mean()),
+        "word deletion AOPC": float(aopc(perturbation_curve(model, ids, relevance, fill=the, steps=4))),
+        "random order AOPC": float(aopc(perturbation_curve(model, ids, random_order, fill=the, steps=4))),
         "conservation error": float(_relative(relevance.sum(1), output.gather(1, predicted[:, None]).squeeze(1))),
     }
 

@@ -163,5 +163,6 @@ def test_sentiment_example_finds_the_deciding_words(tmp_path: Path) -> None:
         assert result["accuracy"] > 0.95, name
         assert result["top token decides"] > 0.9, name
         assert result["conservation error"] < 1e-3, name
+        assert result["word deletion AOPC"] > 1.5 * result["random order AOPC"] > 0, name
     ids, labels = sentiment.sentences(5, torch.Generator().manual_seed(3))
     assert ids.shape == (5, sentiment.LENGTH) and set(labels.tolist()) <= {0, 1}
