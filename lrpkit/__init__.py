@@ -27,6 +27,7 @@ from .attribution import (
     Inputs,
     IntegratedGradients,
     Occlusion,
+    OutputSelector,
     Sensitivity,
     SmoothGrad,
     Target,
@@ -43,6 +44,7 @@ def explain(
     composite: str | Composite | None = "epsilon_plus_flat",
     target: Target = None,
     model_kwargs: dict[str, Any] | None = None,
+    output: OutputSelector = None,
 ) -> Attribution:
     """Explain ``model``'s prediction on ``x`` in one call.
 
@@ -61,6 +63,10 @@ def explain(
         What to explain; see :mod:`lrpkit.attribution`.
     model_kwargs
         Keyword arguments for the model call that are not explained (an attention mask).
+    output
+        For a model that returns a tuple, dict or ``ModelOutput``: an index, a key or a callable
+        that selects the tensor to explain, e.g. ``lambda out: out.logits[:, -1]`` for the next
+        token of a causal language model.
 
     Returns
     -------
@@ -69,7 +75,7 @@ def explain(
     """
     if isinstance(composite, str):
         composite = composites.get_for_input(composite, x)
-    return Gradient(model, composite=composite)(x, target=target, model_kwargs=model_kwargs)
+    return Gradient(model, composite=composite, output=output)(x, target=target, model_kwargs=model_kwargs)
 
 
 __all__ = [

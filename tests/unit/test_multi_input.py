@@ -246,3 +246,21 @@ def test_model_kwargs_go_to_every_call_row_by_row(attributor: type, options: dic
         assert torch.all(result.relevance[mask == 0] == 0)
     with pytest.raises(TypeError, match="model_kwargs must be a dict"):
         attributor(model, lrp, **options)(ids, model_kwargs=[mask])
+
+
+def test_explain_takes_an_output_selector_and_model_kwargs() -> None:
+    torch.manual_seed(0)
+    model = Masked().double().eval()
+    ids, mask = torch.randint(0, 10, (2, 4)), torch.ones(2, 4, dtype=torch.float64)
+
+    class Dict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+            return {"logits": self.inner(ids, mask=mask)}
+
+    result = lrpkit.explain(Dict(), ids, "epsilon_plus", target=0, model_kwargs={"mask": mask}, output="logits")
+    expected = Gradient(BoundMask(model, mask, 1.0), composites.EpsilonPlus())(ids, target=0)
+    torch.testing.assert_close(result.relevance, expected.relevance)
