@@ -5,12 +5,14 @@ Integer token ids carry no gradient, so the attributors explain the output of th
 token is the sum of its vector's relevance over the embedding dimension (Arras et al. 2017), so
 for conservative rules the tokens' relevances still sum to the explained output.
 
-:class:`TokenLookup` finds that lookup by its input: the call of an ``nn.Embedding`` (or a
-subclass) whose input is the token-id tensor given to the model or a view of it
-(``ids.t()``, ``ids.view(-1, T)``, ``ids[:, 1:]``). It keeps the embedding vectors in the
-layout of the ids, ``(*ids.shape, dim)``, so that the attributors can index, perturb and
-integrate them per sample as they do any input, and puts them in place of the lookup's output in
-each forward pass.
+:class:`TokenLookup` finds that lookup by its input: the ``F.embedding`` call (what
+``nn.Embedding`` and its subclasses run) whose input is the token-id tensor given to the model
+or a view of it (``ids.t()``, ``ids.view(-1, T)``, ``ids[:, 1:]``). An embedding module that
+takes the ids but looks up something else (BART's learned positions, computed from their
+shape) is left alone, and what a subclass does with the vectors (Gemma scales them) stays
+part of the model. It keeps the embedding vectors in the layout of the ids,
+``(*ids.shape, dim)``, so that the attributors can index, perturb and integrate them per sample
+as they do any input, and puts them in place of the lookup's output in each forward pass.
 
 An ``nn.EmbeddingBag`` (mode ``"sum"`` or ``"mean"``; ids of shape ``(bags, tokens)``, or flat
 with ``offsets``; ``padding_idx`` and ``per_sample_weights``) looks up and reduces in one call.
@@ -48,8 +50,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from .ops import hooks_suspended
+from .ops import hooks_are_suspended, hooks_suspended
 
 
 
@@ -66,12 +69,13 @@ Call = Callable[..., Any]
 
 
 class TokenLookup:
-    """Forward hooks on ``model``'s embeddings that find and replace the lookups of token ids.
+    """Finds and replaces the lookups of token ids in ``model``'s forward pass.
 
     Parameters
     ----------
     model
-        The model; every ``nn.Embedding`` and ``nn.EmbeddingBag`` in it gets a forward hook until
+        The model. Its ``F.embedding`` calls are watched while it runs under :meth:`vectors` or
+        :meth:`run` (a torch-function mode); every ``nn.EmbeddingBag`` gets a forward hook until
         :meth:`remove`.
 
     Notes
@@ -90,13 +94,15 @@ class TokenLookup:
         self._keep = False
         self._kept: dict[int, Tensor] = {}
         self._seen: dict[int, list[str]] = {}
+        embeddings = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Embedding)]
+        #: The module that holds each embedding table, to name a lookup by.
+        self._tables = {id(module.weight): name for name, module in embeddings}
         self._handles = [
-            module.register_forward_hook(self._hook(name), with_kwargs=True)
+            module.register_forward_hook(self._bag_hook(name), with_kwargs=True)
             for name, module in model.named_modules()
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+            if isinstance(module, nn.EmbeddingBag)
         ]
-        if not self._handles:
-            self.remove()
+        if not embeddings and not self._handles:
             raise TypeError(
                 f"lrpkit: the input holds integers, and the model ({type(model).__name__}) has no "
                 "nn.Embedding to look them up as token ids; pass a floating-point tensor instead, e.g. "
@@ -116,7 +122,7 @@ class TokenLookup:
         (``ids[:, 1:]``) gets a zero vector.
         """
         args = _contiguous(args, positions)
-        with self._looking_up(args, positions), torch.no_grad():
+        with self._looking_up(args, positions), torch.no_grad(), _LookupMode(self):
             self._keep = True
             try:
                 call(*args)
@@ -131,7 +137,7 @@ class TokenLookup:
     def run(self, call: Call, args: Sequence[Any], vectors: dict[int, Tensor]) -> Any:
         """``call(*args)`` with ``vectors[p]`` (``(*args[p].shape, dim)``) in place of the lookup of ``args[p]``."""
         args = _contiguous(args, list(vectors))
-        with self._looking_up(args, list(vectors)):
+        with self._looking_up(args, list(vectors)), _LookupMode(self):
             self._vectors = vectors
             try:
                 result = call(*args)
@@ -153,16 +159,28 @@ class TokenLookup:
         if missing:
             raise ValueError(_not_looked_up(_which(missing[0], self._count)))
 
-    def _hook(self, name: str) -> Callable[..., Any]:
+    def _position_of(self, lookup: Any) -> int | None:
+        """Which of the ids ``lookup`` is (a view of), if any."""
+        return next((position for position, ids in self._ids.items() if _is_view_of(lookup, ids)), None)
+
+    def embedding(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """An ``F.embedding`` call: the vectors in place of its output if it looks up the ids."""
+        lookup, weight = (list(args) + [kwargs.get("input"), kwargs.get("weight")][len(args):])[:2]
+        position = self._position_of(lookup)
+        output = F.embedding(*args, **kwargs)
+        if position is None:
+            return output
+        name = self._tables.get(id(weight), "F.embedding")
+        with hooks_suspended(), torch._C.DisableTorchFunction():
+            return self._lookup(name, "Embedding", lookup, position, output)
+
+    def _bag_hook(self, name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            lookup = args[0] if args else kwargs.get("input")
-            position = next((position for position, ids in self._ids.items() if _is_view_of(lookup, ids)), None)
+            bag = _bag_arguments(module, args, kwargs)
+            position = self._position_of(bag.lookup)
             if position is None:
                 return None
-            if isinstance(module, nn.EmbeddingBag):
-                return self._bag(name, module, _bag_arguments(module, args, kwargs), position, output)
-            with hooks_suspended(), torch._C.DisableTorchFunction():
-                return self._lookup(name, module, lookup, position, output)
+            return self._bag(name, module, bag, position, output)
 
         return hook
 
@@ -175,10 +193,10 @@ class TokenLookup:
         with hooks_suspended(), torch._C.DisableTorchFunction():
             _check_bag(name, module, bag)
             rows = F.embedding(bag.lookup, module.weight, max_norm=module.max_norm, norm_type=module.norm_type)
-            rows = self._lookup(name, module, bag.lookup, position, rows.detach())
+            rows = self._lookup(name, type(module).__name__, bag.lookup, position, rows.detach())
         return _reduced(module, bag, rows, output.shape[0])
 
-    def _lookup(self, name: str, module: nn.Module, lookup: Tensor, position: int, output: Any) -> Tensor:
+    def _lookup(self, name: str, kind: str, lookup: Tensor, position: int, output: Any) -> Tensor:
         """The vectors put in place of the lookup's ``output`` (raises :class:`_Found` when all are kept)."""
         seen = self._seen.setdefault(position, [])
         seen.append(name)
@@ -193,7 +211,7 @@ class TokenLookup:
         positions = _positions(lookup, ids)
         if not isinstance(output, Tensor) or output.shape[:-1] != positions.shape:
             raise ValueError(
-                f"lrpkit: embedding {name!r} ({type(module).__name__}) looked up ids of shape "
+                f"lrpkit: embedding {name!r} ({kind}) looked up ids of shape "
                 f"{tuple(positions.shape)} but returned {_shape_of(output)}; lrpkit needs one vector "
                 "per id (shape (*ids.shape, dim))"
             )
@@ -205,6 +223,22 @@ class TokenLookup:
                 raise _Found
             return output
         return _placed(self._vectors[position], positions, output)
+
+
+class _LookupMode(TorchFunctionMode):
+    """Sends each ``F.embedding`` call to :meth:`TokenLookup.embedding` (the rest runs as it is)."""
+
+    def __init__(self, lookup: TokenLookup) -> None:
+        super().__init__()
+        self.lookup = lookup
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.embedding and not hooks_are_suspended():
+            return self.lookup.embedding(args, kwargs)
+        return func(*args, **kwargs)
 
 
 def _contiguous(args: Sequence[Any], positions: Sequence[int]) -> tuple[Any, ...]:

@@ -340,8 +340,6 @@ class _Capture:
                     uses.add(label)
 
     def _push(self, module: nn.Module, args: Any) -> None:
-        if not self.reported:
-            self.ran.add(id(module))
         binding = self.binding
         inside_rule = bool(self.frames) and self.frames[-1].hooked
         hooked = inside_rule or (binding is not None and id(module) in binding.hooked)
@@ -360,6 +358,11 @@ class _Capture:
         if not self.reported and not frame.hooked:
             outputs = output if isinstance(output, (tuple, list)) else (output,)
             self._note_custom_functions(frame, outputs, "output of")
+            # a module whose output carries no relevance (computed from constants and its own
+            # parameters, as a decoder's norm on ids that are not explained) passes none on
+            binding = self.binding
+            if binding is not None and id(module) in binding.unchecked_modules and any(map(_is_activation, outputs)):
+                self.ran.add(id(module))
 
     def _note_custom_functions(self, frame: _Frame, values: Any, relation: str) -> None:
         """Remember each custom autograd Function (not lrpkit's) that computed one of ``values``.

@@ -333,3 +333,69 @@ def test_padded_batch_with_lengths_in_model_kwargs() -> None:
         torch.testing.assert_close(relevance[row, :length], alone.relevance[0], rtol=1e-9, atol=1e-12)
     smooth = SmoothGrad(model, lrp, noise=0.0, samples=2, batch_size=2)(ids, target=0, model_kwargs={"lengths": lengths})
     torch.testing.assert_close(smooth.relevance, relevance)
+
+
+class Positions(nn.Embedding):
+    """BART's learned positions: called with the ids, looks up positions computed from their shape."""
+
+    def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(torch.arange(ids.shape[1], device=ids.device).expand_as(ids))
+
+
+class Scaled(nn.Embedding):
+    """Gemma's scaled word embedding: the lookup times a constant."""
+
+    def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(ids) * 3.0
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(WIDTH))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
+class Seq2Seq(nn.Module):
+    """Word and position embeddings that both take the ids, and a branch on a constant (a decoder's input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = Scaled(VOCAB, WIDTH)
+        self.positions = Positions(TOKENS, WIDTH)
+        self.constant_norm = Scale()
+        self.side = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(TOKENS * WIDTH, 3, bias=False))
+
+    def forward(self, ids: Tensor, prefix: Tensor) -> Tensor:
+        return self.rest(self.words(ids), ids, prefix)
+
+    def rest(self, words: Tensor, ids: Tensor, prefix: Tensor) -> Tensor:
+        return self.head(words + self.positions(ids) + self.side(self.constant_norm(prefix)))
+
+
+def test_the_lookup_is_the_embedding_call_that_reads_the_ids() -> None:
+    """A module that takes the ids but looks up positions is left alone; a subclass's scale stays
+    part of the model; a module that only sees constants is not named in a warning."""
+    torch.manual_seed(0)
+    model, ids = Seq2Seq().double().eval(), _ids()
+    prefix = torch.rand(1, TOKENS, WIDTH, dtype=torch.float64)
+    lrp = composites.EpsilonPlus()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        output, relevance = Gradient(model, lrp)(ids, target=1, model_kwargs={"prefix": prefix})
+
+    class FromLookup(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, vectors: Tensor) -> Tensor:
+            return self.model.rest(vectors * 3.0, ids, prefix)
+
+    vectors = nn.functional.embedding(ids, model.words.weight).detach()
+    expected_output, expected = Gradient(FromLookup(), lrp)(vectors, target=1)
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    torch.testing.assert_close(relevance, expected.sum(-1), rtol=1e-12, atol=1e-14)
