@@ -354,4 +354,61 @@ def _not_looked_up(which: str) -> str:
     )
 
 
-__all__ = ["TokenLookup", "is_token_ids"]
+#: Sub-word conventions: (marker, whether it marks a word's start rather than its continuation).
+_SUBWORD_MARKERS = (("##", False), ("\u0120", True), ("\u2581", True))  # WordPiece, GPT-2's BPE, SentencePiece
+
+
+def words(tokens: Sequence[str], relevance: Any) -> tuple[list[str], Tensor]:
+    """Join sub-word tokens into words and add up their relevance (one sample).
+
+    The tokenizer's convention is read off the tokens: WordPiece (BERT) marks a continuation with
+    ``##``, GPT-2's byte-level BPE marks a word's start with ``Ġ``, SentencePiece (T5, Llama)
+    with ``▁``; without any of these every token is a word. Special tokens (``[CLS]``, ``<s>``)
+    stay words of their own. Relevance is additive, so a word's relevance is its tokens' sum.
+
+    Parameters
+    ----------
+    tokens
+        One sample's tokens, e.g. ``tokenizer.convert_ids_to_tokens(ids[0])``.
+    relevance
+        One value per token (a tensor or a sequence of floats).
+
+    Returns
+    -------
+    tuple[list[str], Tensor]
+        The words (markers removed) and their relevance, for :func:`lrpkit.image.text_heatmap`.
+
+    Examples
+    --------
+    >>> words(["[CLS]", "un", "##believ", "##able", "film"], [0.0, 1.0, 2.0, 0.5, -1.0])
+    (['[CLS]', 'unbelievable', 'film'], tensor([ 0.0000,  3.5000, -1.0000]))
+    >>> words(["The", "\u0120un", "believ", "able"], [1.0, 1.0, 1.0, 1.0])[0]
+    ['The', 'unbelievable']
+    """
+    values = torch.as_tensor(relevance).detach().reshape(-1)
+    values = values if values.is_floating_point() else values.double()
+    if len(tokens) != len(values):
+        raise ValueError(f"got {len(tokens)} tokens but {len(values)} relevance values; give one value per token")
+    marker, starts = next(
+        ((mark, start) for mark, start in _SUBWORD_MARKERS if any(token.startswith(mark) for token in tokens)), ("", True)
+    )
+    joined: list[str] = []
+    totals: list[Tensor] = []
+    for token, value in zip(tokens, values):
+        marked = bool(marker) and token.startswith(marker)
+        new_word = not marker or not joined or _is_special(token) or _is_special(joined[-1]) or marked == starts
+        text = token[len(marker):] if marked else token
+        if new_word:
+            joined.append(text)
+            totals.append(value)
+        else:
+            joined[-1] += text
+            totals[-1] = totals[-1] + value
+    return joined, torch.stack(totals) if totals else values.new_zeros(0)
+
+
+def _is_special(word: str) -> bool:
+    return word.startswith(("[", "<")) and word.endswith(("]", ">"))
+
+
+__all__ = ["TokenLookup", "is_token_ids", "words"]

@@ -399,3 +399,27 @@ def test_the_lookup_is_the_embedding_call_that_reads_the_ids() -> None:
     expected_output, expected = Gradient(FromLookup(), lrp)(vectors, target=1)
     torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
     torch.testing.assert_close(relevance, expected.sum(-1), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "tokens, expected",
+    [
+        (["[CLS]", "the", "un", "##believ", "##able", "film", "[SEP]"], ["[CLS]", "the", "unbelievable", "film", "[SEP]"]),
+        (["<s>", "The", "\u0120un", "believ", "able", "\u0120film"], ["<s>", "The", "unbelievable", "film"]),
+        (["\u2581The", "\u2581un", "believ", "able", "\u2581film", "</s>"], ["The", "unbelievable", "film", "</s>"]),
+        (["the", "film"], ["the", "film"]),
+    ],
+)
+def test_words_join_subword_tokens_and_add_their_relevance(tokens: list[str], expected: list[str]) -> None:
+    from lrpkit.tokens import words
+
+    relevance = torch.arange(len(tokens), dtype=torch.float64)
+    joined, totals = words(tokens, relevance)
+    assert joined == expected
+    assert totals.sum() == relevance.sum() and totals.dtype == torch.float64
+    merged = next(index for index, word in enumerate(joined) if word == "unbelievable") if "unbelievable" in joined else None
+    if merged is not None:
+        start = next(index for index, token in enumerate(tokens) if token.lstrip("\u0120\u2581") == "un")
+        assert totals[merged] == relevance[start : start + 3].sum()
+    with pytest.raises(ValueError, match="one value per token"):
+        words(tokens, relevance[:-1])
