@@ -55,7 +55,6 @@ from torch.overrides import TorchFunctionMode
 from .ops import hooks_are_suspended, hooks_suspended
 
 
-
 def is_token_ids(x: Any) -> bool:
     """Whether ``x`` is a tensor of integer token ids (any integer dtype, not bool)."""
     return isinstance(x, Tensor) and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
@@ -176,7 +175,7 @@ class TokenLookup:
 
     def _bag_hook(self, name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            bag = _bag_arguments(module, args, kwargs)
+            bag = _bag_arguments(args, kwargs)
             position = self._position_of(bag.lookup)
             if position is None:
                 return None
@@ -260,7 +259,7 @@ class _BagCall:
     weights: Tensor | None
 
 
-def _bag_arguments(module: nn.EmbeddingBag, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _BagCall:
+def _bag_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _BagCall:
     values = dict(zip(("input", "offsets", "per_sample_weights"), args), **kwargs)
     return _BagCall(values["input"], values.get("offsets"), values.get("per_sample_weights"))
 
@@ -276,7 +275,7 @@ def _check_bag(name: str, module: nn.EmbeddingBag, bag: _BagCall) -> None:
 
 
 def _kept_rows(module: nn.EmbeddingBag, bag: _BagCall) -> Tensor:
-    """1 for each looked-up id that counts in its bag, 0 for ``padding_idx``."""
+    """Whether each looked-up id counts in its bag (``padding_idx`` does not)."""
     if module.padding_idx is None:
         return torch.ones_like(bag.lookup, dtype=torch.bool)
     return bag.lookup != module.padding_idx
