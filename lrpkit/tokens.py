@@ -221,7 +221,8 @@ class TokenLookup:
             if len(self._kept) == len(self._ids):
                 raise _Found
             return output
-        return _placed(self._vectors[position], positions, output)
+        with torch.enable_grad():  # also where the model looks its ids up under torch.no_grad()
+            return _placed(self._vectors[position], positions, output)
 
 
 class _LookupMode(TorchFunctionMode):

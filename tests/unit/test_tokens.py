@@ -423,3 +423,20 @@ def test_words_join_subword_tokens_and_add_their_relevance(tokens: list[str], ex
         assert totals[merged] == relevance[start : start + 3].sum()
     with pytest.raises(ValueError, match="one value per token"):
         words(tokens, relevance[:-1])
+
+
+class FrozenLookup(BagText):
+    """Looks its ids up under ``torch.no_grad()`` (a frozen, pretrained table)."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        with torch.no_grad():
+            vectors = self.embedding(ids)
+        return self.rest(vectors)
+
+
+def test_a_lookup_under_no_grad_still_passes_relevance() -> None:
+    model, ids = _model("bag"), _ids()
+    frozen = FrozenLookup().double().eval()
+    frozen.load_state_dict(model.state_dict())
+    expected = Gradient(model, composites.EpsilonPlus())(ids, target=1).relevance
+    torch.testing.assert_close(Gradient(frozen, composites.EpsilonPlus())(ids, target=1).relevance, expected)
