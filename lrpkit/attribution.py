@@ -1025,8 +1025,13 @@ class Gradient:
 
     Notes
     -----
-    ``attributor(x, target=None, layer=None, record=None)``:
+    ``attributor(x, target=None, layer=None, record=None, model_kwargs=None)``:
 
+    ``x``
+        A tensor, token ids (explained through the model's embedding, one relevance per token),
+        or a tuple of them for ``model(*x)`` (``Attribution.relevance`` is then a tuple).
+    ``model_kwargs``
+        Keyword arguments for the model call that are not explained (an attention mask).
     ``layer``
         A module name (``"features.28"``) or the name of a captured functional call
         (``"layer1.0.add"``, see :mod:`lrpkit.captured`): the backward starts at that layer's
@@ -1057,6 +1062,15 @@ class Gradient:
     >>> result = Gradient(model, composites.EpsilonPlus())(torch.rand(1, 3), layer="1", target=2, record=True)
     >>> result.output.shape, list(result.intermediate)
     (torch.Size([1, 4]), ['0', '1'])
+    >>> class TwoInputs(torch.nn.Module):
+    ...     def __init__(self) -> None:
+    ...         super().__init__()
+    ...         self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    ...     def forward(self, x, y):
+    ...         return self.a(x) + self.b(y)
+    >>> output, (first, second) = Gradient(TwoInputs(), composites.EpsilonPlus())((torch.rand(1, 3), torch.rand(1, 2)))
+    >>> first.shape, second.shape
+    (torch.Size([1, 3]), torch.Size([1, 2]))
     """
 
     def __init__(
