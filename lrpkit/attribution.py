@@ -60,7 +60,7 @@ import functools
 import itertools
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -378,7 +378,7 @@ class ExplainedInputs:
 
 
 def explained_inputs(
-    x: Any, autograd: bool = True, batched: str | None = None, model_kwargs: dict[str, Any] | None = None
+    x: Any, autograd: bool = True, batched: str | None = None, model_kwargs: Mapping[str, Any] | None = None
 ) -> ExplainedInputs:
     """Check what an attributor was given: a tensor, or a tuple or list of tensors (``model(*x)``).
 
@@ -386,7 +386,7 @@ def explained_inputs(
     need a batch dimension there). ``model_kwargs``: keyword arguments for every model call.
     """
     if model_kwargs is not None and (
-        not isinstance(model_kwargs, dict) or not all(isinstance(key, str) for key in model_kwargs)
+        not isinstance(model_kwargs, Mapping) or not all(isinstance(key, str) for key in model_kwargs)
     ):
         raise TypeError(
             f"model_kwargs must be a dict of keyword arguments for the model, e.g. "
