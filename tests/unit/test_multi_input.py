@@ -264,3 +264,15 @@ def test_explain_takes_an_output_selector_and_model_kwargs() -> None:
     result = lrpkit.explain(Dict(), ids, "epsilon_plus", target=0, model_kwargs={"mask": mask}, output="logits")
     expected = Gradient(BoundMask(model, mask, 1.0), composites.EpsilonPlus())(ids, target=0)
     torch.testing.assert_close(result.relevance, expected.relevance)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_several_inputs_on_cuda_match_the_cpu() -> None:
+    model, inputs = _model(True), _inputs()
+    for attributor in (Gradient(model, composites.EpsilonPlus()), IntegratedGradients(model, baseline=(0.5, 0.0), steps=4)):
+        on_cpu = attributor(inputs, target=1).relevance
+        model.cuda()
+        on_gpu = attributor(tuple(part.cuda() for part in inputs), target=1).relevance
+        model.cpu()
+        for got, want in zip(on_gpu, on_cpu):
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-12)

@@ -440,3 +440,20 @@ def test_a_lookup_under_no_grad_still_passes_relevance() -> None:
     frozen.load_state_dict(model.state_dict())
     expected = Gradient(model, composites.EpsilonPlus())(ids, target=1).relevance
     torch.testing.assert_close(Gradient(frozen, composites.EpsilonPlus())(ids, target=1).relevance, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attributor, options", [(Gradient, {}), (SmoothGrad, {"noise": 0.1, "samples": 3, "seed": 0}),
+                                                 (IntegratedGradients, {"steps": 4}), (Occlusion, {"window": 1, "fill": 0})])
+def test_token_ids_on_cuda_match_the_cpu(attributor: type, options: dict) -> None:
+    """Token ids, lengths in model_kwargs and a packed LSTM on the GPU: the CPU's relevance."""
+    torch.manual_seed(0)
+    model = PackedText().double().eval()
+    ids, lengths = _ids(), torch.tensor([6, 2, 4])
+    for row, length in enumerate(lengths.tolist()):
+        ids[row, length:] = 0
+    lrp = None if attributor is Occlusion else composites.EpsilonPlus()
+    on_cpu = attributor(model, lrp, **options)(ids, target=0, model_kwargs={"lengths": lengths})
+    on_gpu = attributor(model.cuda(), lrp, **options)(ids.cuda(), target=0, model_kwargs={"lengths": lengths})
+    assert on_gpu.relevance.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.relevance.cpu(), on_cpu.relevance, rtol=1e-9, atol=1e-12)
