@@ -8,7 +8,9 @@ A text model takes token ids, which have no gradient; lrpkit's attributors expla
 through the model's token embedding (``lrpkit.tokens``) and sum the relevance of each token's
 embedding vector: :func:`token_relevance` passes the ids, with the attention mask, through
 :class:`IdsToLogits`, which returns the logits (of the last position, for a causal language
-model). The checks below start from the embeddings instead (:class:`EmbeddingsToLogits`, the
+model). :class:`Seq2SeqToLogits` takes an encoder-decoder model's encoder and decoder ids as two
+inputs; :func:`seq2seq_conservation` checks that their relevances together sum to the logit
+(T5, BART). The checks below start from the embeddings instead (:class:`EmbeddingsToLogits`, the
 same model as a function of ``inputs_embeds``), to explain random vectors. A vision model is
 explained from ``pixel_values`` (:class:`PixelsToLogits`).
 
@@ -306,6 +308,50 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
         return PixelsToLogits(model), torch.rand(2, 3, 32, 32, generator=generator, dtype=dtype)
     width = model.get_input_embeddings().weight.shape[1]
     return EmbeddingsToLogits(model), torch.randn(2, 6, width, generator=generator, dtype=dtype)
+
+
+class Seq2SeqToLogits(nn.Module):
+    """An encoder-decoder model (T5, BART) as a function of its encoder and decoder token ids: the
+    logits of the last decoder position. Explained with both as inputs, ``(ids, decoder_ids)``,
+    each gets its own relevance, and together they sum to the logit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, decoder_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, decoder_input_ids=decoder_ids).logits[:, -1]
+
+
+def seq2seq(name: str) -> nn.Module:
+    """A small encoder-decoder model, ``"t5"`` or ``"bart"`` (random weights, float64, eval mode)."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    layers = {"encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    factories: dict[str, Callable[[], nn.Module]] = {
+        "t5": lambda: hf.T5ForConditionalGeneration(hf.T5Config(
+            vocab_size=50, d_model=WIDTH, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0)),
+        "bart": lambda: hf.BartForConditionalGeneration(hf.BartConfig(
+            vocab_size=50, d_model=WIDTH, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32, **layers)),
+    }
+    return factories[name]().double().eval()
+
+
+def seq2seq_conservation(name: str) -> tuple[float, list[str]]:
+    """How far the relevance of encoder and decoder tokens together is from the logit (relative),
+    and the warnings, with biases and position embeddings zero and stabilisers of 1e-12."""
+    import warnings
+
+    model = Seq2SeqToLogits(without_absorbers(seq2seq(name)))
+    generator = torch.Generator().manual_seed(1)
+    ids, decoder_ids = torch.randint(3, 50, (2, 6), generator=generator), torch.randint(3, 50, (2, 4), generator=generator)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        output, (encoder, decoder) = Gradient(model, composite("EpsilonPlusFlat", 1e-12))((ids, decoder_ids))
+    logit = output.max(1).values
+    error = float(((encoder.sum(1) + decoder.sum(1) - logit).abs() / logit.abs()).max())
+    return error, [str(warning.message) for warning in caught]
 
 
 def main(names: Sequence[str]) -> dict[str, dict[str, dict[str, object]]]:

@@ -150,6 +150,9 @@ def test_transformers_models_example() -> None:
     mask[1, :2] = 0  # left padding: those queries attend to nothing
     _, relevance = transformers_models.token_relevance(model, ids, attention_mask=mask)
     assert torch.isfinite(relevance).all() and not relevance[1, :2].any() and relevance[1, 2:].any()
+    for name in ("t5", "bart"):  # encoder and decoder ids explained together (BART's positions take the ids)
+        error, warnings = transformers_models.seq2seq_conservation(name)
+        assert error < 1e-8 and not warnings, (name, error, warnings)
 
 
 def test_sentiment_example_finds_the_deciding_words(tmp_path: Path) -> None:
