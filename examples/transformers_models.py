@@ -95,6 +95,7 @@ def _small(name: str) -> nn.Module:
         "qwen3": lambda: hf.Qwen3ForCausalLM(hf.Qwen3Config(hidden_size=WIDTH, num_key_value_heads=1, head_dim=16, **text)),
         "phi3": lambda: hf.Phi3ForCausalLM(hf.Phi3Config(hidden_size=WIDTH, num_key_value_heads=1, pad_token_id=0, **text)),
         "olmo": lambda: hf.OlmoForCausalLM(hf.OlmoConfig(hidden_size=WIDTH, **text)),
+        "apertus": lambda: hf.ApertusForCausalLM(hf.ApertusConfig(hidden_size=WIDTH, num_key_value_heads=1, **text)),
         "falcon": lambda: hf.FalconForCausalLM(
             hf.FalconConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2, vocab_size=50)
         ),
@@ -186,7 +187,7 @@ def _vision(text: dict[str, int]) -> dict[str, int]:
 MODELS = (
     "bert", "roberta", "xlm-roberta", "albert", "electra", "deberta-v2", "distilbert", "modernbert", "gpt2",
     "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "olmo", "opt", "gpt_neox",
-    "gptj", "falcon", "gpt_bigcode", "starcoder2", "mpt", "bloom", "t5-encoder",
+    "gptj", "falcon", "gpt_bigcode", "starcoder2", "mpt", "bloom", "t5-encoder", "apertus",
     "vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer",
 )
 VISION = ("vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer")
@@ -241,15 +242,18 @@ def module_rules() -> list[tuple[type[nn.Module], rules.Rule | None]]:
     An activation module that calls a custom ``torch.autograd.Function`` (BLOOM's GELU): the
     capture does not see inside such a function; its own backward (the GELU's derivative) would
     pass the gradient, which does not conserve relevance, and an ``UncoveredModuleWarning`` would
-    name the modules. Mapped to ``Pass``, like every activation. A router that is an
+    name the modules. Mapped to ``Pass``, like every activation; so is Apertus's xIELU, an
+    activation module with parameters, built from products that would split its relevance. A
+    router that is an
     ``nn.Linear`` returning a tuple (Phi-MoE's, Llama 4's), which no rule can take: no rule, so
     its calls are explained one by one (its routing weights gate the experts' outputs).
     """
+    from transformers.activations import XIELUActivation
     from transformers.models.bloom.modeling_bloom import BloomGelu
     from transformers.models.llama4.modeling_llama4 import Llama4Router
     from transformers.models.phimoe.modeling_phimoe import PhimoeTopKRouter
 
-    return [(BloomGelu, rules.Pass()), (PhimoeTopKRouter, None), (Llama4Router, None)]
+    return [(BloomGelu, rules.Pass()), (XIELUActivation, rules.Pass()), (PhimoeTopKRouter, None), (Llama4Router, None)]
 
 
 def composite(name: str, stabilizer: float = 1e-6) -> composites.Composite:
