@@ -6,8 +6,10 @@ token is the sum of its vector's relevance over the embedding dimension (Arras e
 for conservative rules the tokens' relevances still sum to the explained output.
 
 :class:`TokenLookup` finds that lookup by its input: the ``F.embedding`` call (what
-``nn.Embedding`` and its subclasses run) whose input is the token-id tensor given to the model
-or a view of it (``ids.t()``, ``ids.view(-1, T)``, ``ids[:, 1:]``). An embedding module that
+``nn.Embedding`` and its subclasses run) whose input is the token-id tensor given to the model,
+a view of it (``ids.t()``, ``ids.view(-1, T)``, ``ids[:, 1:]``), or a copy made by calls that
+only move or convert values (``ids.long()``, ``ids.t().contiguous()``, ``ids.to(device)``; each
+element's origin is followed). An embedding module that
 takes the ids but looks up something else (BART's learned positions, computed from their
 shape) is left alone, and what a subclass does with the vectors (Gemma scales them) stays
 part of the model. It keeps the embedding vectors in the layout of the ids,
@@ -51,7 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakTensorKeyDictionary
 
+from .canonizers.functional import _op_name
 from .ops import hooks_are_suspended, hooks_suspended
 
 
@@ -65,6 +69,18 @@ class _Found(Exception):
 
 
 Call = Callable[..., Any]
+#: Which of the ids a tensor holds, and the flat index into them of each of its elements.
+_Source = tuple[int, Tensor]
+
+#: Calls that only rearrange, copy or convert values: the ids moved by them are still the ids.
+_MOVES = frozenset(
+    {
+        "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+        "transpose", "swapaxes", "permute", "movedim", "t", "T", "mT", "contiguous", "clone", "to",
+        "long", "int", "short", "type", "cpu", "cuda", "getitem", "narrow", "select", "expand",
+        "expand_as", "repeat", "flip", "roll", "index_select", "gather",
+    }
+)
 
 
 class TokenLookup:
@@ -88,6 +104,8 @@ class TokenLookup:
 
     def __init__(self, model: nn.Module) -> None:
         self._ids: dict[int, Tensor] = {}
+        #: Tensors moved out of the ids during the current call, with where their values come from.
+        self._moved: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self._count = 1
         self._vectors: dict[int, Tensor] = {}
         self._keep = False
@@ -148,42 +166,68 @@ class TokenLookup:
     @contextmanager
     def _looking_up(self, args: Sequence[Any], positions: Sequence[int]) -> Iterator[None]:
         self._ids, self._count, self._seen = {position: args[position] for position in positions}, len(args), {}
+        self._moved = WeakTensorKeyDictionary()
         try:
             yield
         finally:
-            self._ids = {}
+            self._ids, self._moved = {}, WeakTensorKeyDictionary()
 
     def _check_seen(self, found: dict[int, Any]) -> None:
         missing = [position for position in self._ids if position not in found]
         if missing:
             raise ValueError(_not_looked_up(_which(missing[0], self._count)))
 
-    def _position_of(self, lookup: Any) -> int | None:
-        """Which of the ids ``lookup`` is (a view of), if any."""
-        return next((position for position, ids in self._ids.items() if _is_view_of(lookup, ids)), None)
+    def _source(self, tensor: Any) -> _Source | None:
+        """Which of the ids ``tensor`` holds, and where each of its elements comes from; ``None`` if none.
+
+        The ids themselves, a view of them, or a tensor moved out of them by calls that only
+        rearrange, copy or convert (:meth:`follow`: ``ids.t().contiguous()``, ``ids.long()``).
+        """
+        if not isinstance(tensor, Tensor) or not self._ids:
+            return None
+        moved = self._moved.get(tensor)
+        if moved is not None:
+            return moved
+        for position, ids in self._ids.items():
+            if _is_view_of(tensor, ids):
+                return position, _positions(tensor, ids)
+        return None
+
+    def follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+        """Remember ``result`` if a call that only moves values (:data:`_MOVES`) made it from the ids."""
+        if not isinstance(result, Tensor) or result.is_floating_point() or result.dtype == torch.bool:
+            return
+        source = self._source(args[0]) if args else None
+        if source is None or _op_name(func) not in _MOVES:
+            return
+        position, index = source
+        with torch._C.DisableTorchFunction():  # the same call on the positions moves them alike
+            moved = func(index, *args[1:], **kwargs)
+        if isinstance(moved, Tensor) and moved.shape == result.shape:
+            self._moved[result] = (position, moved.to(result.device))
 
     def embedding(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """An ``F.embedding`` call: the vectors in place of its output if it looks up the ids."""
         lookup, weight = (list(args) + [kwargs.get("input"), kwargs.get("weight")][len(args):])[:2]
-        position = self._position_of(lookup)
+        source = self._source(lookup)
         output = F.embedding(*args, **kwargs)
-        if position is None:
+        if source is None:
             return output
         name = self._tables.get(id(weight), "F.embedding")
         with hooks_suspended(), torch._C.DisableTorchFunction():
-            return self._lookup(name, "Embedding", lookup, position, output)
+            return self._lookup(name, "Embedding", source, output)
 
     def _bag_hook(self, name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             bag = _bag_arguments(args, kwargs)
-            position = self._position_of(bag.lookup)
-            if position is None:
+            source = self._source(bag.lookup)
+            if source is None:
                 return None
-            return self._bag(name, module, bag, position, output)
+            return self._bag(name, module, bag, source, output)
 
         return hook
 
-    def _bag(self, name: str, module: nn.EmbeddingBag, bag: _BagCall, position: int, output: Tensor) -> Tensor:
+    def _bag(self, name: str, module: nn.EmbeddingBag, bag: _BagCall, source: _Source, output: Tensor) -> Tensor:
         """What a bag returns, computed from the vectors put in place of its lookup's rows.
 
         The reduction runs as calls that ``FunctionalCapture`` explains (a sum or an ``index_add``
@@ -192,11 +236,12 @@ class TokenLookup:
         with hooks_suspended(), torch._C.DisableTorchFunction():
             _check_bag(name, module, bag)
             rows = F.embedding(bag.lookup, module.weight, max_norm=module.max_norm, norm_type=module.norm_type)
-            rows = self._lookup(name, type(module).__name__, bag.lookup, position, rows.detach())
+            rows = self._lookup(name, type(module).__name__, source, rows.detach())
         return _reduced(module, bag, rows, output.shape[0])
 
-    def _lookup(self, name: str, kind: str, lookup: Tensor, position: int, output: Any) -> Tensor:
+    def _lookup(self, name: str, kind: str, source: _Source, output: Any) -> Tensor:
         """The vectors put in place of the lookup's ``output`` (raises :class:`_Found` when all are kept)."""
+        position, positions = source
         seen = self._seen.setdefault(position, [])
         seen.append(name)
         if len(seen) > 1:
@@ -207,7 +252,6 @@ class TokenLookup:
                 "floating-point tensor of them"
             )
         ids = self._ids[position]
-        positions = _positions(lookup, ids)
         if not isinstance(output, Tensor) or output.shape[:-1] != positions.shape:
             raise ValueError(
                 f"lrpkit: embedding {name!r} ({kind}) looked up ids of shape "
@@ -216,7 +260,7 @@ class TokenLookup:
             )
         if self._keep:
             kept = output.new_zeros((ids.numel(), output.shape[-1]))
-            kept[positions.reshape(-1)] = output.detach().reshape(-1, output.shape[-1])
+            kept[positions.reshape(-1).long()] = output.detach().reshape(-1, output.shape[-1])
             self._kept[position] = kept.view(*ids.shape, output.shape[-1])
             if len(self._kept) == len(self._ids):
                 raise _Found
@@ -236,9 +280,13 @@ class _LookupMode(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func is F.embedding and not hooks_are_suspended():
+        if hooks_are_suspended():
+            return func(*args, **kwargs)
+        if func is F.embedding:
             return self.lookup.embedding(args, kwargs)
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        self.lookup.follow(func, args, kwargs, result)
+        return result
 
 
 def _contiguous(args: Sequence[Any], positions: Sequence[int]) -> tuple[Any, ...]:
@@ -310,7 +358,7 @@ def _placed(vectors: Tensor | None, positions: Tensor, output: Tensor) -> Tensor
             f"lrpkit: embedding vectors of size {vectors.shape[-1]} were given for a lookup of size "
             f"{output.shape[-1]}"
         )
-    rows = vectors.reshape(-1, vectors.shape[-1])[positions.reshape(-1)]
+    rows = vectors.reshape(-1, vectors.shape[-1])[positions.reshape(-1).long()]
     return rows.view(output.shape).to(output.dtype)
 
 
@@ -346,11 +394,11 @@ def _shape_of(value: Any) -> str:
 
 def _not_looked_up(which: str) -> str:
     return (
-        f"lrpkit: the input{which} holds integer token ids, but no nn.Embedding of the model looked "
-        "them up (nor a view of them) in the forward pass. If the model converts them first "
-        "(ids.long(), ids.to(device)), pass them converted; if it reads its embedding table another "
-        "way (F.embedding, weight[ids]), explain from the embeddings: run the rest of the model on a "
-        "floating-point tensor of them"
+        f"lrpkit: the input{which} holds integer token ids, but no embedding of the model looked them "
+        "up in the forward pass (nor a view or copy of them). If the model computes other ids from "
+        "them first (ids + 1, ids % n, torch.cat([cls, ids])), pass those; if it reads its embedding "
+        "table another way (weight[ids]), explain from the embeddings: run the rest of the model on "
+        "a floating-point tensor of them"
     )
 
 

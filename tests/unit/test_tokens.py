@@ -190,8 +190,23 @@ class Twice(BagText):
 
 
 class Converts(BagText):
+    """Moves its ids before the lookup: converted, transposed twice, made contiguous, cloned."""
+
     def forward(self, ids: Tensor) -> Tensor:
-        return self.head(self.embedding(ids.long()))
+        return self.head(self.embedding(ids.long().t().contiguous().t().clone()))
+
+
+class Shifts(BagText):
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.embedding(ids % VOCAB))
+
+
+def test_ids_moved_before_the_lookup_are_followed() -> None:
+    model, ids = _model("bag"), _ids()
+    converts = Converts().double().eval()
+    converts.load_state_dict(model.state_dict())
+    expected = Gradient(model, composites.EpsilonPlus())(ids, target=1).relevance
+    torch.testing.assert_close(Gradient(converts, composites.EpsilonPlus())(ids.int(), target=1).relevance, expected)
 
 
 class NoLookup(nn.Module):
@@ -207,7 +222,7 @@ class NoLookup(nn.Module):
     "model, ids, match",
     [
         (Twice(), _ids(), "looked up more than once .*'embedding'"),
-        (Converts(), _ids().int(), "pass them converted"),
+        (Shifts(), _ids(), r"computes other ids from them first \(ids \+ 1"),
         (NoLookup(), _ids(), "has no nn.Embedding .* floating-point tensor"),
     ],
 )
