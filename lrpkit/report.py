@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attribution import Inputs, Target, explained_inputs, initial_relevance, select_output
+from .attribution import Inputs, OutputSelector, Target, explained_inputs, initial_relevance, select_output
 from .canonizers import FunctionalCapture
 from .captured import CapturedOp
 from .composites import Composite
@@ -118,6 +118,7 @@ def describe(
     x: Inputs,
     composite: str | Composite = "epsilon_plus_flat",
     target: Target = None,
+    output: OutputSelector = None,
 ) -> Description:
     """Run one explanation of ``x`` and tabulate every module and captured call in execution order.
 
@@ -139,6 +140,9 @@ def describe(
         A preset name or a composite. For ``"epsilon_gamma_box"`` the bounds are ``x``'s min/max.
     target
         What to explain; see :mod:`lrpkit.attribution`.
+    output
+        For a model that returns a tuple or dict: which entry to explain (as for
+        :class:`~lrpkit.attribution.Gradient`).
 
     Returns
     -------
@@ -166,9 +170,9 @@ def describe(
         else:
             args = tuple(given.parts[index] if index in vectors else tensor for index, tensor in enumerate(inputs))
             raw = lookup.run(model, args, {index: inputs[index] for index in vectors})
-        output = select_output(raw, None)
-        gradients = torch.autograd.grad(output, inputs, initial_relevance(output, target), allow_unused=True)
-    table.output = output.detach()
+        explained = select_output(raw, output)
+        gradients = torch.autograd.grad(explained, inputs, initial_relevance(explained, target), allow_unused=True)
+    table.output = explained.detach()
     table.relevance = given.packed(
         [torch.zeros_like(tensor) if gradient is None else gradient.detach() for tensor, gradient in zip(inputs, gradients)]
     )

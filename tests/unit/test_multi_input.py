@@ -276,3 +276,17 @@ def test_several_inputs_on_cuda_match_the_cpu() -> None:
         model.cpu()
         for got, want in zip(on_gpu, on_cpu):
             torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-12)
+
+
+def test_describe_takes_an_output_selector() -> None:
+    class Dict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            return {"logits": self.linear(x)}
+
+    model, x = Dict().eval(), torch.rand(2, 3)
+    table = lrpkit.describe(model, x, "epsilon_plus", output="logits")
+    torch.testing.assert_close(table.relevance, Gradient(model, composites.EpsilonPlus(), output="logits")(x).relevance)
