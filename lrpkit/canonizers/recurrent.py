@@ -58,46 +58,73 @@ def unrolled_forward(module: nn.RNNBase) -> Callable[..., Any]:
 def _run_packed(module: nn.RNNBase, packed: PackedSequence, hx: State) -> tuple[PackedSequence, State]:
     """The written-out forward on a ``PackedSequence``: packed in, packed out, as the fused call.
 
-    The packed data holds time step after time step, the sequences of each step sorted by
-    length: step ``t`` is rows ``offsets[t]:offsets[t] + batch_sizes[t]``, the first
-    ``batch_sizes[t]`` sequences of the sorted batch, so each step runs on those and the others
-    keep their state (in reverse, they have not started yet). ``hx`` and the final state are in
-    the caller's order, the packed rows in the sorted one.
+    ``hx`` and the final state are in the caller's order, the packed rows in the sorted one.
     """
     sizes = [int(size) for size in packed.batch_sizes]
-    offsets = [sum(sizes[:time]) for time in range(len(sizes))]
     lstm = isinstance(module, nn.LSTM)
     h0, c0 = _initial_state(module, packed.data, sizes[0], hx, lstm)
     if packed.sorted_indices is not None and hx is not None:
         h0, c0 = h0[:, packed.sorted_indices], (None if c0 is None else c0[:, packed.sorted_indices])
+    rows, final = _layers(module, packed.data, sizes, h0, c0)
+    if packed.unsorted_indices is not None:
+        final = _map_state(final, lambda state: state[:, packed.unsorted_indices])
+    return PackedSequence(rows, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), final
+
+
+def _run(module: nn.RNNBase, input: Tensor, hx: State) -> tuple[Tensor, State]:
+    """The written-out forward on a padded input: every sequence takes every step."""
+    batched = input.dim() == 3
+    if not batched:  # (time, features): one sequence
+        input = input.unsqueeze(1)
+        hx = None if hx is None else _map_state(hx, lambda state: state.unsqueeze(1))
+    elif module.batch_first:
+        input = input.transpose(0, 1)
+    time, batch = input.shape[:2]
+    h0, c0 = _initial_state(module, input, batch, hx, isinstance(module, nn.LSTM))
+    rows, final = _layers(module, input.reshape(time * batch, -1), [batch] * time, h0, c0)
+    output = rows.view(time, batch, -1)
+    if not batched:
+        return output.squeeze(1), _map_state(final, lambda state: state.squeeze(1))
+    if module.batch_first:
+        output = output.transpose(0, 1)
+    return output, final
+
+
+def _layers(
+    module: nn.RNNBase, rows: Tensor, sizes: list[int], h0: Tensor, c0: Tensor | None
+) -> tuple[Tensor, State]:
+    """Every layer and direction over time-major rows: the last layer's hidden states and the final state.
+
+    ``rows`` holds time step after time step, ``sizes[t]`` rows at step ``t``: the first
+    ``sizes[t]`` sequences of the batch (a packed batch sorts them by length), which take the
+    step while the others keep their state (in reverse, they have not started yet). A padded
+    batch has ``batch`` rows at every step.
+    """
+    offsets = [sum(sizes[:time]) for time in range(len(sizes))]
     directions = 2 if module.bidirectional else 1
-    layer_input = packed.data
     last_h: list[Tensor] = []
     last_c: list[Tensor] = []
     for layer in range(module.num_layers):
         suffixes = [f"_l{layer}" + ("_reverse" if direction else "") for direction in range(directions)]
-        projected = _input_projection(module, layer_input, suffixes).chunk(directions, dim=-1)
+        projected = _input_projection(module, rows, suffixes).chunk(directions, dim=-1)
         outputs = []
         for direction, suffix in enumerate(suffixes):
             index = layer * directions + direction
-            state = (h0[index], c0[index]) if lstm else h0[index]
+            state = h0[index] if c0 is None else (h0[index], c0[index])
             step = _step_function(module, suffix)
-            rows, state = _packed_direction(step, projected[direction], state, sizes, offsets, reverse=direction == 1)
-            outputs.append(rows)
-            last_h.append(state[0] if lstm else state)
-            if lstm:
+            hidden, state = _direction(step, projected[direction], state, sizes, offsets, reverse=direction == 1)
+            outputs.append(hidden)
+            last_h.append(state if c0 is None else state[0])
+            if c0 is not None:
                 last_c.append(state[1])
-        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        rows = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
         if module.dropout and module.training and layer < module.num_layers - 1:
-            layer_input = F.dropout(layer_input, module.dropout, training=True)
-    final: State = (torch.stack(last_h), torch.stack(last_c)) if lstm else torch.stack(last_h)
-    if packed.unsorted_indices is not None:
-        final = _map_state(final, lambda state: state[:, packed.unsorted_indices])
-    output = PackedSequence(layer_input, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
-    return output, final
+            rows = F.dropout(rows, module.dropout, training=True)
+    final: State = torch.stack(last_h) if c0 is None else (torch.stack(last_h), torch.stack(last_c))
+    return rows, final
 
 
-def _packed_direction(
+def _direction(
     step: Callable[[Tensor, State], State],
     projected: Tensor,
     state: State,
@@ -105,12 +132,15 @@ def _packed_direction(
     offsets: list[int],
     reverse: bool,
 ) -> tuple[Tensor, State]:
-    """One layer in one direction over packed rows: the hidden states, packed, and the last state."""
+    """One layer in one direction over all time steps: the hidden states as rows, and the last state."""
     hidden: list[Tensor | None] = [None] * len(sizes)
     for time in reversed(range(len(sizes))) if reverse else range(len(sizes)):
         size, offset = sizes[time], offsets[time]
-        taken = step(projected[offset : offset + size], _map_state(state, lambda part: part[:size]))
-        state = taken if size == sizes[0] else _joined(taken, state, size)
+        if size == sizes[0]:  # every sequence takes this step
+            state = taken = step(projected[offset : offset + size], state)
+        else:
+            taken = step(projected[offset : offset + size], _map_state(state, lambda part: part[:size]))
+            state = _joined(taken, state, size)
         hidden[time] = taken[0] if isinstance(taken, tuple) else taken
     return torch.cat(hidden), state  # type: ignore[arg-type]  # every step filled it
 
@@ -120,46 +150,6 @@ def _joined(taken: State, state: State, size: int) -> State:
     if isinstance(taken, tuple):
         return tuple(torch.cat([new, old[size:]]) for new, old in zip(taken, state))
     return torch.cat([taken, state[size:]])
-
-
-def _run(module: nn.RNNBase, input: Tensor, hx: State) -> tuple[Tensor, State]:
-    batched = input.dim() == 3
-    if not batched:  # (time, features): one sequence
-        input = input.unsqueeze(1)
-        hx = None if hx is None else _map_state(hx, lambda state: state.unsqueeze(1))
-    elif module.batch_first:
-        input = input.transpose(0, 1)
-    lstm = isinstance(module, nn.LSTM)
-    h0, c0 = _initial_state(module, input, input.shape[1], hx, lstm)
-    directions = 2 if module.bidirectional else 1
-    layer_input = input
-    last_h: list[Tensor] = []
-    last_c: list[Tensor] = []
-    for layer in range(module.num_layers):
-        suffixes = [f"_l{layer}" + ("_reverse" if direction else "") for direction in range(directions)]
-        projected = _input_projection(module, layer_input, suffixes).chunk(directions, dim=-1)
-        outputs = []
-        for direction, suffix in enumerate(suffixes):
-            index = layer * directions + direction
-            state = (h0[index], c0[index]) if lstm else h0[index]
-            step = _step_function(module, suffix)
-            sequence, state = _direction(step, projected[direction], state, reverse=direction == 1)
-            outputs.append(sequence)
-            if lstm:
-                last_h.append(state[0])
-                last_c.append(state[1])
-            else:
-                last_h.append(state)
-        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
-        if module.dropout and module.training and layer < module.num_layers - 1:
-            layer_input = F.dropout(layer_input, module.dropout, training=True)
-    output: Tensor = layer_input
-    final: State = (torch.stack(last_h), torch.stack(last_c)) if lstm else torch.stack(last_h)
-    if not batched:
-        return output.squeeze(1), _map_state(final, lambda state: state.squeeze(1))
-    if module.batch_first:
-        output = output.transpose(0, 1)
-    return output, final
 
 
 def _map_state(state: State, change: Callable[[Tensor], Tensor]) -> State:
@@ -205,18 +195,6 @@ def _input_projection(module: nn.RNNBase, input: Tensor, suffixes: list[str]) ->
     if not isinstance(module, nn.GRU):
         biases = [bias + getattr(module, "bias_hh" + suffix) for bias, suffix in zip(biases, suffixes)]
     return F.linear(input, weight, torch.cat(biases))
-
-
-def _direction(
-    step: Callable[[Tensor, State], State], projected: Tensor, state: State, reverse: bool
-) -> tuple[Tensor, State]:
-    """One layer in one direction over all time steps: the hidden states ``(time, batch, hidden)`` and the last state."""
-    steps = range(projected.shape[0])
-    hidden: list[Tensor | None] = [None] * projected.shape[0]
-    for time in reversed(steps) if reverse else steps:
-        state = step(projected[time], state)
-        hidden[time] = state[0] if isinstance(state, tuple) else state
-    return torch.stack(hidden), state  # type: ignore[arg-type]  # every step filled it
 
 
 def _step_function(module: nn.RNNBase, suffix: str) -> Callable[[Tensor, State], State]:
