@@ -15,6 +15,7 @@ torch.Size([2, 4])
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -43,7 +44,7 @@ def explain(
     x: Inputs,
     composite: str | Composite | None = "epsilon_plus_flat",
     target: Target = None,
-    model_kwargs: dict[str, Any] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     output: OutputSelector = None,
 ) -> Attribution:
     """Explain ``model``'s prediction on ``x`` in one call.

@@ -417,11 +417,11 @@ def explained_inputs(
 
 def _checked_part(part: Any, index: int, single: bool, autograd: bool) -> bool:
     """:func:`check_input` for one of the inputs, naming it when there are several."""
-    if single:
-        return check_input(part, autograd, tokens=True)
     try:
         return check_input(part, autograd, tokens=True)
     except (TypeError, RuntimeError) as error:
+        if single:
+            raise
         raise type(error)(f"input {index}: {error}") from None
 
 
@@ -1089,7 +1089,7 @@ class Gradient:
         target: Target = None,
         layer: str | None = None,
         record: Record = None,
-        model_kwargs: dict[str, Any] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
     ) -> Attribution:
         """Explain ``x`` for ``target`` (see the module docstring for the target forms)."""
         given = explained_inputs(x, model_kwargs=model_kwargs)
@@ -1112,7 +1112,7 @@ class _ScoreGradient:
         self.output = output
 
     def _score_gradient(
-        self, x: Inputs, target: Target, layer: str | None, model_kwargs: dict[str, Any] | None
+        self, x: Inputs, target: Target, layer: str | None, model_kwargs: Mapping[str, Any] | None
     ) -> tuple[Tensor, Tensor, ExplainedInputs, tuple[Tensor, ...], tuple[Tensor, ...]]:
         """``(output, weights, given, explained, gradients)`` for ``x``.
 
@@ -1158,7 +1158,7 @@ class GradientXInput(_ScoreGradient):
     """
 
     def __call__(
-        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: dict[str, Any] | None = None
+        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: Mapping[str, Any] | None = None
     ) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
         output, weights, given, explained, gradients = self._score_gradient(x, target, layer, model_kwargs)
@@ -1209,7 +1209,7 @@ class Sensitivity(_ScoreGradient):
         self.sum_channels = sum_channels
 
     def __call__(
-        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: dict[str, Any] | None = None
+        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: Mapping[str, Any] | None = None
     ) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
         output, weights, given, _, gradients = self._score_gradient(x, target, layer, model_kwargs)
@@ -1271,6 +1271,15 @@ class _Batched:
 
     def _batches(self, count: int) -> Iterator[Tensor]:
         return _batches(count, self.batch_size, type(self).__name__, self.progress)
+
+    @contextmanager
+    def _explaining(
+        self, x: Inputs, layer: str | None, model_kwargs: Mapping[str, Any] | None
+    ) -> Iterator[tuple[ExplainedInputs, _Session, tuple[Tensor, ...]]]:
+        """The checked inputs, the open session, and the tensors explained (token ids as vectors)."""
+        given = explained_inputs(x, batched=type(self).__name__, model_kwargs=model_kwargs)
+        with _Session(self.model, self.composite, self.output, layer, inputs=given) as session:
+            yield given, session, tuple(part.detach() for part in session.explained())
 
     def _clean(self, session: _Session, parts: tuple[Tensor, ...]) -> Tensor:
         """The explained output for the inputs as given (batched, without gradients)."""
@@ -1355,12 +1364,10 @@ class SmoothGrad(_Batched):
         self.seed = seed
 
     def __call__(
-        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: dict[str, Any] | None = None
+        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: Mapping[str, Any] | None = None
     ) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        given = explained_inputs(x, batched=type(self).__name__, model_kwargs=model_kwargs)
-        with _Session(self.model, self.composite, self.output, layer, inputs=given) as session:
-            parts = tuple(part.detach() for part in session.explained())
+        with self._explaining(x, layer, model_kwargs) as (given, session, parts):
             clean = self._clean(session, parts)
             score = _score(clean, target, layer)
             patterns = self._patterns(parts)
@@ -1485,12 +1492,10 @@ class IntegratedGradients(_Batched):
         self.method = method
 
     def __call__(
-        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: dict[str, Any] | None = None
+        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: Mapping[str, Any] | None = None
     ) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
-        given = explained_inputs(x, batched=type(self).__name__, model_kwargs=model_kwargs)
-        with _Session(self.model, self.composite, self.output, layer, inputs=given) as session:
-            parts = tuple(part.detach() for part in session.explained())
+        with self._explaining(x, layer, model_kwargs) as (given, session, parts):
             baselines = self._baselines(given, parts, session)
             differences = [part - baseline for part, baseline in zip(parts, baselines)]
             alphas = [torch.tensor(self.alphas, dtype=part.dtype, device=part.device) for part in parts]
@@ -1639,7 +1644,7 @@ class Occlusion(_Batched):
         self.fill = fill
 
     def __call__(
-        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: dict[str, Any] | None = None
+        self, x: Inputs, target: Target = None, layer: str | None = None, model_kwargs: Mapping[str, Any] | None = None
     ) -> Attribution:
         """Explain ``x`` for ``target``, at the model's output or at ``layer``'s output."""
         given = explained_inputs(x, autograd=False, batched=type(self).__name__, model_kwargs=model_kwargs)

@@ -23,17 +23,24 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .attribution import Inputs, OutputSelector, Target, explained_inputs, initial_relevance, select_output
+from .attribution import (
+    Inputs,
+    OutputSelector,
+    Target,
+    _input_gradients,
+    _requiring_grad,
+    _Session,
+    explained_inputs,
+    initial_relevance,
+)
 from .canonizers import FunctionalCapture
 from .captured import CapturedOp
 from .composites import Composite
 from .composites import get_for_input
 from .composites.maps import eager_module
 from .ops import hooks_are_suspended
-from .tokens import TokenLookup
 
 
 @dataclass
@@ -154,28 +161,15 @@ def describe(
     if isinstance(composite, str):
         composite = get_for_input(composite, x)
     table = Description()
-    positions = given.token_positions
-    with composite.context(model), ExitStack() as stack, torch.enable_grad():
-        lookup = TokenLookup(model) if positions else None
-        vectors: dict[int, Tensor] = {}
-        if lookup is not None:  # before the watching hooks: they see the vectors put in
-            stack.callback(lookup.remove)
-            vectors = dict(zip(positions, lookup.vectors(model, given.parts, positions)))
-        inputs = tuple(vectors.get(index, part).detach().requires_grad_(True) for index, part in enumerate(given.parts))
+    with _Session(model, composite, output, inputs=given) as session, ExitStack() as stack:
+        inputs = _requiring_grad(session.explained())  # (the lookup of token ids is before the watching hooks)
         _watch_modules(model, composite, table, stack)
         for capture in (c for c in composite.canonizers if isinstance(c, FunctionalCapture)):
             stack.callback(capture.observe(model, _op_observer(table)).remove)
-        if lookup is None:
-            raw = model(*inputs)
-        else:
-            args = tuple(given.parts[index] if index in vectors else tensor for index, tensor in enumerate(inputs))
-            raw = lookup.run(model, args, {index: inputs[index] for index in vectors})
-        explained = select_output(raw, output)
-        gradients = torch.autograd.grad(explained, inputs, initial_relevance(explained, target), allow_unused=True)
+        explained = session.forward(inputs)
+        gradients = _input_gradients(explained, inputs, initial_relevance(explained, target))
     table.output = explained.detach()
-    table.relevance = given.packed(
-        [torch.zeros_like(tensor) if gradient is None else gradient.detach() for tensor, gradient in zip(inputs, gradients)]
-    )
+    table.relevance = given.packed(gradients)
     return table
 
 

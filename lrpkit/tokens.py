@@ -208,7 +208,8 @@ class TokenLookup:
 
     def embedding(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
         """An ``F.embedding`` call: the vectors in place of its output if it looks up the ids."""
-        lookup, weight = (list(args) + [kwargs.get("input"), kwargs.get("weight")][len(args):])[:2]
+        lookup = args[0] if args else kwargs.get("input")
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
         source = self._source(lookup)
         output = F.embedding(*args, **kwargs)
         if source is None:
