@@ -90,35 +90,47 @@ def tiny_resnet() -> nn.Module:
 _CUSTOM_MODELS: dict[str, Callable[[], nn.Module]] = {"tiny-vgg": tiny_vgg, "tiny-resnet": tiny_resnet}
 
 
-def build_model(name: str, seed: int = 0) -> nn.Module:
-    """Model ``name`` with seeded random weights, in eval mode.
+def build_model(name: str, seed: int = 0, weights: str | None = None) -> nn.Module:
+    """Model ``name`` with seeded random weights (or ``weights``), in eval mode.
 
-    ``name`` is ``tiny-vgg``, ``tiny-resnet`` or a torchvision classification model
-    (``vgg16``, ``resnet50``, ...; ``weights=None``). A dense layer that torchvision initialises
-    to zero (the classification head of the vision transformers) gets PyTorch's default random
+    ``name`` is ``tiny-vgg``, ``tiny-resnet``, a torchvision classification model (``vgg16``,
+    ``resnet50``, ...; ``weights=None``) or your own as ``path/to/file.py:factory`` /
+    ``package.module:factory`` (see :mod:`lrpkit.loading`). A dense layer initialised to zero
+    (the classification head of torchvision's vision transformers) gets PyTorch's default random
     initialisation instead: with a zero head every output, and so every relevance, is zero.
+    ``weights``: a ``state_dict`` file loaded afterwards.
 
     Raises
     ------
     ValueError
-        If no such model exists.
+        If no such model exists, or the weights do not fit it.
     """
+    from lrpkit.loading import is_model_spec, load_weights, model_from_spec
+
     factory = _CUSTOM_MODELS.get(name) or getattr(torchvision.models, name, None)
-    if not callable(factory) or name.startswith("_"):
-        raise ValueError(f"unknown model {name!r}: use tiny-vgg, tiny-resnet or a torchvision model name")
+    if not is_model_spec(name) and (not callable(factory) or name.startswith("_")):
+        raise ValueError(
+            f"unknown model {name!r}: use tiny-vgg, tiny-resnet, a torchvision model name or "
+            "path/to/file.py:factory"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = factory() if name in _CUSTOM_MODELS else factory(weights=None)
+        if is_model_spec(name):
+            model = model_from_spec(name)
+        else:
+            model = factory() if name in _CUSTOM_MODELS else factory(weights=None)
         for module in model.modules():
             if isinstance(module, nn.Linear) and not module.weight.any():
                 module.reset_parameters()
+    if weights is not None:
+        load_weights(model, weights)
     return model.eval()
 
 
-def make_input(batch: int, size: int, device: str, seed: int = 1) -> Tensor:
-    """``batch`` RGB images of ``size`` x ``size`` pixels, uniform noise in ``[0, 1]``."""
+def make_input(batch: int, shape: tuple[int, ...], device: str, seed: int = 1) -> Tensor:
+    """``batch`` inputs of ``shape`` (RGB images: ``(3, H, W)``), uniform noise in ``[0, 1]``."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 3, size, size, generator=generator).to(device)
+    return torch.rand(batch, *shape, generator=generator).to(device)
 
 
 def is_resnet(model: nn.Module) -> bool:
@@ -286,12 +298,19 @@ def initialise_runtime() -> None:
 
 
 def peak_rss_of_one_explanation(
-    model_name: str, batch: int, size: int, method: Method, threads: int | None, malloc: str = "default"
+    model_name: str,
+    batch: int,
+    shape: tuple[int, ...],
+    method: Method,
+    threads: int | None,
+    malloc: str = "default",
+    weights: str | None = None,
 ) -> float:
     """Run in a fresh child process: peak RSS increase (MiB) of one explanation after setup.
 
-    ``malloc``: ``"default"``, ``"tuned"`` (:func:`~benchmarks.timing.tune_malloc`) or
-    ``"mapped"`` (:func:`~benchmarks.timing.map_large_allocations`).
+    ``shape``: the input's shape after the batch dimension. ``malloc``: ``"default"``,
+    ``"tuned"`` (:func:`~benchmarks.timing.tune_malloc`) or ``"mapped"``
+    (:func:`~benchmarks.timing.map_large_allocations`).
     """
     set_threads(threads)
     if malloc == "tuned":
@@ -299,8 +318,8 @@ def peak_rss_of_one_explanation(
     elif malloc == "mapped" and not map_large_allocations():
         raise RuntimeError("glibc's mallopt is not available: no mapped measurement")
     initialise_runtime()
-    model = build_model(model_name)
-    x = make_input(batch, size, "cpu")
+    model = build_model(model_name, weights=weights)
+    x = make_input(batch, shape, "cpu")
     probe = PeakRss()
     with frozen_parameters(model):
         explain = make_explainer(method, model, x)
@@ -328,9 +347,9 @@ def measure_configuration(
 ) -> list[dict[str, Any]]:
     """Time (and measure memory of) every method on one model and batch size; one row each."""
     device = options.device
-    assert options.size is not None and options.repeats is not None and options.warmup is not None
-    model = build_model(model_name).to(device)
-    x = make_input(batch, options.size, device)
+    assert options.repeats is not None and options.warmup is not None
+    model = build_model(model_name, weights=options.weights).to(device)
+    x = make_input(batch, options.shape(), device)
     rows = {method: _empty_row(model_name, batch, options, method) for method in methods}
     relevances: dict[Method, Tensor] = {}
     explainers: dict[Method, Explainer] = {}
@@ -370,6 +389,7 @@ def _empty_row(model_name: str, batch: int, options: BenchOptions, method: Metho
         "model": model_name,
         "batch": batch,
         "size": options.size,
+        "input_shape": list(options.shape()),
         "device": options.device,
         "method": method.name,
         "library": method.library,
@@ -408,7 +428,8 @@ def _measure_memory(
             continue
         for key, malloc in (("peak_mib", options.malloc), ("peak_mib_mapped", "mapped")):
             result = run_in_child(
-                peak_rss_of_one_explanation, model_name, batch, options.size, method, options.threads, malloc
+                peak_rss_of_one_explanation,
+                model_name, batch, options.shape(), method, options.threads, malloc, options.weights,
             )
             if result.error is not None:
                 row["error"] = f"memory ({malloc} allocator): {result.error.splitlines()[0]}"
@@ -449,7 +470,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for model_name in options.models:
         for batch in options.batches:
-            _progress(f"[models] {model_name}, batch {batch}, {options.size}x{options.size}, {options.device}")
+            shape = "x".join(map(str, options.shape()))
+            _progress(f"[models] {model_name}, batch {batch}, input {shape}, {options.device}")
             rows.extend(measure_configuration(model_name, batch, options, methods))
     notes = [
         "parameters frozen (requires_grad=False) for every method during the measurement, restored afterwards",

@@ -31,6 +31,11 @@ class BenchOptions:
         Untimed calls before the timed ones.
     size
         Input height and width in pixels (models suite).
+    input_shape
+        Models suite: the input's shape after the batch dimension, for a model that does not take
+        ``(3, size, size)`` images (``None``: ``(3, size, size)``).
+    weights
+        Models suite: a ``state_dict`` file loaded into the (single) model.
     out
         Directory for the JSON and markdown files.
     quick
@@ -51,6 +56,8 @@ class BenchOptions:
     repeats: int | None = None
     warmup: int | None = None
     size: int | None = None
+    input_shape: list[int] | None = None
+    weights: str | None = None
     out: Path = field(default_factory=lambda: DEFAULT_OUT)
     quick: bool = False
     memory: bool = True
@@ -68,6 +75,8 @@ class BenchOptions:
             repeats=args.repeats,
             warmup=args.warmup,
             size=args.size,
+            input_shape=args.input_shape,
+            weights=args.weights,
             out=Path(args.out) if args.out is not None else DEFAULT_OUT,
             quick=args.quick,
             memory=not args.no_memory,
@@ -82,6 +91,13 @@ class BenchOptions:
             if values.get(name) is None:
                 values[name] = value
         return BenchOptions(**values)
+
+    def shape(self) -> tuple[int, ...]:
+        """The models suite's input shape after the batch dimension (after :meth:`resolved`)."""
+        if self.input_shape is not None:
+            return tuple(self.input_shape)
+        assert self.size is not None
+        return (3, self.size, self.size)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready view (paths as strings)."""

@@ -121,6 +121,10 @@ def command_line(options: dict[str, Any]) -> str:
     words = ["lrpkit", "bench", options["suite"], "--device", options["device"]]
     if options["suite"] == "models":
         words += ["--models", *options["models"], "--size", str(options["size"])]
+        if options.get("input_shape") is not None:
+            words += ["--input-shape", *map(str, options["input_shape"])]
+        if options.get("weights") is not None:
+            words += ["--weights", options["weights"]]
     words += ["--batch", *map(str, options["batches"]), "--repeats", str(options["repeats"]),
               "--warmup", str(options["warmup"])]
     if options["threads"] is not None:
@@ -217,8 +221,9 @@ def models_markdown(payload: dict[str, Any]) -> str:
     for row in payload["rows"]:
         groups.setdefault((row["model"], row["batch"]), []).append(row)
     for (model, batch), rows in groups.items():
-        size, device = rows[0]["size"], rows[0]["device"]
-        lines += ["", f"## {model}, batch {batch}, {size}x{size}, {device}", ""]
+        shape, device = rows[0]["input_shape"], rows[0]["device"]
+        label = f"{shape[1]}x{shape[2]}" if len(shape) == 3 and shape[0] == 3 else "input " + "x".join(map(str, shape))
+        lines += ["", f"## {model}, batch {batch}, {label}, {device}", ""]
         table = [[format_value(row.get(key), spec) for _, key, spec in MODEL_COLUMNS] for row in rows]
         lines.append(markdown_table([header for header, _, _ in MODEL_COLUMNS], table))
         errors = [f"- {row['method']}: {row['error']}" for row in rows if row["error"]]

@@ -54,52 +54,179 @@ def _demo_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- describe
+# -------------------------------------------------------------------- explain, describe
+
+_MODEL_HELP = (
+    "'digits-cnn' (the demo's trained CNN, on a test digit), a torchvision model name such as "
+    "resnet18 (weights=None unless --weights is given), or your own model as path/to/file.py:factory "
+    "or package.module:factory (a function or class called without arguments that returns the "
+    "nn.Module); without --input it is explained on a random image"
+)
 
 
-def _describe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL",
-                        help="'digits-cnn' (the demo's trained CNN, explained on a test digit) or a "
-                             "torchvision model name such as resnet18 (weights=None, explained on a "
-                             "random image unless --weights is given)")
+class _UsageError(Exception):
+    """A bad command line: printed as ``lrpkit <command>: <message>``, exit status 2."""
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL and the options that say how to build it and what to feed it (explain, describe)."""
+    parser.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     parser.add_argument("--composite", default="epsilon_plus_flat",
                         help="preset name (default: epsilon_plus_flat)")
     parser.add_argument("--weights", metavar="PATH", default=None,
-                        help="a state_dict file to load into the torchvision model")
-    parser.add_argument("--size", metavar="PIXELS", type=int, default=64,
-                        help="input height and width for torchvision models (default: 64)")
+                        help="a state_dict file (torch.save) to load into the model")
+    parser.add_argument("--input", metavar="PATH", default=None,
+                        help="what to explain: an image (PNG, JPEG, ...; RGB in [0, 1], batch of one), "
+                             "a tensor saved with torch.save (.pt) or a NumPy array (.npy), with its "
+                             "batch dimension (default: a random image)")
+    parser.add_argument("--input-shape", metavar="DIM", type=int, nargs="+", default=None,
+                        help="shape of the random input after the batch dimension, e.g. 3 32 32 "
+                             "(default: 3 SIZE SIZE)")
+    parser.add_argument("--size", metavar="PIXELS", type=int, default=None,
+                        help="height and width of the random image (default: 64), or of an --input "
+                             "image after resizing (default: as it is)")
     parser.add_argument("--target", metavar="CLASS", type=int, default=None,
                         help="class to explain (default: the predicted class)")
 
 
-def _describe_run(args: argparse.Namespace) -> int:
+def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model (eval mode) and the input batch the command line names; :class:`_UsageError` if it cannot."""
     import torch
 
-    import lrpkit
     from lrpkit.composites import names
 
     if args.composite not in names():
-        print(f"lrpkit describe: unknown composite {args.composite!r}; known: {', '.join(names())}",
-              file=sys.stderr)
-        return 2
+        raise _UsageError(f"unknown composite {args.composite!r}; known: {', '.join(names())}")
+    if args.size is not None and args.size < 1 or args.input_shape is not None and min(args.input_shape) < 1:
+        raise _UsageError("--size and --input-shape must be at least 1")
+    if args.input is not None and args.input_shape is not None:
+        raise _UsageError("give --input or --input-shape, not both")
+    model, x = _build_model(args)
+    if args.weights is not None:
+        _load_weights(model, args.weights)
+    if args.input is not None:
+        x = _load_input(args)
+    elif x is None:
+        shape = args.input_shape or [3, args.size or 64, args.size or 64]
+        x = torch.rand(1, *shape)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None and x.is_floating_point():
+        x = x.to(dtype)
+    return model.eval(), x
+
+
+def _build_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model MODEL names, and the input that comes with it (``None`` but for digits-cnn)."""
+    from lrpkit.loading import is_model_spec, model_from_spec
+
     if args.model == "digits-cnn":
+        if args.weights is not None:
+            raise _UsageError("digits-cnn comes with its weights; --weights is for torchvision models and your own")
         from lrpkit.digits import load_digits_tensors, pretrained_cnn
 
-        model: torch.nn.Module = pretrained_cnn()
-        x = load_digits_tensors()[2][:1]
-    else:
-        import torchvision
+        return pretrained_cnn(), load_digits_tensors()[2][:1]
+    if is_model_spec(args.model):
+        try:
+            return model_from_spec(args.model), None
+        except (ValueError, AttributeError, FileNotFoundError, ModuleNotFoundError) as error:
+            raise _UsageError(str(error)) from error
+    import torchvision
 
-        factory = getattr(torchvision.models, args.model, None)
-        if not callable(factory) or args.model.startswith("_"):
-            print(f"lrpkit describe: torchvision has no model {args.model!r}", file=sys.stderr)
-            return 2
-        extra = {"image_size": args.size} if args.model.startswith("vit_") else {}
-        model = factory(weights=None, **extra)
-        if args.weights is not None:
-            model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-        x = torch.rand(1, 3, args.size, args.size)
-    print(lrpkit.describe(model.eval(), x, composite=args.composite, target=args.target))
+    factory = getattr(torchvision.models, args.model, None)
+    if not callable(factory) or args.model.startswith("_"):
+        raise _UsageError(
+            f"torchvision has no model {args.model!r}; for your own model write path/to/file.py:factory"
+        )
+    extra = {"image_size": args.size or 64} if args.model.startswith("vit_") else {}
+    return factory(weights=None, **extra), None
+
+
+def _load_weights(model: Any, path: str) -> None:
+    from lrpkit.loading import load_weights
+
+    try:
+        load_weights(model, path)
+    except (ValueError, FileNotFoundError) as error:
+        raise _UsageError(str(error)) from error
+
+
+def _load_input(args: argparse.Namespace) -> Any:
+    from lrpkit.loading import load_input
+
+    try:
+        return load_input(args.input, None if args.size is None else (args.size, args.size))
+    except (ValueError, FileNotFoundError) as error:
+        raise _UsageError(str(error)) from error
+
+
+def _explain_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    parser.add_argument("--out", metavar="PATH", default="lrpkit-explanation.png",
+                        help="where to write the heatmap PNG of an image input (default: "
+                             "./lrpkit-explanation.png)")
+    parser.add_argument("--save", metavar="PATH", default=None,
+                        help="also save the output and relevance tensors (torch.save) here")
+
+
+def _explain_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import lrpkit
+
+    model, x = _model_and_input(args)
+    result = lrpkit.explain(model, x, composite=args.composite, target=args.target)
+    print(_summary(result))
+    if args.save is not None:
+        torch.save({"input": x, "output": result.output, "relevance": result.relevance, "start": result.start}, args.save)
+        print(f"saved input, output and relevance to {args.save}")
+    if x.dim() == 4:
+        print(f"wrote {_write_heatmaps(x, result.relevance, args.out)}")
+    else:
+        print(f"no heatmap: the input is shaped {tuple(x.shape)}, not (N, C, H, W); --save keeps the relevance")
+    return 0
+
+
+def _summary(result: Any) -> str:
+    """One line per sample (the first eight): the explained class, its logit and the relevance's sum."""
+    output, relevance, start = result.output, result.relevance, result.start
+    lines = [f"output {tuple(output.shape)}, relevance {tuple(relevance.shape)}"]
+    for index in range(min(len(output), 8)):
+        explained = start[index].flatten()
+        target = int(explained.abs().argmax())
+        total = float(relevance[index].sum())
+        logit = float(explained[target])
+        share = f" = {total / logit:.4f} x the logit" if logit != 0 else ""
+        lines.append(f"sample {index}: class {target}, logit {logit:.6g}; relevance sums to {total:.6g}{share}")
+    return "\n".join(lines)
+
+
+def _write_heatmaps(x: Any, relevance: Any, out: str) -> Any:
+    """Input and heatmap of each sample (the first eight) side by side, as one PNG."""
+    from lrpkit import image
+
+    count = min(len(x), 8)
+    cells = [[_shown_input(x[index]), image.heatmap(relevance[index])] for index in range(count)]
+    scale = max(1, 256 // max(x.shape[-2:]))
+    return image.save_png(image.grid(cells, col_labels=["input", "relevance"], scale=scale), out)
+
+
+def _shown_input(sample: Any) -> Any:
+    """A sample as an image: one or three channels as they are, other counts as their mean."""
+    from lrpkit import image
+
+    values = sample.detach().float()
+    return image.to_rgb(values if values.shape[0] in (1, 3) else values.mean(0))
+
+
+def _describe_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+
+
+def _describe_run(args: argparse.Namespace) -> int:
+    import lrpkit
+
+    model, x = _model_and_input(args)
+    print(lrpkit.describe(model, x, composite=args.composite, target=args.target))
     return 0
 
 
@@ -113,8 +240,15 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where to run (default: cpu)")
     parser.add_argument("--models", nargs="+", metavar="NAME", default=None,
-                        help="models suite: torchvision model names or tiny-vgg / tiny-resnet "
-                             "(default: vgg16 resnet50; with --quick: tiny-vgg tiny-resnet)")
+                        help="models suite: torchvision model names, tiny-vgg / tiny-resnet, or your own "
+                             "as path/to/file.py:factory or package.module:factory (default: vgg16 "
+                             "resnet50; with --quick: tiny-vgg tiny-resnet)")
+    parser.add_argument("--weights", metavar="PATH", default=None,
+                        help="models suite: a state_dict file to load into the model (one model only; "
+                             "default: seeded random weights)")
+    parser.add_argument("--input-shape", metavar="DIM", type=int, nargs="+", default=None,
+                        help="models suite: the input's shape after the batch dimension, for a model "
+                             "that does not take 3 x SIZE x SIZE images (inputs are uniform in [0, 1])")
     parser.add_argument("--batch", nargs="+", type=int, metavar="N", default=None,
                         help="batch sizes (default: models 1 8 on the CPU, 1 8 32 on CUDA; rules 8; "
                              "with --quick: 1 and 2)")
@@ -178,6 +312,12 @@ def _bench_run(args: argparse.Namespace) -> int:
     if args.batch is not None and min(args.batch) < 1:
         print("lrpkit bench: --batch sizes must be at least 1", file=sys.stderr)
         return 2
+    if args.input_shape is not None and min(args.input_shape) < 1:
+        print("lrpkit bench: --input-shape must be at least 1 in every dimension", file=sys.stderr)
+        return 2
+    if args.weights is not None and (args.models is None or len(args.models) != 1):
+        print("lrpkit bench: --weights belongs to one model: give exactly one --models NAME", file=sys.stderr)
+        return 2
     benchmarks = _import_benchmarks()
     if benchmarks is None:
         print("lrpkit bench: the benchmarks live in the lrpkit repository, not in the installed "
@@ -192,6 +332,11 @@ COMMANDS: dict[str, Command] = {
         help="explain 8x8 digits with three LRP composites and the gradient, write a PNG",
         add_arguments=_demo_arguments,
         run=_demo_run,
+    ),
+    "explain": Command(
+        help="explain a model's prediction (torchvision, digits-cnn or your own) and write a heatmap",
+        add_arguments=_explain_arguments,
+        run=_explain_run,
     ),
     "describe": Command(
         help="print every module and captured call of a model with its rule and relevance",
@@ -251,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command].run(args)
+    except _UsageError as error:
+        print(f"lrpkit {args.command}: {error}", file=sys.stderr)
+        return 2
     except ImportError as error:
         if "pip install" not in str(error):  # a bug, not a missing optional dependency
             raise

@@ -16,7 +16,7 @@ from lrpkit.cli import main
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 MODEL_KEYS = {
-    "model", "batch", "size", "device", "method", "library", "composite", "median_ms", "times_ms",
+    "model", "batch", "size", "input_shape", "device", "method", "library", "composite", "median_ms", "times_ms",
     "ratio_vs_gradient", "zennit_over_lrpkit", "peak_mib", "memory_vs_gradient",
     "memory_lrpkit_over_zennit", "max_rel_diff_vs_zennit", "error", "peak_mib_mapped",
     "memory_vs_gradient_mapped", "memory_lrpkit_over_zennit_mapped", "gflop", "flops_vs_gradient",
@@ -100,6 +100,37 @@ def test_bench_models_quick(checkout, tmp_path, capsys):
     assert {row["composite"] for row in rows if row["library"] == "lrpkit"} >= {
         "EpsilonPlus, no capture", "EpsilonPlus, capture without op rules"}
     assert markdown in capsys.readouterr().out
+
+
+def test_bench_own_model_with_weights_and_input_shape(checkout, tmp_path, capsys):
+    (tmp_path / "own.py").write_text(
+        "from torch import nn\n"
+        "def mlp():\n"
+        "    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))\n"
+    )
+    import torch
+
+    torch.manual_seed(3)
+    weights = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).state_dict()
+    torch.save(weights, tmp_path / "own.pt")
+    spec = f"{tmp_path / 'own.py'}:mlp"
+    argv = ["bench", "models", "--quick", "--threads", "2", "--models", spec, "--weights", str(tmp_path / "own.pt"),
+            "--input-shape", "6", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    payload, markdown = _load(tmp_path, "models")
+    rows = payload["rows"]
+    assert {row["model"] for row in rows} == {spec} and all(row["input_shape"] == [6] for row in rows)
+    assert all(row["error"] is None for row in rows), [row["error"] for row in rows]
+    # the memory children built the same model from the file, with the weights
+    assert all(row["peak_mib"] is not None and row["peak_mib_mapped"] is not None for row in rows)
+    assert "--input-shape 6 --weights" in payload["command"]
+    assert f"## {spec}, batch 1, input 6, cpu" in markdown
+    from benchmarks.models import build_model
+
+    built = build_model(spec, weights=str(tmp_path / "own.pt"))
+    assert all(torch.equal(built.state_dict()[name], value) for name, value in weights.items())
+    assert main(["bench", "models", "--models", spec, "vgg16", "--weights", str(tmp_path / "own.pt")]) == 2
+    assert "give exactly one --models NAME" in capsys.readouterr().err
 
 
 def test_bench_outside_a_checkout_says_so(monkeypatch, tmp_path, capsys):

@@ -1,0 +1,107 @@
+"""``lrpkit explain`` and ``lrpkit describe`` on a user's own model, weights and input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lrpkit
+from lrpkit.cli import main
+
+MODEL_FILE = """
+import torch
+from torch import nn
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3, bias=False))
+
+def mlp():
+    return nn.Sequential(nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
+"""
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "net.py").write_text(MODEL_FILE)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(MODEL_FILE, namespace)
+    cnn = namespace["cnn"]()
+    with torch.no_grad():  # BatchNorm statistics that are not the defaults: the weights must arrive
+        cnn[1].running_mean.uniform_(-0.5, 0.5)
+        cnn[1].running_var.uniform_(0.5, 2.0)
+    torch.save(cnn.state_dict(), tmp_path / "cnn.pt")
+    torch.save({"epoch": 3, "model_state_dict": namespace["mlp"]().state_dict()}, tmp_path / "mlp.ckpt")
+    pixels = (np.random.default_rng(0).random((12, 10, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    torch.save(torch.rand(3, 5, dtype=torch.float64), tmp_path / "rows.pt")
+    return tmp_path
+
+
+def test_explain_own_cnn_on_an_image(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, saved = files / "heatmap.png", files / "result.pt"
+    argv = ["explain", f"{files}/net.py:cnn", "--weights", str(files / "cnn.pt"), "--input", str(files / "image.png"),
+            "--size", "16", "--composite", "epsilon_plus", "--out", str(out), "--save", str(saved)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "sample 0: class" in printed
+    with Image.open(out) as image:
+        assert image.size[0] > image.size[1] > 0  # input and heatmap side by side
+    result = torch.load(saved, weights_only=True)
+    assert result["input"].shape == (1, 3, 16, 16) and result["relevance"].shape == (1, 3, 16, 16)
+    # the weights were loaded (the output is the weighted model's) and the relevance is lrpkit.explain's
+    namespace: dict = {}
+    exec(MODEL_FILE, namespace)
+    model = namespace["cnn"]()
+    model.load_state_dict(torch.load(files / "cnn.pt", weights_only=True))
+    expected = model.eval()(result["input"])
+    assert torch.allclose(result["output"], expected, atol=1e-6)
+    reference = lrpkit.explain(model, result["input"], composite="epsilon_plus")
+    assert torch.equal(result["relevance"], reference.relevance)
+
+
+def test_explain_rows_from_a_tensor_file(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["explain", f"{files}/net.py:mlp", "--weights", str(files / "mlp.ckpt"), "--input", str(files / "rows.pt"),
+            "--composite", "epsilon_plus", "--save", str(files / "r.pt"), "--out", str(files / "never.png")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sample 2: class" in printed and "= 1.0000 x the logit" in printed  # no biases: conserved
+    assert "no heatmap: the input is shaped (3, 5)" in printed and not (files / "never.png").exists()
+    assert torch.load(files / "r.pt", weights_only=True)["relevance"].dtype == torch.float32  # the model's dtype
+
+
+def test_explain_random_input_of_a_shape(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", f"{files}/net.py:mlp", "--input-shape", "5", "--out", str(files / "x.png")]) == 0
+    assert "relevance (1, 5)" in capsys.readouterr().out
+
+
+def test_describe_own_model(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["describe", f"{files}/net.py:cnn", "--weights", str(files / "cnn.pt"), "--input-shape", "3", "8", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "Conv2d" in table and "Flat(" in table and "1x4x8x8" in table
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{files}/net.py:cnn", "--input", "{files}/image.png", "--input-shape", "3", "4", "4"], "not both"),
+        (["{files}/net.py:cnn", "--weights", "{files}/mlp.ckpt"], "other shape: 0.weight (4, 5) (model: (4, 3, 3, 3))"),
+        (["{files}/net.py:nothing"], "has no 'nothing'"),
+        (["{files}/absent.py:cnn"], "does not exist"),
+        (["{files}/net.py:cnn", "--input", "{files}/net.py"], "unknown kind of file"),
+        (["{files}/net.py:cnn", "--composite", "nope"], "unknown composite 'nope'"),
+        (["no_such_model"], "torchvision has no model 'no_such_model'"),
+        (["digits-cnn", "--weights", "{files}/cnn.pt"], "digits-cnn comes with its weights"),
+        (["{files}/net.py:cnn", "--input-shape", "0"], "at least 1"),
+    ],
+)
+@pytest.mark.parametrize("command", ["explain", "describe"])
+def test_bad_command_lines(files: Path, command: str, argv: list[str], message: str,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, *(word.format(files=files) for word in argv)]) == 2
+    assert f"lrpkit {command}: " in (error := capsys.readouterr().err) and message in error
