@@ -97,7 +97,7 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.composite not in names():
         raise _UsageError(f"unknown composite {args.composite!r}; known: {', '.join(names())}")
-    if args.size is not None and args.size < 1 or args.input_shape is not None and min(args.input_shape) < 1:
+    if (args.size is not None and args.size < 1) or (args.input_shape is not None and min(args.input_shape) < 1):
         raise _UsageError("--size and --input-shape must be at least 1")
     if args.input is not None and args.input_shape is not None:
         raise _UsageError("give --input or --input-shape, not both")
@@ -218,10 +218,6 @@ def _shown_input(sample: Any) -> Any:
     return image.to_rgb(values if values.shape[0] in (1, 3) else values.mean(0))
 
 
-def _describe_arguments(parser: argparse.ArgumentParser) -> None:
-    _model_arguments(parser)
-
-
 def _describe_run(args: argparse.Namespace) -> int:
     import lrpkit
 
@@ -340,7 +336,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "describe": Command(
         help="print every module and captured call of a model with its rule and relevance",
-        add_arguments=_describe_arguments,
+        add_arguments=_model_arguments,
         run=_describe_run,
     ),
     "bench": Command(
