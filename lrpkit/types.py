@@ -48,6 +48,9 @@ AvgPool: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool3d,
     captured.Pool,
 )
+#: Captured resampling calls (``F.interpolate``, also the one ``nn.Upsample`` makes): linear maps without
+#: parameters, split proportionally like average pooling.
+Resample: tuple[type[nn.Module], ...] = (captured.Resample,)
 #: Max pooling layers and captured maxima (explained by their gradient: relevance goes to the winner).
 MaxPool: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d,
@@ -98,5 +101,6 @@ __all__ = [
     "ConvolutionTranspose",
     "Linear",
     "MaxPool",
+    "Resample",
     "Sum",
 ]

@@ -101,7 +101,7 @@ def default_op_rules(stabilizer: float = 1e-6) -> list[tuple[Any, Rule | None]]:
     """The rules captured calls get when the composite gives them none."""
     return [
         (captured.Add, Norm(stabilizer)),
-        (captured.Pool, Norm(stabilizer)),
+        ((captured.Pool, captured.Resample), Norm(stabilizer)),
         (captured.Activation, Pass()),
         (captured.Product, Product(stabilizer)),
         ((captured.LayerNorm, captured.GroupNorm), LayerNormConstant(stabilizer)),

@@ -92,11 +92,12 @@ def get_for_input(name: str, x: torch.Tensor | Sequence[torch.Tensor]) -> Compos
 
 
 def layer_map_base(stabilizer: float = 1e-6) -> list[tuple[Any, Any]]:
-    """The rules every preset shares: activations pass, sums and average pools split proportionally."""
+    """The rules every preset shares: activations pass, sums, average pools and resampling split proportionally."""
     return [
         (types.Activation, Pass()),
         (types.Sum, Norm(stabilizer=stabilizer)),
         (types.AvgPool, Norm(stabilizer=stabilizer)),
+        (types.Resample, Norm(stabilizer=stabilizer)),
         (types.BatchNorm, Pass()),
     ]
 

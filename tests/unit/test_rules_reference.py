@@ -336,6 +336,50 @@ def test_norm_on_pooling(pool_id, factory, in_shape, input_kind, stabilizer):
     assert_matches(relevance_in, result.relevance.reshape(x.shape), f"Norm/{pool_id}/{input_kind}")
 
 
+class _Interpolate(torch.nn.Module):
+    """``F.interpolate`` with fixed arguments (the call a model makes itself, captured)."""
+
+    def __init__(self, **arguments) -> None:
+        super().__init__()
+        self.arguments = arguments
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(x, **self.arguments)
+
+
+RESAMPLE_CASES = [
+    ("upsample-nearest-x2", lambda: torch.nn.Upsample(scale_factor=2), (2, 3, 3)),
+    ("upsample-bilinear-x2", lambda: torch.nn.Upsample(scale_factor=2, mode="bilinear"), (2, 3, 4)),
+    ("bilinear-align-corners", lambda: _Interpolate(size=(5, 6), mode="bilinear", align_corners=True), (2, 3, 4)),
+    ("bicubic-to-7x5", lambda: _Interpolate(size=(7, 5), mode="bicubic"), (1, 4, 4)),
+    ("area-5x5-to-3x3", lambda: _Interpolate(size=(3, 3), mode="area"), (2, 5, 5)),
+    ("linear-1d", lambda: _Interpolate(scale_factor=1.5, mode="linear"), (3, 4)),
+]
+
+
+@pytest.mark.parametrize("input_kind", INPUT_KINDS)
+@pytest.mark.parametrize("case_id, factory, in_shape", RESAMPLE_CASES, ids=[c[0] for c in RESAMPLE_CASES])
+def test_norm_on_resampling(case_id, factory, in_shape, input_kind):
+    """``F.interpolate`` (captured, inside a module without a rule) gets ``Norm``, the split of a linear map."""
+    module = factory()
+    J, out_shape = ref.dense_linear_map(module, in_shape)
+    for attempt in range(MAX_REDRAWS):
+        generator = torch.Generator().manual_seed(_seed(case_id, input_kind, None) + attempt)
+        x = draw_input(input_kind, (2, *in_shape), generator)
+        relevance_out = torch.randn((2, *out_shape), generator=generator, dtype=DTYPE)
+        result = ref.norm(J, x.reshape(2, -1), relevance_out.reshape(2, -1), stabilizer=1e-6)
+        if result.min_conditioning() > MIN_CONDITIONING:
+            break
+    else:
+        raise RuntimeError("no well-conditioned draw")
+    from lrpkit import composites
+
+    _, _, Gradient = _lrpkit()
+    composite = composites.LayerMapComposite(composites.layer_map_base())
+    _, relevance_in = Gradient(torch.nn.Sequential(module), composite=composite)(x, target=relevance_out)
+    assert_matches(relevance_in, result.relevance.reshape(x.shape), f"Norm/{case_id}/{input_kind}")
+
+
 # --------------------------------------------------------------------------------------
 # element-wise rules
 # --------------------------------------------------------------------------------------
