@@ -126,6 +126,16 @@ class GroupNorm(CapturedOp):
     """``group_norm`` and ``instance_norm``: default ``LayerNormConstant`` (the standard deviation held constant)."""
 
 
+class Normalize(CapturedOp):
+    """``F.normalize`` (``x / max(||x||_p, eps)``, cosine classifiers, CLIP-style embeddings): default ``Pass``.
+
+    The norm is held constant, as :class:`LayerNorm`'s rule holds the standard deviation
+    (CP-LRP): the call is then a scale of each element, and each element keeps its relevance. Its
+    gradient, which it would get as an unknown op, is orthogonal to ``x`` (the result does not
+    change with ``x``'s length) and gives relevance that no longer sums to the output's.
+    """
+
+
 class Softmax(CapturedOp):
     """``softmax`` and ``log_softmax``: the gradient (in attention, softmax outputs are gates)."""
 
@@ -271,6 +281,7 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
     Product: ("mul", "matmul", "bmm", "mm", "einsum", "div"),
     LayerNorm: ("layer_norm", "rms_norm"),
     GroupNorm: ("group_norm", "instance_norm"),
+    Normalize: ("normalize",),
     Softmax: ("softmax", "log_softmax"),
     Attention: ("scaled_dot_product_attention", "multi_head_attention_forward"),
     Dense: ("linear", "addmm", "_grouped_mm", "grouped_mm"),

@@ -102,7 +102,7 @@ def default_op_rules(stabilizer: float = 1e-6) -> list[tuple[Any, Rule | None]]:
     return [
         (captured.Add, Norm(stabilizer)),
         ((captured.Pool, captured.Resample), Norm(stabilizer)),
-        (captured.Activation, Pass()),
+        ((captured.Activation, captured.Normalize), Pass()),
         (captured.Product, Product(stabilizer)),
         ((captured.LayerNorm, captured.GroupNorm), LayerNormConstant(stabilizer)),
         (captured.Attention, AttentionValue(stabilizer)),

@@ -1859,3 +1859,37 @@ def test_call_sites_keep_their_object_between_contexts() -> None:
     assert isinstance(seen[2]["pow"], captured.Other)
     assert seen[0]["add"] is seen[2]["add"]
     assert hooks_left(model) == []
+
+
+class CosineClassifier(nn.Module):
+    """Features normalised to unit length, then a dense layer: a cosine classifier (scaled)."""
+
+    positive = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(25, 8, bias=False), nn.ReLU(), nn.Linear(8, 5, bias=False))
+        self.head = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10.0 * self.head(F.normalize(self.features(x), dim=1))
+
+
+def test_normalize_holds_the_norm_constant() -> None:
+    """``F.normalize`` is captured as ``Normalize`` with ``Pass``: each element keeps its relevance.
+
+    Its gradient (the control, with the call mapped to no rule) is orthogonal to the features and
+    breaks conservation.
+    """
+    model = build(CosineClassifier)
+    x = images()
+    result = Gradient(model, composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12))(x, record=["normalize", "head"])
+    rows = {row.name: row for row in lrpkit.describe(model, x, composites.EpsilonPlus())}
+    assert (rows["normalize"].kind, rows["normalize"].rule) == ("Normalize: normalize", "Pass()")
+    assert torch.allclose(result.intermediate["normalize"], result.intermediate["head"], rtol=1e-12, atol=1e-14)
+    assert_conserved(result.output, result.relevance, rtol=1e-8)
+    gradient_there = FunctionalCapture(stabilizer=1e-12, rules=[(captured.Normalize, None)])
+    control = composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12, canonizers=[gradient_there])
+    output, relevance = Gradient(model, control)(x)
+    with pytest.raises(AssertionError):
+        assert_conserved(output, relevance, rtol=1e-2)
