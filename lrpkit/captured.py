@@ -68,9 +68,10 @@ class Add(CapturedOp):
 
 
 class Pool(CapturedOp):
-    """Sums and averages (``sum``, ``mean``, ``avg_pool*``, ``adaptive_avg_pool*``, ``fold``): default ``Norm``.
+    """Sums and averages (``sum``, ``mean``, ``cumsum``, ``avg_pool*``, ``adaptive_avg_pool*``, ``fold``): default ``Norm``.
 
-    ``F.fold`` adds overlapping patches up, so it splits like a sum.
+    ``F.fold`` adds overlapping patches up, so it splits like a sum; ``cumsum`` is a sum per
+    position (as a gradient, each input would get the relevance of every later position).
     """
 
 
@@ -95,7 +96,10 @@ class Activation(CapturedOp):
     """Element-wise functions of one tensor (``relu``, ``gelu``, ``silu``, ``sigmoid``, ``x ** 2``, ``-x``, ...): default ``Pass``.
 
     ``pow`` is one only with a constant exponent (``x ** 2``, StarReLU's squared ReLU); ``x ** y``
-    of two activations is an :class:`Other` call.
+    of two activations is an :class:`Other` call. So is ``clamp`` (``clip``, ``clamp_min``,
+    ``clamp_max``) only with constant bounds: ``x.clamp(0, 6)`` is a ReLU6, ``x.clamp(min=0)`` a
+    ReLU, and passes relevance as those modules do; as a gradient it would drop the relevance of
+    the clipped values.
     """
 
 
@@ -178,6 +182,7 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
     Pool: (
         "sum",
         "mean",
+        "cumsum",
         "fold",
         "avg_pool1d",
         "avg_pool2d",
@@ -219,6 +224,10 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
         "logsigmoid",
         "softsign",
         "threshold",
+        "clamp",
+        "clip",
+        "clamp_min",
+        "clamp_max",
         "prelu",
         "pow",
         "rpow",

@@ -598,6 +598,9 @@ _KIND_BY_ACTIVATIONS: dict[str, Callable[[list[int]], type[captured.CapturedOp] 
     # x ** c: an element-wise function; x ** y, c ** x with a tensor c: not one of x alone
     "pow": lambda activations: None if activations == [0] else captured.Other,
     "rpow": lambda activations: None if activations == [0] else captured.Other,
+    # x.clamp(low, high) with constant bounds: an element-wise function (ReLU6, hardtanh); with a
+    # bound that is an activation too, not one of x alone
+    **{op: lambda activations: None if activations == [0] else captured.Other for op in ("clamp", "clip", "clamp_min", "clamp_max")},
 }
 #: Kinds whose in-place methods (``x.add_(y)``, ``x.relu_()``) keep the shape: captured with a write-back.
 _ELEMENTWISE_KINDS = (captured.Add, captured.Product, captured.Activation)

@@ -1893,3 +1893,51 @@ def test_normalize_holds_the_norm_constant() -> None:
     output, relevance = Gradient(model, control)(x)
     with pytest.raises(AssertionError):
         assert_conserved(output, relevance, rtol=1e-2)
+
+
+class Clamped(nn.Module):
+    """Two dense layers with ``x.clamp(low, high)`` between them, or the module that computes the same."""
+
+    positive = ()
+
+    def __init__(self, low: float | None = 0.0, high: float | None = 6.0, module: bool = False) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(25, 12), nn.Linear(12, 4)
+        self.low, self.high = low, high
+        self.activation = (nn.ReLU6() if high is not None else nn.ReLU()) if module else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = 20.0 * self.first(x.flatten(1))
+        hidden = self.activation(hidden) if self.activation is not None else hidden.clamp(self.low, self.high)
+        return self.second(hidden)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.0, 6.0), (0.0, None)], ids=["relu6", "relu"])
+def test_clamp_passes_relevance_as_the_activation_module(low: float, high: float | None) -> None:
+    """``x.clamp(0, 6)`` is explained as ``nn.ReLU6``, ``x.clamp(min=0)`` as ``nn.ReLU`` (``Pass``).
+
+    As a gradient the clamp would drop the relevance of the values clipped at 6.
+    """
+    torch.manual_seed(0)
+    functional = Clamped(low, high).double().eval()
+    module = copy.deepcopy(functional)
+    module.activation = nn.ReLU6() if high is not None else nn.ReLU()
+    x = images(batch=4)
+    composite = composites.EpsilonPlus()
+    result = Gradient(functional, composite)(x)
+    expected = Gradient(module, composite)(x)
+    assert torch.equal(result.output, expected.output)
+    assert torch.allclose(result.relevance, expected.relevance, rtol=1e-12, atol=1e-15)
+    rows = {row.name: row for row in lrpkit.describe(functional, x, composite)}
+    assert (rows["clamp"].kind, rows["clamp"].rule) == ("Activation: clamp", "Pass()")
+    if high is not None:
+        assert (20.0 * functional.first(x.flatten(1)) > 6.0).any()  # some values are clipped at 6
+
+
+def test_clamp_with_a_bound_that_is_an_activation_is_another_call() -> None:
+    class Bounded(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.clamp(max=x.mean(dim=1, keepdim=True)).sum(dim=1, keepdim=True)
+
+    rows = {row.name: row for row in lrpkit.describe(Bounded(), torch.rand(2, 3, dtype=DTYPE), "epsilon_plus", target=0)}
+    assert rows["clamp"].kind == "Other: clamp"

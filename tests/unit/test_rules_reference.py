@@ -336,31 +336,37 @@ def test_norm_on_pooling(pool_id, factory, in_shape, input_kind, stabilizer):
     assert_matches(relevance_in, result.relevance.reshape(x.shape), f"Norm/{pool_id}/{input_kind}")
 
 
-class _Interpolate(torch.nn.Module):
-    """``F.interpolate`` with fixed arguments (the call a model makes itself, captured)."""
+class _Call(torch.nn.Module):
+    """``function(x, **arguments)``: a call the model makes itself, captured."""
 
-    def __init__(self, **arguments) -> None:
+    def __init__(self, function: Callable[..., torch.Tensor], **arguments) -> None:
         super().__init__()
+        self.function = function
         self.arguments = arguments
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.interpolate(x, **self.arguments)
+        return self.function(x, **self.arguments)
+
+
+def _interpolate(**arguments) -> _Call:
+    return _Call(torch.nn.functional.interpolate, **arguments)
 
 
 RESAMPLE_CASES = [
     ("upsample-nearest-x2", lambda: torch.nn.Upsample(scale_factor=2), (2, 3, 3)),
     ("upsample-bilinear-x2", lambda: torch.nn.Upsample(scale_factor=2, mode="bilinear"), (2, 3, 4)),
-    ("bilinear-align-corners", lambda: _Interpolate(size=(5, 6), mode="bilinear", align_corners=True), (2, 3, 4)),
-    ("bicubic-to-7x5", lambda: _Interpolate(size=(7, 5), mode="bicubic"), (1, 4, 4)),
-    ("area-5x5-to-3x3", lambda: _Interpolate(size=(3, 3), mode="area"), (2, 5, 5)),
-    ("linear-1d", lambda: _Interpolate(scale_factor=1.5, mode="linear"), (3, 4)),
+    ("bilinear-align-corners", lambda: _interpolate(size=(5, 6), mode="bilinear", align_corners=True), (2, 3, 4)),
+    ("bicubic-to-7x5", lambda: _interpolate(size=(7, 5), mode="bicubic"), (1, 4, 4)),
+    ("area-5x5-to-3x3", lambda: _interpolate(size=(3, 3), mode="area"), (2, 5, 5)),
+    ("linear-1d", lambda: _interpolate(scale_factor=1.5, mode="linear"), (3, 4)),
+    ("cumsum", lambda: _Call(torch.cumsum, dim=-1), (3, 5)),  # a sum per position (captured.Pool)
 ]
 
 
 @pytest.mark.parametrize("input_kind", INPUT_KINDS)
 @pytest.mark.parametrize("case_id, factory, in_shape", RESAMPLE_CASES, ids=[c[0] for c in RESAMPLE_CASES])
 def test_norm_on_resampling(case_id, factory, in_shape, input_kind):
-    """``F.interpolate`` (captured, inside a module without a rule) gets ``Norm``, the split of a linear map."""
+    """``F.interpolate`` and ``cumsum`` (captured, inside a module without a rule) get ``Norm``, the split of a linear map."""
     module = factory()
     J, out_shape = ref.dense_linear_map(module, in_shape)
     for attempt in range(MAX_REDRAWS):
