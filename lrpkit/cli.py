@@ -86,7 +86,16 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="height and width of the random image (default: 64), or of an --input "
                              "image after resizing (default: as it is)")
     parser.add_argument("--target", metavar="CLASS", type=int, default=None,
-                        help="class to explain (default: the predicted class)")
+                        help="class to explain (default: the predicted class; on an (N, C, H, W) output "
+                             "such as a segmentation map, the class's whole map)")
+    parser.add_argument("--output", metavar="KEY", default=None,
+                        help="for a model that returns a dict or tuple: the key or index of the output "
+                             "to explain (torchvision's segmentation models: out)")
+
+
+def _selector(key: str | None) -> str | int | None:
+    """``--output``: an index when it is a whole number, else a key."""
+    return int(key) if key is not None and key.lstrip("-").isdigit() else key
 
 
 def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -101,14 +110,16 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any]:
         raise _UsageError("--size and --input-shape must be at least 1")
     if args.input is not None and args.input_shape is not None:
         raise _UsageError("give --input or --input-shape, not both")
-    model, x = _build_model(args)
+    with torch.random.fork_rng(devices=[]):  # the same random weights and input on every run
+        torch.manual_seed(0)
+        model, x = _build_model(args)
+        if x is None and args.input is None:
+            shape = args.input_shape or [3, args.size or 64, args.size or 64]
+            x = torch.rand(1, *shape)
     if args.weights is not None:
         _load_weights(model, args.weights)
     if args.input is not None:
         x = _load_input(args)
-    elif x is None:
-        shape = args.input_shape or [3, args.size or 64, args.size or 64]
-        x = torch.rand(1, *shape)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if dtype is not None and x.is_floating_point():
         x = x.to(dtype)
@@ -130,14 +141,21 @@ def _build_model(args: argparse.Namespace) -> tuple[Any, Any]:
             return model_from_spec(args.model), None
         except (ValueError, AttributeError, FileNotFoundError, ModuleNotFoundError) as error:
             raise _UsageError(str(error)) from error
+    import inspect
+
     import torchvision
 
-    factory = getattr(torchvision.models, args.model, None)
-    if not callable(factory) or args.model.startswith("_"):
+    factory: Any = torchvision.models
+    for part in args.model.split("."):  # segmentation.fcn_resnet50, video.r3d_18
+        factory = None if part.startswith("_") else getattr(factory, part, None)
+    if not callable(factory) or isinstance(factory, type):
         raise _UsageError(
-            f"torchvision has no model {args.model!r}; for your own model write path/to/file.py:factory"
+            f"torchvision has no model {args.model!r} (segmentation and video models: segmentation.NAME, "
+            "video.NAME); for your own model write path/to/file.py:factory"
         )
-    extra = {"image_size": args.size or 64} if args.model.startswith("vit_") else {}
+    extra: dict[str, Any] = {"image_size": args.size or 64} if args.model.startswith("vit_") else {}
+    if "weights_backbone" in inspect.signature(factory).parameters:
+        extra["weights_backbone"] = None  # never downloaded
     return factory(weights=None, **extra), None
 
 
@@ -174,7 +192,7 @@ def _explain_run(args: argparse.Namespace) -> int:
     import lrpkit
 
     model, x = _model_and_input(args)
-    result = lrpkit.explain(model, x, composite=args.composite, target=args.target)
+    result = lrpkit.explain(model, x, composite=args.composite, target=args.target, output=_selector(args.output))
     print(_summary(result))
     if args.save is not None:
         torch.save({"input": x, "output": result.output, "relevance": result.relevance, "start": result.start}, args.save)
@@ -191,12 +209,13 @@ def _summary(result: Any) -> str:
     output, relevance, start = result.output, result.relevance, result.start
     lines = [f"output {tuple(output.shape)}, relevance {tuple(relevance.shape)}"]
     for index in range(min(len(output), 8)):
-        explained = start[index].flatten()
-        target = int(explained.abs().argmax())
+        per_class = start[index].reshape(start.shape[1], -1) if start.dim() > 1 else start[index].reshape(1, 1)
+        target = int(per_class.abs().sum(dim=1).argmax())
         total = float(relevance[index].sum())
-        logit = float(explained[target])
-        share = f" = {total / logit:.4f} x the logit" if logit != 0 else ""
-        lines.append(f"sample {index}: class {target}, logit {logit:.6g}; relevance sums to {total:.6g}{share}")
+        logit = float(per_class[target].sum())  # a segmentation map: the sum of the class's logits
+        what = "logit" if per_class.shape[1] == 1 else "sum of its logits"
+        share = f" = {total / logit:.4f} x the {what}" if logit != 0 else ""
+        lines.append(f"sample {index}: class {target}, {what} {logit:.6g}; relevance sums to {total:.6g}{share}")
     return "\n".join(lines)
 
 
@@ -222,7 +241,7 @@ def _describe_run(args: argparse.Namespace) -> int:
     import lrpkit
 
     model, x = _model_and_input(args)
-    print(lrpkit.describe(model, x, composite=args.composite, target=args.target))
+    print(lrpkit.describe(model, x, composite=args.composite, target=args.target, output=_selector(args.output)))
     return 0
 
 

@@ -22,6 +22,14 @@ def cnn():
 
 def mlp():
     return nn.Sequential(nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x):
+        return {"features": x, "logits": self.body(x)}
 """
 
 
@@ -78,6 +86,18 @@ def test_explain_rows_from_a_tensor_file(files: Path, capsys: pytest.CaptureFixt
 def test_explain_random_input_of_a_shape(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", f"{files}/net.py:mlp", "--input-shape", "5", "--out", str(files / "x.png")]) == 0
     assert "relevance (1, 5)" in capsys.readouterr().out
+
+
+def test_explain_a_segmentation_map_and_a_dict_output(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["explain", "segmentation.lraspp_mobilenet_v3_large", "--output", "out", "--target", "1", "--size", "32",
+            "--composite", "epsilon_plus", "--out", str(files / "seg.png")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "output (1, 21, 32, 32)" in printed and "sample 0: class 1, sum of its logits" in printed
+    assert main(argv) == 0  # seeded: the same random model and image on every run
+    assert capsys.readouterr().out == printed
+    assert main(["explain", f"{files}/net.py:Pair", "--output", "logits", "--input-shape", "5", "--target", "1"]) == 0
+    assert "sample 0: class 1, logit" in capsys.readouterr().out
 
 
 def test_describe_own_model(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
