@@ -88,6 +88,13 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", metavar="CLASS", type=int, default=None,
                         help="class to explain (default: the predicted class; on an (N, C, H, W) output "
                              "such as a segmentation map, the class's whole map)")
+    parser.add_argument("--mean", metavar="M", type=float, nargs="+", default=None,
+                        help="normalise the input per channel (dim 1) as (x - mean) / std before the "
+                             "model sees it, e.g. for torchvision's ImageNet weights; with --std")
+    parser.add_argument("--std", metavar="S", type=float, nargs="+", default=None,
+                        help="the standard deviations for --mean")
+    parser.add_argument("--imagenet", action="store_true",
+                        help="--mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 (ImageNet's statistics)")
     parser.add_argument("--output", metavar="KEY", default=None,
                         help="for a model that returns a dict or tuple: the key or index of the output "
                              "to explain (torchvision's segmentation models: out)")
@@ -98,8 +105,46 @@ def _selector(key: str | None) -> str | int | None:
     return int(key) if key is not None and key.lstrip("-").isdigit() else key
 
 
-def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The model (eval mode) and the input batch the command line names; :class:`_UsageError` if it cannot."""
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _normalization(args: argparse.Namespace) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` from ``--mean``/``--std`` or ``--imagenet``; ``None`` without them."""
+    if args.imagenet:
+        if args.mean is not None or args.std is not None:
+            raise _UsageError("give --imagenet or --mean/--std, not both")
+        return IMAGENET_MEAN, IMAGENET_STD
+    if (args.mean is None) != (args.std is None):
+        raise _UsageError("give --mean and --std together")
+    if args.mean is None:
+        return None
+    if len(args.mean) != len(args.std):
+        raise _UsageError(f"--mean has {len(args.mean)} values and --std {len(args.std)}; give one of each per channel")
+    if min(args.std) <= 0:
+        raise _UsageError("--std must be positive")
+    return args.mean, args.std
+
+
+def _normalized(x: Any, normalization: tuple[list[float], list[float]]) -> Any:
+    """``(x - mean) / std`` per channel (dim 1)."""
+    mean, std = normalization
+    if not x.is_floating_point():
+        raise _UsageError(f"--mean/--std normalise values, and the input holds {x.dtype} (token ids?)")
+    if x.dim() < 2 or x.shape[1] != len(mean):
+        channels = x.shape[1] if x.dim() > 1 else "no"
+        raise _UsageError(
+            f"--mean and --std have {len(mean)} values, one per channel, and the input, shaped {tuple(x.shape)}, "
+            f"has {channels} channels (dim 1)"
+        )
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - x.new_tensor(mean).view(shape)) / x.new_tensor(std).view(shape)
+
+
+def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The model (eval mode), the input batch it sees and that input as given (before ``--mean``/``--std``).
+
+    Raises :class:`_UsageError` if the command line does not name them.
+    """
     import torch
 
     from lrpkit.composites import names
@@ -123,7 +168,8 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any]:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     if dtype is not None and x.is_floating_point():
         x = x.to(dtype)
-    return model.eval(), x
+    normalization = _normalization(args)
+    return model.eval(), x if normalization is None else _normalized(x, normalization), x
 
 
 def _build_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -191,14 +237,15 @@ def _explain_run(args: argparse.Namespace) -> int:
 
     import lrpkit
 
-    model, x = _model_and_input(args)
+    model, x, given = _model_and_input(args)
     result = lrpkit.explain(model, x, composite=args.composite, target=args.target, output=_selector(args.output))
     print(_summary(result))
     if args.save is not None:
-        torch.save({"input": x, "output": result.output, "relevance": result.relevance, "start": result.start}, args.save)
+        saved = {"input": x, "output": result.output, "relevance": result.relevance, "start": result.start}
+        torch.save(saved if given is x else {**saved, "given": given}, args.save)
         print(f"saved input, output and relevance to {args.save}")
     if x.dim() == 4:
-        print(f"wrote {_write_heatmaps(x, result.relevance, args.out)}")
+        print(f"wrote {_write_heatmaps(given, result.relevance, args.out)}")
     else:
         print(f"no heatmap: the input is shaped {tuple(x.shape)}, not (N, C, H, W); --save keeps the relevance")
     return 0
@@ -240,7 +287,7 @@ def _shown_input(sample: Any) -> Any:
 def _describe_run(args: argparse.Namespace) -> int:
     import lrpkit
 
-    model, x = _model_and_input(args)
+    model, x, _ = _model_and_input(args)
     print(lrpkit.describe(model, x, composite=args.composite, target=args.target, output=_selector(args.output)))
     return 0
 

@@ -159,8 +159,7 @@ def load_input(path: str | os.PathLike[str], size: Sequence[int] | None = None) 
     - A tensor file (``torch.save``; ``.pt``, ``.pth``) or a NumPy file (``.npy``), as saved:
       give it the batch dimension the model expects.
     - An image (PNG, JPEG, ...): ``(1, 3, H, W)`` float32 in ``[0, 1]`` (RGB), resized to
-      ``size = (H, W)`` when given; normalise it in the model (or a wrapper) if the model
-      expects normalised pixels.
+      ``size = (H, W)`` when given (``lrpkit explain --mean/--std`` normalises it afterwards).
 
     Raises
     ------

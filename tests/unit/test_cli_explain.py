@@ -100,6 +100,25 @@ def test_explain_a_segmentation_map_and_a_dict_output(files: Path, capsys: pytes
     assert "sample 0: class 1, logit" in capsys.readouterr().out
 
 
+def test_explain_normalises_with_mean_and_std(files: Path) -> None:
+    saved = files / "normalised.pt"
+    argv = ["explain", f"{files}/net.py:cnn", "--weights", str(files / "cnn.pt"), "--input", str(files / "image.png"),
+            "--imagenet", "--composite", "epsilon_plus", "--save", str(saved), "--out", str(files / "n.png")]
+    assert main(argv) == 0
+    result = torch.load(saved, weights_only=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(result["input"], (result["given"] - mean) / std)
+    assert result["given"].min() >= 0 and result["given"].max() <= 1  # the pixels, shown in the heatmap PNG
+    namespace: dict = {}
+    exec(MODEL_FILE, namespace)
+    model = namespace["cnn"]()
+    model.load_state_dict(torch.load(files / "cnn.pt", weights_only=True))
+    assert torch.equal(result["relevance"], lrpkit.explain(model.eval(), result["input"], composite="epsilon_plus").relevance)
+    same = ["--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"]
+    assert main([*argv[:6], *same, *argv[7:]]) == 0
+    assert torch.equal(torch.load(saved, weights_only=True)["relevance"], result["relevance"])
+
+
 def test_describe_own_model(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["describe", f"{files}/net.py:cnn", "--weights", str(files / "cnn.pt"), "--input-shape", "3", "8", "8"]) == 0
     table = capsys.readouterr().out
@@ -118,6 +137,11 @@ def test_describe_own_model(files: Path, capsys: pytest.CaptureFixture[str]) -> 
         (["no_such_model"], "torchvision has no model 'no_such_model'"),
         (["digits-cnn", "--weights", "{files}/cnn.pt"], "digits-cnn comes with its weights"),
         (["{files}/net.py:cnn", "--input-shape", "0"], "at least 1"),
+        (["{files}/net.py:cnn", "--mean", "0.5"], "give --mean and --std together"),
+        (["{files}/net.py:cnn", "--mean", "0.5", "--std", "0.2", "0.3"], "--mean has 1 values and --std 2"),
+        (["{files}/net.py:cnn", "--mean", "0.5", "--std", "0"], "--std must be positive"),
+        (["{files}/net.py:cnn", "--mean", "0.5", "--std", "0.2"], "has 3 channels (dim 1)"),
+        (["{files}/net.py:cnn", "--imagenet", "--mean", "0.5", "--std", "0.2"], "--imagenet or --mean/--std"),
     ],
 )
 @pytest.mark.parametrize("command", ["explain", "describe"])
