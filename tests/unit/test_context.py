@@ -743,3 +743,33 @@ def test_a_torchscript_model_or_submodule_is_refused_with_what_to_do(how: str) -
     with pytest.raises(TypeError, match=r"module '2' is a TorchScript module"):
         Gradient(model, composites.EpsilonPlus())(x, target=0)
     assert_pristine(model[0], before, attributes)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
+def test_parametrized_weights_are_read_as_the_layer_computes_them(composite: str) -> None:
+    """Weight norm and spectral norm (``torch.nn.utils.parametrizations``, and the old hook-based
+    ``weight_norm``) compute the weight on access: the rules see that weight, the relevance equals
+    the plain model's with the same weights, and the parametrizations stay as they were."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double().eval()
+    model = copy.deepcopy(plain)
+    parametrizations.weight_norm(model[0])
+    parametrizations.spectral_norm(model[6])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        torch.nn.utils.weight_norm(model[2])
+    model.eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    model(x)  # the old weight_norm computes its weight in a forward pre-hook
+    with torch.no_grad():
+        for index in (0, 2, 6):
+            plain[index].weight.copy_(model[index].weight)
+    state = copy.deepcopy(model.state_dict())
+    ours, reference = lrpkit.explain(model, x, composite), lrpkit.explain(plain, x, composite)
+    assert torch.allclose(ours.output, reference.output, rtol=1e-12)
+    assert torch.allclose(ours.relevance, reference.relevance, rtol=1e-10, atol=1e-14)
+    assert parametrizations.parametrize.is_parametrized(model[0], "weight")
+    assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
