@@ -863,6 +863,7 @@ def randomisation_check(
     *,
     cascade: bool = True,
     generator: torch.Generator | None = None,
+    progress: bool | None = None,
 ) -> RandomisationResult:
     """Model-parameter randomisation test (Adebayo et al. 2018).
 
@@ -911,6 +912,9 @@ def randomisation_check(
     generator
         Random numbers for the new parameters (``None``: torch's global generator); on the
         CPU or on the model's device.
+    progress
+        Draw a progress bar on stderr, one step per explanation: ``True``, ``False``, or
+        ``None`` (only when stderr is a terminal and the run takes more than a second).
 
     Returns
     -------
@@ -948,19 +952,21 @@ def randomisation_check(
     compare = _similarity_function(similarity)
     working = copy.deepcopy(model)
     groups = _layers_to_randomise(working, x, layers)
-    result = run(working, x, target)
-    original = _relevance_of(result, x, "the explanation of the trained model")
-    fixed_target = _fixed_target(working, x, target, result)
-
     heatmaps: list[Tensor] = []
     similarities: list[Tensor] = []
-    for name, parameters in groups:
-        if not cascade:
-            working = copy.deepcopy(model)
-        _randomise(working, parameters, generator)
-        heatmap = _relevance_of(run(working, x, fixed_target), x, f"the explanation with {name!r} randomised")
-        heatmaps.append(heatmap)
-        similarities.append(_checked_similarity(compare(original, heatmap), len(x)))
+    with Progress("randomisation", len(groups) + 1, progress, unit="explanations") as bar:
+        result = run(working, x, target)
+        original = _relevance_of(result, x, "the explanation of the trained model")
+        fixed_target = _fixed_target(working, x, target, result)
+        bar.step()
+        for name, parameters in groups:
+            if not cascade:
+                working = copy.deepcopy(model)
+            _randomise(working, parameters, generator)
+            heatmap = _relevance_of(run(working, x, fixed_target), x, f"the explanation with {name!r} randomised")
+            heatmaps.append(heatmap)
+            similarities.append(_checked_similarity(compare(original, heatmap), len(x)))
+            bar.step()
     return RandomisationResult(
         layers=tuple(name for name, _ in groups),
         similarity=torch.stack(similarities),

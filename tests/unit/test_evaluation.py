@@ -738,3 +738,11 @@ def test_randomisation_check_on_token_ids() -> None:
     ids = torch.randint(0, 10, (2, 3), generator=torch.Generator().manual_seed(1))
     check = randomisation_check(model, ids, lambda m: Gradient(m, composites.EpsilonPlus()), generator=torch.Generator().manual_seed(0))
     assert check.layers == ("4", "2", "0") and check.similarity.shape == (3, 2)  # (layers, samples)
+
+
+def test_randomisation_progress_counts_explanations(capsys: pytest.CaptureFixture[str]) -> None:
+    x = torch.rand(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    randomisation_check(small_cnn(), x, lrp_factory, progress=True)
+    assert capsys.readouterr().err.endswith("] 3/3 explanations\n")  # the trained model, then fc and conv
+    randomisation_check(small_cnn(), x, lrp_factory, progress=False)
+    assert capsys.readouterr().err == ""
