@@ -244,6 +244,9 @@ class _Capture:
     #: without a rule returned or passed on (``id(node) -> (path, module type, "output of Function")``),
     #: innermost module first.
     custom_functions: dict[int, tuple[str, str, str]] = field(default_factory=dict)
+    #: During a forward pass: the autograd node of each call without a rule that was computed from
+    #: gates and constants alone (``1 / max(sum(softmax))``), by ``id``, with its gate level.
+    gate_nodes: dict[int, tuple[Any, int]] = field(default_factory=dict)
     #: Whether a captured call had an activation among its arguments (the report waits for one).
     saw_activation: bool = False
     reported: bool = False
@@ -273,6 +276,7 @@ class _Capture:
 
     def _close(self) -> None:
         self.session.active = False
+        self.gate_nodes.clear()
         while self.entered:
             if self.entered.pop():
                 self.mode.__exit__(None, None, None)
@@ -282,12 +286,14 @@ class _Capture:
         if enter:
             self.frames.clear()
             self.counts.clear()
+            self.gate_nodes.clear()
             self.mode.__enter__()
         self.entered.append(enter)
 
     def _leave_root(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.entered and self.entered.pop():
             self.mode.__exit__(None, None, None)
+            self.gate_nodes.clear()  # (they hold the graph's nodes, and their saved tensors, alive)
             # not while the model's own exception propagates, nor after a forward that carried no
             # gradient (an input without ``requires_grad``: no call was on an activation)
             if sys.exc_info()[0] is None and self.saw_activation:
@@ -481,6 +487,10 @@ class _Capture:
             name, pseudo, rule = self.identify(op, func, kind)
         if rule is not None:
             output = self.attach(rule, pseudo, func, leaves, spec, activations, output)
+        elif isinstance(output, Tensor) and output.grad_fn is not None and not isinstance(pseudo, _NOT_GATE_PRESERVING):
+            level = _lowest_gate_level(leaves, activations, self.gate_nodes)
+            if level:  # a gate too, as for a call with a rule (see attach); kept by node
+                self.gate_nodes[id(output.grad_fn)] = (output.grad_fn, level)
         output = self.observed(name, pseudo, rule, output)  # the call's own autograd node, before any write-back
         return output if target is None else target.copy_(output)
 
@@ -558,7 +568,7 @@ class _Capture:
                 ops_factory=_layer_ops_factory(func, spec) if isinstance(op, _LAYER_KINDS) else _ops_factory(func, spec),
             )
             routed = route(pending, tuple(leaves[index] for index in positions))
-        level = _lowest_gate_level(leaves, activations)
+        level = _lowest_gate_level(leaves, activations, self.gate_nodes)
         if level and not isinstance(op, _NOT_GATE_PRESERVING):
             # computed from gates and constants alone (ConViT's mix of two softmaxes, renormalised;
             # the ``1 + tanh(...)`` of a tanh-approximated GELU): a gate too
@@ -576,7 +586,7 @@ class _Capture:
         if op.op == "div":
             return [index for index in activations if index == 0]
         if isinstance(op, captured.Product) and len(activations) > 1 and self.owner.gate == "signal":
-            levels = {index: _gate_level(leaves[index]) for index in activations}
+            levels = {index: _gate_level(leaves[index], self.gate_nodes) for index in activations}
             if not any(levels.values()) and op.op == "mul":
                 smaller = [index for index in activations if leaves[index].numel() < output.numel()]
                 if len(smaller) == 1:  # broadcast over the other factor: a gate
@@ -799,29 +809,34 @@ _GATE_MODULES: tuple[tuple[type[nn.Module], int], ...] = (
 )
 
 
-def _lowest_gate_level(leaves: list[Any], activations: list[int]) -> int:
+def _lowest_gate_level(leaves: list[Any], activations: list[int], derived: dict[int, tuple[Any, int]] | None = None) -> int:
     """The lowest :func:`_gate_level` of the activations (0 without any; stops at the first signal)."""
     lowest = 0
     for index in activations:
-        level = _gate_level(leaves[index])
+        level = _gate_level(leaves[index], derived)
         if not level:
             return 0
         lowest = level if not lowest else min(lowest, level)
     return lowest
 
 
-def _gate_level(tensor: Tensor) -> int:
+def _gate_level(tensor: Tensor, derived: dict[int, tuple[Any, int]] | None = None) -> int:
     """How much of a gate ``tensor`` is, as a factor of a product: 0 (a signal), 1 or 2.
 
     2: the output of a sigmoid, hard sigmoid or softmax (call or module); 1: of a tanh (in a
     product with a signal it is a gate: ``x * (1 + tanh(z)) / 2`` is a tanh-approximated GELU,
     ``x * tanh(softplus(x))`` is Mish; next to a sigmoid it is the signal, as the cell state of
     an LSTM, ``o * tanh(c)``); a captured call on gates and constants alone has the lowest
-    level among them. A product gives its relevance to the factors of the lowest level.
+    level among them: one with a rule marks its node, one without is listed in ``derived``
+    (``id(node) -> (node, level)``). A product gives its relevance to the factors of the lowest
+    level.
     """
     node = _source_node(tensor)
     if node is None:
         return 0
+    entry = derived.get(id(node)) if derived else None
+    if entry is not None and entry[0] is node:
+        return entry[1]
     level = _GATE_NODES.get(type(node).__name__.rstrip("0123456789").removesuffix("Backward"))
     if level is not None:
         return level

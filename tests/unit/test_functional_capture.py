@@ -1941,3 +1941,33 @@ def test_clamp_with_a_bound_that_is_an_activation_is_another_call() -> None:
 
     rows = {row.name: row for row in lrpkit.describe(Bounded(), torch.rand(2, 3, dtype=DTYPE), "epsilon_plus", target=0)}
     assert rows["clamp"].kind == "Other: clamp"
+
+
+class RenormalisedAttention(nn.Module):
+    """Attention whose weights are rescaled by ``1 / max(column sums)``: a value computed from the
+    gate through calls without a rule (``max``, ``1 / x``), as Nystromformer's pseudo-inverse."""
+
+    positive = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Linear(4, 4, bias=False)
+        self.value = nn.Linear(4, 4, bias=False)
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = (self.query(x) @ x.transpose(1, 2)).softmax(dim=-1)
+        scale = 1 / gate.sum(dim=-2).max()
+        return self.head(((scale * gate) @ self.value(x)).mean(dim=1))
+
+
+def test_values_computed_from_gates_through_calls_without_rules_stay_gates() -> None:
+    """``scale * gate`` is a product of two gates: the attention output's relevance goes to the values only."""
+    model = build(RenormalisedAttention)
+    x = torch.randn(3, 5, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
+    composite = composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12)
+    output, relevance = Gradient(model, composite)(x)
+    assert_conserved(output, relevance, rtol=1e-8)
+    rows = {row.name: row for row in lrpkit.describe(model, x, composite)}
+    assert rows["rdiv"].relevance is None and rows["max"].relevance is None
+    assert rows["value"].relevance is not None
