@@ -441,6 +441,8 @@ class _Capture:
             kind = _KIND_BY_ACTIVATIONS[op](activations)
         if not activations:
             return func(*args, **kwargs)
+        if op in _WRITTEN_OUT and activations == [0]:
+            return _WRITTEN_OUT[op](self, func, args, kwargs, caller)
         self.saw_activation = True
         if not self.reported and self.frames:
             self._note_custom_functions(self.frames[-1], [leaves[index] for index in activations], "its forward calls")
@@ -612,6 +614,24 @@ _KIND_BY_ACTIVATIONS: dict[str, Callable[[list[int]], type[captured.CapturedOp] 
     # bound that is an activation too, not one of x alone
     **{op: lambda activations: None if activations == [0] else captured.Other for op in ("clamp", "clip", "clamp_min", "clamp_max")},
 }
+def _glu(capture: _Capture, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], caller: FrameType | None) -> Any:
+    """``F.glu(x, dim)`` (``nn.GLU``) as the calls it stands for: ``a * sigmoid(b)``, ``a, b = x.chunk(2, dim)``.
+
+    Each is captured, so the sigmoid half is a gate of the product and the first half gets all
+    relevance (conformers' convolution modules). As one unknown call it would keep its gradient,
+    which gives the first half ``sigmoid(b)`` times its relevance and the gate the rest.
+    """
+    dim = kwargs["dim"] if "dim" in kwargs else (args[1] if len(args) > 1 else -1)
+    first, second = capture.call(torch.chunk, (args[0], 2, dim), {}, caller, 0)
+    gate = capture.call(torch.sigmoid, (second,), {}, caller, 0)
+    output = capture.call(torch.mul, (first, gate), {}, caller, 0)
+    if output.dtype not in (torch.float32, torch.float64):  # the fused kernel rounds once: keep its values
+        output = output + (func(*args, **kwargs) - output).detach()
+    return output
+
+
+#: Calls captured as the calls they stand for (by op name; with the first argument the only activation).
+_WRITTEN_OUT: dict[str, Callable[..., Any]] = {"glu": _glu}
 #: Kinds whose in-place methods (``x.add_(y)``, ``x.relu_()``) keep the shape: captured with a write-back.
 _ELEMENTWISE_KINDS = (captured.Add, captured.Product, captured.Activation)
 

@@ -1971,3 +1971,42 @@ def test_values_computed_from_gates_through_calls_without_rules_stay_gates() -> 
     rows = {row.name: row for row in lrpkit.describe(model, x, composite)}
     assert rows["rdiv"].relevance is None and rows["max"].relevance is None
     assert rows["value"].relevance is not None
+
+
+class ConvGLU(nn.Module):
+    """A conformer-like convolution module: a pointwise convolution to twice the channels, ``nn.GLU``
+    (or the same written out, ``a * sigmoid(b)``), a convolution, a dense head."""
+
+    positive = ()
+
+    def __init__(self, written_out: bool = False) -> None:
+        super().__init__()
+        self.pointwise = nn.Conv1d(4, 8, 1, bias=False)
+        self.glu = nn.GLU(dim=1)
+        self.conv = nn.Conv1d(4, 4, 3, padding=1, bias=False)
+        self.head = nn.Linear(4, 2, bias=False)
+        self.written_out = written_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.pointwise(x)
+        if self.written_out:
+            signal, gate = hidden.chunk(2, dim=1)
+            hidden = signal * torch.sigmoid(gate)
+        else:
+            hidden = self.glu(hidden)
+        return self.head(self.conv(hidden).mean(dim=-1))
+
+
+def test_glu_is_explained_as_the_product_it_stands_for() -> None:
+    """``nn.GLU`` gives the same output and relevance as ``a * sigmoid(b)`` written out: the gate half gets none."""
+    model = build(ConvGLU)
+    written_out = copy.deepcopy(model)
+    written_out.written_out = True
+    x = torch.rand(3, 4, 7, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
+    composite = composites.EpsilonGammaBox(low=0.0, high=1.0, epsilon=1e-12, stabilizer=1e-12)
+    result, expected = Gradient(model, composite)(x), Gradient(written_out, composite)(x)
+    assert torch.equal(result.output, expected.output)
+    assert torch.allclose(result.relevance, expected.relevance, rtol=1e-12, atol=1e-15)
+    rows = {row.name: row for row in lrpkit.describe(model, x, composite)}
+    assert rows["glu.sigmoid"].relevance is None and rows["glu.mul"].rule.startswith("Product")
+    assert_conserved(result.output, result.relevance, rtol=1e-8)
