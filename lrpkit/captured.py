@@ -173,6 +173,18 @@ class ConvolutionTranspose(CapturedOp):
     """
 
 
+class Fourier(CapturedOp):
+    """Fourier transforms of one real activation up to the real tensor they give back: default ``Norm``.
+
+    ``torch.fft.fftn(x).real`` (FNet's token mixing), ``irfft2(rfft2(x) * w)`` with a constant
+    spectral filter ``w`` (GFNet), and the linear steps between them (slicing, reshapes, products
+    with constants) are one linear map of ``x``, captured as one call named after its last step
+    (``real``, ``fft_irfft2``). ``Norm`` gives each element of ``x`` its share of every output
+    it contributes to. Their gradient, which the complex steps would otherwise keep, is no
+    relevance at all: FNet's relevance summed to hundreds of times its logit.
+    """
+
+
 class Other(CapturedOp):
     """Any other call on activations (``exp``, ``pow``, ``F.linear`` with a weight computed from the input, ...): the gradient."""
 

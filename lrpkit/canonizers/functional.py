@@ -101,7 +101,7 @@ def default_op_rules(stabilizer: float = 1e-6) -> list[tuple[Any, Rule | None]]:
     """The rules captured calls get when the composite gives them none."""
     return [
         (captured.Add, Norm(stabilizer)),
-        ((captured.Pool, captured.Resample), Norm(stabilizer)),
+        ((captured.Pool, captured.Resample, captured.Fourier), Norm(stabilizer)),
         ((captured.Activation, captured.Normalize), Pass()),
         (captured.Product, Product(stabilizer)),
         ((captured.LayerNorm, captured.GroupNorm), LayerNormConstant(stabilizer)),
@@ -247,6 +247,9 @@ class _Capture:
     #: During a forward pass: the autograd node of each call without a rule that was computed from
     #: gates and constants alone (``1 / max(sum(softmax))``), by ``id``, with its gate level.
     gate_nodes: dict[int, tuple[Any, int]] = field(default_factory=dict)
+    #: During a forward pass: each complex tensor computed by Fourier transforms (and linear steps)
+    #: from one real activation, by ``id``: ``(tensor, that activation, how to compute it again from it)``.
+    spectra: dict[int, tuple[Tensor, Tensor, Callable[[Tensor], Any]]] = field(default_factory=dict)
     #: Whether a captured call had an activation among its arguments (the report waits for one).
     saw_activation: bool = False
     reported: bool = False
@@ -277,6 +280,7 @@ class _Capture:
     def _close(self) -> None:
         self.session.active = False
         self.gate_nodes.clear()
+        self.spectra.clear()
         while self.entered:
             if self.entered.pop():
                 self.mode.__exit__(None, None, None)
@@ -287,6 +291,7 @@ class _Capture:
             self.frames.clear()
             self.counts.clear()
             self.gate_nodes.clear()
+            self.spectra.clear()
             self.mode.__enter__()
         self.entered.append(enter)
 
@@ -294,6 +299,7 @@ class _Capture:
         if self.entered and self.entered.pop():
             self.mode.__exit__(None, None, None)
             self.gate_nodes.clear()  # (they hold the graph's nodes, and their saved tensors, alive)
+            self.spectra.clear()
             # not while the model's own exception propagates, nor after a forward that carried no
             # gradient (an input without ``requires_grad``: no call was on an activation)
             if sys.exc_info()[0] is None and self.saw_activation:
@@ -433,6 +439,10 @@ class _Capture:
         if op is None:
             return func(*args, **kwargs)
         leaves, spec = _flatten_call(args, kwargs)
+        if self.spectra or op in _FOURIER_OPS:
+            spectral = self.spectral(op, func, args, kwargs, leaves, spec)
+            if spectral is not _NOT_SPECTRAL:
+                return spectral
         activations = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
         kind = None
         if op in captured.LAYER_OPS:
@@ -495,6 +505,47 @@ class _Capture:
                 self.gate_nodes[id(output.grad_fn)] = (output.grad_fn, level)
         output = self.observed(name, pseudo, rule, output)  # the call's own autograd node, before any write-back
         return output if target is None else target.copy_(output)
+
+    def spectral(
+        self, op: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        leaves: list[Any], spec: pytree.TreeSpec,
+    ) -> Any:
+        """A step of Fourier transforms of one real activation (:class:`lrpkit.captured.Fourier`).
+
+        A transform of a real activation starts a chain; a linear step on its complex tensor with
+        constants continues it; a step that gives back a real tensor ends it, as one call of the
+        activation routed through the rule. Returns ``_NOT_SPECTRAL`` for any other call.
+        """
+        linked = [index for index, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and self._spectrum(leaf) is not None]
+        others = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
+        if linked:
+            if len(linked) != 1 or others or op not in _SPECTRAL_STEPS or (op == "div" and linked != [0]):
+                return _NOT_SPECTRAL  # not linear in the chain's activation: its gradient, as before
+            position = linked[0]
+            _, source, earlier = self.spectra[id(leaves[position])]
+        elif others == [0] and op in _FOURIER_OPS:
+            position, source, earlier = 0, leaves[0], _identity
+        else:
+            return _NOT_SPECTRAL
+        replay = functools.partial(_replayed, func, list(leaves), spec, position, earlier)
+        output = func(*args, **kwargs)
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return output
+        if output.is_complex():
+            self.spectra[id(output)] = (output, source, replay)
+            return output
+        if self.binding is not None and self.binding.unchecked and not self.reported:
+            self.note_parameter_use(leaves, captured.Fourier)
+        self.saw_activation = True
+        name, pseudo, rule = self.identify(op, func, captured.Fourier)
+        if rule is not None:
+            single, single_spec = _flatten_call((source,), {})
+            output = self.attach(rule, pseudo, replay, single, single_spec, [0], output)
+        return self.observed(name, pseudo, rule, output)
+
+    def _spectrum(self, tensor: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Any]] | None:
+        entry = self.spectra.get(id(tensor))
+        return entry if entry is not None and entry[0] is tensor else None
 
     def layer_call(
         self, leaves: list[Any], activations: list[int], op: str, spec: pytree.TreeSpec
@@ -628,6 +679,38 @@ def _glu(capture: _Capture, func: Callable[..., Any], args: tuple[Any, ...], kwa
     if output.dtype not in (torch.float32, torch.float64):  # the fused kernel rounds once: keep its values
         output = output + (func(*args, **kwargs) - output).detach()
     return output
+
+
+#: ``torch.fft`` transforms (their names as the capture sees them).
+_FOURIER_OPS = frozenset(
+    f"fft_{name}" for name in (
+        "fft", "ifft", "fft2", "ifft2", "fftn", "ifftn", "rfft", "irfft", "rfft2", "irfft2", "rfftn", "irfftn",
+        "hfft", "ihfft", "hfft2", "ihfft2", "hfftn", "ihfftn", "fftshift", "ifftshift",
+    )
+)
+#: Steps linear in a complex tensor of a Fourier chain, with constants as the other arguments.
+_SPECTRAL_STEPS = _FOURIER_OPS | frozenset(
+    {"real", "imag", "conj", "view_as_real", "view_as_complex", "getitem", "mul", "div", "matmul", "einsum", "bmm",
+     "reshape", "view", "permute", "transpose", "flatten", "unflatten", "narrow", "contiguous", "squeeze",
+     "unsqueeze", "pad", "roll", "flip", "clone", "cat", "stack", "sum", "mean"}
+)
+#: ``FunctionalCapture.spectral``'s answer for a call that is no step of a Fourier chain.
+_NOT_SPECTRAL = object()
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def _replayed(
+    func: Callable[..., Any], leaves: list[Any], spec: pytree.TreeSpec, position: int,
+    earlier: Callable[[Tensor], Any], source: Tensor,
+) -> Any:
+    """``func`` on ``leaves``, whose entry ``position`` is computed again from ``source`` by ``earlier``."""
+    current = list(leaves)
+    current[position] = earlier(source)
+    call_args, call_kwargs = pytree.tree_unflatten(current, spec)
+    return func(*call_args, **call_kwargs)
 
 
 #: Calls captured as the calls they stand for (by op name; with the first argument the only activation).

@@ -2010,3 +2010,39 @@ def test_glu_is_explained_as_the_product_it_stands_for() -> None:
     rows = {row.name: row for row in lrpkit.describe(model, x, composite)}
     assert rows["glu.sigmoid"].relevance is None and rows["glu.mul"].rule.startswith("Product")
     assert_conserved(result.output, result.relevance, rtol=1e-8)
+
+
+class GlobalFilter(nn.Module):
+    """GFNet's token mixing: ``irfft2(rfft2(x) * w)`` with a learned complex filter ``w`` (a parameter)."""
+
+    positive = ()
+
+    def __init__(self, magnitude: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 4, bias=False)
+        self.filter = nn.Parameter(torch.randn(5, 3, 4, 2) * 0.5)
+        self.head = nn.Linear(4, 2, bias=False)
+        self.magnitude = magnitude
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 5, 4, 4), channels last
+        spectrum = torch.fft.rfft2(self.embed(x), dim=(1, 2), norm="ortho") * torch.view_as_complex(self.filter)
+        mixed = spectrum.abs() if self.magnitude else torch.fft.irfft2(spectrum, s=(5, 4), dim=(1, 2), norm="ortho")
+        return self.head(mixed.mean(dim=(1, 2)))
+
+
+def test_a_fourier_filter_is_one_linear_map() -> None:
+    """The transforms and the filter between them are one captured call with ``Norm``: conserved, and the
+    filter's module is covered (its parameter enters that call); without a way back to real values
+    (``abs``, not linear) the chain keeps its gradient."""
+    model = build(GlobalFilter)
+    x = torch.randn(3, 5, 4, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(4))
+    composite = composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        output, relevance = Gradient(model, composite)(x)
+    assert_conserved(output, relevance, rtol=1e-8)
+    rows = {row.name: row for row in lrpkit.describe(model, x, composite)}
+    assert (rows["fft_irfft2"].kind, rows["fft_irfft2"].rule) == ("Fourier: fft_irfft2", "Norm(stabilizer=1e-12)")
+    model.magnitude = True
+    output, relevance = Gradient(model, composite)(x)
+    assert torch.isfinite(relevance).all()

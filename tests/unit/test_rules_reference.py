@@ -348,6 +348,18 @@ class _Call(torch.nn.Module):
         return self.function(x, **self.arguments)
 
 
+def _fnet_mixing(x: torch.Tensor) -> torch.Tensor:
+    return torch.fft.fftn(x, dim=(-2, -1)).real
+
+
+_FILTER = torch.polar(torch.linspace(0.5, 1.5, 4, dtype=DTYPE), torch.linspace(-1.0, 2.0, 4, dtype=DTYPE))
+
+
+def _spectral_filter(x: torch.Tensor) -> torch.Tensor:
+    spectrum = torch.fft.rfft(x, dim=-1, norm="ortho")[..., :4] * _FILTER
+    return torch.fft.irfft(spectrum, n=x.shape[-1], dim=-1, norm="ortho")
+
+
 def _interpolate(**arguments) -> _Call:
     return _Call(torch.nn.functional.interpolate, **arguments)
 
@@ -360,13 +372,16 @@ RESAMPLE_CASES = [
     ("area-5x5-to-3x3", lambda: _interpolate(size=(3, 3), mode="area"), (2, 5, 5)),
     ("linear-1d", lambda: _interpolate(scale_factor=1.5, mode="linear"), (3, 4)),
     ("cumsum", lambda: _Call(torch.cumsum, dim=-1), (3, 5)),  # a sum per position (captured.Pool)
+    # Fourier chains of one activation back to real values (captured.Fourier): FNet's mixing, a spectral filter
+    ("fftn-real", lambda: _Call(_fnet_mixing), (4, 5)),
+    ("rfft-filter-irfft", lambda: _Call(_spectral_filter), (2, 6)),
 ]
 
 
 @pytest.mark.parametrize("input_kind", INPUT_KINDS)
 @pytest.mark.parametrize("case_id, factory, in_shape", RESAMPLE_CASES, ids=[c[0] for c in RESAMPLE_CASES])
 def test_norm_on_resampling(case_id, factory, in_shape, input_kind):
-    """``F.interpolate`` and ``cumsum`` (captured, inside a module without a rule) get ``Norm``, the split of a linear map."""
+    """``F.interpolate``, ``cumsum`` and Fourier chains (captured, inside a module without a rule) get ``Norm``, the split of a linear map."""
     module = factory()
     J, out_shape = ref.dense_linear_map(module, in_shape)
     for attempt in range(MAX_REDRAWS):
