@@ -232,6 +232,7 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
         "mish",
         "softplus",
         "tanh",
+        "erf",
         "sigmoid",
         "logsigmoid",
         "softsign",
@@ -326,7 +327,7 @@ LAYER_OPS = frozenset(_KINDS[Dense] + _KINDS[Convolution] + _KINDS[ConvolutionTr
 #: Ops whose output gates another tensor when it is one factor of a product, and how strongly:
 #: a product gives its relevance to the factors of the lowest level (a signal is 0), so a tanh
 #: output gates a signal but is the signal next to a sigmoid (an LSTM's ``o * tanh(c)``).
-GATE_OPS: dict[str, int] = {"sigmoid": 2, "hardsigmoid": 2, "softmax": 2, "tanh": 1}
+GATE_OPS: dict[str, int] = {"sigmoid": 2, "hardsigmoid": 2, "softmax": 2, "tanh": 1, "erf": 1}
 
 
 __all__ = [

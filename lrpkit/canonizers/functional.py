@@ -903,7 +903,7 @@ def _source_node(tensor: Tensor) -> Any:
 
 #: How strongly a factor of a product is a gate (see :func:`_gate_level`).
 _WEAK_GATE, _STRONG_GATE = 1, 2
-_GATE_NODES = {"Sigmoid": _STRONG_GATE, "Hardsigmoid": _STRONG_GATE, "Softmax": _STRONG_GATE, "Tanh": _WEAK_GATE}
+_GATE_NODES = {"Sigmoid": _STRONG_GATE, "Hardsigmoid": _STRONG_GATE, "Softmax": _STRONG_GATE, "Tanh": _WEAK_GATE, "Erf": _WEAK_GATE}
 _GATE_MODULES: tuple[tuple[type[nn.Module], int], ...] = (
     (nn.Sigmoid, _STRONG_GATE),
     (nn.Hardsigmoid, _STRONG_GATE),
