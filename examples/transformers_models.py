@@ -68,6 +68,10 @@ def _small(name: str) -> nn.Module:
         "distilbert": lambda: hf.DistilBertForSequenceClassification(
             hf.DistilBertConfig(dim=WIDTH, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=50, num_labels=3)
         ),
+        "fnet": lambda: hf.FNetForSequenceClassification(hf.FNetConfig(hidden_size=WIDTH, num_labels=3, **text)),
+        "esm": lambda: hf.EsmForSequenceClassification(
+            hf.EsmConfig(hidden_size=WIDTH, num_labels=3, pad_token_id=1, mask_token_id=2, **text)
+        ),
         "gpt2": lambda: hf.GPT2LMHeadModel(hf.GPT2Config(n_embd=WIDTH, n_layer=2, n_head=2, vocab_size=50)),
         "llama": lambda: hf.LlamaForCausalLM(hf.LlamaConfig(hidden_size=WIDTH, num_key_value_heads=1, **text)),
         "mistral": lambda: hf.MistralForCausalLM(hf.MistralConfig(hidden_size=WIDTH, num_key_value_heads=1, **text)),
@@ -187,7 +191,7 @@ def _vision(text: dict[str, int]) -> dict[str, int]:
 MODELS = (
     "bert", "roberta", "xlm-roberta", "albert", "electra", "deberta-v2", "distilbert", "modernbert", "gpt2",
     "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "olmo", "opt", "gpt_neox",
-    "gptj", "falcon", "gpt_bigcode", "starcoder2", "mpt", "bloom", "t5-encoder", "apertus",
+    "gptj", "falcon", "gpt_bigcode", "starcoder2", "mpt", "bloom", "t5-encoder", "apertus", "fnet", "esm",
     "vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer",
 )
 VISION = ("vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer")
