@@ -65,6 +65,9 @@ class LayerCall:
         ``True`` when ``output`` is ``relu`` of the real output, lent by the ReLU after the
         module, and the relevance is zero wherever it is zero (see :mod:`lrpkit.rectified`).
         Only rules marked ``reads_output_only_where_relevant`` ever see this.
+    padding
+        Per input, for rules with ``reads_padding``: the widths of the constant padding
+        (``F.pad(x, widths)``) that made it, or ``None``; see :meth:`padded`.
     """
 
     name: str
@@ -74,6 +77,26 @@ class LayerCall:
     ops: LayerOps
     known_nonnegative: tuple[bool, ...] = ()
     output_rectified: bool = False
+    padding: tuple[tuple[int, ...] | None, ...] = ()
+
+    def padded(self, index: int) -> Tensor | None:
+        """``True`` where input ``index`` holds the constant of an explicit ``F.pad``, else ``None`` (no such padding).
+
+        TF-style "same" padding pads before the layer (HF's MobileNets, timm's ``Conv2dSame``); a
+        layer with its own padding never sees those positions. Rules that put relevance on inputs
+        for what they could have been (z^B bounds, flat) treat them as the constants they are.
+        """
+        widths = self.padding[index] if index < len(self.padding) else None
+        if widths is None:
+            return None
+        tensor = self.inputs[index]
+        inside = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+        region = [slice(None)] * tensor.dim()
+        for axis, (before, after) in enumerate(zip(widths[0::2], widths[1::2])):
+            dim = tensor.dim() - 1 - axis
+            region[dim] = slice(before, tensor.shape[dim] - after)
+        inside[tuple(region)] = True
+        return ~inside
 
     def params(self, zero: tuple[str, ...] = (), homogeneous: bool = False) -> Params:
         """The module's parameters, with those named in ``zero`` replaced by zeros.
@@ -184,6 +207,21 @@ def produced_nonnegative(tensor: Tensor, depth: int = 8) -> bool:
     return False
 
 
+def constant_padding(rule: Rule, inputs: list[Tensor]) -> tuple[tuple[int, ...] | None, ...]:
+    """For a rule with ``reads_padding``: per input, the widths of the ``F.pad`` (constant mode) that made it."""
+    if not rule.reads_padding:
+        return ()
+    return tuple(_padding_widths(tensor) for tensor in inputs)
+
+
+def _padding_widths(tensor: Tensor) -> tuple[int, ...] | None:
+    node = tensor.grad_fn
+    if type(node).__name__ != "ConstantPadNdBackward0":
+        return None
+    widths = tuple(int(width) for width in node._saved_pad)  # type: ignore[union-attr]
+    return widths if widths and min(widths) >= 0 else None  # (negative widths crop)
+
+
 class Rule:
     """Base class of every rule: output relevance in, input relevance out.
 
@@ -201,6 +239,8 @@ class Rule:
     #: Whether the relevance at the (single, same-shaped) input is exactly the relevance at the
     #: output; the backward then skips building a :class:`LayerCall` (see :class:`~lrpkit.rules.Pass`).
     passes_relevance: bool = False
+    #: Whether :meth:`relevance` reads ``call.padding`` (which inputs an explicit ``F.pad`` made).
+    reads_padding: bool = False
 
     def relevance(self, call: LayerCall, relevance: Tensor) -> tuple[Tensor | None, ...]:
         """Relevance of each of ``call.inputs`` given the ``relevance`` at the module's output."""
@@ -251,6 +291,8 @@ class PendingCall:
     known_nonnegative: tuple[bool, ...] = ()
     #: Whether the module ran under ``torch.autocast`` (its tensors may then differ in dtype).
     autocast: bool = False
+    #: Per input, for rules with ``reads_padding``: see :attr:`LayerCall.padding`.
+    padding: tuple[tuple[int, ...] | None, ...] = ()
 
 
 class _RelevanceFunction(torch.autograd.Function):
@@ -311,6 +353,7 @@ def _rule_backward(node: Any, pending: PendingCall, inputs: tuple[Tensor, ...], 
         ops=ops,
         known_nonnegative=pending.known_nonnegative,
         output_rectified=rectified,
+        padding=pending.padding,
     )
     with torch.no_grad():
         result = _checked(pending.rule.relevance(call, pending.rule.incoming(relevance)), inputs, pending.rule, where)
@@ -470,6 +513,7 @@ class RuleHook:
                 known_nonnegative=tuple(produced_nonnegative(args[index]) for index in positions)
                 if rule.needs_inputs
                 else (),
+                padding=constant_padding(rule, [args[index] for index in positions]),
             )
             return route(pending, tuple(args[index] for index in positions))
 
@@ -508,4 +552,4 @@ def attach(module: nn.Module, hook: RuleHook) -> RemovableHandle:
     return module.register_forward_hook(hook, with_kwargs=True)
 
 
-__all__ = ["LayerCall", "Rule", "RuleHook", "Session", "attach"]
+__all__ = ["LayerCall", "Rule", "RuleHook", "Session", "attach", "constant_padding"]

@@ -671,13 +671,15 @@ class ZBox(_ParamRule):
 
     #: ``W a + b`` is the saved output: two forwards instead of three.
     needs_output = True
+    #: The constant of an explicit ``F.pad`` is bounded by itself: it gets no relevance.
+    reads_padding = True
 
     @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         params = call.params(self.zero_params, homogeneous=True)
         inputs = call.inputs
-        lows = [_bound(self.low, tensor, "low", call) for tensor in inputs]
-        highs = [_bound(self.high, tensor, "high", call) for tensor in inputs]
+        lows = [_padding_kept(_bound(self.low, tensor, "low", call), call, index) for index, tensor in enumerate(inputs)]
+        highs = [_padding_kept(_bound(self.high, tensor, "high", call), call, index) for index, tensor in enumerate(inputs)]
         fresh = call.ops.fresh  # then the outputs are ours to overwrite: two layer-sized tensors at a time
         output = _output_under(call, params, self.zero_params)
         out_low, transpose_low = call.ops.linearize(lows, _positive(params))
@@ -715,17 +717,35 @@ def _bound(bound: float | Tensor, like: Tensor, which: str, call: LayerCall) -> 
         ) from None
 
 
+def _padding_kept(bound: Tensor, call: LayerCall, index: int) -> Tensor:
+    """``bound``, but the input's own value where an explicit ``F.pad`` put its constant (see :meth:`LayerCall.padded`)."""
+    padded = call.padded(index)
+    return bound if padded is None else torch.where(padded, call.inputs[index], bound)
+
+
 class _UniformInputRule(_ParamRule):
-    """Rules that set the inputs to one and modify the weights: ``R = W'^T (R / stab(W' 1))``."""
+    """Rules that set the inputs to one and modify the weights: ``R = W'^T (R / stab(W' 1))``.
+
+    The constant of an explicit ``F.pad`` stays zero (see :meth:`LayerCall.padded`): as behind a
+    layer's own zero padding, relevance is spread over the real inputs only.
+    """
+
+    reads_padding = True
 
     def weights(self, params: Params) -> Params:
         raise NotImplementedError
 
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         params = self.weights(call.params(_with_bias(self.zero_params)))
-        ones = [torch.ones_like(tensor) for tensor in call.inputs]
+        ones = [_ones_but_padding(call, index) for index in range(len(call.inputs))]
         output, transpose = call.ops.linearize(ones, params)
         return transpose(divide(relevance, output, self.stabilizer))
+
+
+def _ones_but_padding(call: LayerCall, index: int) -> Tensor:
+    padded = call.padded(index)
+    ones = torch.ones_like(call.inputs[index])
+    return ones if padded is None else ones.masked_fill_(padded, 0.0)
 
 
 class Flat(_UniformInputRule):

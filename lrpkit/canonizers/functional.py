@@ -83,7 +83,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from .. import captured
-from ..core import OpsFactory, PendingCall, Rule, Session, route
+from ..core import OpsFactory, PendingCall, Rule, Session, constant_padding, route
 from ..ops import FunctionalOps, captured_layer_ops, hooks_are_suspended, hooks_suspended, layer_call_is_dense, standard_forward
 from ..rectified import rectify_in_place
 from ..rules import AttentionValue, Epsilon, LayerNormConstant, Norm, Pass, Product
@@ -619,6 +619,7 @@ class _Capture:
                 input_positions=positions,
                 output=relevant.detach(),
                 ops_factory=_layer_ops_factory(func, spec) if isinstance(op, _LAYER_KINDS) else _ops_factory(func, spec),
+                padding=constant_padding(rule, [leaves[index] for index in positions]),
             )
             routed = route(pending, tuple(leaves[index] for index in positions))
         level = _lowest_gate_level(leaves, activations, self.gate_nodes)

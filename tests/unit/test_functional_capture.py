@@ -2080,3 +2080,48 @@ def test_erf_gelu_written_out_is_explained_as_the_module() -> None:
     assert torch.allclose(result.output, expected.output, rtol=1e-12)
     assert torch.allclose(result.relevance, expected.relevance, rtol=1e-9, atol=1e-12)
     assert_conserved(result.output, result.relevance, rtol=1e-8)
+
+
+class PaddedFirstLayer(nn.Module):
+    """A first convolution with its input padded before it (TF-style "same" padding), or with its own padding.
+
+    ``same``: as timm's ``Conv2dSame``, a ``nn.Conv2d`` whose own ``forward`` pads and calls
+    ``F.conv2d`` (a captured layer call)."""
+
+    positive = ()
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = (_Conv2dSame if how == "same" else nn.Conv2d)(3, 4, 3, padding=1 if how == "own" else 0, bias=False)
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "explicit":
+            x = F.pad(x, (1, 1, 1, 1))
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class _Conv2dSame(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+
+@pytest.mark.parametrize("how", ["explicit", "same"])
+@pytest.mark.parametrize(
+    "composite",
+    [lambda: composites.EpsilonGammaBox(low=0.0, high=1.0), composites.EpsilonPlusFlat,
+     lambda: composites.SpecialFirstLayerMapComposite(
+         [*composites.layer_map_base(), (types.Linear, rules.Epsilon())], [(types.Convolution, rules.WSquare())])],
+    ids=["zbox", "flat", "wsquare"],
+)
+def test_a_padded_first_layer_is_explained_as_one_with_its_own_padding(how: str, composite: Callable[[], Any]) -> None:
+    """z^B, flat and w^2 give the constant of an explicit ``F.pad`` no relevance, as to a layer's own padding
+    (they lost 20 % of it there before; HF's MobileNetV2, with TF-style padding, 4 %)."""
+    own = build(lambda: PaddedFirstLayer("own"))
+    padded = PaddedFirstLayer(how).to(DTYPE).eval()
+    padded.load_state_dict(own.state_dict())
+    x = images(channels=3, size=6)
+    result, expected = Gradient(padded, composite())(x), Gradient(own, composite())(x)
+    assert torch.allclose(result.output, expected.output, rtol=1e-12)
+    assert torch.allclose(result.relevance, expected.relevance, rtol=1e-10, atol=1e-14)
