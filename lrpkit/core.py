@@ -16,7 +16,7 @@ consumes a rule's output may lend its own output in place of it (:mod:`lrpkit.re
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,11 +207,12 @@ def produced_nonnegative(tensor: Tensor, depth: int = 8) -> bool:
     return False
 
 
-def constant_padding(rule: Rule, inputs: list[Tensor]) -> tuple[tuple[int, ...] | None, ...]:
-    """For a rule with ``reads_padding``: per input, the widths of the ``F.pad`` (constant mode) that made it."""
+def constant_padding(rule: Rule, args: Sequence[Any], positions: tuple[int, ...]) -> tuple[tuple[int, ...] | None, ...]:
+    """For a rule with ``reads_padding``: per input (``args[i]`` for ``i`` in ``positions``), the
+    widths of the ``F.pad`` (constant mode) that made it."""
     if not rule.reads_padding:
         return ()
-    return tuple(_padding_widths(tensor) for tensor in inputs)
+    return tuple(_padding_widths(args[index]) for index in positions)
 
 
 def _padding_widths(tensor: Tensor) -> tuple[int, ...] | None:
@@ -513,7 +514,7 @@ class RuleHook:
                 known_nonnegative=tuple(produced_nonnegative(args[index]) for index in positions)
                 if rule.needs_inputs
                 else (),
-                padding=constant_padding(rule, [args[index] for index in positions]),
+                padding=constant_padding(rule, args, positions),
             )
             return route(pending, tuple(args[index] for index in positions))
 

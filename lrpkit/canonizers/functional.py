@@ -619,7 +619,7 @@ class _Capture:
                 input_positions=positions,
                 output=relevant.detach(),
                 ops_factory=_layer_ops_factory(func, spec) if isinstance(op, _LAYER_KINDS) else _ops_factory(func, spec),
-                padding=constant_padding(rule, [leaves[index] for index in positions]),
+                padding=constant_padding(rule, leaves, positions),
             )
             routed = route(pending, tuple(leaves[index] for index in positions))
         level = _lowest_gate_level(leaves, activations, self.gate_nodes)
