@@ -678,8 +678,7 @@ class ZBox(_ParamRule):
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
         params = call.params(self.zero_params, homogeneous=True)
         inputs = call.inputs
-        lows = [_padding_kept(_bound(self.low, tensor, "low", call), call, index) for index, tensor in enumerate(inputs)]
-        highs = [_padding_kept(_bound(self.high, tensor, "high", call), call, index) for index, tensor in enumerate(inputs)]
+        lows, highs = (list(bounds) for bounds in zip(*(self._bounds(call, index) for index in range(len(inputs)))))
         fresh = call.ops.fresh  # then the outputs are ours to overwrite: two layer-sized tensors at a time
         output = _output_under(call, params, self.zero_params)
         out_low, transpose_low = call.ops.linearize(lows, _positive(params))
@@ -700,6 +699,16 @@ class ZBox(_ParamRule):
         )
 
 
+    def _bounds(self, call: LayerCall, index: int) -> tuple[Tensor, Tensor]:
+        """The bounds of input ``index``; where an explicit ``F.pad`` put its constant, that constant (see :meth:`LayerCall.padded`)."""
+        tensor = call.inputs[index]
+        low, high = _bound(self.low, tensor, "low", call), _bound(self.high, tensor, "high", call)
+        padded = call.padded(index)
+        if padded is None:
+            return low, high
+        return torch.where(padded, tensor, low), torch.where(padded, tensor, high)
+
+
 def _bound(bound: float | Tensor, like: Tensor, which: str, call: LayerCall) -> Tensor:
     """Broadcast a z^B bound to the input's shape, or say clearly why it cannot be."""
     if not isinstance(bound, Tensor):
@@ -715,12 +724,6 @@ def _bound(bound: float | Tensor, like: Tensor, which: str, call: LayerCall) -> 
             f"module {call.describe()} of shape {tuple(like.shape)}; pass a float or a tensor such "
             "as shape (1, C, 1, 1) for per-channel bounds"
         ) from None
-
-
-def _padding_kept(bound: Tensor, call: LayerCall, index: int) -> Tensor:
-    """``bound``, but the input's own value where an explicit ``F.pad`` put its constant (see :meth:`LayerCall.padded`)."""
-    padded = call.padded(index)
-    return bound if padded is None else torch.where(padded, call.inputs[index], bound)
 
 
 class _UniformInputRule(_ParamRule):

@@ -499,7 +499,7 @@ class _Capture:
             name, pseudo, rule = self.identify(op, func, kind)
         if rule is not None:
             output = self.attach(rule, pseudo, func, leaves, spec, activations, output)
-        elif isinstance(output, Tensor) and output.grad_fn is not None and not isinstance(pseudo, _NOT_GATE_PRESERVING):
+        elif isinstance(pseudo, _GATE_KEEPING_UNRULED) and isinstance(output, Tensor) and output.grad_fn is not None:
             level = _lowest_gate_level(leaves, activations, self.gate_nodes)
             if level:  # a gate too, as for a call with a rule (see attach); kept by node
                 self.gate_nodes[id(output.grad_fn)] = (output.grad_fn, level)
@@ -517,13 +517,15 @@ class _Capture:
         activation routed through the rule. Returns ``_NOT_SPECTRAL`` for any other call.
         """
         linked = [index for index, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and self._spectrum(leaf) is not None]
+        if not linked and op not in _FOURIER_OPS:
+            return _NOT_SPECTRAL
         others = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
         if linked:
             if len(linked) != 1 or others or op not in _SPECTRAL_STEPS or (op == "div" and linked != [0]):
                 return _NOT_SPECTRAL  # not linear in the chain's activation: its gradient, as before
             position = linked[0]
             _, source, earlier = self.spectra[id(leaves[position])]
-        elif others == [0] and op in _FOURIER_OPS:
+        elif others == [0]:
             position, source, earlier = 0, leaves[0], _identity
         else:
             return _NOT_SPECTRAL
@@ -653,6 +655,9 @@ class _Capture:
 _LAYER_KINDS = (captured.Dense, captured.Convolution, captured.ConvolutionTranspose)
 #: Calls whose output is no gate even when all their activations are: layers (of a gate: a signal) and attention.
 _NOT_GATE_PRESERVING = (*_LAYER_KINDS, captured.Attention)
+#: Calls without a rule whose output, computed from gates and constants alone, is noted as a gate
+#: (reshapes need no note: :func:`_gate_level` looks through them).
+_GATE_KEEPING_UNRULED = (captured.Other, captured.MaxPool)
 #: torch's layer modules: a call with their own parameters is their computation, left to the composite.
 _LAYER_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 #: Ops whose kind depends on which arguments are activations (``None``: the op's own kind).
