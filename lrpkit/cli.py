@@ -13,6 +13,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -98,6 +99,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="KEY", default=None,
                         help="for a model that returns a dict or tuple: the key or index of the output "
                              "to explain (torchvision's segmentation models: out)")
+    parser.add_argument("--model-args", metavar="JSON", default=None,
+                        help="keyword arguments for your factory or the torchvision builder, as a JSON "
+                             "object, e.g. '{\"num_classes\": 10}'")
 
 
 def _selector(key: str | None) -> str | int | None:
@@ -176,15 +180,17 @@ def _build_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model MODEL names, and the input that comes with it (``None`` but for digits-cnn)."""
     from lrpkit.loading import is_model_spec, model_from_spec
 
+    kwargs = _model_kwargs(args)
     if args.model == "digits-cnn":
-        if args.weights is not None:
-            raise _UsageError("digits-cnn comes with its weights; --weights is for torchvision models and your own")
+        if args.weights is not None or kwargs:
+            raise _UsageError("digits-cnn comes with its weights; --weights and --model-args are for torchvision "
+                              "models and your own")
         from lrpkit.digits import load_digits_tensors, pretrained_cnn
 
         return pretrained_cnn(), load_digits_tensors()[2][:1]
     if is_model_spec(args.model):
         try:
-            return model_from_spec(args.model), None
+            return model_from_spec(args.model, kwargs), None
         except (ValueError, AttributeError, FileNotFoundError, ModuleNotFoundError) as error:
             raise _UsageError(str(error)) from error
     import inspect
@@ -202,7 +208,27 @@ def _build_model(args: argparse.Namespace) -> tuple[Any, Any]:
     extra: dict[str, Any] = {"image_size": args.size or 64} if args.model.startswith("vit_") else {}
     if "weights_backbone" in inspect.signature(factory).parameters:
         extra["weights_backbone"] = None  # never downloaded
-    return factory(weights=None, **extra), None
+    if {"weights", "weights_backbone"} & set(kwargs):
+        raise _UsageError("--model-args: torchvision's weights are never downloaded; load your own with --weights")
+    try:
+        return factory(weights=None, **{**extra, **kwargs}), None
+    except (TypeError, ValueError) as error:
+        if not kwargs:
+            raise
+        raise _UsageError(f"torchvision's {args.model} with --model-args {args.model_args}: {error}") from error
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--model-args``: the factory's keyword arguments (empty without it)."""
+    if args.model_args is None:
+        return {}
+    try:
+        kwargs = json.loads(args.model_args)
+    except json.JSONDecodeError as error:
+        raise _UsageError(f"--model-args is not JSON ({error}); write an object, e.g. '{{\"num_classes\": 10}}'") from error
+    if not isinstance(kwargs, dict):
+        raise _UsageError(f"--model-args must be a JSON object of keyword arguments, not a {type(kwargs).__name__}")
+    return kwargs
 
 
 def _load_weights(model: Any, path: str) -> None:
@@ -226,8 +252,13 @@ def _load_input(args: argparse.Namespace) -> Any:
 def _explain_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
     parser.add_argument("--out", metavar="PATH", default="lrpkit-explanation.png",
-                        help="where to write the heatmap PNG of an image input (default: "
-                             "./lrpkit-explanation.png)")
+                        help="where to write the heatmaps: a PNG for inputs shaped (N, C, H, W) (input and "
+                             "heatmap side by side), (N, L) (a strip per sample) or (N, A, B) (a map per "
+                             "sample); for (N, L) inputs such as token ids also an HTML page (.html), the "
+                             "tokens coloured by relevance (default: ./lrpkit-explanation.png)")
+    parser.add_argument("--vocab", metavar="PATH", default=None,
+                        help="for token ids: a vocabulary file with one token per line, line n naming id n "
+                             "(BERT's vocab.txt), to name the tokens in the printout and the HTML page")
     parser.add_argument("--save", metavar="PATH", default=None,
                         help="also save the output and relevance tensors (torch.save) here")
 
@@ -238,16 +269,28 @@ def _explain_run(args: argparse.Namespace) -> int:
     import lrpkit
 
     model, x, given = _model_and_input(args)
+    vocabulary = _vocabulary(args.vocab, x)
+    html = args.out.lower().endswith(".html")
+    if html and x.dim() != 2:
+        raise _UsageError(f"an HTML page colours a sequence, an input shaped (N, L); this one is shaped "
+                          f"{tuple(x.shape)}: write a .png")
     result = lrpkit.explain(model, x, composite=args.composite, target=args.target, output=_selector(args.output))
     print(_summary(result))
+    if x.dim() == 2:
+        print(_largest(x, result.relevance, vocabulary))
     if args.save is not None:
         saved = {"input": x, "output": result.output, "relevance": result.relevance, "start": result.start}
         torch.save(saved if given is x else {**saved, "given": given}, args.save)
         print(f"saved input, output and relevance to {args.save}")
-    if x.dim() == 4:
+    if html:
+        print(f"wrote {_write_text_page(x, result.relevance, vocabulary, args.out)}")
+    elif x.dim() == 4:
         print(f"wrote {_write_heatmaps(given, result.relevance, args.out)}")
+    elif x.dim() in (2, 3):
+        print(f"wrote {_write_maps(result.relevance, args.out)}")
     else:
-        print(f"no heatmap: the input is shaped {tuple(x.shape)}, not (N, C, H, W); --save keeps the relevance")
+        print(f"no heatmap: the input is shaped {tuple(x.shape)}, not (N, L), (N, A, B) or (N, C, H, W); "
+              "--save keeps the relevance")
     return 0
 
 
@@ -274,6 +317,102 @@ def _write_heatmaps(x: Any, relevance: Any, out: str) -> Any:
     cells = [[_shown_input(x[index]), image.heatmap(relevance[index])] for index in range(count)]
     scale = max(1, 256 // max(x.shape[-2:]))
     return image.save_png(image.grid(cells, col_labels=["input", "relevance"], scale=scale), out)
+
+
+def _write_maps(relevance: Any, out: str) -> Any:
+    """The relevance of each sample (the first eight) as one PNG: a strip over the positions of an
+    (L,) sample, a map of an (A, B) sample (rows A, columns B)."""
+    from lrpkit import image
+
+    count = min(len(relevance), 8)
+    cells = [[image.heatmap(_viewable(relevance[index]))] for index in range(count)]
+    labels = [f"sample {index}" for index in range(count)]
+    return image.save_png(image.grid(cells, row_labels=labels, scale=1), out)
+
+
+#: The most rows and columns a map of ``lrpkit explain`` shows; longer axes are summed into bins.
+MAP_ROWS, MAP_COLUMNS = 256, 512
+
+
+def _viewable(sample: Any) -> Any:
+    """One sample's relevance as a 2-D array of a size to look at.
+
+    Axes longer than :data:`MAP_ROWS` / :data:`MAP_COLUMNS` are summed into that many bins (relevance
+    adds up); short ones are repeated, so that a strip is at least 24 pixels high and 256 wide.
+    """
+    import numpy as np
+
+    values = sample.detach().double().cpu().numpy()
+    values = values.reshape(1, -1) if values.ndim == 1 else values
+    values = _binned(_binned(values, 0, MAP_ROWS), 1, MAP_COLUMNS)
+    rows, columns = values.shape
+    return np.repeat(np.repeat(values, max(1, 24 // rows), axis=0), max(1, 256 // columns), axis=1)
+
+
+def _binned(values: Any, axis: int, most: int) -> Any:
+    """``values`` with runs of neighbours along ``axis`` summed into at most ``most`` bins."""
+    import numpy as np
+
+    length = values.shape[axis]
+    if length <= most:
+        return values
+    starts = (np.arange(most) * length) // most  # strictly increasing, as length > most
+    return np.add.reduceat(values, starts, axis=axis)
+
+
+def _vocabulary(path: str | None, x: Any) -> list[str] | None:
+    """``--vocab``: the token of each id (line n names id n), checked against the ids in ``x``."""
+    if path is None:
+        return None
+    if x.is_floating_point() or x.is_complex():
+        raise _UsageError(f"--vocab names token ids, and the input holds {x.dtype} values")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except OSError as error:
+        raise _UsageError(f"--vocab {path!r}: {error.strerror or error}") from error
+    tokens = [line.removesuffix("\r") for line in (lines[:-1] if lines[-1] == "" else lines)]
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= len(tokens)):
+        raise _UsageError(f"--vocab {path!r} names ids 0 to {len(tokens) - 1}, and the input holds ids "
+                          f"{int(x.min())} to {int(x.max())}")
+    return tokens
+
+
+def _names(row: Any, vocabulary: list[str] | None) -> list[str]:
+    """Labels of one sample's positions: its tokens, its ids, or its values (features)."""
+    if vocabulary is not None:
+        return [vocabulary[int(token)] for token in row]
+    if row.is_floating_point():
+        return [f"{float(value):.3g}" for value in row]
+    return [str(int(token)) for token in row]
+
+
+def _largest(x: Any, relevance: Any, vocabulary: list[str] | None, count: int = 5) -> str:
+    """Per sample (the first eight) of an (N, L) input: the positions of largest ``|relevance|``."""
+    lines = []
+    for index in range(min(len(x), 8)):
+        values = relevance[index].detach().double().cpu()
+        names = _names(x[index], vocabulary)
+        order = values.abs().argsort(descending=True)[:count].tolist()
+        what = "token" if vocabulary is not None else "value" if x.is_floating_point() else "id"
+        label = repr if vocabulary is not None else str
+        shown = ", ".join(f"{position} ({what} {label(names[position])}) {float(values[position]):+.4g}" for position in order)
+        lines.append(f"sample {index}, largest |relevance| at position: {shown}")
+    return "\n".join(lines)
+
+
+def _write_text_page(x: Any, relevance: Any, vocabulary: list[str] | None, out: str) -> Path:
+    """An HTML page with one line per sample, each token shaded by its relevance."""
+    from lrpkit import image
+
+    lines = [
+        f"<p>sample {index}: {image.text_heatmap(_names(x[index], vocabulary), relevance[index])}</p>"
+        for index in range(len(x))
+    ]
+    page = ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>lrpkit explanation</title></head><body>\n'
+            + "\n".join(lines) + "\n</body></html>\n")
+    path = Path(out)
+    path.write_text(page, encoding="utf-8")
+    return path
 
 
 def _shown_input(sample: Any) -> Any:

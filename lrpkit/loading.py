@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -47,16 +48,17 @@ def is_model_spec(name: str) -> bool:
     return ":" in name
 
 
-def model_from_spec(spec: str) -> nn.Module:
+def model_from_spec(spec: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """The model that ``spec`` (``path/to/file.py:factory`` or ``package.module:factory``) names.
 
-    ``factory`` may be dotted (``Net.small``). A callable is called without arguments; an
-    ``nn.Module`` object is returned as it is.
+    ``factory`` may be dotted (``Net.small``). A callable is called with the keyword arguments
+    ``kwargs`` (none by default); an ``nn.Module`` object is returned as it is.
 
     Raises
     ------
     ValueError
-        If ``spec`` has no ``:factory`` part, or the factory gives no ``nn.Module``.
+        If ``spec`` has no ``:factory`` part, the factory gives no ``nn.Module``, or it does
+        not take ``kwargs`` (or ``kwargs`` are given for a module object).
     FileNotFoundError, ImportError, AttributeError
         If the file, the module or the factory does not exist (the message names it).
     """
@@ -68,10 +70,27 @@ def model_from_spec(spec: str) -> nn.Module:
         if not hasattr(found, part):
             raise AttributeError(f"model {spec!r}: {location} has no {attribute!r}")
         found = getattr(found, part)
-    model = found if isinstance(found, nn.Module) or not callable(found) else found()
+    if isinstance(found, nn.Module) or not callable(found):
+        if kwargs:
+            raise ValueError(f"model {spec!r}: {attribute} is a {type(found).__name__} object, not a factory; it takes no arguments")
+        model = found
+    else:
+        model = _called(spec, found, dict(kwargs or {}))
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {spec!r}: {attribute} gave {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _called(spec: str, factory: Any, kwargs: dict[str, Any]) -> Any:
+    """``factory(**kwargs)``; a signature that does not take ``kwargs`` is a ``ValueError`` naming it."""
+    if kwargs:
+        try:
+            inspect.signature(factory).bind(**kwargs)
+        except TypeError as error:
+            raise ValueError(f"model {spec!r}: the factory does not take {kwargs} ({error})") from error
+        except ValueError:  # no signature to read (a builtin): let the call decide
+            pass
+    return factory(**kwargs)
 
 
 def _import(location: str) -> ModuleType:

@@ -23,6 +23,19 @@ def cnn():
 def mlp():
     return nn.Sequential(nn.Linear(5, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
 
+def sequence():
+    return nn.Sequential(nn.Conv1d(6, 4, 3, bias=False), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                         nn.Linear(4, 2, bias=False))
+
+class Bag(nn.Module):
+    def __init__(self, vocabulary=10, classes=2):
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, 4)
+        self.head = nn.Linear(4, classes, bias=False)
+
+    def forward(self, ids):
+        return self.head(self.embedding(ids).sum(dim=1))
+
 class Pair(nn.Module):
     def __init__(self):
         super().__init__()
@@ -75,12 +88,61 @@ def test_explain_own_cnn_on_an_image(files: Path, capsys: pytest.CaptureFixture[
 
 def test_explain_rows_from_a_tensor_file(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["explain", f"{files}/net.py:mlp", "--weights", str(files / "mlp.ckpt"), "--input", str(files / "rows.pt"),
-            "--composite", "epsilon_plus", "--save", str(files / "r.pt"), "--out", str(files / "never.png")]
+            "--composite", "epsilon_plus", "--save", str(files / "r.pt"), "--out", str(files / "strips.png")]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "sample 2: class" in printed and "= 1.0000 x the logit" in printed  # no biases: conserved
-    assert "no heatmap: the input is shaped (3, 5)" in printed and not (files / "never.png").exists()
-    assert torch.load(files / "r.pt", weights_only=True)["relevance"].dtype == torch.float32  # the model's dtype
+    result = torch.load(files / "r.pt", weights_only=True)
+    assert result["relevance"].dtype == torch.float32  # the model's dtype
+    # the features of largest |relevance| first, with their values
+    first = int(result["relevance"][1].abs().argmax())
+    value = float(result["input"][1, first])
+    assert f"sample 1, largest |relevance| at position: {first} (value {value:.3g}) " in printed
+    with Image.open(files / "strips.png") as image:  # one strip per sample
+        assert image.size[0] >= 256 and image.size[1] >= 3 * 24
+
+
+def test_explain_token_ids_with_a_vocabulary_as_an_html_page(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(torch.tensor([[1, 2, 3, 11], [4, 4, 0, 5]]), files / "ids.pt")
+    (files / "vocab.txt").write_text("".join(f"w{index}\n" for index in range(12)))
+    page, saved = files / "page.html", files / "ids-result.pt"
+    argv = ["explain", f"{files}/net.py:Bag", "--model-args", '{"vocabulary": 12, "classes": 3}', "--input",
+            str(files / "ids.pt"), "--vocab", str(files / "vocab.txt"), "--out", str(page), "--save", str(saved)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "output (2, 3), relevance (2, 4)" in printed  # the factory took --model-args
+    relevance = torch.load(saved, weights_only=True)["relevance"]
+    first = int(relevance[0].abs().argmax())
+    assert f"sample 0, largest |relevance| at position: {first} (token 'w{[1, 2, 3, 11][first]}') " in printed
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and text.count("<p>sample") == 2
+    assert ">w11</span>" in text and text.count("title=") == 8  # every token, with its relevance
+    assert main([*argv[:6], "--out", str(files / "ids.png")]) == 0
+    printed = capsys.readouterr().out  # without a vocabulary the ids name the tokens
+    assert f"sample 0, largest |relevance| at position: {first} (id {[1, 2, 3, 11][first]}) " in printed
+    assert (files / "ids.png").exists()
+
+
+def test_explain_a_map_per_sample_sums_long_axes_into_bins(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lrpkit.cli import _viewable
+
+    out = files / "maps.png"
+    assert main(["explain", f"{files}/net.py:sequence", "--input-shape", "6", "700", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size[0] >= 512 and image.size[1] >= 24
+    relevance = torch.randn(6, 700, dtype=torch.float64)
+    shown = _viewable(relevance)
+    assert shown.shape == (24, 512)  # 6 rows repeated 4 times; 700 columns summed into 512 bins
+    assert np.isclose(shown.sum() / 4, float(relevance.sum()))
+    assert _viewable(torch.arange(3.0)).shape == (24, 255)  # a short strip: repeated
+
+
+def test_explain_a_torchvision_model_with_model_args(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["describe", "resnet18", "--size", "32", "--model-args", '{"num_classes": 7}']) == 0
+    assert "fc" in capsys.readouterr().out
+    assert main(["explain", "resnet18", "--size", "32", "--model-args", '{"num_classes": 7}', "--out", "/dev/null"]) == 0
+    assert "output (1, 7)" in capsys.readouterr().out
 
 
 def test_explain_random_input_of_a_shape(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,6 +185,41 @@ def test_describe_own_model(files: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["describe", f"{files}/net.py:cnn", "--weights", str(files / "cnn.pt"), "--input-shape", "3", "8", "8"]) == 0
     table = capsys.readouterr().out
     assert "Conv2d" in table and "Flat(" in table and "1x4x8x8" in table
+
+
+@pytest.mark.parametrize("command", ["explain", "describe"])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{files}/net.py:cnn", "--model-args", "{{nope"], "--model-args is not JSON"),
+        (["{files}/net.py:cnn", "--model-args", "[1]"], "must be a JSON object of keyword arguments, not a list"),
+        (["{files}/net.py:cnn", "--model-args", '{{"depth": 3}}'], "the factory does not take {{'depth': 3}}"),
+        (["digits-cnn", "--model-args", '{{"depth": 3}}'], "--weights and --model-args are for"),
+        (["resnet18", "--model-args", '{{"weights": "DEFAULT"}}'], "never downloaded"),
+        (["resnet18", "--size", "32", "--model-args", '{{"depth": 3}}'], "torchvision's resnet18 with --model-args"),
+    ],
+)
+def test_bad_model_args(files: Path, command: str, argv: list[str], message: str,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, *(word.format(files=files) for word in argv)]) == 2
+    assert f"lrpkit {command}: " in (error := capsys.readouterr().err) and message.format() in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{files}/net.py:cnn", "--vocab", "{files}/vocab.txt"], "--vocab names token ids, and the input holds torch.float32"),
+        (["{files}/net.py:Bag", "--input", "{files}/ids.pt", "--vocab", "{files}/vocab.txt"], "names ids 0 to 2, and the input holds ids 1 to 11"),
+        (["{files}/net.py:Bag", "--input", "{files}/ids.pt", "--vocab", "{files}/absent.txt"], "No such file"),
+        (["{files}/net.py:cnn", "--out", "{files}/page.html"], "this one is shaped (1, 3, 64, 64): write a .png"),
+    ],
+)
+def test_bad_explain_outputs(files: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(torch.tensor([[1, 11]]), files / "ids.pt")
+    (files / "vocab.txt").write_text("a\nb\nc\n")
+    assert main(["explain", *(word.format(files=files) for word in argv)]) == 2
+    assert "lrpkit explain: " in (error := capsys.readouterr().err) and message in error
+    assert not (files / "page.html").exists()
 
 
 @pytest.mark.parametrize(
