@@ -253,9 +253,10 @@ def _explain_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
     parser.add_argument("--out", metavar="PATH", default="lrpkit-explanation.png",
                         help="where to write the heatmaps: a PNG for inputs shaped (N, C, H, W) (input and "
-                             "heatmap side by side), (N, L) (a strip per sample) or (N, A, B) (a map per "
-                             "sample); for (N, L) inputs such as token ids also an HTML page (.html), the "
-                             "tokens coloured by relevance (default: ./lrpkit-explanation.png)")
+                             "heatmap side by side), (N, C, T, H, W) (frames over their heatmaps), (N, L) "
+                             "(a strip per sample) or (N, A, B) (a map per sample); for (N, L) inputs such "
+                             "as token ids also an HTML page (.html), the tokens coloured by relevance "
+                             "(default: ./lrpkit-explanation.png)")
     parser.add_argument("--vocab", metavar="PATH", default=None,
                         help="for token ids: a vocabulary file with one token per line, line n naming id n "
                              "(BERT's vocab.txt), to name the tokens in the printout and the HTML page")
@@ -286,11 +287,13 @@ def _explain_run(args: argparse.Namespace) -> int:
         print(f"wrote {_write_text_page(x, result.relevance, vocabulary, args.out)}")
     elif x.dim() == 4:
         print(f"wrote {_write_heatmaps(given, result.relevance, args.out)}")
+    elif x.dim() == 5:
+        print(f"wrote {_write_frames(given, result.relevance, args.out)}")
     elif x.dim() in (2, 3):
         print(f"wrote {_write_maps(result.relevance, args.out)}")
     else:
-        print(f"no heatmap: the input is shaped {tuple(x.shape)}, not (N, L), (N, A, B) or (N, C, H, W); "
-              "--save keeps the relevance")
+        print(f"no heatmap: the input is shaped {tuple(x.shape)}, not (N, L), (N, A, B), (N, C, H, W) or "
+              "(N, C, T, H, W); --save keeps the relevance")
     return 0
 
 
@@ -317,6 +320,25 @@ def _write_heatmaps(x: Any, relevance: Any, out: str) -> Any:
     cells = [[_shown_input(x[index]), image.heatmap(relevance[index])] for index in range(count)]
     scale = max(1, 256 // max(x.shape[-2:]))
     return image.save_png(image.grid(cells, col_labels=["input", "relevance"], scale=scale), out)
+
+
+def _write_frames(x: Any, relevance: Any, out: str) -> Any:
+    """Video clips ``(N, C, T, H, W)``: for each sample (the first four) its frames (at most eight,
+    evenly spaced) over their heatmaps, one colour scale per clip, as one PNG."""
+    import torch
+
+    from lrpkit import image
+
+    frames = torch.linspace(0, x.shape[2] - 1, min(x.shape[2], 8)).round().long().unique().tolist()
+    rows, labels = [], []
+    for index in range(min(len(x), 4)):
+        bound = float(relevance[index].abs().max()) or None
+        rows.append([_shown_input(x[index][:, frame]) for frame in frames])
+        rows.append([image.heatmap(relevance[index][:, frame], bound=bound) for frame in frames])
+        labels += [f"sample {index}", "relevance"]
+    scale = max(1, 128 // max(x.shape[-2:]))
+    columns = [f"frame {frame}" for frame in frames]
+    return image.save_png(image.grid(rows, row_labels=labels, col_labels=columns, scale=scale), out)
 
 
 def _write_maps(relevance: Any, out: str) -> Any:

@@ -27,6 +27,10 @@ def sequence():
     return nn.Sequential(nn.Conv1d(6, 4, 3, bias=False), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
                          nn.Linear(4, 2, bias=False))
 
+def video():
+    return nn.Sequential(nn.Conv3d(3, 4, 3, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
+                         nn.Flatten(), nn.Linear(4, 2, bias=False))
+
 class Bag(nn.Module):
     def __init__(self, vocabulary=10, classes=2):
         super().__init__()
@@ -136,6 +140,14 @@ def test_explain_a_map_per_sample_sums_long_axes_into_bins(files: Path, capsys: 
     assert shown.shape == (24, 512)  # 6 rows repeated 4 times; 700 columns summed into 512 bins
     assert np.isclose(shown.sum() / 4, float(relevance.sum()))
     assert _viewable(torch.arange(3.0)).shape == (24, 255)  # a short strip: repeated
+
+
+def test_explain_a_video_clip_frame_by_frame(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = files / "clip.png"
+    assert main(["explain", f"{files}/net.py:video", "--input-shape", "3", "12", "16", "16", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with Image.open(out) as image:  # 8 of the 12 frames (16 x 16, scaled 8 times), two rows per sample
+        assert image.size[0] > 8 * 128 and 2 * 128 < image.size[1] < 3 * 128
 
 
 def test_explain_a_torchvision_model_with_model_args(capsys: pytest.CaptureFixture[str]) -> None:
