@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,15 +168,28 @@ def available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def all_methods() -> list[Method]:
-    """The gradient, then lrpkit and zennit for every composite, then Captum if installed."""
+#: The libraries compared with the gradient (``--libraries``).
+LIBRARIES = ("lrpkit", "zennit", "captum")
+
+
+def all_methods(composites: Sequence[str] | None = None, libraries: Sequence[str] | None = None) -> list[Method]:
+    """The gradient, then lrpkit and zennit for every composite, then Captum if installed.
+
+    ``composites`` and ``libraries`` (``None``: all) narrow the choice; the gradient, the
+    baseline of every ratio, always runs. FunctionalCapture's two variants run with lrpkit's
+    EpsilonPlus, which they are compared with.
+    """
+    chosen = LIBRARIES if libraries is None else tuple(libraries)
+    wanted = COMPOSITES if composites is None else tuple(composites)
     methods = [GRADIENT]
-    for composite in COMPOSITES:
-        methods.append(Method("lrpkit", composite))
-        if available("zennit"):
+    for composite in wanted:
+        if "lrpkit" in chosen:
+            methods.append(Method("lrpkit", composite))
+        if "zennit" in chosen and available("zennit"):
             methods.append(Method("zennit", composite))
-    methods += [Method("lrpkit", variant) for variant in CAPTURE_VARIANTS]
-    if available("captum"):
+    if "lrpkit" in chosen and "EpsilonPlus" in wanted:
+        methods += [Method("lrpkit", variant) for variant in CAPTURE_VARIANTS]
+    if "captum" in chosen and available("captum"):
         methods.append(Method("captum", "Epsilon"))
     return methods
 
@@ -466,7 +479,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
         defaults["batches"] = [1, 8, 32] if options.device.startswith("cuda") else [1, 8]
     options = options.resolved(**defaults)
     assert options.models is not None and options.batches is not None
-    methods = all_methods()
+    methods = all_methods(options.composites, options.libraries)
     rows: list[dict[str, Any]] = []
     for model_name in options.models:
         for batch in options.batches:

@@ -47,6 +47,12 @@ class BenchOptions:
     malloc
         ``"default"``: the C allocator as it comes; ``"tuned"``: glibc's heap trimming and
         dynamic mmap threshold turned off for every method (see :func:`benchmarks.timing.tune_malloc`).
+    composites
+        Models suite: the composites lrpkit and zennit run (``None``: all of
+        :data:`benchmarks.models.COMPOSITES`).
+    libraries
+        Models suite: which of ``lrpkit``, ``zennit`` and ``captum`` run besides the gradient,
+        the baseline that always runs (``None``: every one installed).
     """
 
     suite: str
@@ -63,6 +69,8 @@ class BenchOptions:
     memory: bool = True
     threads: int | None = None
     malloc: str = "default"
+    composites: list[str] | None = None
+    libraries: list[str] | None = None
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> BenchOptions:
@@ -82,6 +90,8 @@ class BenchOptions:
             memory=not args.no_memory,
             threads=args.threads,
             malloc=args.malloc,
+            composites=getattr(args, "composites", None),
+            libraries=getattr(args, "libraries", None),
         )
 
     def resolved(self, **defaults: Any) -> BenchOptions:

@@ -125,6 +125,9 @@ def command_line(options: dict[str, Any]) -> str:
             words += ["--input-shape", *map(str, options["input_shape"])]
         if options.get("weights") is not None:
             words += ["--weights", options["weights"]]
+        for name in ("composites", "libraries"):
+            if options.get(name) is not None:
+                words += [f"--{name}", *options[name]]
     words += ["--batch", *map(str, options["batches"]), "--repeats", str(options["repeats"]),
               "--warmup", str(options["warmup"])]
     if options["threads"] is not None:

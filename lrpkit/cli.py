@@ -472,6 +472,12 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", metavar="DIM", type=int, nargs="+", default=None,
                         help="models suite: the input's shape after the batch dimension, for a model "
                              "that does not take 3 x SIZE x SIZE images (inputs are uniform in [0, 1])")
+    parser.add_argument("--composites", nargs="+", metavar="NAME", default=None,
+                        help="models suite: only these composites, for lrpkit and zennit (Epsilon, "
+                             "EpsilonPlus, EpsilonPlusFlat, EpsilonGammaBox, EpsilonAlpha2Beta1; default: all)")
+    parser.add_argument("--libraries", nargs="+", choices=("lrpkit", "zennit", "captum"), default=None,
+                        help="models suite: only these besides gradient x input, which always runs "
+                             "(default: every one installed)")
     parser.add_argument("--batch", nargs="+", type=int, metavar="N", default=None,
                         help="batch sizes (default: models 1 8 on the CPU, 1 8 32 on CUDA; rules 8; "
                              "with --quick: 1 and 2)")
@@ -547,6 +553,12 @@ def _bench_run(args: argparse.Namespace) -> int:
               "package. Run `lrpkit bench ...` (or `python -m benchmarks ...`) from the root of a "
               "checkout of lrpkit, the directory that contains benchmarks/.", file=sys.stderr)
         return 1
+    known = benchmarks.models.COMPOSITES
+    unknown = [name for name in args.composites or () if name not in known]
+    if unknown:
+        print(f"lrpkit bench: unknown composite {unknown[0]!r} for --composites; known: {', '.join(known)}",
+              file=sys.stderr)
+        return 2
     return int(benchmarks.run_suite(benchmarks.BenchOptions.from_namespace(args)))
 
 

@@ -133,6 +133,23 @@ def test_bench_own_model_with_weights_and_input_shape(checkout, tmp_path, capsys
     assert "give exactly one --models NAME" in capsys.readouterr().err
 
 
+def test_bench_models_narrowed_to_composites_and_libraries(checkout, tmp_path, capsys):
+    argv = ["bench", "models", "--quick", "--no-memory", "--threads", "2", "--models", "tiny-resnet", "--batch", "1",
+            "--composites", "EpsilonPlusFlat", "Epsilon", "--libraries", "lrpkit", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    payload, markdown = _load(tmp_path, "models")
+    methods = [row["method"] for row in payload["rows"]]
+    assert methods == ["gradient x input", "lrpkit EpsilonPlusFlat", "lrpkit Epsilon"]
+    assert all(row["error"] is None and row["ratio_vs_gradient"] is not None for row in payload["rows"])
+    assert "--composites EpsilonPlusFlat Epsilon --libraries lrpkit" in payload["command"]
+    assert "What FunctionalCapture costs" not in markdown  # its variants go with EpsilonPlus
+    assert main([*argv[:-2], "--composites", "EpsilonPlus", "--libraries", "zennit", "--out", str(tmp_path)]) == 0
+    names = [row["method"] for row in _load(tmp_path, "models")[0]["rows"]]
+    assert names == ["gradient x input", "zennit EpsilonPlus"]  # no lrpkit: no capture variants either
+    assert main(["bench", "models", "--composites", "EpsilonMagic"]) == 2
+    assert "unknown composite 'EpsilonMagic' for --composites; known: Epsilon, EpsilonPlus" in capsys.readouterr().err
+
+
 def test_bench_outside_a_checkout_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(__import__("sys").modules, "benchmarks", None)  # import benchmarks fails
     monkeypatch.chdir(tmp_path)
