@@ -66,8 +66,9 @@ class LayerCall:
         module, and the relevance is zero wherever it is zero (see :mod:`lrpkit.rectified`).
         Only rules marked ``reads_output_only_where_relevant`` ever see this.
     padding
-        Per input, for rules with ``reads_padding``: the widths of the constant padding
-        (``F.pad(x, widths)``) that made it, or ``None``; see :meth:`padded`.
+        Per input, for rules with ``reads_padding``: a boolean mask, ``True`` where the input
+        holds a constant put there by an explicit ``F.pad`` or a ``torch.cat`` with a constant
+        part, or ``None`` (no such constant); see :meth:`padded`.
     """
 
     name: str
@@ -77,26 +78,18 @@ class LayerCall:
     ops: LayerOps
     known_nonnegative: tuple[bool, ...] = ()
     output_rectified: bool = False
-    padding: tuple[tuple[int, ...] | None, ...] = ()
+    padding: tuple[Tensor | None, ...] = ()
 
     def padded(self, index: int) -> Tensor | None:
-        """``True`` where input ``index`` holds the constant of an explicit ``F.pad``, else ``None`` (no such padding).
+        """``True`` where input ``index`` holds a constant the model put around or beside it, else ``None`` (none).
 
-        TF-style "same" padding pads before the layer (HF's MobileNets, timm's ``Conv2dSame``); a
-        layer with its own padding never sees those positions. Rules that put relevance on inputs
-        for what they could have been (z^B bounds, flat) treat them as the constants they are.
+        TF-style "same" padding pads before the layer (HF's MobileNets, timm's ``Conv2dSame``), and
+        some models build a layer's input from shifted, padded copies (MobileBERT's trigram input)
+        or next to a constant tensor (``torch.cat([x, zeros])``); a layer with its own padding never
+        sees those positions. Rules that put relevance on inputs for what they could have been
+        (z^B bounds, flat) treat them as the constants they are.
         """
-        widths = self.padding[index] if index < len(self.padding) else None
-        if widths is None:
-            return None
-        tensor = self.inputs[index]
-        inside = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
-        region = [slice(None)] * tensor.dim()
-        for axis, (before, after) in enumerate(zip(widths[0::2], widths[1::2])):
-            dim = tensor.dim() - 1 - axis
-            region[dim] = slice(before, tensor.shape[dim] - after)
-        inside[tuple(region)] = True
-        return ~inside
+        return self.padding[index] if index < len(self.padding) else None
 
     def params(self, zero: tuple[str, ...] = (), homogeneous: bool = False) -> Params:
         """The module's parameters, with those named in ``zero`` replaced by zeros.
@@ -207,20 +200,83 @@ def produced_nonnegative(tensor: Tensor, depth: int = 8) -> bool:
     return False
 
 
-def constant_padding(rule: Rule, args: Sequence[Any], positions: tuple[int, ...]) -> tuple[tuple[int, ...] | None, ...]:
-    """For a rule with ``reads_padding``: per input (``args[i]`` for ``i`` in ``positions``), the
-    widths of the ``F.pad`` (constant mode) that made it."""
+def constant_padding(rule: Rule, args: Sequence[Any], positions: tuple[int, ...]) -> tuple[Tensor | None, ...]:
+    """For a rule with ``reads_padding``: per input (``args[i]`` for ``i`` in ``positions``), where
+    it holds constants (see :meth:`LayerCall.padded`)."""
     if not rule.reads_padding:
         return ()
-    return tuple(_padding_widths(args[index]) for index in positions)
+    return tuple(constant_positions(args[index]) for index in positions)
 
 
-def _padding_widths(tensor: Tensor) -> tuple[int, ...] | None:
-    node = tensor.grad_fn
-    if type(node).__name__ != "ConstantPadNdBackward0":
+def constant_positions(tensor: Tensor) -> Tensor | None:
+    """``True`` where ``tensor`` holds a constant of an ``F.pad`` (constant mode) or a ``torch.cat``
+    part that carries no gradient, following pads and concatenations (not other steps) back from
+    its autograd node; ``None`` where there is none.
+
+    Examples
+    --------
+    >>> x = torch.ones(1, 3, requires_grad=True)
+    >>> constant_positions(torch.cat([torch.nn.functional.pad(x, (1, 0)), torch.zeros(1, 2)], dim=1))
+    tensor([[ True, False, False, False,  True,  True]])
+    >>> constant_positions(x * 2) is None
+    True
+    """
+    mask = _constants_behind(tensor.grad_fn, tuple(tensor.shape), tensor.device, _CONSTANT_DEPTH)
+    return mask if mask is not None and bool(mask.any()) else None
+
+
+#: How many pads and concatenations :func:`constant_positions` follows back.
+_CONSTANT_DEPTH = 4
+
+
+def _constants_behind(node: Any, shape: tuple[int, ...], device: torch.device, depth: int) -> Tensor | None:
+    """The constant positions of the output (of ``shape``) of ``node``; ``None``: none known."""
+    name = type(node).__name__
+    if depth == 0 or name not in ("ConstantPadNdBackward0", "CatBackward0"):
         return None
-    widths = tuple(int(width) for width in node._saved_pad)  # type: ignore[union-attr]
-    return widths if widths and min(widths) >= 0 else None  # (negative widths crop)
+    if name == "ConstantPadNdBackward0":
+        return _padded_constants(node, shape, device, depth)
+    return _concatenated_constants(node, shape, device, depth)
+
+
+def _padded_constants(node: Any, shape: tuple[int, ...], device: torch.device, depth: int) -> Tensor | None:
+    widths = tuple(_signed(width) for width in node._saved_pad)
+    if not widths or min(widths) < 0:  # (negative widths crop)
+        return None
+    region = [slice(None)] * len(shape)
+    for axis, (before, after) in enumerate(zip(widths[0::2], widths[1::2])):
+        dim = len(shape) - 1 - axis
+        region[dim] = slice(before, shape[dim] - after)
+    inner_shape = tuple(len(range(*part.indices(size))) for part, size in zip(region, shape))
+    mask = torch.ones(shape, dtype=torch.bool, device=device)
+    inner = _constants_behind(node.next_functions[0][0], inner_shape, device, depth - 1)
+    mask[tuple(region)] = False if inner is None else inner
+    return mask
+
+
+def _signed(value: int) -> int:
+    """An integer saved on an autograd node, which reads back as unsigned 64-bit: with its sign."""
+    value = int(value)
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _concatenated_constants(node: Any, shape: tuple[int, ...], device: torch.device, depth: int) -> Tensor | None:
+    dim = _signed(node._saved_dim) % len(shape)
+    sizes = [None if child is None else int(child._input_metadata[number].shape[dim]) for child, number in node.next_functions]
+    unknown = [index for index, size in enumerate(sizes) if size is None]
+    if len(unknown) > 1:  # several constant parts of unknown sizes
+        return None
+    if unknown:
+        sizes[unknown[0]] = shape[dim] - sum(size for size in sizes if size is not None)
+    parts = []
+    for (child, _), size in zip(node.next_functions, sizes):
+        part_shape = (*shape[:dim], size, *shape[dim + 1:])
+        if child is None:  # a part that carries no gradient: a constant
+            constant: Tensor | None = torch.ones(part_shape, dtype=torch.bool, device=device)
+        else:
+            constant = _constants_behind(child, part_shape, device, depth - 1)
+        parts.append(torch.zeros(part_shape, dtype=torch.bool, device=device) if constant is None else constant)
+    return torch.cat(parts, dim=dim) if any(part.any() for part in parts) else None
 
 
 class Rule:
@@ -293,7 +349,7 @@ class PendingCall:
     #: Whether the module ran under ``torch.autocast`` (its tensors may then differ in dtype).
     autocast: bool = False
     #: Per input, for rules with ``reads_padding``: see :attr:`LayerCall.padding`.
-    padding: tuple[tuple[int, ...] | None, ...] = ()
+    padding: tuple[Tensor | None, ...] = ()
 
 
 class _RelevanceFunction(torch.autograd.Function):
@@ -553,4 +609,4 @@ def attach(module: nn.Module, hook: RuleHook) -> RemovableHandle:
     return module.register_forward_hook(hook, with_kwargs=True)
 
 
-__all__ = ["LayerCall", "Rule", "RuleHook", "Session", "attach", "constant_padding"]
+__all__ = ["LayerCall", "Rule", "RuleHook", "Session", "attach", "constant_padding", "constant_positions"]

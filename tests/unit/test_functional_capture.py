@@ -2125,3 +2125,57 @@ def test_a_padded_first_layer_is_explained_as_one_with_its_own_padding(how: str,
     result, expected = Gradient(padded, composite())(x), Gradient(own, composite())(x)
     assert torch.allclose(result.output, expected.output, rtol=1e-12)
     assert torch.allclose(result.relevance, expected.relevance, rtol=1e-10, atol=1e-14)
+
+
+class ConstantsBesideTheInput(nn.Module):
+    """A first dense layer on an input built with constants: MobileBERT's trigram input (the
+    sequence shifted both ways, padded with zeros, concatenated along the features) or the input
+    next to a constant tensor (``torch.cat([x, zeros])``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.dense = nn.Linear(12 if how == "trigram" else 6, 5, bias=False)
+        self.head = nn.Linear(5, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, L, 4)
+        if self.how == "trigram":
+            x = torch.cat([F.pad(x[:, 1:], (0, 0, 0, 1)), x, F.pad(x[:, :-1], (0, 0, 1, 0))], dim=2)
+        else:
+            x = torch.cat([x, torch.zeros(*x.shape[:2], 2, dtype=x.dtype)], dim=-1)
+        return self.head(torch.relu(self.dense(x)).mean(dim=1))
+
+
+@pytest.mark.parametrize("how", ["trigram", "zeros"])
+@pytest.mark.parametrize(
+    "first",
+    [lambda: rules.ZBox(0.0, 1.0, stabilizer=TINY), lambda: rules.Flat(stabilizer=TINY), lambda: rules.WSquare(stabilizer=TINY)],
+    ids=["zbox", "flat", "wsquare"],
+)
+def test_constants_concatenated_to_a_first_layer_input_get_no_relevance(how: str, first: Callable[[], rules.Rule]) -> None:
+    """z^B, flat and w^2 keep relevance off the constants that ``torch.cat`` and ``F.pad`` put into a
+    first layer's input: all of it reaches the real input (MobileBERT lost a third under
+    EpsilonPlusFlat to its trigram padding)."""
+    torch.manual_seed(0)
+    model = ConstantsBesideTheInput(how).to(DTYPE).eval()
+    x = torch.rand(2, 5, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
+    composite = composites.SpecialFirstLayerMapComposite(
+        [*composites.layer_map_base(stabilizer=TINY), (types.Linear, rules.Epsilon(epsilon=TINY))],
+        [(types.Linear, first())], canonizers=[tiny_capture()])
+    result = Gradient(model, composite)(x, lambda output: output * F.one_hot(output.argmax(1), 2))
+    logits = result.output.gather(1, result.output.argmax(1, keepdim=True)).squeeze(1)
+    assert torch.allclose(result.relevance.sum(dim=(1, 2)), logits, rtol=1e-10)
+
+
+def test_constant_positions_follow_pads_and_concatenations() -> None:
+    x = torch.rand(1, 2, 3, requires_grad=True)
+    trigram = torch.cat([F.pad(x[:, 1:], (0, 0, 0, 1)), x, F.pad(x[:, :-1], (0, 0, 1, 0))], dim=-1)
+    expected = torch.zeros(1, 2, 9, dtype=torch.bool)
+    expected[0, 1, :3] = expected[0, 0, 6:] = True
+    assert torch.equal(core.constant_positions(trigram), expected)
+    nested = F.pad(torch.cat([torch.ones(1, 2, 1), x], dim=2), (1, 0))  # a constant inside a padding
+    assert core.constant_positions(nested)[0, 0].tolist() == [True, True, False, False, False]
+    assert core.constant_positions(torch.cat([x, x * 2], dim=1)) is None
+    assert core.constant_positions(F.pad(x, (-1, 0))) is None  # negative widths crop
+    two_unknown = torch.cat([torch.zeros(1, 2, 1), x, torch.zeros(1, 2, 1)], dim=2)
+    assert core.constant_positions(two_unknown) is None  # the constants' sizes are not recorded
