@@ -72,6 +72,9 @@ def _small(name: str) -> nn.Module:
         "esm": lambda: hf.EsmForSequenceClassification(
             hf.EsmConfig(hidden_size=WIDTH, num_labels=3, pad_token_id=1, mask_token_id=2, **text)
         ),
+        "mobilebert": lambda: hf.MobileBertForSequenceClassification(hf.MobileBertConfig(
+            hidden_size=WIDTH, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
+            num_feedforward_networks=2, num_labels=3, **text)),
         "gpt2": lambda: hf.GPT2LMHeadModel(hf.GPT2Config(n_embd=WIDTH, n_layer=2, n_head=2, vocab_size=50)),
         "llama": lambda: hf.LlamaForCausalLM(hf.LlamaConfig(hidden_size=WIDTH, num_key_value_heads=1, **text)),
         "mistral": lambda: hf.MistralForCausalLM(hf.MistralConfig(hidden_size=WIDTH, num_key_value_heads=1, **text)),
@@ -192,7 +195,7 @@ MODELS = (
     "bert", "roberta", "xlm-roberta", "albert", "electra", "deberta-v2", "distilbert", "modernbert", "gpt2",
     "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "olmo", "opt", "gpt_neox",
     "gptj", "falcon", "gpt_bigcode", "starcoder2", "mpt", "bloom", "t5-encoder", "apertus", "fnet", "esm",
-    "vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer",
+    "mobilebert", "vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer",
 )
 VISION = ("vit", "deit", "dinov2", "beit", "swin", "clip-vision", "siglip-vision", "convnext", "convnextv2", "poolformer")
 #: Mixtures of experts with transformers' default experts: ``torch._grouped_mm`` has no float64 on the CPU.

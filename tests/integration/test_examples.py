@@ -133,12 +133,14 @@ def test_transformers_models_example() -> None:
     GPT-2 (``gelu_new``, ``Conv1D``), Llama (grouped-query attention, RMSNorm, SwiGLU), Mixtral
     (experts added back with ``index_add_``), BLOOM (a GELU in a custom autograd function), and
     in float32 Qwen3-MoE (transformers' default experts, ``torch._grouped_mm``) and Phi-MoE (a
-    router that returns a tuple), FNet (Fourier token mixing) and ESM (an exact GELU written out
-    with ``erf``) conserve; relevance per token has one value per token.
+    router that returns a tuple), FNet (Fourier token mixing), ESM (an exact GELU written out
+    with ``erf``) and MobileBERT (its trigram input, padded copies concatenated before the first
+    dense layer, which EpsilonPlusFlat's flat rule must keep off the padding) conserve; relevance
+    per token has one value per token.
     """
     pytest.importorskip("transformers")
     transformers_models = _load("transformers_models")
-    results = transformers_models.main(["gpt2", "llama", "mixtral", "bloom", "qwen3_moe", "phimoe", "fnet", "esm"])
+    results = transformers_models.main(["gpt2", "llama", "mixtral", "bloom", "qwen3_moe", "phimoe", "fnet", "esm", "mobilebert"])
     for model in results.values():
         for result in model.values():
             assert result["same output"] and result["restored"] and result["finite"] and not result["warnings"]
