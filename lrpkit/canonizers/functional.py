@@ -248,8 +248,9 @@ class _Capture:
     #: gates and constants alone (``1 / max(sum(softmax))``), by ``id``, with its gate level.
     gate_nodes: dict[int, tuple[Any, int]] = field(default_factory=dict)
     #: During a forward pass: each complex tensor computed by Fourier transforms (and linear steps)
-    #: from one real activation, by ``id``: ``(tensor, that activation, how to compute it again from it)``.
-    spectra: dict[int, tuple[Tensor, Tensor, Callable[[Tensor], Any]]] = field(default_factory=dict)
+    #: from one real activation, by ``id``: ``(tensor, that activation, how to compute it again from
+    #: it, the tensor's version then)``; a tensor changed in place since is no step of the chain.
+    spectra: dict[int, tuple[Tensor, Tensor, Callable[[Tensor], Any], int]] = field(default_factory=dict)
     #: Whether a captured call had an activation among its arguments (the report waits for one).
     saw_activation: bool = False
     reported: bool = False
@@ -519,12 +520,14 @@ class _Capture:
         linked = [index for index, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and self._spectrum(leaf) is not None]
         if not linked and op not in _FOURIER_OPS:
             return _NOT_SPECTRAL
+        if op == "setitem":
+            return self._spectral_write(func, args, linked, len(leaves))
         others = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
         if linked:
             if len(linked) != 1 or others or op not in _SPECTRAL_STEPS or (op == "div" and linked != [0]):
                 return _NOT_SPECTRAL  # not linear in the chain's activation: its gradient, as before
             position = linked[0]
-            _, source, earlier = self.spectra[id(leaves[position])]
+            _, source, earlier, _ = self.spectra[id(leaves[position])]
         elif others == [0]:
             position, source, earlier = 0, leaves[0], _identity
         else:
@@ -533,11 +536,11 @@ class _Capture:
         output = func(*args, **kwargs)
         if not isinstance(output, Tensor) or not output.requires_grad:
             return output
-        if output.is_complex():
-            self.spectra[id(output)] = (output, source, replay)
-            return output
         if self.binding is not None and self.binding.unchecked and not self.reported:
-            self.note_parameter_use(leaves, captured.Fourier)
+            self.note_parameter_use(leaves, captured.Fourier)  # (a spectral filter enters at any step)
+        if output.is_complex():
+            self.spectra[id(output)] = (output, source, replay, output._version)
+            return output
         self.saw_activation = True
         name, pseudo, rule = self.identify(op, func, captured.Fourier)
         if rule is not None:
@@ -545,9 +548,32 @@ class _Capture:
             output = self.attach(rule, pseudo, replay, single, single_spec, [0], output)
         return self.observed(name, pseudo, rule, output)
 
-    def _spectrum(self, tensor: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Any]] | None:
+    def _spectral_write(self, func: Callable[..., Any], args: tuple[Any, ...], linked: list[int], count: int) -> Any:
+        """``target[index] = value`` with ``value`` a step of a Fourier chain, into a constant tensor
+        (``out_ft = torch.zeros(...)``, as Fourier neural operators keep their lowest modes) or into
+        a tensor of the same chain: ``target`` is then a step of the chain too."""
+        if len(args) != 3 or not isinstance(args[0], Tensor) or count - 1 not in linked:
+            return _NOT_SPECTRAL
+        target, index, value = args
+        value_source = self.spectra[id(value)][1]
+        if linked not in ([count - 1], [0, count - 1]) or any(map(_is_activation, pytree.tree_leaves(index))):
+            return _NOT_SPECTRAL
+        if linked == [0, count - 1]:
+            _, source, base, _ = self.spectra[id(target)]
+            if source is not value_source:
+                return _NOT_SPECTRAL
+        elif target.requires_grad:
+            return _NOT_SPECTRAL  # written into a tensor computed otherwise: not one linear map of the activation
+        else:
+            source, base = value_source, functools.partial(_copied, target.detach().clone())
+        replay = functools.partial(_replayed_write, base, index, self.spectra[id(value)][2])
+        func(*args)
+        self.spectra[id(target)] = (target, source, replay, target._version)
+        return None
+
+    def _spectrum(self, tensor: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Any], int] | None:
         entry = self.spectra.get(id(tensor))
-        return entry if entry is not None and entry[0] is tensor else None
+        return entry if entry is not None and entry[0] is tensor and entry[3] == tensor._version else None
 
     def layer_call(
         self, leaves: list[Any], activations: list[int], op: str, spec: pytree.TreeSpec
@@ -717,6 +743,20 @@ def _replayed(
     current[position] = earlier(source)
     call_args, call_kwargs = pytree.tree_unflatten(current, spec)
     return func(*call_args, **call_kwargs)
+
+
+def _copied(constant: Tensor, source: Tensor) -> Tensor:
+    """A fresh copy of ``constant`` (what a Fourier chain writes into), whatever the activation ``source``."""
+    return constant.clone()
+
+
+def _replayed_write(
+    base: Callable[[Tensor], Tensor], index: Any, value: Callable[[Tensor], Tensor], source: Tensor
+) -> Tensor:
+    """``base(source)`` with ``value(source)`` written at ``index``: a Fourier chain's write, computed again."""
+    target = base(source)
+    target[index] = value(source)
+    return target
 
 
 #: Calls captured as the calls they stand for (by op name; with the first argument the only activation).

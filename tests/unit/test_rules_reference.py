@@ -360,6 +360,15 @@ def _spectral_filter(x: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(spectrum, n=x.shape[-1], dim=-1, norm="ortho")
 
 
+def _kept_modes(x: torch.Tensor) -> torch.Tensor:
+    """A Fourier neural operator's spectral layer: the lowest modes (and the highest) of a zero spectrum written with a filter."""
+    spectrum = torch.fft.rfft(x, dim=-1)
+    kept = torch.zeros(spectrum.shape, dtype=spectrum.dtype)
+    kept[..., :3] = spectrum[..., :3] * _FILTER[:3]
+    kept[..., -1:] = spectrum[..., -1:] * 0.5
+    return torch.fft.irfft(kept, n=x.shape[-1], dim=-1)
+
+
 def _interpolate(**arguments) -> _Call:
     return _Call(torch.nn.functional.interpolate, **arguments)
 
@@ -375,6 +384,7 @@ RESAMPLE_CASES = [
     # Fourier chains of one activation back to real values (captured.Fourier): FNet's mixing, a spectral filter
     ("fftn-real", lambda: _Call(_fnet_mixing), (4, 5)),
     ("rfft-filter-irfft", lambda: _Call(_spectral_filter), (2, 6)),
+    ("rfft-modes-written-irfft", lambda: _Call(_kept_modes), (2, 8)),
 ]
 
 
