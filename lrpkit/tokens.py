@@ -6,7 +6,8 @@ token is the sum of its vector's relevance over the embedding dimension (Arras e
 for conservative rules the tokens' relevances still sum to the explained output.
 
 :class:`TokenLookup` finds that lookup by its input: the ``F.embedding`` call (what
-``nn.Embedding`` and its subclasses run) whose input is the token-id tensor given to the model,
+``nn.Embedding`` and its subclasses run), or the ``table[ids]`` / ``table.index_select(0, ids)``
+of a 2-D parameter or buffer of the model, whose input is the token-id tensor given to the model,
 a view of it (``ids.t()``, ``ids.view(-1, T)``, ``ids[:, 1:]``), or a copy made by calls that
 only move or convert values (``ids.long()``, ``ids.t().contiguous()``, ``ids.to(device)``; each
 element's origin is followed). An embedding module that
@@ -112,14 +113,15 @@ class TokenLookup:
         self._kept: dict[int, Tensor] = {}
         self._seen: dict[int, list[str]] = {}
         embeddings = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Embedding)]
-        #: The module that holds each embedding table, to name a lookup by.
-        self._tables = {id(module.weight): name for name, module in embeddings}
+        #: The module that holds each embedding table (or the table's own name, for a table that
+        #: is a parameter of another module, read as ``table[ids]``), to name a lookup by.
+        self._tables = {**_raw_tables(model), **{id(module.weight): name for name, module in embeddings}}
         self._handles = [
             module.register_forward_hook(self._bag_hook(name), with_kwargs=True)
             for name, module in model.named_modules()
             if isinstance(module, nn.EmbeddingBag)
         ]
-        if not embeddings and not self._handles:
+        if not self._tables and not self._handles:
             raise TypeError(
                 f"lrpkit: the input holds integers, and the model ({type(model).__name__}) has no "
                 "nn.Embedding to look them up as token ids; pass a floating-point tensor instead, e.g. "
@@ -218,6 +220,16 @@ class TokenLookup:
         with hooks_suspended(), torch._C.DisableTorchFunction():
             return self._lookup(name, "Embedding", source, output)
 
+    def rows(self, table: Tensor, index: Any, output: Any) -> Any:
+        """``table[ids]`` or ``table.index_select(0, ids)``: the vectors in place of ``output`` if
+        ``index`` holds the ids and ``table`` is an embedding table (2-D, floating point)."""
+        name = self._tables.get(id(table))  # (a parameter or buffer of the model, not an activation)
+        source = None if name is None else self._source(index)
+        if source is None:
+            return output
+        with hooks_suspended(), torch._C.DisableTorchFunction():
+            return self._lookup(name, "table", source, output)
+
     def _bag_hook(self, name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             bag = _bag_arguments(args, kwargs)
@@ -286,8 +298,38 @@ class _LookupMode(TorchFunctionMode):
         if func is F.embedding:
             return self.lookup.embedding(args, kwargs)
         result = func(*args, **kwargs)
+        if func is Tensor.__getitem__ and len(args) == 2:
+            return self.lookup.rows(args[0], args[1], result)
+        if func in _INDEX_SELECTS and _index_select_rows(args, kwargs):
+            return self.lookup.rows(args[0], args[2] if len(args) > 2 else kwargs.get("index"), result)
         self.lookup.follow(func, args, kwargs, result)
         return result
+
+
+#: ``torch.index_select(table, 0, ids)`` and ``table.index_select(0, ids)``.
+_INDEX_SELECTS = (torch.index_select, Tensor.index_select)
+
+
+def _index_select_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether an ``index_select`` call picks rows (``dim`` 0) of a table."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    return bool(args) and dim == 0
+
+
+def _raw_tables(model: nn.Module) -> dict[int, str]:
+    """Embedding tables that are parameters or buffers of modules other than layers (read as ``table[ids]``), by name.
+
+    A 2-D floating tensor of a module that is no ``nn.Linear``, convolution, ``nn.Embedding``
+    or ``nn.EmbeddingBag`` (whose weights are no tables to index, or are found as such).
+    """
+    layers = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.modules.conv._ConvNd)
+    return {
+        id(tensor): f"{name}.{key}" if name else key
+        for name, module in model.named_modules()
+        if not isinstance(module, layers)
+        for key, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
+        if tensor.dim() == 2 and tensor.is_floating_point()
+    }
 
 
 def _contiguous(args: Sequence[Any], positions: Sequence[int]) -> tuple[Any, ...]:
@@ -398,8 +440,8 @@ def _not_looked_up(which: str) -> str:
         f"lrpkit: the input{which} holds integer token ids, but no embedding of the model looked them "
         "up in the forward pass (nor a view or copy of them). If the model computes other ids from "
         "them first (ids + 1, ids % n, torch.cat([cls, ids])), pass those; if it reads its embedding "
-        "table another way (weight[ids]), explain from the embeddings: run the rest of the model on "
-        "a floating-point tensor of them"
+        "table another way than F.embedding, weight[ids] or weight.index_select(0, ids), explain from "
+        "the embeddings: run the rest of the model on a floating-point tensor of them"
     )
 
 

@@ -209,6 +209,45 @@ def test_ids_moved_before_the_lookup_are_followed() -> None:
     torch.testing.assert_close(Gradient(converts, composites.EpsilonPlus())(ids.int(), target=1).relevance, expected)
 
 
+class RawTable(BagText):
+    """The same model reading its table without ``nn.Embedding``: a parameter of its own or the embedding's weight."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.table = nn.Parameter(torch.zeros(VOCAB, WIDTH))
+        self.register_buffer("frozen", torch.zeros(VOCAB, WIDTH))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.how == "index":
+            vectors = self.table[ids]
+        elif self.how == "buffer":
+            vectors = self.frozen[ids]
+        elif self.how == "weight":
+            vectors = self.embedding.weight[ids]
+        elif self.how == "index_select":
+            vectors = self.table.index_select(0, ids.reshape(-1)).view(*ids.shape, WIDTH)
+        else:
+            vectors = torch.nn.functional.embedding(ids, self.table)
+        return self.head(vectors)
+
+
+@pytest.mark.parametrize("how", ["index", "buffer", "weight", "index_select", "functional"])
+def test_a_table_read_without_an_embedding_module(how: str) -> None:
+    """``table[ids]``, ``table.index_select(0, ids)`` and ``F.embedding(ids, table)`` on a parameter or
+    buffer of the model are lookups like ``nn.Embedding``'s: the same relevance per token."""
+    model, ids = _model("bag"), _ids()
+    raw = RawTable(how).double().eval()
+    raw.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        raw.table.copy_(model.embedding.weight)
+        raw.frozen.copy_(model.embedding.weight)
+    expected = Gradient(model, composites.EpsilonPlus())(ids, target=1)
+    result = Gradient(raw, composites.EpsilonPlus())(ids, target=1)
+    torch.testing.assert_close(result.output, expected.output)
+    torch.testing.assert_close(result.relevance, expected.relevance)
+
+
 class NoLookup(nn.Module):
     def __init__(self) -> None:
         super().__init__()
