@@ -298,11 +298,12 @@ class _LookupMode(TorchFunctionMode):
         if func is F.embedding:
             return self.lookup.embedding(args, kwargs)
         result = func(*args, **kwargs)
-        if func is Tensor.__getitem__ and len(args) == 2:
-            return self.lookup.rows(args[0], args[1], result)
-        if func in _INDEX_SELECTS and _index_select_rows(args, kwargs):
-            return self.lookup.rows(args[0], args[2] if len(args) > 2 else kwargs.get("index"), result)
-        self.lookup.follow(func, args, kwargs, result)
+        index = _rows_index(func, args, kwargs)
+        if index is not None:
+            looked_up = self.lookup.rows(args[0], index, result)
+            if looked_up is not result:
+                return looked_up
+        self.lookup.follow(func, args, kwargs, result)  # (ids[order] moves the ids)
         return result
 
 
@@ -310,10 +311,14 @@ class _LookupMode(TorchFunctionMode):
 _INDEX_SELECTS = (torch.index_select, Tensor.index_select)
 
 
-def _index_select_rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether an ``index_select`` call picks rows (``dim`` 0) of a table."""
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    return bool(args) and dim == 0
+def _rows_index(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The index of a call that picks rows of a tensor by an index tensor: ``table[index]``,
+    ``table.index_select(0, index)``; ``None`` for any other call."""
+    if func is Tensor.__getitem__ and len(args) == 2:
+        return args[1]
+    if func in _INDEX_SELECTS and args and (args[1] if len(args) > 1 else kwargs.get("dim")) == 0:
+        return args[2] if len(args) > 2 else kwargs.get("index")
+    return None
 
 
 def _raw_tables(model: nn.Module) -> dict[int, str]:

@@ -225,6 +225,8 @@ class RawTable(BagText):
             vectors = self.frozen[ids]
         elif self.how == "weight":
             vectors = self.embedding.weight[ids]
+        elif self.how == "reordered":  # ids picked by an index tensor (a copy, followed), then the table
+            vectors = self.table[ids[:, torch.arange(ids.shape[1])]]
         elif self.how == "index_select":
             vectors = self.table.index_select(0, ids.reshape(-1)).view(*ids.shape, WIDTH)
         else:
@@ -232,7 +234,7 @@ class RawTable(BagText):
         return self.head(vectors)
 
 
-@pytest.mark.parametrize("how", ["index", "buffer", "weight", "index_select", "functional"])
+@pytest.mark.parametrize("how", ["index", "buffer", "weight", "reordered", "index_select", "functional"])
 def test_a_table_read_without_an_embedding_module(how: str) -> None:
     """``table[ids]``, ``table.index_select(0, ids)`` and ``F.embedding(ids, table)`` on a parameter or
     buffer of the model are lookups like ``nn.Embedding``'s: the same relevance per token."""
