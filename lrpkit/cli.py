@@ -271,8 +271,7 @@ def _explain_run(args: argparse.Namespace) -> int:
 
     model, x, given = _model_and_input(args)
     vocabulary = _vocabulary(args.vocab, x)
-    html = args.out.lower().endswith(".html")
-    if html and x.dim() != 2:
+    if args.out.lower().endswith(".html") and x.dim() != 2:
         raise _UsageError(f"an HTML page colours a sequence, an input shaped (N, L); this one is shaped "
                           f"{tuple(x.shape)}: write a .png")
     result = lrpkit.explain(model, x, composite=args.composite, target=args.target, output=_selector(args.output))
@@ -283,18 +282,22 @@ def _explain_run(args: argparse.Namespace) -> int:
         saved = {"input": x, "output": result.output, "relevance": result.relevance, "start": result.start}
         torch.save(saved if given is x else {**saved, "given": given}, args.save)
         print(f"saved input, output and relevance to {args.save}")
-    if html:
-        print(f"wrote {_write_text_page(x, result.relevance, vocabulary, args.out)}")
-    elif x.dim() == 4:
-        print(f"wrote {_write_heatmaps(given, result.relevance, args.out)}")
-    elif x.dim() == 5:
-        print(f"wrote {_write_frames(given, result.relevance, args.out)}")
-    elif x.dim() in (2, 3):
-        print(f"wrote {_write_maps(result.relevance, args.out)}")
-    else:
-        print(f"no heatmap: the input is shaped {tuple(x.shape)}, not (N, L), (N, A, B), (N, C, H, W) or "
-              "(N, C, T, H, W); --save keeps the relevance")
+    print(_write_explanation(given, x, result.relevance, vocabulary, args.out))
     return 0
+
+
+def _write_explanation(given: Any, x: Any, relevance: Any, vocabulary: list[str] | None, out: str) -> str:
+    """Write the heatmaps that suit the input's shape to ``out``; what was written."""
+    if out.lower().endswith(".html"):
+        return f"wrote {_write_text_page(x, relevance, vocabulary, out)}"
+    if x.dim() == 4:
+        return f"wrote {_write_heatmaps(given, relevance, out)}"
+    if x.dim() == 5:
+        return f"wrote {_write_frames(given, relevance, out)}"
+    if x.dim() in (2, 3):
+        return f"wrote {_write_maps(relevance, out)}"
+    return (f"no heatmap: the input is shaped {tuple(x.shape)}, not (N, L), (N, A, B), (N, C, H, W) or "
+            "(N, C, T, H, W); --save keeps the relevance")
 
 
 def _summary(result: Any) -> str:
