@@ -76,10 +76,14 @@ class Pool(CapturedOp):
 
 
 class Resample(CapturedOp):
-    """Resampling with ``F.interpolate`` (``nn.Upsample`` calls it), in any mode: default ``Norm``.
+    """Resampling with ``F.interpolate`` (``nn.Upsample`` calls it), in any mode, and
+    ``F.grid_sample``: default ``Norm``.
 
     Each output is a fixed weighted sum of inputs (one of them for ``nearest``, a convex
     combination for ``bilinear``, ``area``, ...), so the call is a linear map without parameters.
+    ``grid_sample``'s grid says where to sample; computed by the model (a spatial transformer's
+    ``affine_grid`` of a learned ``theta``, an optical flow) it is held constant like attention
+    weights, and all relevance goes to the sampled input.
     ``Norm`` gives each input its share of every output it contributes to, and nothing to an input
     that is zero. The gradient, which the call would get as an unknown op, spreads an output's
     relevance over its inputs by the weights alone: onto zero inputs too, from where the rule of
@@ -203,7 +207,7 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
         "adaptive_avg_pool2d",
         "adaptive_avg_pool3d",
     ),
-    Resample: ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear"),
+    Resample: ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "grid_sample"),
     MaxPool: (
         "max_pool1d",
         "max_pool2d",

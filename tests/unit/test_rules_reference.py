@@ -369,6 +369,15 @@ def _kept_modes(x: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(kept, n=x.shape[-1], dim=-1)
 
 
+_THETA = torch.tensor([[0.8, 0.25, 0.1], [-0.2, 0.9, -0.05]], dtype=DTYPE)
+
+
+def _sampled(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """``F.grid_sample`` of ``x`` on a fixed rotated, scaled and shifted grid (a spatial transformer's sampling)."""
+    grid = torch.nn.functional.affine_grid(_THETA.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode=mode, align_corners=False)
+
+
 def _interpolate(**arguments) -> _Call:
     return _Call(torch.nn.functional.interpolate, **arguments)
 
@@ -385,13 +394,16 @@ RESAMPLE_CASES = [
     ("fftn-real", lambda: _Call(_fnet_mixing), (4, 5)),
     ("rfft-filter-irfft", lambda: _Call(_spectral_filter), (2, 6)),
     ("rfft-modes-written-irfft", lambda: _Call(_kept_modes), (2, 8)),
+    # sampling on a grid (captured.Resample): bilinear and nearest
+    ("grid-sample-bilinear", lambda: _Call(_sampled, mode="bilinear"), (2, 5, 5)),
+    ("grid-sample-nearest", lambda: _Call(_sampled, mode="nearest"), (1, 5, 6)),
 ]
 
 
 @pytest.mark.parametrize("input_kind", INPUT_KINDS)
 @pytest.mark.parametrize("case_id, factory, in_shape", RESAMPLE_CASES, ids=[c[0] for c in RESAMPLE_CASES])
 def test_norm_on_resampling(case_id, factory, in_shape, input_kind):
-    """``F.interpolate``, ``cumsum`` and Fourier chains (captured, inside a module without a rule) get ``Norm``, the split of a linear map."""
+    """``F.interpolate``, ``F.grid_sample``, ``cumsum`` and Fourier chains (captured, inside a module without a rule) get ``Norm``, the split of a linear map."""
     module = factory()
     J, out_shape = ref.dense_linear_map(module, in_shape)
     for attempt in range(MAX_REDRAWS):
