@@ -2154,6 +2154,39 @@ def test_a_spatial_transformer_samples_relevance_back_to_its_input() -> None:
         assert torch.isfinite(Gradient(constant, composite)(x).relevance).all()
 
 
+class DeformableAttention(nn.Module):
+    """Deformable attention (Zhu et al. 2021), one level and one query: the value map is sampled
+    with ``F.grid_sample`` at points the query predicts, and the samples are weighted by a softmax."""
+
+    positive = ()
+
+    def __init__(self, width: int = 6, points: int = 4) -> None:
+        super().__init__()
+        self.points = points
+        self.value = nn.Conv2d(1, width, 1, bias=False)
+        self.offsets = nn.Linear(width, 2 * points, bias=False)
+        self.weights = nn.Linear(width, points, bias=False)
+        self.head = nn.Linear(width, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = self.value(x)
+        query = values.flatten(2).mean(-1)
+        locations = torch.tanh(self.offsets(query)).view(-1, 1, self.points, 2)
+        attention = self.weights(query).softmax(-1)
+        sampled = F.grid_sample(values, locations, align_corners=False).squeeze(2)
+        return self.head(torch.relu((sampled * attention.unsqueeze(1)).sum(-1)))
+
+
+def test_deformable_attention_conserves() -> None:
+    """Sampled values weighted by attention: ``Norm`` at the sampling, the locations and the
+    weights held constant (gates), all relevance reaches the value map."""
+    torch.manual_seed(0)
+    model = build(DeformableAttention)
+    x = images(channels=1, size=6)
+    output, relevance = Gradient(model, composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12))(x)
+    assert_conserved(output, relevance, rtol=1e-8)
+
+
 class ErfGELU(nn.Module):
     """Two dense layers with the exact GELU between them, written out with ``erf`` (as ESM does) or as ``nn.GELU``."""
 
