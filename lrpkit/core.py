@@ -67,8 +67,9 @@ class LayerCall:
         Only rules marked ``reads_output_only_where_relevant`` ever see this.
     padding
         Per input, for rules with ``reads_padding``: a boolean mask, ``True`` where the input
-        holds a constant put there by an explicit ``F.pad`` or a ``torch.cat`` with a constant
-        part, or ``None`` (no such constant); see :meth:`padded`.
+        holds a constant put there by an explicit ``F.pad``, a ``torch.cat`` with a constant
+        part or an ``F.grid_sample`` outside its input, or ``None`` (no such constant); see
+        :meth:`padded`.
     """
 
     name: str
@@ -232,11 +233,33 @@ _CONSTANT_DEPTH = 4
 def _constants_behind(node: Any, shape: tuple[int, ...], device: torch.device, depth: int) -> Tensor | None:
     """The constant positions of the output (of ``shape``) of ``node``; ``None``: none known."""
     name = type(node).__name__
-    if depth == 0 or name not in ("ConstantPadNdBackward0", "CatBackward0"):
+    if depth == 0:
         return None
     if name == "ConstantPadNdBackward0":
         return _padded_constants(node, shape, device, depth)
-    return _concatenated_constants(node, shape, device, depth)
+    if name == "CatBackward0":
+        return _concatenated_constants(node, shape, device, depth)
+    pending = getattr(node, "pending", None)  # a rule node: a captured sampling
+    if pending is not None and getattr(pending.module, "op", None) in _SAMPLING_OPS and len(node.input_shapes) == 1:
+        return _unsampled(node, pending, device)
+    return None
+
+
+#: Captured calls that may sample outside their input (``F.grid_sample`` with zero padding).
+_SAMPLING_OPS = frozenset({"grid_sample"})
+
+
+def _unsampled(node: Any, pending: PendingCall, device: torch.device) -> Tensor:
+    """Where a captured sampling read nothing of its input (outside it, with zero padding): the
+    same call on ones gives zero there (with ``border`` or ``reflection`` padding, nowhere)."""
+    (shape, dtype), = node.input_shapes
+    args = list(pending.args)
+    ones = torch.ones(shape, dtype=dtype, device=device)
+    args[pending.input_positions[0]] = ones
+    ops = pending.ops_factory(pending.module, tuple(args), pending.kwargs, pending.input_positions)
+    with torch.no_grad(), hooks_suspended():
+        covered = ops.forward((ones,), ops.params())
+    return covered == 0
 
 
 def _padded_constants(node: Any, shape: tuple[int, ...], device: torch.device, depth: int) -> Tensor | None:

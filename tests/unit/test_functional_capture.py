@@ -2133,9 +2133,7 @@ class SpatialTransformer(nn.Module):
 def test_a_spatial_transformer_samples_relevance_back_to_its_input() -> None:
     """``F.grid_sample(x, grid)`` is a linear map of ``x`` for its grid (``Resample``, ``Norm``): all
     relevance reaches the input there, none goes into the grid's localisation network, as none
-    goes into attention weights. As a gradient, 10-70 % of the relevance was lost or made up.
-    (z+ on the convolution after it: z^B or flat there would give relevance to the zeros sampled
-    outside the image too, where ``Norm`` finds no input to pass it to.)"""
+    goes into attention weights. As a gradient, 10-70 % of the relevance was lost or made up."""
     torch.manual_seed(0)
     model = build(SpatialTransformer)
     x = images(channels=1, size=6)
@@ -2147,6 +2145,13 @@ def test_a_spatial_transformer_samples_relevance_back_to_its_input() -> None:
     rows = {row.name: row for row in lrpkit.describe(model, x, composite)}
     assert (rows["grid_sample"].kind, rows["grid_sample"].rule) == ("Resample: grid_sample", "Norm(stabilizer=1e-12)")
     assert not rows["localisation.1"].relevance  # (none reached it)
+    # z^B and flat on the convolution after it keep relevance off the zeros sampled outside the image
+    for first in (rules.ZBox(0.0, 1.0, stabilizer=1e-12), rules.Flat(stabilizer=1e-12)):
+        special = composites.SpecialFirstLayerMapComposite(
+            [*composites.layer_map_base(stabilizer=1e-12), (types.AnyLinear, rules.Epsilon(epsilon=1e-12))],
+            [(types.Convolution, first)], canonizers=[FunctionalCapture(stabilizer=1e-12)])
+        output, relevance = Gradient(model, special)(x)
+        assert_conserved(output, relevance, rtol=1e-8)
     constant = build(lambda: SpatialTransformer(sample_constant=True))
     with pytest.warns(composites.UncoveredModuleWarning, match="SpatialTransformer"):  # its table keeps the gradient
         rows = {row.name: row for row in lrpkit.describe(constant, x, composite)}
