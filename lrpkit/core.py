@@ -210,9 +210,10 @@ def constant_padding(rule: Rule, args: Sequence[Any], positions: tuple[int, ...]
 
 
 def constant_positions(tensor: Tensor) -> Tensor | None:
-    """``True`` where ``tensor`` holds a constant of an ``F.pad`` (constant mode) or a ``torch.cat``
-    part that carries no gradient, following pads and concatenations (not other steps) back from
-    its autograd node; ``None`` where there is none.
+    """``True`` where ``tensor`` holds a constant of an ``F.pad`` (constant mode), a ``torch.cat``
+    part that carries no gradient, or a zero a captured ``F.grid_sample`` read outside its input,
+    following pads and concatenations (not other steps) back from its autograd node; ``None``
+    where there is none.
 
     Examples
     --------
