@@ -18,7 +18,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +126,7 @@ def describe(
     composite: str | Composite = "epsilon_plus_flat",
     target: Target = None,
     output: OutputSelector = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> Description:
     """Run one explanation of ``x`` and tabulate every module and captured call in execution order.
 
@@ -150,13 +151,16 @@ def describe(
     output
         For a model that returns a tuple or dict: which entry to explain (as for
         :class:`~lrpkit.attribution.Gradient`).
+    model_kwargs
+        Keyword arguments for the model call, not explained (``{"attention_mask": mask}``), as
+        for the attributors.
 
     Returns
     -------
     Description
         ``.rows`` (a list of :class:`Row`), ``.output``, ``.relevance``; ``print()`` it for a table.
     """
-    given = explained_inputs(x)
+    given = explained_inputs(x, model_kwargs=model_kwargs)
     model = eager_module(model)
     if isinstance(composite, str):
         composite = get_for_input(composite, x)

@@ -290,3 +290,16 @@ def test_describe_takes_an_output_selector() -> None:
     model, x = Dict().eval(), torch.rand(2, 3)
     table = lrpkit.describe(model, x, "epsilon_plus", output="logits")
     torch.testing.assert_close(table.relevance, Gradient(model, composites.EpsilonPlus(), output="logits")(x).relevance)
+
+
+def test_describe_takes_model_kwargs() -> None:
+    """As ``explain``: the keyword arguments reach the model call, unexplained."""
+    torch.manual_seed(0)
+    model = Masked().double().eval()
+    ids, mask = torch.randint(0, 10, (2, 4)), torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    table = lrpkit.describe(model, ids, "epsilon_plus", target=0, model_kwargs={"mask": mask})
+    expected = lrpkit.explain(model, ids, "epsilon_plus", target=0, model_kwargs={"mask": mask})
+    torch.testing.assert_close(table.relevance, expected.relevance)
+    assert not table.relevance[mask == 0].any()
+    with pytest.raises(TypeError, match="model_kwargs must be a dict"):
+        lrpkit.describe(model, ids, "epsilon_plus", model_kwargs=[mask])
