@@ -76,10 +76,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="preset name (default: epsilon_plus_flat)")
     parser.add_argument("--weights", metavar="PATH", default=None,
                         help="a state_dict file (torch.save) to load into the model")
-    parser.add_argument("--input", metavar="PATH", default=None,
+    parser.add_argument("--input", metavar="PATH", nargs="+", default=None,
                         help="what to explain: an image (PNG, JPEG, ...; RGB in [0, 1], batch of one), "
                              "a tensor saved with torch.save (.pt) or a NumPy array (.npy), with its "
-                             "batch dimension (default: a random image)")
+                             "batch dimension; several for a model with several inputs, model(*inputs) "
+                             "(default: a random image)")
     parser.add_argument("--input-shape", metavar="DIM", type=int, nargs="+", default=None,
                         help="shape of the random input after the batch dimension, e.g. 3 32 32 "
                              "(default: 3 SIZE SIZE)")
@@ -168,12 +169,21 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.weights is not None:
         _load_weights(model, args.weights)
     if args.input is not None:
-        x = _load_input(args)
+        parts = tuple(_load_input(args, path) for path in args.input)
+        x = parts[0] if len(parts) == 1 else parts
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if dtype is not None and x.is_floating_point():
-        x = x.to(dtype)
+    x = _with_dtype(x, dtype)
     normalization = _normalization(args)
+    if normalization is not None and isinstance(x, tuple):
+        raise _UsageError("--mean/--std normalise one input; with several, save them normalised")
     return model.eval(), x if normalization is None else _normalized(x, normalization), x
+
+
+def _with_dtype(x: Any, dtype: Any) -> Any:
+    """The floating-point inputs in the model's dtype (token ids as they are)."""
+    if isinstance(x, tuple):
+        return tuple(_with_dtype(part, dtype) for part in x)
+    return x.to(dtype) if dtype is not None and x.is_floating_point() else x
 
 
 def _build_model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -240,11 +250,11 @@ def _load_weights(model: Any, path: str) -> None:
         raise _UsageError(str(error)) from error
 
 
-def _load_input(args: argparse.Namespace) -> Any:
+def _load_input(args: argparse.Namespace, path: str) -> Any:
     from lrpkit.loading import load_input
 
     try:
-        return load_input(args.input, None if args.size is None else (args.size, args.size))
+        return load_input(path, None if args.size is None else (args.size, args.size))
     except (ValueError, FileNotFoundError) as error:
         raise _UsageError(str(error)) from error
 
@@ -255,8 +265,9 @@ def _explain_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to write the heatmaps: a PNG for inputs shaped (N, C, H, W) (input and "
                              "heatmap side by side), (N, C, T, H, W) (frames over their heatmaps), (N, L) "
                              "(a strip per sample) or (N, A, B) (a map per sample); for (N, L) inputs such "
-                             "as token ids also an HTML page (.html), the tokens coloured by relevance "
-                             "(default: ./lrpkit-explanation.png)")
+                             "as token ids also an HTML page (.html), the tokens coloured by relevance; "
+                             "with several inputs one file each, PATH-input0.png, ... (default: "
+                             "./lrpkit-explanation.png)")
     parser.add_argument("--vocab", metavar="PATH", default=None,
                         help="for token ids: a vocabulary file with one token per line, line n naming id n "
                              "(BERT's vocab.txt), to name the tokens in the printout and the HTML page")
@@ -270,20 +281,33 @@ def _explain_run(args: argparse.Namespace) -> int:
     import lrpkit
 
     model, x, given = _model_and_input(args)
-    vocabulary = _vocabulary(args.vocab, x)
-    if args.out.lower().endswith(".html") and x.dim() != 2:
-        raise _UsageError(f"an HTML page colours a sequence, an input shaped (N, L); this one is shaped "
-                          f"{tuple(x.shape)}: write a .png")
+    inputs, shown = (x, given) if isinstance(x, tuple) else ((x,), (given,))
+    vocabulary = _vocabulary(args.vocab, inputs)
+    html = args.out.lower().endswith(".html")
+    for part in inputs:
+        if html and part.dim() != 2:
+            raise _UsageError(f"an HTML page colours a sequence, an input shaped (N, L); this one is shaped "
+                              f"{tuple(part.shape)}: write a .png")
     result = lrpkit.explain(model, x, composite=args.composite, target=args.target, output=_selector(args.output))
-    print(_summary(result))
-    if x.dim() == 2:
-        print(_largest(x, result.relevance, vocabulary))
+    relevances = result.relevance if isinstance(x, tuple) else (result.relevance,)
+    print(_summary(result.output, relevances, result.start))
+    for index, (part, relevance) in enumerate(zip(inputs, relevances)):
+        if part.dim() == 2:
+            print(_largest(part, relevance, vocabulary, "" if len(inputs) == 1 else f"input {index}, "))
     if args.save is not None:
         saved = {"input": x, "output": result.output, "relevance": result.relevance, "start": result.start}
         torch.save(saved if given is x else {**saved, "given": given}, args.save)
         print(f"saved input, output and relevance to {args.save}")
-    print(_write_explanation(given, x, result.relevance, vocabulary, args.out))
+    for index, (seen, part, relevance) in enumerate(zip(shown, inputs, relevances)):
+        out = args.out if len(inputs) == 1 else _numbered(args.out, index)
+        print(_write_explanation(seen, part, relevance, vocabulary, out))
     return 0
+
+
+def _numbered(out: str, index: int) -> str:
+    """``heatmap-input0.png`` for input 0 of several, from ``heatmap.png``."""
+    path = Path(out)
+    return str(path.with_name(f"{path.stem}-input{index}{path.suffix}"))
 
 
 def _write_explanation(given: Any, x: Any, relevance: Any, vocabulary: list[str] | None, out: str) -> str:
@@ -300,14 +324,14 @@ def _write_explanation(given: Any, x: Any, relevance: Any, vocabulary: list[str]
             "(N, C, T, H, W); --save keeps the relevance")
 
 
-def _summary(result: Any) -> str:
-    """One line per sample (the first eight): the explained class, its logit and the relevance's sum."""
-    output, relevance, start = result.output, result.relevance, result.start
-    lines = [f"output {tuple(output.shape)}, relevance {tuple(relevance.shape)}"]
+def _summary(output: Any, relevances: Sequence[Any], start: Any) -> str:
+    """One line per sample (the first eight): the explained class, its logit and the relevance's sum (over all inputs)."""
+    shapes = ", ".join(str(tuple(relevance.shape)) for relevance in relevances)
+    lines = [f"output {tuple(output.shape)}, relevance {shapes}"]
     for index in range(min(len(output), 8)):
         per_class = start[index].reshape(start.shape[1], -1) if start.dim() > 1 else start[index].reshape(1, 1)
         target = int(per_class.abs().sum(dim=1).argmax())
-        total = float(relevance[index].sum())
+        total = sum(float(relevance[index].sum()) for relevance in relevances)
         logit = float(per_class[target].sum())  # a segmentation map: the sum of the class's logits
         what = "logit" if per_class.shape[1] == 1 else "sum of its logits"
         share = f" = {total / logit:.4f} x the {what}" if logit != 0 else ""
@@ -385,43 +409,46 @@ def _binned(values: Any, axis: int, most: int) -> Any:
     return np.add.reduceat(values, starts, axis=axis)
 
 
-def _vocabulary(path: str | None, x: Any) -> list[str] | None:
-    """``--vocab``: the token of each id (line n names id n), checked against the ids in ``x``."""
+def _vocabulary(path: str | None, inputs: Sequence[Any]) -> list[str] | None:
+    """``--vocab``: the token of each id (line n names id n), checked against the ids in ``inputs``."""
     if path is None:
         return None
-    if x.is_floating_point() or x.is_complex():
-        raise _UsageError(f"--vocab names token ids, and the input holds {x.dtype} values")
+    ids = [part for part in inputs if not (part.is_floating_point() or part.is_complex())]
+    if not ids:
+        raise _UsageError(f"--vocab names token ids, and the input holds {inputs[0].dtype} values")
     try:
         lines = Path(path).read_text(encoding="utf-8").split("\n")
     except OSError as error:
         raise _UsageError(f"--vocab {path!r}: {error.strerror or error}") from error
     tokens = [line.removesuffix("\r") for line in (lines[:-1] if lines[-1] == "" else lines)]
-    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= len(tokens)):
-        raise _UsageError(f"--vocab {path!r} names ids 0 to {len(tokens) - 1}, and the input holds ids "
-                          f"{int(x.min())} to {int(x.max())}")
+    for part in (part for part in ids if part.numel()):
+        if int(part.min()) < 0 or int(part.max()) >= len(tokens):
+            raise _UsageError(f"--vocab {path!r} names ids 0 to {len(tokens) - 1}, and the input holds ids "
+                              f"{int(part.min())} to {int(part.max())}")
     return tokens
 
 
 def _names(row: Any, vocabulary: list[str] | None) -> list[str]:
     """Labels of one sample's positions: its tokens, its ids, or its values (features)."""
-    if vocabulary is not None:
-        return [vocabulary[int(token)] for token in row]
     if row.is_floating_point():
         return [f"{float(value):.3g}" for value in row]
+    if vocabulary is not None:
+        return [vocabulary[int(token)] for token in row]
     return [str(int(token)) for token in row]
 
 
-def _largest(x: Any, relevance: Any, vocabulary: list[str] | None, count: int = 5) -> str:
+def _largest(x: Any, relevance: Any, vocabulary: list[str] | None, prefix: str = "", count: int = 5) -> str:
     """Per sample (the first eight) of an (N, L) input: the positions of largest ``|relevance|``."""
+    tokens = vocabulary is not None and not x.is_floating_point()
+    what = "token" if tokens else "value" if x.is_floating_point() else "id"
+    label = repr if tokens else str
     lines = []
     for index in range(min(len(x), 8)):
         values = relevance[index].detach().double().cpu()
         names = _names(x[index], vocabulary)
         order = values.abs().argsort(descending=True)[:count].tolist()
-        what = "token" if vocabulary is not None else "value" if x.is_floating_point() else "id"
-        label = repr if vocabulary is not None else str
         shown = ", ".join(f"{position} ({what} {label(names[position])}) {float(values[position]):+.4g}" for position in order)
-        lines.append(f"sample {index}, largest |relevance| at position: {shown}")
+        lines.append(f"{prefix}sample {index}, largest |relevance| at position: {shown}")
     return "\n".join(lines)
 
 

@@ -40,6 +40,17 @@ class Bag(nn.Module):
     def forward(self, ids):
         return self.head(self.embedding(ids).sum(dim=1))
 
+class ImageAndIds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.embedding = nn.Embedding(12, 4)
+        self.head = nn.Linear(8, 2, bias=False)
+
+    def forward(self, image, ids):
+        pictured = torch.relu(self.conv(image)).mean(dim=(2, 3))
+        return self.head(torch.cat([pictured, self.embedding(ids).sum(dim=1)], dim=1))
+
 class Pair(nn.Module):
     def __init__(self):
         super().__init__()
@@ -125,6 +136,26 @@ def test_explain_token_ids_with_a_vocabulary_as_an_html_page(files: Path, capsys
     printed = capsys.readouterr().out  # without a vocabulary the ids name the tokens
     assert f"sample 0, largest |relevance| at position: {first} (id {[1, 2, 3, 11][first]}) " in printed
     assert (files / "ids.png").exists()
+
+
+def test_explain_a_model_with_two_inputs(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--input`` with two files: ``model(image, ids)``; one heatmap file per input, the relevance of
+    both together sums to the logit."""
+    torch.save(torch.tensor([[1, 2, 3, 11]]), files / "ids.pt")
+    (files / "vocab.txt").write_text("".join(f"w{index}\n" for index in range(12)))
+    out, saved = files / "both.png", files / "both.pt"
+    argv = ["explain", f"{files}/net.py:ImageAndIds", "--input", str(files / "image.png"), str(files / "ids.pt"),
+            "--size", "8", "--vocab", str(files / "vocab.txt"), "--composite", "epsilon_plus", "--out", str(out),
+            "--save", str(saved)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "relevance (1, 3, 8, 8), (1, 4)" in printed and "= 1.0000 x the logit" in printed
+    assert "input 1, sample 0, largest |relevance| at position: " in printed and "(token 'w" in printed
+    assert (files / "both-input0.png").exists() and (files / "both-input1.png").exists()
+    image, ids = torch.load(saved, weights_only=True)["relevance"]
+    assert image.shape == (1, 3, 8, 8) and ids.shape == (1, 4)
+    assert main([*argv, "--imagenet"]) == 2
+    assert "with several, save them normalised" in capsys.readouterr().err
 
 
 def test_explain_a_map_per_sample_sums_long_axes_into_bins(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
