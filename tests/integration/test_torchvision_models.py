@@ -27,6 +27,7 @@ from zennit.attribution import Gradient as ZennitGradient
 from zennit.torchvision import ResNetCanonizer
 
 from helpers import hooks_left, zero_batchnorm_eps
+import lrpkit
 from lrpkit import composites, rules, types
 from lrpkit.attribution import Gradient
 from lrpkit.canonizers import FunctionalCapture, MergeBatchNorm
@@ -543,3 +544,27 @@ def test_captured_names_stable_across_forward_passes(cache, images):
     additions = [name for name in first if name.endswith(".add")]
     assert additions == [f"layer{stage}.{block}.add" for stage in range(1, 5) for block in range(2)]
     assert "layer1.0.add" in first
+
+
+def test_optical_flow_raft_conserves_with_one_update():
+    """RAFT (two images as two inputs; the target: the horizontal flow of the last prediction). Its
+    correlation lookup samples with ``F.grid_sample`` at the flow's coordinates (``Resample``, the
+    coordinates held constant) and its convex upsampling weights by a softmax (a gate). With one
+    update all relevance reaches the images; with more, RAFT's own ``coords1.detach()`` cuts the
+    earlier updates off (float32: RAFT builds its coordinate grids in the default dtype)."""
+    torch.manual_seed(0)
+    model = torchvision.models.optical_flow.raft_small(weights=None).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
+    generator = torch.Generator().manual_seed(1)
+    first, second = torch.rand(1, 3, 128, 128, generator=generator), torch.rand(1, 3, 128, 128, generator=generator)
+    before = snapshot(model)
+    composite = composites.EpsilonGammaBox(low=0.0, high=1.0, epsilon=1e-12, stabilizer=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncoveredModuleWarning)
+        result = lrpkit.explain(model, (first, second), composite, output=-1, target=0, model_kwargs={"num_flow_updates": 1})
+    assert_restored(model, before)
+    total = sum(float(relevance.sum()) for relevance in result.relevance)
+    assert abs(total - float(result.start.sum())) <= 1e-4 * abs(float(result.start.sum()))
