@@ -83,7 +83,8 @@ class Resample(CapturedOp):
     combination for ``bilinear``, ``area``, ...), so the call is a linear map without parameters.
     ``grid_sample``'s grid says where to sample; computed by the model (a spatial transformer's
     ``affine_grid`` of a learned ``theta``, an optical flow) it is held constant like attention
-    weights, and all relevance goes to the sampled input.
+    weights, and all relevance goes to the sampled input. So are the boxes of torchvision's
+    ``roi_align`` and ``ps_roi_align`` (a detector's pooling of each region proposal).
     ``Norm`` gives each input its share of every output it contributes to, and nothing to an input
     that is zero. The gradient, which the call would get as an unknown op, spreads an output's
     relevance over its inputs by the weights alone: onto zero inputs too, from where the rule of
@@ -207,7 +208,7 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
         "adaptive_avg_pool2d",
         "adaptive_avg_pool3d",
     ),
-    Resample: ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "grid_sample"),
+    Resample: ("interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "grid_sample", "roi_align", "ps_roi_align"),
     MaxPool: (
         "max_pool1d",
         "max_pool2d",

@@ -246,8 +246,9 @@ def _constants_behind(node: Any, shape: tuple[int, ...], device: torch.device, d
     return None
 
 
-#: Captured calls that may sample outside their input (``F.grid_sample`` with zero padding).
-_SAMPLING_OPS = frozenset({"grid_sample"})
+#: Captured calls that may sample outside their input (``F.grid_sample`` with zero padding,
+#: torchvision's ``roi_align`` of a box beyond the image).
+_SAMPLING_OPS = frozenset({"grid_sample", "roi_align", "ps_roi_align"})
 
 
 def _unsampled(node: Any, pending: PendingCall, device: torch.device) -> Tensor:

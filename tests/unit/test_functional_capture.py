@@ -2192,6 +2192,42 @@ def test_deformable_attention_conserves() -> None:
     assert_conserved(output, relevance, rtol=1e-8)
 
 
+class RegionHead(nn.Module):
+    """A detector's second stage in small: features, torchvision's ``roi_align`` of boxes the model
+    computes from them (held constant, as proposals), a classifier per region."""
+
+    positive = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.boxes = nn.Linear(4, 4, bias=False)
+        self.head = nn.Linear(4 * 2 * 2, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import roi_align
+
+        features = torch.relu(self.features(x))
+        corners = torch.sigmoid(self.boxes(features.mean(dim=(2, 3)))) * x.shape[-1]
+        low, high = torch.minimum(corners[:, :2], corners[:, 2:]), torch.maximum(corners[:, :2], corners[:, 2:]) + 1
+        boxes = torch.cat([torch.arange(x.shape[0], dtype=x.dtype)[:, None], low, high], dim=1)
+        regions = roi_align(features, boxes, output_size=(2, 2), sampling_ratio=2, aligned=True)
+        return self.head(regions.flatten(1))
+
+
+def test_a_region_of_interest_is_pooled_back_to_its_features() -> None:
+    """``roi_align`` is ``Resample`` (``Norm``) with its boxes held constant: conserved, and no warning
+    about the custom autograd Function torchvision registers for it (its gradient, before: spread by
+    the sampling weights alone, onto zero features too)."""
+    torch.manual_seed(0)
+    model = build(RegionHead)
+    x = images(channels=1, size=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        output, relevance = Gradient(model, composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12))(x)
+    assert_conserved(output, relevance, rtol=1e-8)
+
+
 class ErfGELU(nn.Module):
     """Two dense layers with the exact GELU between them, written out with ``erf`` (as ESM does) or as ``nn.GELU``."""
 

@@ -378,6 +378,15 @@ def _sampled(x: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.nn.functional.grid_sample(x, grid, mode=mode, align_corners=False)
 
 
+def _pooled_regions(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``roi_align``: one fixed box per image (partly beyond it), 2x2 bins of 2x2 samples."""
+    from torchvision.ops import roi_align
+
+    box = torch.tensor([[0.5, 1.0, 4.5, 6.0]], dtype=x.dtype).expand(x.shape[0], 4)
+    boxes = torch.cat([torch.arange(x.shape[0], dtype=x.dtype)[:, None], box], dim=1)
+    return roi_align(x, boxes, output_size=(2, 2), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
 def _interpolate(**arguments) -> _Call:
     return _Call(torch.nn.functional.interpolate, **arguments)
 
@@ -397,13 +406,14 @@ RESAMPLE_CASES = [
     # sampling on a grid (captured.Resample): bilinear and nearest
     ("grid-sample-bilinear", lambda: _Call(_sampled, mode="bilinear"), (2, 5, 5)),
     ("grid-sample-nearest", lambda: _Call(_sampled, mode="nearest"), (1, 5, 6)),
+    ("roi-align", lambda: _Call(_pooled_regions), (2, 5, 5)),
 ]
 
 
 @pytest.mark.parametrize("input_kind", INPUT_KINDS)
 @pytest.mark.parametrize("case_id, factory, in_shape", RESAMPLE_CASES, ids=[c[0] for c in RESAMPLE_CASES])
 def test_norm_on_resampling(case_id, factory, in_shape, input_kind):
-    """``F.interpolate``, ``F.grid_sample``, ``cumsum`` and Fourier chains (captured, inside a module without a rule) get ``Norm``, the split of a linear map."""
+    """``F.interpolate``, ``F.grid_sample``, ``roi_align``, ``cumsum`` and Fourier chains (captured, inside a module without a rule) get ``Norm``, the split of a linear map."""
     module = factory()
     J, out_shape = ref.dense_linear_map(module, in_shape)
     for attempt in range(MAX_REDRAWS):
