@@ -773,3 +773,29 @@ def test_parametrized_weights_are_read_as_the_layer_computes_them(composite: str
     assert torch.allclose(ours.relevance, reference.relevance, rtol=1e-10, atol=1e-14)
     assert parametrizations.parametrize.is_parametrized(model[0], "weight")
     assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
+
+
+class Checkpointed(nn.Module):
+    """A block run under activation checkpointing (recomputed in the backward), or plainly."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.block = nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU())
+        self.head = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed:
+            return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+        return self.head(self.block(x))
+
+
+def test_activation_checkpointing_gives_the_same_relevance() -> None:
+    """``torch.utils.checkpoint`` (non-reentrant) runs the block again in the backward, with the rules' hooks."""
+    torch.manual_seed(0)
+    plain = Checkpointed(False).double().eval()
+    checkpointed = Checkpointed(True).double().eval()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.rand(3, 6, dtype=torch.float64)
+    expected = Gradient(plain, composites.EpsilonPlus())(x, target=1).relevance
+    torch.testing.assert_close(Gradient(checkpointed, composites.EpsilonPlus())(x, target=1).relevance, expected)
