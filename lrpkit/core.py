@@ -223,7 +223,10 @@ def constant_positions(tensor: Tensor) -> Tensor | None:
     >>> constant_positions(x * 2) is None
     True
     """
-    mask = _constants_behind(tensor.grad_fn, tuple(tensor.shape), tensor.device, _CONSTANT_DEPTH)
+    try:
+        mask = _constants_behind(tensor.grad_fn, tuple(tensor.shape), tensor.device, _CONSTANT_DEPTH)
+    except (AttributeError, IndexError, RuntimeError):  # a node that does not record what is read here
+        return None
     return mask if mask is not None and bool(mask.any()) else None
 
 
