@@ -60,8 +60,9 @@ def _demo_run(args: argparse.Namespace) -> int:
 _MODEL_HELP = (
     "'digits-cnn' (the demo's trained CNN, on a test digit), a torchvision model name such as "
     "resnet18 (weights=None unless --weights is given), or your own model as path/to/file.py:factory "
-    "or package.module:factory (a function or class called without arguments that returns the "
-    "nn.Module); without --input it is explained on a random image"
+    "or package.module:factory (a function or class that returns the nn.Module, called with the "
+    "keyword arguments of --model-args, none by default); without --input it is explained on a "
+    "random image"
 )
 
 
@@ -76,10 +77,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="preset name (default: epsilon_plus_flat)")
     parser.add_argument("--weights", metavar="PATH", default=None,
                         help="a state_dict file (torch.save) to load into the model")
-    parser.add_argument("--input", metavar="PATH", nargs="+", default=None,
+    parser.add_argument("--input", metavar="PATH", action="append", default=None,
                         help="what to explain: an image (PNG, JPEG, ...; RGB in [0, 1], batch of one), "
                              "a tensor saved with torch.save (.pt) or a NumPy array (.npy), with its "
-                             "batch dimension; several for a model with several inputs, model(*inputs) "
+                             "batch dimension; repeated for a model with several inputs, model(*inputs) "
                              "(default: a random image)")
     parser.add_argument("--input-shape", metavar="DIM", type=int, nargs="+", default=None,
                         help="shape of the random input after the batch dimension, e.g. 3 32 32 "

@@ -139,12 +139,12 @@ def test_explain_token_ids_with_a_vocabulary_as_an_html_page(files: Path, capsys
 
 
 def test_explain_a_model_with_two_inputs(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``--input`` with two files: ``model(image, ids)``; one heatmap file per input, the relevance of
-    both together sums to the logit."""
+    """``--input`` twice: ``model(image, ids)``; one heatmap file per input, the relevance of both
+    together sums to the logit. (Options before MODEL work too.)"""
     torch.save(torch.tensor([[1, 2, 3, 11]]), files / "ids.pt")
     (files / "vocab.txt").write_text("".join(f"w{index}\n" for index in range(12)))
     out, saved = files / "both.png", files / "both.pt"
-    argv = ["explain", f"{files}/net.py:ImageAndIds", "--input", str(files / "image.png"), str(files / "ids.pt"),
+    argv = ["explain", "--input", str(files / "image.png"), "--input", str(files / "ids.pt"), f"{files}/net.py:ImageAndIds",
             "--size", "8", "--vocab", str(files / "vocab.txt"), "--composite", "epsilon_plus", "--out", str(out),
             "--save", str(saved)]
     assert main(argv) == 0
