@@ -93,6 +93,12 @@ class Resample(CapturedOp):
     """
 
 
+#: ``Resample`` calls that sample their first argument where another argument says: the grid of
+#: ``F.grid_sample``, the boxes of torchvision's ``roi_align`` (held constant); outside the input
+#: they read zeros.
+SAMPLERS = frozenset({"grid_sample", "roi_align", "ps_roi_align"})
+
+
 class MaxPool(CapturedOp):
     """Maxima (``max_pool*``, ``adaptive_max_pool*``, ``amax``, ``max``): the gradient (winner takes all)."""
 
@@ -353,6 +359,7 @@ __all__ = [
     "Product",
     "ReLU",
     "Reshape",
+    "SAMPLERS",
     "Softmax",
     "kind_of",
 ]

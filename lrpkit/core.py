@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .captured import SAMPLERS
 from .ops import LayerOps, Params, hooks_are_suspended, hooks_suspended, layer_ops, with_values
 from .rectified import (
     KeptOutput,
@@ -244,14 +245,9 @@ def _constants_behind(node: Any, shape: tuple[int, ...], device: torch.device, d
     if name == "CatBackward0":
         return _concatenated_constants(node, shape, device, depth)
     pending = getattr(node, "pending", None)  # a rule node: a captured sampling
-    if pending is not None and getattr(pending.module, "op", None) in _SAMPLING_OPS and len(node.input_shapes) == 1:
+    if pending is not None and getattr(pending.module, "op", None) in SAMPLERS and len(node.input_shapes) == 1:
         return _unsampled(node, pending, device)
     return None
-
-
-#: Captured calls that may sample outside their input (``F.grid_sample`` with zero padding,
-#: torchvision's ``roi_align`` of a box beyond the image).
-_SAMPLING_OPS = frozenset({"grid_sample", "roi_align", "ps_roi_align"})
 
 
 def _unsampled(node: Any, pending: PendingCall, device: torch.device) -> Tensor:
@@ -296,15 +292,18 @@ def _concatenated_constants(node: Any, shape: tuple[int, ...], device: torch.dev
         return None
     if unknown:
         sizes[unknown[0]] = shape[dim] - sum(size for size in sizes if size is not None)
-    parts = []
-    for (child, _), size in zip(node.next_functions, sizes):
-        part_shape = (*shape[:dim], size, *shape[dim + 1:])
-        if child is None:  # a part that carries no gradient: a constant
-            constant: Tensor | None = torch.ones(part_shape, dtype=torch.bool, device=device)
-        else:
-            constant = _constants_behind(child, part_shape, device, depth - 1)
-        parts.append(torch.zeros(part_shape, dtype=torch.bool, device=device) if constant is None else constant)
-    return torch.cat(parts, dim=dim) if any(part.any() for part in parts) else None
+    shapes = [(*shape[:dim], size, *shape[dim + 1:]) for size in sizes]
+    constants = [
+        torch.ones(part, dtype=torch.bool, device=device)  # a part that carries no gradient: a constant
+        if child is None
+        else _constants_behind(child, part, device, depth - 1)
+        for (child, _), part in zip(node.next_functions, shapes)
+    ]
+    if all(constant is None for constant in constants):
+        return None
+    parts = [torch.zeros(part, dtype=torch.bool, device=device) if constant is None else constant
+             for constant, part in zip(constants, shapes)]
+    return torch.cat(parts, dim=dim)
 
 
 class Rule:

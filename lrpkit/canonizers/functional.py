@@ -450,9 +450,9 @@ class _Capture:
             kind = self.layer_call(leaves, activations, op, spec)
         elif op in _KIND_BY_ACTIVATIONS:
             kind = _KIND_BY_ACTIVATIONS[op](activations)
-        if op in _SAMPLERS and 0 in activations:
+        if op in captured.SAMPLERS and 0 in activations:
             activations = [0]  # where to sample (the grid) is held constant, as attention weights are
-        elif op in _SAMPLERS:
+        elif op in captured.SAMPLERS:
             kind = captured.Other  # a constant sampled where the model says: not a linear map of an activation
         if not activations:
             return func(*args, **kwargs)
@@ -691,9 +691,6 @@ _GATE_KEEPING_UNRULED = (captured.Other, captured.MaxPool)
 #: torch's layer modules: a call with their own parameters is their computation, left to the composite.
 _LAYER_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 #: Ops whose kind depends on which arguments are activations (``None``: the op's own kind).
-#: Calls that sample their first argument where another says (``F.grid_sample(x, grid)``,
-#: torchvision's ``roi_align(x, boxes, ...)``).
-_SAMPLERS = frozenset({"grid_sample", "roi_align", "ps_roi_align"})
 _KIND_BY_ACTIVATIONS: dict[str, Callable[[list[int]], type[captured.CapturedOp] | None]] = {
     # input + t1 * t2: a sum of a product of one activation and a constant
     "addcmul": lambda activations: captured.Other if 1 in activations and 2 in activations else None,

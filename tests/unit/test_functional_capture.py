@@ -79,6 +79,15 @@ def assert_conserved(output: torch.Tensor, relevance: torch.Tensor, factor: floa
     assert error < rtol, (sums, logits, error)
 
 
+def assert_explained_conserved(model: nn.Module, x: torch.Tensor, composite: Any, rtol: float = 1e-8) -> dict[str, Any]:
+    """Explain ``x`` with every warning an error, check conservation, and give ``describe``'s rows by name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        output, relevance = Gradient(model, composite)(x)
+    assert_conserved(output, relevance, rtol=rtol)
+    return {row.name: row for row in lrpkit.describe(model, x, composite)}
+
+
 def stabilize(value: torch.Tensor) -> torch.Tensor:
     """``z + eps * sign(z)`` with ``sign(0) = +1``, as the design fixes it."""
     return value + STAB * torch.where(value >= 0, 1.0, -1.0).to(value)
@@ -2037,11 +2046,7 @@ def test_a_fourier_filter_is_one_linear_map() -> None:
     model = build(GlobalFilter)
     x = torch.randn(3, 5, 4, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(4))
     composite = composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        output, relevance = Gradient(model, composite)(x)
-    assert_conserved(output, relevance, rtol=1e-8)
-    rows = {row.name: row for row in lrpkit.describe(model, x, composite)}
+    rows = assert_explained_conserved(model, x, composite)
     assert (rows["fft_irfft2"].kind, rows["fft_irfft2"].rule) == ("Fourier: fft_irfft2", "Norm(stabilizer=1e-12)")
     model.magnitude = True
     output, relevance = Gradient(model, composite)(x)
@@ -2093,11 +2098,7 @@ def test_a_fourier_operator_writing_its_modes_into_a_zero_spectrum_is_one_linear
     model = build(FourierOperator)
     x = torch.rand(3, 2, 8, dtype=DTYPE, generator=torch.Generator().manual_seed(5))
     composite = composites.EpsilonGammaBox(low=0.0, high=1.0, epsilon=1e-12, stabilizer=1e-12)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        output, relevance = Gradient(model, composite)(x)
-    assert_conserved(output, relevance, rtol=1e-8)
-    rows = {row.name: row for row in lrpkit.describe(model, x, composite)}
+    rows = assert_explained_conserved(model, x, composite)
     assert (rows["spectral.fft_irfft"].kind, rows["spectral.fft_irfft"].rule) == ("Fourier: fft_irfft", "Norm(stabilizer=1e-12)")
     other = build(lambda: FourierOperator(write_into="computed"))
     other.load_state_dict(model.state_dict())
@@ -2138,11 +2139,7 @@ def test_a_spatial_transformer_samples_relevance_back_to_its_input() -> None:
     model = build(SpatialTransformer)
     x = images(channels=1, size=6)
     composite = composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        output, relevance = Gradient(model, composite)(x)
-    assert_conserved(output, relevance, rtol=1e-8)
-    rows = {row.name: row for row in lrpkit.describe(model, x, composite)}
+    rows = assert_explained_conserved(model, x, composite)
     assert (rows["grid_sample"].kind, rows["grid_sample"].rule) == ("Resample: grid_sample", "Norm(stabilizer=1e-12)")
     assert not rows["localisation.1"].relevance  # (none reached it)
     # z^B and flat on the convolution after it keep relevance off the zeros sampled outside the image
@@ -2188,8 +2185,8 @@ def test_deformable_attention_conserves() -> None:
     torch.manual_seed(0)
     model = build(DeformableAttention)
     x = images(channels=1, size=6)
-    output, relevance = Gradient(model, composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12))(x)
-    assert_conserved(output, relevance, rtol=1e-8)
+    rows = assert_explained_conserved(model, x, composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12))
+    assert rows["grid_sample"].kind == "Resample: grid_sample"
 
 
 class RegionHead(nn.Module):
@@ -2222,10 +2219,7 @@ def test_a_region_of_interest_is_pooled_back_to_its_features() -> None:
     torch.manual_seed(0)
     model = build(RegionHead)
     x = images(channels=1, size=6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        output, relevance = Gradient(model, composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12))(x)
-    assert_conserved(output, relevance, rtol=1e-8)
+    assert_explained_conserved(model, x, composites.EpsilonPlus(epsilon=1e-12, stabilizer=1e-12))
 
 
 class ErfGELU(nn.Module):
