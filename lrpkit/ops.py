@@ -48,8 +48,11 @@ class OutputScaling:
     Parameters
     ----------
     scale, shift, bias
-        Per output channel (1-D, in the weight's dtype); ``scale >= 0`` everywhere, so that the
-        rules' weight modifications (clamps, sums of them, zeroing) commute with it.
+        Per output channel (1-D, in the weight's dtype). Where ``scale >= 0`` everywhere
+        (``nonnegative``) the rules' weight modifications (clamps, sums of them, zeroing) commute
+        with it, and the products apply it to outputs and output gradients; otherwise (only for a
+        layer whose weight is computed at each call, which cannot take merged Parameters) the
+        rules get the merged weight ``W * scale`` itself.
     channel_dims
         Trailing dimensions after the channel in the layer's output (0 for ``Linear``, whose
         channels are the last dimension; the number of spatial dimensions for a convolution).
@@ -60,6 +63,7 @@ class OutputScaling:
         self.scale = scale.reshape(shape)
         self.shift = shift.reshape(shape)
         self.bias = bias
+        self.nonnegative = bool((scale >= 0).all())
 
 
 class ScaledParams(dict[str, Tensor]):
@@ -350,7 +354,8 @@ class _BiasedOps(LayerOps):
         return _materialized(self.scaled_params())
 
     def scaled_params(self) -> Params:
-        return _with_scaling(_weight_and_bias(self.module), self.scaling)
+        params = _with_scaling(_weight_and_bias(self.module), self.scaling)
+        return params if self.scaling is None or self.scaling.nonnegative else _materialized(params)
 
     def forward(self, inputs: Sequence[Tensor], params: Params) -> Tensor:
         chosen = self._merged_if_cheaper(params, 1, lambda: self.output_size(inputs[0], params))

@@ -14,9 +14,10 @@ such as timm's ``BatchNormAct2d``, and gives it the statistics of the identity, 
 shows that the forward normalizes first) and merge it into the layer in one of two ways: a large
 layer (by default one with at least ``2**17`` weight elements) keeps its weight, and a forward
 hook scales its output per channel, the rules applying that scale in their products (no copy of
-the weight is made); a small one gets new merged ``Parameter`` objects. ``remove()`` puts the
-original objects back: parameters are never modified in place, so ``state_dict()`` is bitwise
-the same afterwards.
+the weight is made); a small one gets new merged ``Parameter`` objects, except one whose weight
+a parametrization computes (``weight_norm``, ``spectral_norm``), which is always scaled.
+``remove()`` puts the original objects back: parameters are never modified in place, so
+``state_dict()`` is bitwise the same afterwards.
 
 Examples
 --------
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
@@ -105,9 +107,29 @@ def _layer_type_problem(layer: nn.Module) -> str | None:
     if overridden:
         return f"is a {type(layer).__name__} with its own forward (a merged weight may not act linearly)"
     weight = layer._parameters.get("weight")
-    if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
-        return "has no plain, initialized weight Parameter (parametrized, weight-normed or lazy)"
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "is a lazy layer that is not initialized yet"
+    if not isinstance(weight, nn.Parameter) and not weight_is_computed(layer):
+        return "has no weight (neither a Parameter nor computed by a parametrization)"
     return None
+
+
+def weight_is_computed(layer: nn.Module) -> bool:
+    """Whether ``layer.weight`` is computed from other Parameters rather than one of its own.
+
+    ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``, ``spectral_norm``,
+    ``orthogonal``) computes it at each access, the older ``torch.nn.utils.weight_norm`` before
+    each call. Such a layer cannot take merged Parameters; a BatchNorm after it is merged by
+    scaling its output (:func:`_install_scaling`).
+    """
+    if isinstance(layer._parameters.get("weight"), nn.Parameter):
+        return False
+    return parametrize.is_parametrized(layer, "weight") or isinstance(vars(layer).get("weight"), Tensor)
+
+
+def _output_channels(layer: nn.Module) -> int:
+    """The number of output channels (features) of a mergeable layer."""
+    return int(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)  # type: ignore[arg-type]
 
 
 def _has_standard_forward(norm: nn.Module) -> bool:
@@ -140,7 +162,7 @@ def _pair_state_problem(layer: nn.Module, norm: nn.Module) -> str | None:
     mean = getattr(norm, "running_mean", None)
     if mean is None or getattr(norm, "running_var", None) is None:
         return "the BatchNorm has no running statistics (track_running_stats=False)"
-    channels = layer._parameters["weight"].shape[0]  # type: ignore[union-attr]
+    channels = _output_channels(layer)
     if mean.numel() != channels:
         return f"the layer has {channels} output channels but the BatchNorm normalizes {mean.numel()}"
     return None
@@ -375,12 +397,16 @@ VIRTUAL_FROM = 2**17
 
 
 def _plan(layer: nn.Module, norm: nn.Module, keep: bool, virtual_from: int | None) -> Callable[[], Handle]:
-    """How ``norm`` will be merged into ``layer``: everything computed, nothing installed yet."""
-    weight = layer._parameters["weight"]
-    assert weight is not None
-    virtual = virtual_from is not None and weight.numel() >= virtual_from
+    """How ``norm`` will be merged into ``layer``: everything computed, nothing installed yet.
+
+    A layer whose weight is computed at each call is always merged by scaling its output, with
+    negative scales too (the rules then build the merged weight when they need it).
+    """
+    computed = weight_is_computed(layer)
+    weight = layer._parameters.get("weight")
+    virtual = computed or (virtual_from is not None and weight is not None and weight.numel() >= virtual_from)
     scaling = _scaling_for(layer, norm) if virtual else None
-    if scaling is not None:
+    if scaling is not None and (scaling.nonnegative or computed):
         return lambda: _install_scaling(layer, scaling)
     weight, bias = _merged_for(layer, norm, keep)
     return lambda: _install_parameters(layer, weight, bias)
@@ -426,31 +452,39 @@ class _ScaleOutput:
             return output.mul_(self.scaling.scale).add_(self.scaling.shift)
 
 
-def _scaling_for(layer: nn.Module, norm: nn.Module) -> OutputScaling | None:
-    """The :class:`OutputScaling` of ``layer -> norm``, or ``None`` where a scale is negative.
+def _scaling_for(layer: nn.Module, norm: nn.Module) -> OutputScaling:
+    """The :class:`OutputScaling` of ``layer -> norm``.
 
     Cached per layer until any tensor it was computed from is replaced or changed in place, or
     ``eps`` changes (it holds three numbers per channel).
     """
-    weight = layer._parameters["weight"]
-    assert weight is not None
+    weights = _weight_sources(layer)
     bias = layer._parameters.get("bias")
-    sources = (weight, bias, norm.running_mean, norm.running_var, norm.weight, norm.bias)
+    sources = (*weights, bias, norm.running_mean, norm.running_var, norm.weight, norm.bias)
     cached = _SCALINGS.get(layer)
     if cached is not None and cached[1] == norm.eps and _unchanged(cached[0], sources):
         return cached[2]
+    dtype = weights[0].dtype
     with torch.no_grad():
         mean, scale, beta = batchnorm_affine(norm)
-        scale = scale.to(weight.dtype)
-        shift = (beta - mean * scale).to(weight.dtype)
+        scale = scale.to(dtype)
+        shift = (beta - mean * scale).to(dtype)
         merged_bias = shift if bias is None else torch.addcmul(shift, bias.detach(), scale)
-    channel_dims = weight.ndim - 2 if isinstance(layer, nn.modules.conv._ConvNd) else 0
-    scaling = OutputScaling(scale, shift, merged_bias, channel_dims) if bool((scale >= 0).all()) else None
+    channel_dims = len(layer.kernel_size) if isinstance(layer, nn.modules.conv._ConvNd) else 0  # type: ignore[arg-type]
+    scaling = OutputScaling(scale, shift, merged_bias, channel_dims)
     _SCALINGS[layer] = (_stamp(sources), float(norm.eps), scaling)
     return scaling
 
 
-_SCALINGS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[Any, int], ...], float, OutputScaling | None]]" = (
+def _weight_sources(layer: nn.Module) -> tuple[Tensor, ...]:
+    """The layer's weight Parameter, or the Parameters its computed weight is made of."""
+    weight = layer._parameters.get("weight")
+    if weight is not None:
+        return (weight,)
+    return tuple(param for name, param in layer.named_parameters() if name != "bias")
+
+
+_SCALINGS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[Any, int], ...], float, OutputScaling]]" = (
     weakref.WeakKeyDictionary()
 )
 

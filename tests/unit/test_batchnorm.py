@@ -69,6 +69,7 @@ class Snapshot:
         self.modules = list(model.named_modules(remove_duplicate=False))
         self.attributes = {id(module): dict(vars(module)) for _, module in self.modules}
         self.biases = {name: module.bias for name, module in self.modules if hasattr(module, "bias")}
+        self.hooks = hooks_left(model)  # the model's own (the old weight_norm's pre-hook)
 
     def assert_restored(self, model: nn.Module) -> None:
         state = model.state_dict()
@@ -82,7 +83,7 @@ class Snapshot:
         assert [(name, id(module)) for name, module in model.named_modules(remove_duplicate=False)] == [
             (name, id(module)) for name, module in self.modules
         ]
-        assert hooks_left(model) == []
+        assert hooks_left(model) == self.hooks
         for name, module in self.modules:
             assert set(vars(module)) == set(self.attributes[id(module)]), name
         for name, bias in self.biases.items():
@@ -611,6 +612,63 @@ def test_batchnorm_with_its_activation_inside_explains_as_written_out(act, prese
     expected_output, expected = Gradient(written_out, PRESETS[preset]())(x, target=[0, 2])
     torch.testing.assert_close(output, expected_output, rtol=0.0, atol=ATOL)
     torch.testing.assert_close(relevance, expected, rtol=0.0, atol=ATOL * float(expected.abs().max()))
+
+
+PARAMETRIZATIONS = {
+    "weight_norm": nn.utils.parametrizations.weight_norm,
+    "spectral_norm": nn.utils.parametrizations.spectral_norm,
+    "old_weight_norm": nn.utils.weight_norm,  # a forward pre-hook sets ``weight`` before each call
+}
+
+
+def parametrized_net(parametrize: Callable[[nn.Module], nn.Module], negative_scale: bool) -> nn.Module:
+    """conv -> bn -> relu -> linear -> bn1d, every layer's weight computed by ``parametrize``."""
+    model = randomized(
+        nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3), nn.BatchNorm1d(3))
+    )
+    if negative_scale:  # a merge that scales the output must then not let the rules clamp W alone
+        with torch.no_grad():
+            model[1].weight[::2] *= -1
+            model[5].weight[0] *= -1
+    for index in (0, 4):
+        model[index] = parametrize(model[index])
+    return model
+
+
+def with_plain_weights(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose layers hold their computed weights as plain Parameters."""
+    plain = randomized(
+        nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3), nn.BatchNorm1d(3))
+    )
+    plain.load_state_dict({key: value for key, value in model.state_dict().items() if "weight_" not in key and "parametrizations" not in key}, strict=False)
+    with torch.no_grad():
+        for index in (0, 4):
+            plain[index].weight.copy_(model[index].weight)
+    return plain
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated:FutureWarning")
+@pytest.mark.parametrize("negative_scale", [False, True], ids=["scale>=0", "negative-scale"])
+@pytest.mark.parametrize("parametrization", list(PARAMETRIZATIONS))
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_layers_with_computed_weights_are_merged_as_plain_ones(preset, parametrization, negative_scale):
+    """weight_norm / spectral_norm layers: the BatchNorm is merged, the relevance is the plain layers'.
+
+    Before, such a layer was not a merge candidate and its BatchNorm took the preset's rule for a
+    lone BatchNorm (``Pass``), which hands the relevance of its shift to the layer's inputs.
+    """
+    model = parametrized_net(PARAMETRIZATIONS[parametrization], negative_scale).eval()
+    plain = with_plain_weights(model).eval()
+    x = sample(5, 2, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0.0, atol=ATOL)
+    snapshot = Snapshot(model)
+    _, relevance = Gradient(model, composite=PRESETS[preset]())(x.clone())
+    _, expected = Gradient(plain, composite=PRESETS[preset]())(x.clone())
+    torch.testing.assert_close(relevance, expected, rtol=1e-9, atol=1e-12)
+    snapshot.assert_restored(model)
+    output, seen = output_inside(model, x, merge_only(MergeBatchNorm(cache=False)))
+    assert not has_norm(seen), "the BatchNorm was not merged"
 
 
 def test_batchnorm_with_its_activation_inside_matches_zennit_with_the_pairs_named():
