@@ -56,13 +56,20 @@ class OutputScaling:
     channel_dims
         Trailing dimensions after the channel in the layer's output (0 for ``Linear``, whose
         channels are the last dimension; the number of spatial dimensions for a convolution).
+    weight_scale
+        ``scale`` shaped to multiply the layer's weight (``W * weight_scale`` is the merged
+        weight); by default output channels first. A transposed convolution's weight holds its
+        output channels in its second dimension, per group.
     """
 
-    def __init__(self, scale: Tensor, shift: Tensor, bias: Tensor, channel_dims: int) -> None:
+    def __init__(
+        self, scale: Tensor, shift: Tensor, bias: Tensor, channel_dims: int, weight_scale: Tensor | None = None
+    ) -> None:
         shape = (-1, *([1] * channel_dims))
         self.scale = scale.reshape(shape)
         self.shift = shift.reshape(shape)
         self.bias = bias
+        self.weight_scale = scale.reshape(-1, *([1] * (channel_dims + 1))) if weight_scale is None else weight_scale
         self.nonnegative = bool((scale >= 0).all())
 
 
@@ -77,30 +84,30 @@ class ScaledParams(dict[str, Tensor]):
     are.
     """
 
-    def __init__(self, values: dict[str, Tensor], scale: Tensor) -> None:
+    def __init__(self, values: dict[str, Tensor], scale: Tensor, weight_scale: Tensor) -> None:
         super().__init__(values)
         self.scale = scale
+        self.weight_scale = weight_scale
 
 
 def _with_scaling(params: Params, scaling: OutputScaling | None) -> Params:
     """A layer's own ``params`` with its output scaling (the merged bias in place of its own), if any."""
     if scaling is None:
         return params
-    return ScaledParams({**params, "bias": scaling.bias}, scaling.scale)
+    return ScaledParams({**params, "bias": scaling.bias}, scaling.scale, scaling.weight_scale)
 
 
 def _materialized(params: Params) -> Params:
     """:class:`ScaledParams` as the merged layer's parameters, ``W * scale`` a new weight; others as given."""
     if not isinstance(params, ScaledParams):
         return params
-    weight = params["weight"]
-    return {**params, "weight": weight * params.scale.reshape(-1, *([1] * (weight.ndim - 1)))}
+    return {**params, "weight": params["weight"] * params.weight_scale}
 
 
 def with_values(params: Params, values: dict[str, Tensor]) -> Params:
     """``values`` as parameters of the same kind as ``params`` (a :class:`ScaledParams` keeps its scale)."""
     if isinstance(params, ScaledParams):
-        return ScaledParams(values, params.scale)
+        return ScaledParams(values, params.scale, params.weight_scale)
     return values
 
 
@@ -431,8 +438,15 @@ _STANDARD_FORWARDS = frozenset(
     cls.forward
     for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 )
-#: The convolutions' own ``_conv_forward`` methods (``None``: transposed ones have none).
-_STANDARD_CONV_FORWARDS = frozenset({None} | {cls._conv_forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)})
+#: The convolutions' own ``_conv_forward`` methods (transposed ones inherit ``_ConvNd``'s, which
+#: their ``forward`` does not call, or, in older torch releases, have none).
+_STANDARD_CONV_FORWARDS = frozenset(
+    {None}
+    | {
+        getattr(cls, "_conv_forward", None)
+        for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    }
+)
 
 
 def standard_forward(module: nn.Module) -> bool:
@@ -491,16 +505,25 @@ class ConvOps(_BiasedOps):
         self.groups = int(conv.groups)
 
     def output_size(self, input: Tensor, params: Params) -> int:
-        """For a standard convolution (the only kind merged with a BatchNorm)."""
         weight = params["weight"]
         spatial = input.shape[-self.dims:]
         leading = input.numel() // max(1, math.prod(spatial) * input.shape[-self.dims - 1])
         kernel = weight.shape[2:]
-        sizes = [
-            (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
-            for size, pad, dilation, k, stride in zip(spatial, self.padding, self.dilation, kernel, self.stride)
-        ]
-        return leading * weight.shape[0] * math.prod(sizes)
+        if self.transposed:
+            channels = weight.shape[1] * self.groups
+            sizes = [
+                (size - 1) * stride - 2 * pad + dilation * (k - 1) + extra + 1
+                for size, pad, dilation, k, stride, extra in zip(
+                    spatial, self.padding, self.dilation, kernel, self.stride, self.output_padding
+                )
+            ]
+        else:
+            channels = weight.shape[0]
+            sizes = [
+                (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+                for size, pad, dilation, k, stride in zip(spatial, self.padding, self.dilation, kernel, self.stride)
+            ]
+        return leading * channels * math.prod(sizes)
 
     def _affine(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return torch.convolution(

@@ -17,7 +17,7 @@ from .functional import FunctionalCapture, default_op_rules
 def default_canonizers(stabilizer: float = 1e-6) -> list[Canonizer]:
     """The canonizers every composite uses when ``canonizers`` is not given.
 
-    :class:`MergeBatchNorm` merges every ``Conv/Linear -> BatchNorm`` pair the model executes;
+    :class:`MergeBatchNorm` merges every ``Conv/ConvTranspose/Linear -> BatchNorm`` pair the model executes;
     :class:`FunctionalCapture` names the functional calls (``x + y``, ``torch.relu``, ...) and
     gives them rules, with ``stabilizer`` where the composite gives them none (products,
     normalisations, attention: :func:`default_op_rules`). A preset passes its own ``stabilizer``.

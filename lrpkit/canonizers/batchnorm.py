@@ -1,10 +1,11 @@
 """Merge BatchNorm layers into the dense or convolutional layer that feeds them, reversibly.
 
 In eval mode a BatchNorm is the affine map ``y = (x - mean) * s + beta`` with
-``s = gamma / sqrt(var + eps)`` per channel. When ``x`` is the output of a ``Linear`` or a standard
-convolution ``x = W a + b`` and nothing else uses ``x``, the pair is one affine layer with
-``W' = W * s`` (per output channel) and ``b' = (b - mean) * s + beta``. LRP rules are defined for
-that single layer, so merging is what makes them applicable to BatchNorm networks.
+``s = gamma / sqrt(var + eps)`` per channel. When ``x`` is the output of a ``Linear`` or a
+convolution (transposed ones included) ``x = W a + b`` and nothing else uses ``x``, the pair is
+one affine layer with ``W' = W * s`` (per output channel) and ``b' = (b - mean) * s + beta``. LRP
+rules are defined for that single layer, so merging is what makes them applicable to BatchNorm
+networks.
 
 :class:`MergeBatchNorm` finds the pairs by itself, from the graph the model actually executes
 (one probe forward at the first call inside the context, cached per model afterwards);
@@ -57,9 +58,16 @@ from torch.utils.hooks import RemovableHandle
 from ..ops import OutputScaling, hooks_are_suspended, hooks_suspended, set_output_scaling
 from .base import CallbackHandle, Canonizer, Handle, undo_all
 
-#: Layers a BatchNorm can be merged into (transposed convolutions are not: their weight's output
-#: channels are not its first dimension).
-MERGEABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: Layers a BatchNorm can be merged into.
+MERGEABLE_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)
 
 Pair = tuple[str, str]
 PairSpec = Sequence[tuple[str, str]]
@@ -101,20 +109,21 @@ def _layer_type_problem(layer: nn.Module) -> str | None:
     base = next((cls for cls in MERGEABLE_LAYERS if isinstance(layer, cls)), None)
     if base is None:
         return f"is a {type(layer).__name__}, not one of {', '.join(c.__name__ for c in MERGEABLE_LAYERS)}"
+    conv_forward = getattr(base, "_conv_forward", None)  # standard convolutions' forward calls it
     overridden = type(layer).forward is not base.forward or (
-        base is not nn.Linear and type(layer)._conv_forward is not base._conv_forward  # type: ignore[attr-defined]
+        conv_forward is not None and type(layer)._conv_forward is not conv_forward  # type: ignore[attr-defined]
     )
     if overridden:
         return f"is a {type(layer).__name__} with its own forward (a merged weight may not act linearly)"
     weight = layer._parameters.get("weight")
     if isinstance(weight, nn.parameter.UninitializedParameter):
         return "is a lazy layer that is not initialized yet"
-    if not isinstance(weight, nn.Parameter) and not weight_is_computed(layer):
+    if not isinstance(weight, nn.Parameter) and not _weight_is_computed(layer):
         return "has no weight (neither a Parameter nor computed by a parametrization)"
     return None
 
 
-def weight_is_computed(layer: nn.Module) -> bool:
+def _weight_is_computed(layer: nn.Module) -> bool:
     """Whether ``layer.weight`` is computed from other Parameters rather than one of its own.
 
     ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``, ``spectral_norm``,
@@ -210,18 +219,21 @@ def batchnorm_affine(norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     return mean, gamma / std, beta
 
 
-def merged_parameters(weight: Tensor, bias: Tensor | None, norm: nn.Module) -> tuple[Tensor, Tensor]:
+def merged_parameters(weight: Tensor, bias: Tensor | None, norm: nn.Module, transposed_groups: int = 0) -> tuple[Tensor, Tensor]:
     """Weight and bias of ``layer -> norm`` as one layer (new tensors; nothing is modified).
 
     Parameters
     ----------
     weight
         The layer's weight, output channels first (``Linear``: ``(out, in)``; convolution:
-        ``(out, in / groups, *kernel)``).
+        ``(out, in / groups, *kernel)``), or a transposed convolution's ``(in, out / groups,
+        *kernel)``.
     bias
         The layer's bias, or ``None`` (treated as zero).
     norm
         The eval-mode BatchNorm after the layer.
+    transposed_groups
+        The ``groups`` of a transposed convolution; ``0`` for the other layers.
 
     Returns
     -------
@@ -233,9 +245,29 @@ def merged_parameters(weight: Tensor, bias: Tensor | None, norm: nn.Module) -> t
         mean, scale, beta = batchnorm_affine(norm)
         weight = weight.detach()
         bias = torch.zeros_like(mean) if bias is None else bias.detach()
-        new_weight = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+        new_weight = weight * weight_scale(scale, weight.shape, transposed_groups)
         new_bias = (bias - mean) * scale + beta
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype)
+
+
+def weight_scale(scale: Tensor, weight_shape: Sequence[int], transposed_groups: int = 0) -> Tensor:
+    """``scale`` (one factor per output channel) shaped to multiply a weight of ``weight_shape``.
+
+    Output channels come first in the weight of a ``Linear`` or a standard convolution; a
+    transposed convolution with ``transposed_groups`` groups holds ``out / groups`` of them in its
+    second dimension, the same for each of the ``in / groups`` input channels of a group.
+    """
+    ones = [1] * (len(weight_shape) - 2)
+    if not transposed_groups:
+        return scale.reshape(-1, 1, *ones)
+    inputs, per_group = weight_shape[0], weight_shape[1]
+    by_group = scale.reshape(transposed_groups, 1, per_group)
+    return by_group.expand(-1, inputs // transposed_groups, -1).reshape(inputs, per_group, *ones)
+
+
+def _transposed_groups(layer: nn.Module) -> int:
+    """The ``groups`` of a transposed convolution, ``0`` for the other layers."""
+    return int(layer.groups) if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0  # type: ignore[arg-type]
 
 
 def _install_parameters(layer: nn.Module, weight: nn.Parameter, bias: nn.Parameter) -> Handle:
@@ -402,7 +434,7 @@ def _plan(layer: nn.Module, norm: nn.Module, keep: bool, virtual_from: int | Non
     A layer whose weight is computed at each call is always merged by scaling its output, with
     negative scales too (the rules then build the merged weight when they need it).
     """
-    computed = weight_is_computed(layer)
+    computed = _weight_is_computed(layer)
     weight = layer._parameters.get("weight")
     virtual = computed or (virtual_from is not None and weight is not None and weight.numel() >= virtual_from)
     scaling = _scaling_for(layer, norm) if virtual else None
@@ -471,7 +503,10 @@ def _scaling_for(layer: nn.Module, norm: nn.Module) -> OutputScaling:
         shift = (beta - mean * scale).to(dtype)
         merged_bias = shift if bias is None else torch.addcmul(shift, bias.detach(), scale)
     channel_dims = len(layer.kernel_size) if isinstance(layer, nn.modules.conv._ConvNd) else 0  # type: ignore[arg-type]
-    scaling = OutputScaling(scale, shift, merged_bias, channel_dims)
+    own = layer._parameters.get("weight")
+    shape = own.shape if own is not None else layer.weight.shape  # a computed weight: computed once here
+    scale_of_weight = weight_scale(scale, shape, _transposed_groups(layer))
+    scaling = OutputScaling(scale, shift, merged_bias, channel_dims, scale_of_weight)
     _SCALINGS[layer] = (_stamp(sources), float(norm.eps), scaling)
     return scaling
 
@@ -508,7 +543,7 @@ def _merged_for(layer: nn.Module, norm: nn.Module, keep: bool = True) -> tuple[n
         _MERGED.pop(layer, None)
     cached = _MERGED.get(layer)
     if cached is None or cached.eps != norm.eps or not _unchanged(cached.stamp, (*sources, cached.weight, cached.bias)):
-        merged_weight, merged_bias = merged_parameters(weight, bias, norm)
+        merged_weight, merged_bias = merged_parameters(weight, bias, norm, _transposed_groups(layer))
         cached = _Merged(_stamp((*sources, merged_weight, merged_bias)), float(norm.eps), merged_weight, merged_bias)
         if keep:
             _MERGED[layer] = cached
@@ -1103,4 +1138,5 @@ __all__ = [
     "merge_pairs",
     "merged_parameters",
     "release_merged",
+    "weight_scale",
 ]

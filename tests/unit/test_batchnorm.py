@@ -133,6 +133,15 @@ SIMPLE_CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         (2, 4, 6, 6),
     ),
     "frozen-bn2d": (lambda: chain(nn.Conv2d(2, 3, 3), FrozenBatchNorm2d(3)), (2, 2, 5, 5)),
+    "convtranspose2d-bn2d": (lambda: chain(nn.ConvTranspose2d(2, 3, 3, stride=2), nn.BatchNorm2d(3)), (2, 2, 4, 4)),
+    "grouped-convtranspose": (
+        lambda: chain(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), nn.BatchNorm2d(6)),
+        (2, 4, 3, 3),
+    ),
+    "convtranspose3d-without-bias": (
+        lambda: chain(nn.ConvTranspose3d(2, 3, 2, bias=False), nn.BatchNorm3d(3)),
+        (2, 2, 2, 3, 3),
+    ),
 }
 
 
@@ -821,13 +830,13 @@ def test_named_merge_errors_name_the_module(pairs, error, pattern):
     snapshot.assert_restored(model)
 
 
-def test_named_merge_refuses_transposed_convs_wrong_channels_and_training():
+def test_named_merge_refuses_other_layers_wrong_channels_and_training():
     model = randomized(
-        nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Bilinear(2, 2, 4))
     )
     snapshot = Snapshot(model)
-    with pytest.raises(TypeError, match=re.escape("module '0' is a ConvTranspose2d")):
-        NamedMergeBatchNorm([("0", "1")]).apply(model)
+    with pytest.raises(TypeError, match=re.escape("module '4' is a Bilinear")):
+        NamedMergeBatchNorm([("4", "3")]).apply(model)
     with pytest.raises(ValueError, match="4 output channels but the BatchNorm normalizes 3"):
         NamedMergeBatchNorm([("2", "1")]).apply(model)
     model[3].train()

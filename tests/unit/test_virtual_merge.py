@@ -46,10 +46,20 @@ LAYERS = {
     "conv2d-wide": (lambda: nn.Conv2d(8, 6, 3), lambda: nn.BatchNorm2d(6), (2, 8, 3, 3)),
     "linear-wide": (lambda: nn.Linear(40, 5), lambda: nn.BatchNorm1d(5), (3, 40)),
     "conv2d-reflect": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), lambda: nn.BatchNorm2d(4), (2, 3, 5, 5)),
+    # output channels in the weight's second dimension, per group
+    "convtranspose2d-grouped": (
+        lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+        lambda: nn.BatchNorm2d(6),
+        (2, 4, 3, 3),
+    ),
+    "convtranspose1d-wide": (lambda: nn.ConvTranspose1d(12, 3, 2), lambda: nn.BatchNorm1d(3), (2, 12, 2)),
 }
 
 
-@pytest.mark.parametrize("layer_kind, scaled_in_products", [("conv2d", False), ("conv2d-wide", True), ("linear-wide", True)])
+@pytest.mark.parametrize(
+    "layer_kind, scaled_in_products",
+    [("conv2d", False), ("conv2d-wide", True), ("linear-wide", True), ("convtranspose2d-grouped", False), ("convtranspose1d-wide", True)],
+)
 def test_the_cheaper_of_scaling_the_outputs_and_making_the_merged_weight_is_taken(layer_kind, scaled_in_products):
     """Layers whose weight is smaller than their output get the merged weight for a product."""
     model = model_for(layer_kind, "relu", "relu")
