@@ -212,9 +212,9 @@ def constant_padding(rule: Rule, args: Sequence[Any], positions: tuple[int, ...]
 
 def constant_positions(tensor: Tensor) -> Tensor | None:
     """``True`` where ``tensor`` holds a constant of an ``F.pad`` (constant mode), a ``torch.cat``
-    part that carries no gradient, or a zero a captured ``F.grid_sample`` read outside its input,
-    following pads and concatenations (not other steps) back from its autograd node; ``None``
-    where there is none.
+    part that carries no gradient, a zero a captured ``F.grid_sample`` read outside its input, or
+    a zero ``F.max_unpool2d``/``3d`` put where no maximum was, following pads and concatenations
+    (not other steps) back from its autograd node; ``None`` where there is none.
 
     Examples
     --------
@@ -244,10 +244,26 @@ def _constants_behind(node: Any, shape: tuple[int, ...], device: torch.device, d
         return _padded_constants(node, shape, device, depth)
     if name == "CatBackward0":
         return _concatenated_constants(node, shape, device, depth)
+    if name in _UNPOOL_NODES:
+        return _unpooled_constants(node, shape, device, _UNPOOL_NODES[name])
     pending = getattr(node, "pending", None)  # a rule node: a captured sampling
     if pending is not None and getattr(pending.module, "op", None) in SAMPLERS and len(node.input_shapes) == 1:
         return _unsampled(node, pending, device)
     return None
+
+
+#: ``F.max_unpool2d``/``3d`` nodes and their spatial dimensions (``max_unpool1d`` runs the 2-D one
+#: between reshapes, which are not followed).
+_UNPOOL_NODES = {"MaxUnpool2DBackward0": 2, "MaxUnpool3DBackward0": 3}
+
+
+def _unpooled_constants(node: Any, shape: tuple[int, ...], device: torch.device, spatial: int) -> Tensor:
+    """Where a max unpooling wrote none of its input: zeros whatever the input (SegNet's decoders)."""
+    indices = node._saved_indices.to(device)
+    mask = torch.ones(shape, dtype=torch.bool, device=device)
+    leading = shape[:-spatial]
+    mask.view(*leading, -1).scatter_(-1, indices.reshape(*leading, -1), False)
+    return mask
 
 
 def _unsampled(node: Any, pending: PendingCall, device: torch.device) -> Tensor:

@@ -2341,6 +2341,39 @@ def test_constants_concatenated_to_a_first_layer_input_get_no_relevance(how: str
     assert torch.allclose(result.relevance.sum(dim=(1, 2)), logits, rtol=1e-10)
 
 
+class UnpooledInput(nn.Module):
+    """A first convolution on a max-unpooled input (SegNet's decoder, here in front)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        self.head = nn.Linear(3, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled, indices = F.max_pool2d(x, 2, return_indices=True)
+        return self.head(torch.relu(self.conv(F.max_unpool2d(pooled, indices, 2))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    "first",
+    [lambda: rules.ZBox(0.0, 1.0, stabilizer=TINY), lambda: rules.Flat(stabilizer=TINY), lambda: rules.WSquare(stabilizer=TINY)],
+    ids=["zbox", "flat", "wsquare"],
+)
+def test_zeros_of_a_max_unpooling_in_a_first_layer_input_get_no_relevance(first: Callable[[], rules.Rule]) -> None:
+    """The positions a max unpooling fills with zeros are constants, as a padding's are: before,
+    the relevance z^B, flat and w^2 gave them (for what they could have been) was lost in the
+    unpooling's backward: 65-80 % of the logit, 126 % with w^2 in this model."""
+    torch.manual_seed(0)
+    model = UnpooledInput().to(DTYPE).eval()
+    x = torch.rand(2, 2, 6, 6, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
+    composite = composites.SpecialFirstLayerMapComposite(
+        [*composites.layer_map_base(stabilizer=TINY), (types.AnyLinear, rules.Epsilon(epsilon=TINY))],
+        [(types.Convolution, first())], canonizers=[tiny_capture()])
+    result = Gradient(model, composite)(x, lambda output: output * F.one_hot(output.argmax(1), 2))
+    logits = result.output.gather(1, result.output.argmax(1, keepdim=True)).squeeze(1)
+    assert torch.allclose(result.relevance.sum(dim=(1, 2, 3)), logits, rtol=1e-10)
+
+
 def test_constant_positions_follow_pads_and_concatenations() -> None:
     x = torch.rand(1, 2, 3, requires_grad=True)
     trigram = torch.cat([F.pad(x[:, 1:], (0, 0, 0, 1)), x, F.pad(x[:, :-1], (0, 0, 1, 0))], dim=-1)
@@ -2353,3 +2386,6 @@ def test_constant_positions_follow_pads_and_concatenations() -> None:
     assert core.constant_positions(F.pad(x, (-1, 0))) is None  # negative widths crop
     two_unknown = torch.cat([torch.zeros(1, 2, 1), x, torch.zeros(1, 2, 1)], dim=2)
     assert core.constant_positions(two_unknown) is None  # the constants' sizes are not recorded
+    image = torch.tensor([[[[1.0, 5.0], [2.0, 3.0]]]], requires_grad=True)
+    unpooled = F.max_unpool2d(*F.max_pool2d(image, 2, return_indices=True), 2)
+    assert core.constant_positions(unpooled)[0, 0].tolist() == [[True, False], [True, True]]
