@@ -877,7 +877,7 @@ def _signature(model: nn.Module) -> list[tuple[str, "weakref.ReferenceType[nn.Mo
 
 
 class MergeBatchNorm(Canonizer):
-    """Merge every ``Conv{1,2,3}d``/``Linear -> BatchNorm`` pair the model actually executes.
+    """Merge every ``Conv{1,2,3}d``/``ConvTranspose{1,2,3}d``/``Linear -> BatchNorm`` pair the model executes.
 
     ``apply`` refuses a model with a BatchNorm in training mode, then installs a forward pre-hook
     on the model. The first forward call runs one probe forward (no grad, lrpkit hooks suspended,
