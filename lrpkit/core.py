@@ -28,6 +28,7 @@ from .captured import SAMPLERS
 from .ops import LayerOps, Params, hooks_are_suspended, hooks_suspended, layer_ops, with_values
 from .rectified import (
     KeptOutput,
+    certified,
     certified_arrivals,
     certify,
     certify_through_max_pool,
@@ -69,8 +70,16 @@ class LayerCall:
     padding
         Per input, for rules with ``reads_padding``: a boolean mask, ``True`` where the input
         holds a constant put there by an explicit ``F.pad``, a ``torch.cat`` with a constant
-        part or an ``F.grid_sample`` outside its input, or ``None`` (no such constant); see
-        :meth:`padded`.
+        part, an ``F.grid_sample`` outside its input or a max unpooling, or ``None`` (no such
+        constant); see :meth:`padded`.
+    relevance_at_zero_outputs
+        ``True`` when relevance may have arrived where ``output`` is exactly zero: a rule that
+        gives zero inputs relevance (``reads_padding``: z^B, flat, w^2) takes this module's output
+        further on, and no certificate says the relevance is zero there (see
+        :class:`~lrpkit.rules.Norm`).
+    uncertified
+        Set by a rule whose relevance, this time, is not zero wherever its input is (although
+        its ``relevance`` is marked ``proportional_to_inputs``): no certificate is recorded.
     """
 
     name: str
@@ -81,6 +90,8 @@ class LayerCall:
     known_nonnegative: tuple[bool, ...] = ()
     output_rectified: bool = False
     padding: tuple[Tensor | None, ...] = ()
+    relevance_at_zero_outputs: bool = False
+    uncertified: bool = False
 
     def padded(self, index: int) -> Tensor | None:
         """``True`` where input ``index`` holds a constant the model put around or beside it, else ``None`` (none).
@@ -340,6 +351,7 @@ class Rule:
     #: output; the backward then skips building a :class:`LayerCall` (see :class:`~lrpkit.rules.Pass`).
     passes_relevance: bool = False
     #: Whether :meth:`relevance` reads ``call.padding`` (which inputs an explicit ``F.pad`` made).
+    #: Such a rule gives relevance to inputs for what they could have been, zero inputs included.
     reads_padding: bool = False
 
     def relevance(self, call: LayerCall, relevance: Tensor) -> tuple[Tensor | None, ...]:
@@ -393,6 +405,8 @@ class PendingCall:
     autocast: bool = False
     #: Per input, for rules with ``reads_padding``: see :attr:`LayerCall.padding`.
     padding: tuple[Tensor | None, ...] = ()
+    #: Whether a rule with ``reads_padding`` takes the output further on (set by its :func:`route`).
+    relevance_at_zero_outputs: bool = False
 
 
 class _RelevanceFunction(torch.autograd.Function):
@@ -454,14 +468,43 @@ def _rule_backward(node: Any, pending: PendingCall, inputs: tuple[Tensor, ...], 
         known_nonnegative=pending.known_nonnegative,
         output_rectified=rectified,
         padding=pending.padding,
+        relevance_at_zero_outputs=pending.relevance_at_zero_outputs and not _certified_for(node, relevance, output, rectified),
     )
     with torch.no_grad():
         result = _checked(pending.rule.relevance(call, pending.rule.incoming(relevance)), inputs, pending.rule, where)
-    certify(pending.rule, result, inputs, node.next_functions)
+    if not call.uncertified:
+        certify(pending.rule, result, inputs, node.next_functions)
     if node.kept_output is not None:
         # a tensor set on ctx lives as long as the graph; saved tensors go after their backward
         node.kept_output.release()
     return (None, *result)
+
+
+def _mark_rule_nodes_behind(inputs: tuple[Tensor, ...]) -> None:
+    """Mark every rule node that ``inputs`` were computed from: relevance may reach its output
+    where that is zero (sent by a rule with ``reads_padding``). Up to :data:`_BEHIND_LIMIT` nodes
+    of the graph are looked at; a first layer has few behind it."""
+    stack = [tensor.grad_fn for tensor in inputs]
+    seen: set[int] = set()
+    while stack and len(seen) < _BEHIND_LIMIT:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        pending = getattr(node, "pending", None)
+        if isinstance(pending, PendingCall):
+            pending.relevance_at_zero_outputs = True
+        stack.extend(parent for parent, _ in node.next_functions)
+
+
+#: How many autograd nodes :func:`_mark_rule_nodes_behind` looks at, at most.
+_BEHIND_LIMIT = 10_000
+
+
+def _certified_for(node: Any, relevance: Tensor, output: Tensor | None, rectified: bool) -> bool:
+    """Whether ``relevance`` is known to be zero wherever ``output`` is: a lent ReLU output is
+    only used so, and a certificate (:func:`lrpkit.rectified.certify`) says so for the output."""
+    return output is not None and (rectified or certified(relevance, output, certified_arrivals(node)))
 
 
 def _under_autocast(node: Any, pending: PendingCall, inputs: tuple[Tensor, ...], relevance: Tensor) -> tuple[Tensor | None, ...]:
@@ -627,6 +670,8 @@ def route(pending: PendingCall, inputs: tuple[Tensor, ...]) -> Tensor:
     """
     assert pending.output is not None
     pending.autocast = _autocast_enabled(pending.output.device.type)
+    if pending.rule.reads_padding:
+        _mark_rule_nodes_behind(inputs)
     routed = _RelevanceFunction.apply(pending, *inputs)
     if proportional(pending.rule):  # its relevances will be certified: carry that back past max pooling
         for tensor in inputs:

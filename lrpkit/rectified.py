@@ -299,7 +299,7 @@ def _layout(tensor: Tensor) -> tuple[Any, ...]:
     return (tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
 
 
-def _certified(relevance: Tensor, rectified: Tensor, arrivals: int = 0) -> bool:
+def certified(relevance: Tensor, rectified: Tensor, arrivals: int = 0) -> bool:
     """Whether ``relevance`` is a relevance certified zero wherever ``rectified`` is zero.
 
     Unchanged since, or changed only by autograd adding ``arrivals - 1`` further certified
@@ -309,7 +309,7 @@ def _certified(relevance: Tensor, rectified: Tensor, arrivals: int = 0) -> bool:
 
 
 def _certified_layout(relevance: Tensor, layout: tuple[Any, ...], arrivals: int = 0) -> bool:
-    """:func:`_certified` for the tensor of ``layout``."""
+    """:func:`certified` for the tensor of ``layout``."""
     entry = _CERTIFIED.get(id(relevance))
     return (
         entry is not None
@@ -341,7 +341,7 @@ def rectified_output_usable(relevance: Tensor, rectified: Tensor, arrivals: int 
 
     ``arrivals``: the certified relevances counted for the node (:func:`certified_arrivals`).
     """
-    return _certified(relevance, rectified, arrivals) or zero_where_zero(relevance, rectified)
+    return certified(relevance, rectified, arrivals) or zero_where_zero(relevance, rectified)
 
 
 # -- activations computed again from the output their producer keeps ---------------------------

@@ -784,10 +784,21 @@ class _StabilizedRule(Rule):
 
 
 class Norm(_StabilizedRule):
-    """Proportional split for parameter-free linear maps (sum/average pooling, additions).
+    """Proportional split for parameter-free linear maps (sum/average pooling, additions, resampling).
 
     ``R_i = a_i J^T (R / stab(z))`` with ``z`` the layer's real output: each input receives its
     share of every output it contributes to.
+
+    Where ``z`` is exactly zero and relevance arrives all the same, the proportional split is
+    ``0 / 0``. Only a rule that gives relevance to an input for what it could have been (z^B,
+    flat or w^2 on a first layer) sends relevance there: to the background of an image that the
+    model resized, pooled or summed before that layer (on the 8x8 digits upsampled inside the
+    model, EpsilonPlusFlat lost up to 39 % of the logit so). That relevance is split by the
+    weights (:func:`_spread_by_weights`): the limit of the proportional split as the inputs go to
+    zero together; where inputs cancel (``x - y`` with ``x == y``) the stabilised split would
+    hand them huge opposite shares, and the weights split it too. Only a call that such a rule's
+    layer was computed from is checked, and not when a certificate says the relevance is zero
+    there.
 
     Parameters
     ----------
@@ -798,10 +809,53 @@ class Norm(_StabilizedRule):
     @proportional_to_inputs
     @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
-        assert call.output is not None
-        scaled = _divide_by_output(call, relevance, call.output, self.stabilizer)
-        gradients = call.ops.transpose(call.inputs, call.params(), scaled)
-        return tuple(_times_reusing(call.inputs, gradients, scaled, call.ops.fresh))
+        stranded = _where_output_is_zero(call, relevance)
+        if stranded is None:
+            return _proportional_shares(call, relevance, self.stabilizer)
+        shares = _proportional_shares(call, relevance - stranded, self.stabilizer)
+        return _spread_by_weights(call, stranded, shares)
+
+
+def _proportional_shares(call: LayerCall, relevance: Tensor, stabilizer: float) -> Relevances:
+    """``a_i J^T (R / stab(z))`` for every input."""
+    assert call.output is not None
+    scaled = _divide_by_output(call, relevance, call.output, stabilizer)
+    gradients = call.ops.transpose(call.inputs, call.params(), scaled)
+    return tuple(_times_reusing(call.inputs, gradients, scaled, call.ops.fresh))
+
+
+def _where_output_is_zero(call: LayerCall, relevance: Tensor) -> Tensor | None:
+    """The relevance that arrived where the real output is exactly zero; ``None``: none can have."""
+    output = call.output
+    if not call.relevance_at_zero_outputs or output is None or relevance.shape != output.shape:
+        return None
+    stranded = torch.where(output == 0, relevance, 0)
+    return stranded if bool(stranded.any()) else None
+
+
+def _spread_by_weights(call: LayerCall, stranded: Tensor, shares: Relevances) -> Relevances:
+    """``shares`` (of the other relevance) plus the relevance ``stranded`` at zero outputs, split by the weights.
+
+    Input ``k``'s weight at an output is ``w_k = f(1) - f(1 with input k at 0)`` (its linear part
+    at ones: a constant argument, as in ``x + c``, is none). Each output's relevance goes to the
+    inputs in proportion to ``|w_k|``, and within input ``k`` by its map, ``J_k^T (R sign(w_k) /
+    sum |w|)``: a pooling or resampling splits it by its weights, an addition or subtraction
+    into equal halves, a product among its factors. The spread relevance is not zero where the
+    inputs are, so this call's relevance gets no certificate.
+    """
+    call.uncertified = True
+    params = call.params()
+    ones = tuple(torch.ones_like(tensor) for tensor in call.inputs)
+    full = call.ops.forward(ones, params)
+    weights = [full - call.ops.forward(ones[:k] + (torch.zeros_like(one),) + ones[k + 1:], params) for k, one in enumerate(ones)]
+    total = functools.reduce(torch.add, [weight.abs() for weight in weights])
+    per_total = stranded / total.where(total != 0, 1)
+    spread = list(shares)
+    for k, weight in enumerate(weights):
+        extra = call.ops.transpose(ones, params, per_total * torch.sign(weight))[k]
+        if extra is not None:
+            spread[k] = extra if spread[k] is None else spread[k] + extra
+    return tuple(spread)
 
 
 def _times_reusing(
@@ -844,8 +898,10 @@ class Product(Norm):
     @proportional_to_inputs
     @reads_output_only_where_relevant
     def relevance(self, call: LayerCall, relevance: Tensor) -> Relevances:
-        shares = super().relevance(call, relevance)
-        return tuple(None if share is None else share / len(shares) for share in shares)
+        stranded = _where_output_is_zero(call, relevance)
+        shares = _proportional_shares(call, relevance if stranded is None else relevance - stranded, self.stabilizer)
+        shares = tuple(None if share is None else share / len(shares) for share in shares)
+        return shares if stranded is None else _spread_by_weights(call, stranded, shares)
 
 
 class LayerNormConstant(_StabilizedRule):

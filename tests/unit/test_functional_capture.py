@@ -2374,6 +2374,54 @@ def test_zeros_of_a_max_unpooling_in_a_first_layer_input_get_no_relevance(first:
     assert torch.allclose(result.relevance.sum(dim=(1, 2, 3)), logits, rtol=1e-10)
 
 
+class PreparedInside(nn.Module):
+    """A first convolution on digits that the model itself resized, pooled or combined first."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how in ("nearest", "bilinear"):
+            x = F.interpolate(x, scale_factor=2, mode=self.how)
+        elif self.how == "pooled":
+            x = F.avg_pool2d(x, 2, stride=1)
+        elif self.how == "scaled":
+            x = x * 0.5
+        elif self.how == "summed":
+            x = x + x.flip(-1)
+        else:  # a difference: zero where both are, and where a digit is symmetric
+            x = x - x.flip(-1)
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("how", ["nearest", "bilinear", "pooled", "scaled", "summed", "difference"])
+@pytest.mark.parametrize(
+    "first",
+    [lambda: rules.ZBox(0.0, 1.0, stabilizer=TINY), lambda: rules.Flat(stabilizer=TINY), lambda: rules.WSquare(stabilizer=TINY)],
+    ids=["zbox", "flat", "wsquare"],
+)
+def test_relevance_at_zero_outputs_before_a_first_layer_is_split_by_the_weights(how: str, first: Callable[[], rules.Rule]) -> None:
+    """z^B, flat and w^2 give relevance to the digits' background (half the pixels are exactly
+    zero); the proportional split of a resampling, pooling, sum or product with a constant before
+    the first layer is 0/0 there, and lost it (up to 39 % of the logit with EpsilonPlusFlat on
+    upsampled digits). Split by the weights instead, all of it reaches the digits."""
+    from lrpkit.digits import load_digits_tensors
+
+    x = load_digits_tensors(dtype=DTYPE)[2][:6]
+    assert float((x == 0).double().mean()) > 0.4
+    torch.manual_seed(0)
+    model = PreparedInside(how).to(DTYPE).eval()
+    composite = composites.SpecialFirstLayerMapComposite(
+        [*composites.layer_map_base(stabilizer=TINY), (types.AnyLinear, rules.Epsilon(epsilon=TINY))],
+        [(types.Convolution, first())], canonizers=[tiny_capture()])
+    result = Gradient(model, composite)(x, lambda output: output * F.one_hot(output.argmax(1), 3))
+    logits = result.output.gather(1, result.output.argmax(1, keepdim=True)).squeeze(1)
+    assert torch.allclose(result.relevance.sum(dim=(1, 2, 3)), logits, rtol=1e-9)
+
+
 def test_constant_positions_follow_pads_and_concatenations() -> None:
     x = torch.rand(1, 2, 3, requires_grad=True)
     trigram = torch.cat([F.pad(x[:, 1:], (0, 0, 0, 1)), x, F.pad(x[:, :-1], (0, 0, 1, 0))], dim=-1)
