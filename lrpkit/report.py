@@ -35,7 +35,7 @@ from .attribution import (
     explained_inputs,
     initial_relevance,
 )
-from .canonizers import FunctionalCapture
+from .canonizers import FunctionalCapture, MergeBatchNorm, NamedMergeBatchNorm
 from .captured import CapturedOp
 from .composites import Composite
 from .composites import get_for_input
@@ -174,7 +174,33 @@ def describe(
         gradients = _input_gradients(explained, inputs, initial_relevance(explained, target))
     table.output = explained.detach()
     table.relevance = given.packed(gradients)
+    _add_merged_batchnorms(table, model, composite)
     return table
+
+
+def _add_merged_batchnorms(table: Description, model: nn.Module, composite: Composite) -> None:
+    """A row for each merged BatchNorm, after its layer's (it was out of the module tree meanwhile).
+
+    Its output is the merged layer's: the same shape and relevance.
+    """
+    by_name = {row.name: row for row in table.rows}
+    for layer, norm in _merged_pairs(model, composite):
+        row = by_name.get(layer)
+        if row is None or norm in by_name:  # (a BatchNorm with its own forward still runs: it has its row)
+            continue
+        merged = Row(norm, type(model.get_submodule(norm)).__name__, f"merged into '{layer}'", row.relevance, row.shape)
+        table.rows.insert(table.rows.index(row) + 1, merged)
+
+
+def _merged_pairs(model: nn.Module, composite: Composite) -> list[tuple[str, str]]:
+    """``(layer, batchnorm)`` names merged by the composite's canonizers (after the context)."""
+    pairs: list[tuple[str, str]] = []
+    for canonizer in composite.canonizers:
+        if isinstance(canonizer, MergeBatchNorm):
+            pairs += canonizer.cached_pairs(model) or []
+        elif isinstance(canonizer, NamedMergeBatchNorm):
+            pairs += canonizer.pairs
+    return pairs
 
 
 def _watch_modules(model: nn.Module, composite: Composite, table: Description, stack: ExitStack) -> None:

@@ -303,3 +303,16 @@ def test_describe_takes_model_kwargs() -> None:
     assert not table.relevance[mask == 0].any()
     with pytest.raises(TypeError, match="model_kwargs must be a dict"):
         lrpkit.describe(model, ids, "epsilon_plus", model_kwargs=[mask])
+
+
+def test_describe_lists_each_merged_batchnorm_after_its_layer() -> None:
+    """A merged BatchNorm is out of the module tree during the explanation; its row says where it went."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 2)
+    ).eval()
+    rows = list(lrpkit.describe(model, torch.rand(2, 1, 4, 4), "epsilon_plus"))
+    assert [row.name for row in rows][:7] == ["", "0", "1", "2", "3", "3.max_pool2d", "4"]
+    conv, merged, lone = rows[1], rows[2], rows[6]
+    assert (merged.kind, merged.rule) == ("BatchNorm2d", "merged into '0'")
+    assert (merged.shape, merged.relevance) == (conv.shape, conv.relevance)
+    assert lone.rule == "Pass()"  # after a pooling: nothing to merge into
