@@ -460,3 +460,19 @@ def test_rule_hooks_make_no_calls_a_torch_function_mode_can_see():
     with composite.context(model), Names() as hooked:
         model(x)
     assert hooked.seen == plain.seen
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Linear(3, 2), nn.Conv1d(2, 2, 3), nn.Conv2d(2, 2, 3), nn.Conv3d(2, 2, 3),
+     nn.ConvTranspose1d(2, 2, 3), nn.ConvTranspose2d(2, 2, 3), nn.ConvTranspose3d(2, 2, 3)],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_torch_layers_take_the_closed_form_ops(layer):
+    """torch's own dense and convolution layers (transposed ones too, which inherit ``_ConvNd``'s
+    ``_conv_forward`` since torch 2.14) are not taken for layers with a ``forward`` of their own."""
+    from lrpkit.ops import ConvOps, DenseOps, layer_ops, standard_forward
+
+    x = torch.rand(1, 3) if isinstance(layer, nn.Linear) else torch.rand(1, 2, *[5] * (layer.weight.ndim - 2))
+    assert standard_forward(layer)
+    assert isinstance(layer_ops(layer, (x,), {}, (0,)), DenseOps if isinstance(layer, nn.Linear) else ConvOps)
