@@ -483,7 +483,8 @@ def _rule_backward(node: Any, pending: PendingCall, inputs: tuple[Tensor, ...], 
 def _mark_rule_nodes_behind(inputs: tuple[Tensor, ...]) -> None:
     """Mark every rule node that ``inputs`` were computed from: relevance may reach its output
     where that is zero (sent by a rule with ``reads_padding``). Up to :data:`_BEHIND_LIMIT` nodes
-    of the graph are looked at; a first layer has few behind it."""
+    of the graph are looked at; a first layer has few behind it. A node marked before had what
+    is behind it marked then (flat on every layer walks each part of the graph once)."""
     stack = [tensor.grad_fn for tensor in inputs]
     seen: set[int] = set()
     while stack and len(seen) < _BEHIND_LIMIT:
@@ -493,6 +494,8 @@ def _mark_rule_nodes_behind(inputs: tuple[Tensor, ...]) -> None:
         seen.add(id(node))
         pending = getattr(node, "pending", None)
         if isinstance(pending, PendingCall):
+            if pending.relevance_at_zero_outputs:
+                continue
             pending.relevance_at_zero_outputs = True
         stack.extend(parent for parent, _ in node.next_functions)
 
