@@ -1,10 +1,11 @@
 """Random networks built from the blocks real models use, explained under every preset.
 
-The networks are drawn from a vocabulary of layers and functional calls: for images,
-convolutions with every padding mode, stride, dilation and grouping, transposed convolutions,
-BatchNorm after both and after weight-normed layers, pooling of every kind, residual sums written
-four ways, concatenations, pads, resampling, shuffles, slices, flips, rolls, an ``einsum`` and an
-``F.conv2d`` with a parameter, max unpooling, ``torch.where`` with a constant mask; for sequences,
+The networks are drawn from a vocabulary of layers and functional calls: for images (and,
+fewer of them, for 1-D signals and 3-D volumes), convolutions with every padding mode, stride,
+dilation and grouping, transposed convolutions, BatchNorm after both and after weight-normed
+layers, pooling of every kind, residual sums written four ways, concatenations, pads,
+resampling, shuffles, slices, flips, rolls, an ``einsum`` and an ``F.conv2d`` with a parameter,
+max unpooling, ``torch.where`` with a constant mask; for sequences,
 token embeddings, attention (``nn.MultiheadAttention`` and ``F.scaled_dot_product_attention``,
 causal or not), layer, RMS and group norms, gates, SwiGLU, class tokens, layer scales, token
 mixing. Properties that hold independently of any reference implementation:
@@ -218,6 +219,65 @@ def image_network(seed: int, first_is_conv: bool = False) -> tuple[nn.Module, to
 
 
 # --------------------------------------------------------------------------------------------
+# 1-D and 3-D blocks: (N, C, L) or (N, C, D, H, W)
+# --------------------------------------------------------------------------------------------
+
+
+def block_of_dims(rng: random.Random, dims: int, channels: int) -> list[nn.Module]:
+    """A convolution (with BatchNorm), transposed convolution, weight-normed layer, pooling,
+    resampling, padding, max unpooling, residual sum or concatenation in ``dims`` dimensions."""
+    conv, transposed = {1: (nn.Conv1d, nn.ConvTranspose1d), 3: (nn.Conv3d, nn.ConvTranspose3d)}[dims]
+    norm = {1: nn.BatchNorm1d, 3: nn.BatchNorm3d}[dims]
+    kind = rng.choice(["conv", "transposed", "weight_norm", "activation", "pool", "resample", "pad", "unpool", "residual", "cat"])
+    if kind == "conv":
+        kernel = rng.choice([1, 3])
+        layer = conv(channels, rng.choice([2, 3, 4]), kernel, rng.choice([1, 2]), kernel // 2, padding_mode=rng.choice(["zeros", "reflect", "circular"]))
+        return [layer, randomized_norm(norm(layer.out_channels), rng)]
+    if kind == "transposed":
+        groups = 2 if channels % 2 == 0 else 1
+        return [transposed(channels, 2 * groups, 2, 2, groups=groups), randomized_norm(norm(2 * groups), rng)]
+    if kind == "weight_norm":
+        return [nn.utils.parametrizations.weight_norm(conv(channels, channels, 3, padding=1)), randomized_norm(norm(channels), rng)]
+    if kind == "activation":
+        return [rng.choice([nn.ReLU(), nn.LeakyReLU(0.2)])]
+    if kind == "pool":
+        pools = {1: (nn.MaxPool1d(2), nn.AvgPool1d(2), nn.AdaptiveMaxPool1d(3)), 3: (nn.MaxPool3d(2), nn.AvgPool3d(2), nn.AdaptiveAvgPool3d(3))}
+        return [rng.choice(pools[dims])]
+    if kind == "resample":
+        mode = rng.choice(["nearest", "linear" if dims == 1 else "trilinear"])
+        return [Call(lambda self, x: F.interpolate(x, scale_factor=2 if x.shape[-1] < 8 else 0.5, mode=mode))]
+    if kind == "pad":
+        width, mode = rng.randint(1, 2), rng.choice(["constant", "reflect", "replicate", "circular"])
+        return [Call(lambda self, x: F.pad(x, (width, width) * dims, mode=mode))]
+    if kind == "unpool":
+        pool, unpool = (F.max_pool1d, F.max_unpool1d) if dims == 1 else (F.max_pool3d, F.max_unpool3d)
+        return [Call(lambda self, x: unpool(*pool(x, 2, return_indices=True), 2, output_size=x.shape[2:]))]
+    if kind == "residual":
+        return [Call(lambda self, x: x + self.branch(x), branch=conv(channels, channels, 3, padding=1))]
+    return [Call(lambda self, x: torch.cat([x, self.branch(x)], dim=1), branch=conv(channels, 2, 1))]
+
+
+def network_of_dims(seed: int, dims: int) -> tuple[nn.Module, torch.Tensor]:
+    """2-6 random blocks in ``dims`` dimensions and a dense head."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    x = torch.randn((2, 3, 12) if dims == 1 else (2, 3, 6, 6, 6), dtype=torch.float64)
+    blocks: list[nn.Module] = []
+    probe = x
+    for _ in range(rng.randint(2, 6)):
+        candidate = [module.double() for module in block_of_dims(rng, dims, probe.shape[1])]
+        try:
+            with torch.no_grad():
+                out = nn.Sequential(*candidate).eval()(probe.clone())
+        except (RuntimeError, ValueError, NotImplementedError):
+            continue
+        if min(out.shape[2:]) >= 2 and out.numel() <= 8 * x.numel() and torch.isfinite(out).all():
+            blocks += candidate
+            probe = out
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(probe[0].numel(), 4).double()).eval(), x
+
+
+# --------------------------------------------------------------------------------------------
 # sequence blocks: (N, L, D) to (N, L, D)
 # --------------------------------------------------------------------------------------------
 
@@ -365,7 +425,16 @@ SEEDS = range(80)
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_lrp0_equals_gradient_times_input_on_random_piecewise_linear_networks(seed):
-    model, x = image_network(seed)
+    assert_lrp0_is_gradient_times_input(*image_network(seed))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+@pytest.mark.parametrize("seed", range(30))
+def test_lrp0_equals_gradient_times_input_in_one_and_three_dimensions(seed, dims):
+    assert_lrp0_is_gradient_times_input(*network_of_dims(seed, dims))
+
+
+def assert_lrp0_is_gradient_times_input(model: nn.Module, x: torch.Tensor) -> None:
     inputs = x.clone().requires_grad_(True)
     output = model(inputs)
     target = output.argmax(dim=1)
