@@ -2301,6 +2301,25 @@ def test_a_padded_first_layer_is_explained_as_one_with_its_own_padding(how: str,
     assert torch.allclose(result.relevance, expected.relevance, rtol=1e-10, atol=1e-14)
 
 
+#: The rules that give relevance to inputs for what they could have been (``reads_padding``).
+FIRST_LAYER_RULES = [
+    lambda: rules.ZBox(0.0, 1.0, stabilizer=TINY),
+    lambda: rules.Flat(stabilizer=TINY),
+    lambda: rules.WSquare(stabilizer=TINY),
+]
+
+
+def assert_first_layer_rule_conserves(model: nn.Module, x: torch.Tensor, first: rules.Rule, kind: type, rtol: float = 1e-10) -> None:
+    """With ``first`` on the first layer of ``kind`` and negligible stabilisers, the relevance sums to the logit."""
+    composite = composites.SpecialFirstLayerMapComposite(
+        [*composites.layer_map_base(stabilizer=TINY), (types.AnyLinear, rules.Epsilon(epsilon=TINY))],
+        [(kind, first)], canonizers=[tiny_capture()])
+    classes = model(x).shape[1]
+    result = Gradient(model, composite)(x, lambda output: output * F.one_hot(output.argmax(1), classes))
+    logits = result.output.gather(1, result.output.argmax(1, keepdim=True)).squeeze(1)
+    assert torch.allclose(result.relevance.reshape(len(x), -1).sum(dim=1), logits, rtol=rtol)
+
+
 class ConstantsBesideTheInput(nn.Module):
     """A first dense layer on an input built with constants: MobileBERT's trigram input (the
     sequence shifted both ways, padded with zeros, concatenated along the features) or the input
@@ -2321,11 +2340,7 @@ class ConstantsBesideTheInput(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["trigram", "zeros"])
-@pytest.mark.parametrize(
-    "first",
-    [lambda: rules.ZBox(0.0, 1.0, stabilizer=TINY), lambda: rules.Flat(stabilizer=TINY), lambda: rules.WSquare(stabilizer=TINY)],
-    ids=["zbox", "flat", "wsquare"],
-)
+@pytest.mark.parametrize("first", FIRST_LAYER_RULES, ids=["zbox", "flat", "wsquare"])
 def test_constants_concatenated_to_a_first_layer_input_get_no_relevance(how: str, first: Callable[[], rules.Rule]) -> None:
     """z^B, flat and w^2 keep relevance off the constants that ``torch.cat`` and ``F.pad`` put into a
     first layer's input: all of it reaches the real input (MobileBERT lost a third under
@@ -2333,12 +2348,7 @@ def test_constants_concatenated_to_a_first_layer_input_get_no_relevance(how: str
     torch.manual_seed(0)
     model = ConstantsBesideTheInput(how).to(DTYPE).eval()
     x = torch.rand(2, 5, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
-    composite = composites.SpecialFirstLayerMapComposite(
-        [*composites.layer_map_base(stabilizer=TINY), (types.Linear, rules.Epsilon(epsilon=TINY))],
-        [(types.Linear, first())], canonizers=[tiny_capture()])
-    result = Gradient(model, composite)(x, lambda output: output * F.one_hot(output.argmax(1), 2))
-    logits = result.output.gather(1, result.output.argmax(1, keepdim=True)).squeeze(1)
-    assert torch.allclose(result.relevance.sum(dim=(1, 2)), logits, rtol=1e-10)
+    assert_first_layer_rule_conserves(model, x, first(), types.Linear)
 
 
 class UnpooledInput(nn.Module):
@@ -2354,11 +2364,7 @@ class UnpooledInput(nn.Module):
         return self.head(torch.relu(self.conv(F.max_unpool2d(pooled, indices, 2))).mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize(
-    "first",
-    [lambda: rules.ZBox(0.0, 1.0, stabilizer=TINY), lambda: rules.Flat(stabilizer=TINY), lambda: rules.WSquare(stabilizer=TINY)],
-    ids=["zbox", "flat", "wsquare"],
-)
+@pytest.mark.parametrize("first", FIRST_LAYER_RULES, ids=["zbox", "flat", "wsquare"])
 def test_zeros_of_a_max_unpooling_in_a_first_layer_input_get_no_relevance(first: Callable[[], rules.Rule]) -> None:
     """The positions a max unpooling fills with zeros are constants, as a padding's are: before,
     the relevance z^B, flat and w^2 gave them (for what they could have been) was lost in the
@@ -2366,12 +2372,7 @@ def test_zeros_of_a_max_unpooling_in_a_first_layer_input_get_no_relevance(first:
     torch.manual_seed(0)
     model = UnpooledInput().to(DTYPE).eval()
     x = torch.rand(2, 2, 6, 6, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
-    composite = composites.SpecialFirstLayerMapComposite(
-        [*composites.layer_map_base(stabilizer=TINY), (types.AnyLinear, rules.Epsilon(epsilon=TINY))],
-        [(types.Convolution, first())], canonizers=[tiny_capture()])
-    result = Gradient(model, composite)(x, lambda output: output * F.one_hot(output.argmax(1), 2))
-    logits = result.output.gather(1, result.output.argmax(1, keepdim=True)).squeeze(1)
-    assert torch.allclose(result.relevance.sum(dim=(1, 2, 3)), logits, rtol=1e-10)
+    assert_first_layer_rule_conserves(model, x, first(), types.Convolution)
 
 
 class PreparedInside(nn.Module):
@@ -2398,11 +2399,7 @@ class PreparedInside(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["nearest", "bilinear", "pooled", "scaled", "summed", "difference"])
-@pytest.mark.parametrize(
-    "first",
-    [lambda: rules.ZBox(0.0, 1.0, stabilizer=TINY), lambda: rules.Flat(stabilizer=TINY), lambda: rules.WSquare(stabilizer=TINY)],
-    ids=["zbox", "flat", "wsquare"],
-)
+@pytest.mark.parametrize("first", FIRST_LAYER_RULES, ids=["zbox", "flat", "wsquare"])
 def test_relevance_at_zero_outputs_before_a_first_layer_is_split_by_the_weights(how: str, first: Callable[[], rules.Rule]) -> None:
     """z^B, flat and w^2 give relevance to the digits' background (half the pixels are exactly
     zero); the proportional split of a resampling, pooling, sum or product with a constant before
@@ -2414,12 +2411,7 @@ def test_relevance_at_zero_outputs_before_a_first_layer_is_split_by_the_weights(
     assert float((x == 0).double().mean()) > 0.4
     torch.manual_seed(0)
     model = PreparedInside(how).to(DTYPE).eval()
-    composite = composites.SpecialFirstLayerMapComposite(
-        [*composites.layer_map_base(stabilizer=TINY), (types.AnyLinear, rules.Epsilon(epsilon=TINY))],
-        [(types.Convolution, first())], canonizers=[tiny_capture()])
-    result = Gradient(model, composite)(x, lambda output: output * F.one_hot(output.argmax(1), 3))
-    logits = result.output.gather(1, result.output.argmax(1, keepdim=True)).squeeze(1)
-    assert torch.allclose(result.relevance.sum(dim=(1, 2, 3)), logits, rtol=1e-9)
+    assert_first_layer_rule_conserves(model, x, first(), types.Convolution, rtol=1e-9)
 
 
 def test_constant_positions_follow_pads_and_concatenations() -> None:
