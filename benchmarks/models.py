@@ -35,7 +35,9 @@ from torch import Tensor, nn
 from .flops import count_flops
 from .memory import PeakRss, cuda_peak_mib, rss_method, run_in_child
 from .options import BenchOptions
-from .timing import elapsed_ms, frozen_parameters, map_large_allocations, median, ratio, set_threads, tune_malloc
+from .timing import (
+    elapsed_ms, frozen_parameters, map_large_allocations, median, paired_quartiles, ratio, set_threads, tune_malloc,
+)
 
 Explainer = Callable[[Tensor], Tensor]
 
@@ -410,7 +412,9 @@ def _empty_row(model_name: str, batch: int, options: BenchOptions, method: Metho
         "median_ms": None,
         "times_ms": [],
         "ratio_vs_gradient": None,
+        "ratio_vs_gradient_quartiles": None,
         "zennit_over_lrpkit": None,
+        "zennit_over_lrpkit_quartiles": None,
         "gflop": None,
         "flops_vs_gradient": None,
         "peak_mib": None,
@@ -454,6 +458,7 @@ def _add_ratios(rows: dict[Method, dict[str, Any]], relevances: dict[Method, Ten
     gradient = rows.get(GRADIENT, {})
     for method, row in rows.items():
         row["ratio_vs_gradient"] = ratio(row["median_ms"], gradient.get("median_ms"))
+        row["ratio_vs_gradient_quartiles"] = paired_quartiles(row["times_ms"], gradient.get("times_ms", []))
         row["flops_vs_gradient"] = ratio(row["gflop"], gradient.get("gflop"))
         row["memory_vs_gradient"] = ratio(row["peak_mib"], gradient.get("peak_mib"))
         row["memory_vs_gradient_mapped"] = ratio(row["peak_mib_mapped"], gradient.get("peak_mib_mapped"))
@@ -468,6 +473,7 @@ def _add_ratios(rows: dict[Method, dict[str, Any]], relevances: dict[Method, Ten
             row["max_rel_diff_vs_zennit"] = float((ours - reference).abs().max()) / scale if scale > 0 else None
         if method.library == "lrpkit":
             row["zennit_over_lrpkit"] = ratio(rows[theirs]["median_ms"], row["median_ms"])
+            row["zennit_over_lrpkit_quartiles"] = paired_quartiles(rows[theirs]["times_ms"], row["times_ms"])
             row["memory_lrpkit_over_zennit"] = ratio(row["peak_mib"], rows[theirs]["peak_mib"])
             row["memory_lrpkit_over_zennit_mapped"] = ratio(row["peak_mib_mapped"], rows[theirs]["peak_mib_mapped"])
 

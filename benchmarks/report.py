@@ -16,13 +16,16 @@ from typing import Any
 import torch
 
 from .models import CAPTURE_NO_RULES, CAPTURE_SHARE_TARGET, CAPTURE_VARIANTS, MEMORY_TARGETS, NO_CAPTURE, TIME_TARGETS
+from .timing import paired_quartiles
 
 #: Columns of the whole-model table: (header, row key, format).
 MODEL_COLUMNS = [
     ("method", "method", "s"),
     ("median ms", "median_ms", ".1f"),
     ("x grad", "ratio_vs_gradient", ".2f"),
+    ("x grad, repeats' IQR", "ratio_vs_gradient_quartiles", "iqr"),
     ("zennit/lrpkit", "zennit_over_lrpkit", ".2f"),
+    ("zennit/lrpkit, repeats' IQR", "zennit_over_lrpkit_quartiles", "iqr"),
     ("GFLOP", "gflop", ".3g"),
     ("FLOP x grad", "flops_vs_gradient", ".2f"),
     ("peak MiB", "peak_mib", ".0f"),
@@ -145,11 +148,16 @@ def command_line(options: dict[str, Any]) -> str:
 
 
 def format_value(value: Any, spec: str) -> str:
-    """``value`` formatted with ``spec``; ``-`` for a missing value."""
+    """``value`` formatted with ``spec``; ``-`` for a missing value.
+
+    ``spec="iqr"``: quartiles ``[q1, median, q3]`` shown as the range ``q1-q3``.
+    """
     if value is None:
         return "-"
     if spec == "s":
         return str(value)
+    if spec == "iqr":
+        return f"{value[0]:.2f}-{value[2]:.2f}"
     return format(value, spec)
 
 
@@ -182,13 +190,21 @@ def _header(title: str, payload: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _check(value: float | None, limit: float | None, at_most: bool) -> str:
+def _check(value: float | None, limit: float | None, at_most: bool, spread: list[float] | None = None) -> str:
+    """``value`` against ``limit``, with the repeats' interquartile range ``spread`` when known.
+
+    The verdict is the ratio of medians'; ``spread`` shows whether the repeat-by-repeat ratios
+    fall on one side of the limit (a settled verdict) or straddle it.
+    """
     if value is None:
         return "-"
-    if limit is None:
-        return f"{value:.2f}"
-    met = value <= limit if at_most else value >= limit
-    return f"{value:.2f} ({'ok' if met else 'miss'})"
+    text = f"{value:.2f}"
+    if limit is not None:
+        met = value <= limit if at_most else value >= limit
+        text += f" ({'ok' if met else 'miss'})"
+    if spread is not None and spread[0] != spread[2]:
+        text += f" [{format_value(spread, 'iqr')}]"
+    return text
 
 
 def targets_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -201,17 +217,18 @@ def targets_table(rows: Sequence[dict[str, Any]]) -> str:
         time_limit, speedup = TIME_TARGETS.get(row["composite"], (None, None))
         lines.append([
             row["model"], str(row["batch"]), row["composite"],
-            _check(row["ratio_vs_gradient"], time_limit, at_most=True),
+            _check(row["ratio_vs_gradient"], time_limit, at_most=True, spread=row.get("ratio_vs_gradient_quartiles")),
             "-" if time_limit is None else f"<= {time_limit}",
             format_value(row.get("flops_vs_gradient"), ".2f"),
-            _check(row["zennit_over_lrpkit"], speedup, at_most=False),
+            _check(row["zennit_over_lrpkit"], speedup, at_most=False, spread=row.get("zennit_over_lrpkit_quartiles")),
             "-" if speedup is None else f">= {speedup}",
             _check(row["memory_vs_gradient"], memory_vs_gradient, at_most=True),
             _check(row["memory_lrpkit_over_zennit"], memory_vs_zennit, at_most=True),
             _check(row.get("memory_vs_gradient_mapped"), memory_vs_gradient, at_most=True),
             _check(row.get("memory_lrpkit_over_zennit_mapped"), memory_vs_zennit, at_most=True),
         ])
-    headers = ["model", "batch", "composite", "time x grad", "target", "FLOP x grad", "zennit/lrpkit", "target",
+    headers = ["model", "batch", "composite", "time x grad [repeats' IQR]", "target", "FLOP x grad",
+               "zennit/lrpkit [repeats' IQR]", "target",
                f"mem x grad (<= {memory_vs_gradient})", f"mem lrpkit/zennit (<= {memory_vs_zennit})",
                "mapped x grad", "mapped lrpkit/zennit"]
     return markdown_table(headers, lines)
@@ -240,25 +257,33 @@ def models_markdown(payload: dict[str, Any]) -> str:
 
 
 def capture_table(rows: Sequence[dict[str, Any]]) -> str:
-    """FunctionalCapture's share of EpsilonPlus's time, per (model, batch); ``""`` without the variants."""
-    times: dict[tuple[str, int], dict[str, float]] = {}
+    """FunctionalCapture's share of EpsilonPlus's time, per (model, batch); ``""`` without the variants.
+
+    The share is taken from the medians, with the interquartile range of the shares repeat by
+    repeat (:func:`benchmarks.timing.paired_quartiles`) beside it.
+    """
+    found: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for row in rows:
         if row["library"] == "lrpkit" and row["median_ms"] is not None:
-            times.setdefault((row["model"], row["batch"]), {})[row["composite"]] = row["median_ms"]
+            found.setdefault((row["model"], row["batch"]), {})[row["composite"]] = row
     lines = []
-    for (model, batch), by_name in times.items():
+    for (model, batch), by_name in found.items():
         full, without, bare = (by_name.get(name) for name in ("EpsilonPlus", NO_CAPTURE, CAPTURE_NO_RULES))
         if full is None or without is None:
             continue
-        share = (full - without) / full
-        interception = None if bare is None else (bare - without) / bare
+        share = 1 - without["median_ms"] / full["median_ms"]
+        kept = paired_quartiles(without["times_ms"], full["times_ms"])  # no-capture time / full time
+        spread = None if kept is None else [1 - kept[2], 1 - kept[1], 1 - kept[0]]
+        interception = None if bare is None else 1 - without["median_ms"] / bare["median_ms"]
         lines.append([
-            model, str(batch), format_value(without, ".1f"), format_value(bare, ".1f"), format_value(full, ".1f"),
-            f"{share * 100:.1f} % ({'ok' if share <= CAPTURE_SHARE_TARGET else 'miss'})",
+            model, str(batch), format_value(without["median_ms"], ".1f"),
+            format_value(None if bare is None else bare["median_ms"], ".1f"), format_value(full["median_ms"], ".1f"),
+            f"{share * 100:.1f} % ({'ok' if share <= CAPTURE_SHARE_TARGET else 'miss'})"
+            + ("" if spread is None or spread[0] == spread[2] else f" [{spread[0] * 100:.1f} to {spread[2] * 100:.1f} %]"),
             "-" if interception is None else f"{interception * 100:.1f} %",
         ])
     headers = ["model", "batch", "no capture ms", "capture, no op rules ms", "capture + rules ms",
-               f"share of the total (<= {CAPTURE_SHARE_TARGET * 100:.0f} %)", "interception alone"]
+               f"share of the total (<= {CAPTURE_SHARE_TARGET * 100:.0f} %) [repeats' IQR]", "interception alone"]
     return markdown_table(headers, lines) if lines else ""
 
 

@@ -50,6 +50,29 @@ def median(values: Sequence[float]) -> float | None:
     return float(statistics.median(values)) if values else None
 
 
+def quartiles(values: Sequence[float]) -> list[float] | None:
+    """The first quartile, the median and the third quartile of ``values`` (``None`` for none)."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return [float(values[0])] * 3
+    low, middle, high = statistics.quantiles(values, n=4, method="inclusive")
+    return [float(low), float(middle), float(high)]
+
+
+def paired_quartiles(numerators: Sequence[float], denominators: Sequence[float]) -> list[float] | None:
+    """Quartiles of ``numerators[i] / denominators[i]``, repeat by repeat.
+
+    The suites interleave their repeats (repeat ``i`` of every method, then repeat ``i + 1``), so
+    the two times of one repeat were taken under the same load of the machine; the spread of
+    their ratios shows how sure a ratio of medians is. ``None`` unless both hold the same,
+    non-zero number of positive times.
+    """
+    if not numerators or len(numerators) != len(denominators) or min(denominators) <= 0:
+        return None
+    return quartiles([top / bottom for top, bottom in zip(numerators, denominators)])
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """``numerator / denominator``, or ``None`` when either is missing or the denominator is 0."""
     if numerator is None or denominator is None or denominator == 0:

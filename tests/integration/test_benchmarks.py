@@ -20,6 +20,7 @@ MODEL_KEYS = {
     "ratio_vs_gradient", "zennit_over_lrpkit", "peak_mib", "memory_vs_gradient",
     "memory_lrpkit_over_zennit", "max_rel_diff_vs_zennit", "error", "peak_mib_mapped",
     "memory_vs_gradient_mapped", "memory_lrpkit_over_zennit_mapped", "gflop", "flops_vs_gradient",
+    "ratio_vs_gradient_quartiles", "zennit_over_lrpkit_quartiles",
 }
 RULE_KEYS = {
     "layer", "batch", "rule", "input", "gradient_ms", "rule_ms", "ratio_vs_gradient", "floor_products",
@@ -85,6 +86,8 @@ def test_bench_models_quick(checkout, tmp_path, capsys):
         if row["error"] is not None:
             continue
         assert row["median_ms"] > 0 and row["ratio_vs_gradient"] > 0 and row["gflop"] > 0
+        # one repeat: its own ratio is every quartile
+        assert row["ratio_vs_gradient_quartiles"] == [pytest.approx(row["ratio_vs_gradient"], rel=1e-3)] * 3
         assert row["peak_mib"] is not None and row["peak_mib_mapped"] is not None
         if row["composite"] == "Epsilon" and row["library"] != "captum":
             # exactly one transposed product per layer in lrpkit; zennit: a forward and a transposed one
@@ -93,13 +96,46 @@ def test_bench_models_quick(checkout, tmp_path, capsys):
             assert row["zennit_over_lrpkit"] > 0 and row["memory_lrpkit_over_zennit"] is not None
             # both libraries did the same work: float32 round-off apart
             assert row["max_rel_diff_vs_zennit"] < 1e-3
-    assert "| method | median ms | x grad | zennit/lrpkit | GFLOP | FLOP x grad | peak MiB | mem x grad |" in markdown
+    assert ("| method | median ms | x grad | x grad, repeats' IQR | zennit/lrpkit | zennit/lrpkit, repeats' IQR "
+            "| GFLOP | FLOP x grad | peak MiB | mem x grad |") in markdown
     assert "| peak MiB, mapped | mapped x grad | mapped lrpkit/zennit |" in markdown
     assert "## lrpkit against the targets of issue 4" in markdown
     assert "## What FunctionalCapture costs (EpsilonPlus)" in markdown
     assert {row["composite"] for row in rows if row["library"] == "lrpkit"} >= {
         "EpsilonPlus, no capture", "EpsilonPlus, capture without op rules"}
     assert markdown in capsys.readouterr().out
+
+
+def test_paired_ratios_are_taken_repeat_by_repeat():
+    from benchmarks.timing import paired_quartiles, quartiles
+
+    assert quartiles([]) is None and quartiles([2.0]) == [2.0, 2.0, 2.0]
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [2.0, 3.0, 4.0]
+    # the machine runs 2x slower from the gradient's call of repeat 3 on, but for the method's call
+    # of that repeat: four repeats say 1.5, one says 0.75, the ratio of the medians (3 / 4) 0.75
+    method, gradient = [3.0, 3.0, 3.0, 6.0, 6.0], [2.0, 2.0, 4.0, 4.0, 4.0]
+    assert paired_quartiles(method, gradient) == [1.5, 1.5, 1.5]
+    assert paired_quartiles(method, gradient[:4]) is None and paired_quartiles(method, [0.0] * 5) is None
+
+
+def test_targets_and_capture_tables_show_the_spread_of_the_repeats():
+    from benchmarks.report import capture_table, targets_table
+
+    def row(composite: str, library: str, times: list[float], **ratios) -> dict:
+        return {"model": "resnet50", "batch": 1, "library": library, "composite": composite,
+                "median_ms": sorted(times)[len(times) // 2], "times_ms": times, "flops_vs_gradient": None,
+                "ratio_vs_gradient": None, "zennit_over_lrpkit": None, "memory_vs_gradient": None,
+                "memory_lrpkit_over_zennit": None, **ratios}
+
+    epsilon = row("Epsilon", "lrpkit", [11.0, 12.0, 13.0], ratio_vs_gradient=1.2,
+                  ratio_vs_gradient_quartiles=[1.1, 1.2, 1.25])
+    table = targets_table([epsilon])
+    assert "| resnet50 | 1 | Epsilon | 1.20 (miss) [1.10-1.25] | <= 1.15 |" in table
+    assert "time x grad [repeats' IQR]" in table
+    full = row("EpsilonPlus", "lrpkit", [100.0, 110.0, 200.0])
+    without = row("EpsilonPlus, no capture", "lrpkit", [96.0, 99.0, 180.0])
+    # shares per repeat: 4 %, 10 %, 10 %; of the medians: 1 - 99/110 = 10 %
+    assert "| resnet50 | 1 | 99.0 | - | 110.0 | 10.0 % (miss) [7.0 to 10.0 %] | - |" in capture_table([full, without])
 
 
 def test_bench_own_model_with_weights_and_input_shape(checkout, tmp_path, capsys):
