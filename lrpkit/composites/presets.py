@@ -235,7 +235,12 @@ class EpsilonAlpha2Beta1Flat(SpecialFirstLayerMapComposite):
 
 @register("excitation_backprop")
 class ExcitationBackprop(LayerMapComposite):
-    """Excitation backprop (Zhang et al. 2016): z+ on every dense and convolutional layer."""
+    """Excitation backprop (Zhang et al. 2016): z+ on every dense and convolutional layer.
+
+    A BatchNorm that no layer before it takes in (a pre-activation block's, as in DenseNet)
+    passes relevance on unchanged (``Pass``), as in every other preset; zennit's composite gives
+    it the plain gradient.
+    """
 
     def __init__(
         self,
@@ -248,6 +253,7 @@ class ExcitationBackprop(LayerMapComposite):
     ) -> None:
         layer_map = _prepend(layer_map) + [
             (types.AvgPool, Norm(stabilizer=stabilizer)),
+            (types.BatchNorm, Pass()),
             (types.AnyLinear, ZPlus(stabilizer=stabilizer, zero_params=zero_params, top_k=top_k)),
         ]
         super().__init__(layer_map, canonizers=_lrp_default(canonizers, stabilizer), strict=strict)

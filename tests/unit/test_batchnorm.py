@@ -7,6 +7,7 @@ Every model is float64 and in eval mode, with random running statistics and affi
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -678,6 +679,41 @@ def test_layers_with_computed_weights_are_merged_as_plain_ones(preset, parametri
     snapshot.assert_restored(model)
     output, seen = output_inside(model, x, merge_only(MergeBatchNorm(cache=False)))
     assert not has_norm(seen), "the BatchNorm was not merged"
+
+
+#: The presets that propagate relevance (the gradient presets, guided backprop and deconvnet, do not conserve it).
+LRP_PRESETS = [name for name in composites.names() if name not in ("guided_backprop", "deconvnet")]
+
+
+@pytest.mark.parametrize("name", composites.names())
+def test_every_preset_passes_relevance_through_a_batchnorm_no_layer_takes_in(name):
+    """A pre-activation block (ReLU -> BatchNorm -> ReLU -> convolution, as in DenseNet): the
+    BatchNorm has no layer before it to merge into, and every preset passes its relevance on
+    unchanged, without a warning.
+
+    ExcitationBackprop gave it the plain gradient (the BatchNorm's scale times the relevance) and
+    warned, once for each of DenseNet121's 58 such BatchNorms.
+    """
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(4).double().eval()
+    with torch.no_grad():  # no shift, so that relevance is conserved; scales of both signs
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.copy_(torch.tensor([1.5, -0.7, 0.4, 2.0]))
+        norm.bias.zero_()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(), norm, nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3, bias=False),
+    ).double().eval()
+    x = sample(2, 3, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = Gradient(model, composite=composites.get_for_input(name, x))(x.clone(), record=["2"])
+    if name in LRP_PRESETS:
+        # what reaches the BatchNorm's input is what left its output: each sample's logit (up to the
+        # stabilisers, 1e-6 against logits of about 0.04)
+        logits = result.output.max(dim=1).values
+        torch.testing.assert_close(result.intermediate["2"].sum(dim=(1, 2, 3)), logits, rtol=1e-3, atol=0.0)
+        torch.testing.assert_close(result.relevance.sum(dim=(1, 2, 3)), logits, rtol=1e-3, atol=0.0)
 
 
 def test_batchnorm_with_its_activation_inside_matches_zennit_with_the_pairs_named():
