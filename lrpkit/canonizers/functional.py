@@ -15,7 +15,8 @@ while the model runs and gives it a rule:
 * the composite's rule for that name wins, otherwise the default of the kind applies:
   additions and sums -> :class:`~lrpkit.rules.Norm`, activations -> :class:`~lrpkit.rules.Pass`,
   averages -> ``Norm``, products -> :class:`~lrpkit.rules.Product` with gates (sigmoid, hard
-  sigmoid or softmax outputs), parameters and divisors held constant, ``layer_norm``,
+  sigmoid or softmax outputs, or one factor broadcast over the others among equals: a
+  squeeze-and-excitation gate), parameters and divisors held constant, ``layer_norm``,
   ``group_norm``, ``instance_norm`` and ``rms_norm`` -> :class:`~lrpkit.rules.LayerNormConstant`, attention -> :class:`~lrpkit.rules.AttentionValue`,
   ``F.linear`` / ``F.conv*`` with weights computed from parameters alone (not those of the module
   making the call) -> the composite's dense or convolution rule, else
@@ -673,12 +674,15 @@ class _Capture:
             return [index for index in activations if index == 0]
         if isinstance(op, captured.Product) and len(activations) > 1 and self.owner.gate == "signal":
             levels = {index: _gate_level(leaves[index], self.gate_nodes) for index in activations}
-            if not any(levels.values()) and op.op == "mul":
-                smaller = [index for index in activations if leaves[index].numel() < output.numel()]
-                if len(smaller) == 1:  # broadcast over the other factor: a gate
-                    levels[smaller[0]] = _STRONG_GATE
             lowest = min(levels.values())
-            return [index for index in activations if levels[index] == lowest]
+            signals = [index for index in activations if levels[index] == lowest]
+            if len(signals) > 1 and op.op == "mul":
+                # one factor broadcast over the others is a gate: a squeeze-and-excitation gate
+                # (N, C, 1, 1), also where the signal is itself a sigmoid's output
+                smaller = [index for index in signals if leaves[index].numel() < output.numel()]
+                if len(smaller) == 1:
+                    signals.remove(smaller[0])
+            return signals
         return activations
 
 
