@@ -59,7 +59,10 @@ class Add(CapturedOp):
     """Additions and subtractions of tensors (``x + y``, ``x - y``, ``torch.add``): default ``Norm``.
 
     Also ``index_add`` and ``scatter_add``, sums of scattered rows (a mixture of experts adding its
-    experts' outputs back, as Mixtral does with ``index_add_``).
+    experts' outputs back, as Mixtral does with ``index_add_``; a graph network summing its
+    messages), and ``scatter_reduce(..., reduce="sum")`` and ``index_put(..., accumulate=True)``.
+    (``scatter_reduce`` and ``index_reduce`` with ``"mean"`` are :class:`Pool` calls, with
+    ``"amax"``/``"amin"`` :class:`MaxPool` ones.)
 
     Also ``torch.addcmul(input, t1, t2)`` (``input + t1 * t2``, ResMLP's ``Affine``, ConvNeXt-V2's
     global response norm) when at most one of ``t1``, ``t2`` carries relevance; with both it is
@@ -123,7 +126,7 @@ class Reshape(CapturedOp):
 
 
 class Product(CapturedOp):
-    """Products and divisions (``x * y``, ``matmul``, ``bmm``, ``einsum``, ``x / y``): default ``Product``.
+    """Products and divisions (``x * y``, ``matmul``, ``bmm``, ``einsum``, ``torch.sparse.mm``, ``x / y``): default ``Product``.
 
     A factor that is a gate (the output of a sigmoid, hard sigmoid or softmax, or of a captured
     call on such outputs and constants alone), a parameter (or a tensor computed from parameters
@@ -313,7 +316,7 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
         "pixel_shuffle",
         "pixel_unshuffle",
     ),
-    Product: ("mul", "matmul", "bmm", "mm", "einsum", "div"),
+    Product: ("mul", "matmul", "bmm", "mm", "_sparse_mm", "einsum", "div"),
     LayerNorm: ("layer_norm", "rms_norm"),
     GroupNorm: ("group_norm", "instance_norm"),
     Normalize: ("normalize",),

@@ -451,6 +451,8 @@ class _Capture:
             kind = self.layer_call(leaves, activations, op, spec)
         elif op in _KIND_BY_ACTIVATIONS:
             kind = _KIND_BY_ACTIVATIONS[op](activations)
+        elif _out_of_place(op) in _KIND_BY_ARGUMENTS:
+            kind = _KIND_BY_ARGUMENTS[_out_of_place(op)](args, kwargs)
         if op in captured.SAMPLERS and 0 in activations:
             activations = [0]  # where to sample (the grid) is held constant, as attention weights are
         elif op in captured.SAMPLERS:
@@ -468,7 +470,8 @@ class _Capture:
         in_place = rebind = False
         if op.endswith("_") and not op.endswith("__"):
             augmented = _is_augmented_assignment(caller)
-            if not augmented and not issubclass(captured.kind_of(op[:-1]), _ELEMENTWISE_KINDS):
+            summed = kind is not None and op[:-1] in _KIND_BY_ARGUMENTS  # x.index_put_(..., accumulate=True), ...
+            if not augmented and not summed and not issubclass(captured.kind_of(op[:-1]), _ELEMENTWISE_KINDS):
                 return func(*args, **kwargs)  # x.copy_(y), x.unsqueeze_(0), ...: no rule needs it captured
             op = op[:-1]
             func = getattr(torch.Tensor, op)
@@ -705,6 +708,28 @@ _KIND_BY_ACTIVATIONS: dict[str, Callable[[list[int]], type[captured.CapturedOp] 
     # bound that is an activation too, not one of x alone
     **{op: lambda activations: None if activations == [0] else captured.Other for op in ("clamp", "clip", "clamp_min", "clamp_max")},
 }
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str, default: Any) -> Any:
+    """The argument ``name`` of a call, given by keyword or at ``position`` (``self`` at 0)."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else default
+
+
+#: Kinds of scattered reductions, by their ``reduce`` argument (``prod``, or one unknown: the gradient).
+_REDUCTION_KINDS: dict[str, type[captured.CapturedOp]] = {
+    "sum": captured.Add, "mean": captured.Pool, "amax": captured.MaxPool, "amin": captured.MaxPool,
+}
+#: Ops whose kind depends on their arguments (``None``: the op's own kind).
+_KIND_BY_ARGUMENTS: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], type[captured.CapturedOp] | None]] = {
+    # self.scatter_reduce(dim, index, src, reduce): a graph network's sum or mean of messages
+    "scatter_reduce": lambda args, kwargs: _REDUCTION_KINDS.get(_argument(args, kwargs, 4, "reduce", None), captured.Other),
+    # self.index_reduce(dim, index, source, reduce) ("prod", "mean", "amax", "amin")
+    "index_reduce": lambda args, kwargs: _REDUCTION_KINDS.get(_argument(args, kwargs, 4, "reduce", None), captured.Other),
+    # self.index_put(indices, values, accumulate): with accumulate, a sum of the values into self
+    "index_put": lambda args, kwargs: captured.Add if _argument(args, kwargs, 3, "accumulate", False) else None,
+}
+
+
 def _glu(capture: _Capture, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], caller: FrameType | None) -> Any:
     """``F.glu(x, dim)`` (``nn.GLU``) as the calls it stands for: ``a * sigmoid(b)``, ``a, b = x.chunk(2, dim)``.
 
