@@ -100,6 +100,8 @@ class Resample(CapturedOp):
 #: ``F.grid_sample``, the boxes of torchvision's ``roi_align`` (held constant); outside the input
 #: they read zeros.
 SAMPLERS = frozenset({"grid_sample", "roi_align", "ps_roi_align"})
+#: Layer calls with arguments held constant, by leaf: ``deform_conv2d(input, weight, offset, mask, bias, ...)``.
+CONSTANT_ARGUMENTS: dict[str, tuple[int, ...]] = {"deform_conv2d": (2, 3)}
 
 
 class MaxPool(CapturedOp):
@@ -177,6 +179,10 @@ class Convolution(CapturedOp):
     """``F.conv1d``/``conv2d``/``conv3d`` whose weight and bias are constants of the model.
 
     Matched by :data:`lrpkit.types.ConvolutionStandard` (default ``Epsilon``), as :class:`Dense`.
+    Also torchvision's deformable convolution (``torchvision.ops.deform_conv2d``, the call of
+    ``DeformConv2d``; Dai et al. 2017, Zhu et al. 2019): its offsets and modulation mask, where to
+    sample and how much, are held constant, as :data:`SAMPLERS` hold their grids, so it is a
+    linear map of its input and all relevance goes to the sampled input.
     """
 
 
@@ -323,7 +329,7 @@ _KINDS: dict[type[CapturedOp], tuple[str, ...]] = {
     Softmax: ("softmax", "log_softmax"),
     Attention: ("scaled_dot_product_attention", "multi_head_attention_forward"),
     Dense: ("linear", "addmm", "_grouped_mm", "grouped_mm"),
-    Convolution: ("conv1d", "conv2d", "conv3d"),
+    Convolution: ("conv1d", "conv2d", "conv3d", "deform_conv2d"),
     ConvolutionTranspose: ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
 }
 
@@ -362,6 +368,7 @@ __all__ = [
     "Product",
     "ReLU",
     "Reshape",
+    "CONSTANT_ARGUMENTS",
     "SAMPLERS",
     "Softmax",
     "kind_of",

@@ -16,6 +16,7 @@ consumes a rule's output may lend its own output in place of it (:mod:`lrpkit.re
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -632,10 +633,11 @@ class RuleHook:
             rule = self.choose(module)
             if rule is None or (rule.passes_relevance and len(args) == 1 and output is args[0]):
                 return None  # (the relevance of an unchanged input is its own: nothing to route)
+            held = held_constant(module)
             positions = tuple(
                 index
                 for index, arg in enumerate(args)
-                if isinstance(arg, Tensor) and arg.is_floating_point() and arg.requires_grad
+                if isinstance(arg, Tensor) and arg.is_floating_point() and arg.requires_grad and index not in held
             )
             if not positions:
                 return None
@@ -662,6 +664,18 @@ class RuleHook:
                 padding=constant_padding(rule, args, positions),
             )
             return route(pending, tuple(args[index] for index in positions))
+
+
+def held_constant(module: nn.Module) -> tuple[int, ...]:
+    """Positions of ``module``'s arguments that a rule on it holds constant (get no relevance).
+
+    torchvision's ``DeformConv2d(input, offset, mask)``: where to sample and how much, as for
+    the deformable convolution call (:class:`lrpkit.captured.Convolution`).
+    """
+    deformable = sys.modules.get("torchvision.ops.deform_conv")  # (no such module unless torchvision made it)
+    if deformable is not None and isinstance(module, deformable.DeformConv2d):
+        return (1, 2)
+    return ()
 
 
 def route(pending: PendingCall, inputs: tuple[Tensor, ...]) -> Tensor:

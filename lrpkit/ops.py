@@ -698,6 +698,8 @@ def captured_layer_ops(
     (the same rules, computed by re-running the call).
     """
     op = op or getattr(module, "op", "")
+    if op == "deform_conv2d":  # torchvision's (input, weight, offset, mask, bias, ...): no closed form
+        return CapturedLayerOps(module, leaves, {}, input_positions, func, spec, weight_leaf=1, bias_leaf=4)
     signature = _layer_signature(op)
     bound = _bound(signature, leaves, spec)
     if op in GROUPED_MM_OPS:

@@ -19,7 +19,8 @@ while the model runs and gives it a rule:
   squeeze-and-excitation gate), parameters and divisors held constant, ``layer_norm``,
   ``group_norm``, ``instance_norm`` and ``rms_norm`` -> :class:`~lrpkit.rules.LayerNormConstant`, attention -> :class:`~lrpkit.rules.AttentionValue`,
   ``F.linear`` / ``F.conv*`` with weights computed from parameters alone (not those of the module
-  making the call) -> the composite's dense or convolution rule, else
+  making the call; torchvision's ``deform_conv2d`` with its offsets and mask held constant) -> the
+  composite's dense or convolution rule, else
   :class:`~lrpkit.rules.Epsilon`; reshapes, concatenation, indexing, max pooling, softmax and
   unknown calls keep their gradient.
 
@@ -447,6 +448,8 @@ class _Capture:
                 return spectral
         activations = [index for index, leaf in enumerate(leaves) if _is_activation(leaf)]
         kind = None
+        if op in captured.CONSTANT_ARGUMENTS:  # (a deformable convolution's offsets and mask)
+            activations = [index for index in activations if index not in captured.CONSTANT_ARGUMENTS[op]]
         if op in captured.LAYER_OPS:
             kind = self.layer_call(leaves, activations, op, spec)
         elif op in _KIND_BY_ACTIVATIONS:

@@ -464,3 +464,91 @@ def test_a_layer_whose_forward_makes_no_call_on_its_input_is_re_run() -> None:
     x = torch.rand(2, 2, 5, 5, generator=torch.Generator().manual_seed(6), dtype=DTYPE)
     epsilon = composites.LayerMapComposite(composites.layer_map_base() + [(types.AnyLinear, rules.Epsilon())])
     torch.testing.assert_close(relevance(custom, epsilon, x), relevance(plain, epsilon, x), rtol=1e-10, atol=1e-12)
+
+
+class Deformable(nn.Module):
+    """conv -> relu -> deformable conv (offsets and a mask from the features) -> relu -> dense.
+
+    ``offsets="zero"``: the offset and mask branches give zeros and ones (weights zero), so the
+    deformable convolution is its plain convolution; ``layer="conv"`` puts that ``nn.Conv2d`` in
+    its place, with the same weights.
+    """
+
+    def __init__(self, offsets: str = "learned", modulated: bool = True, layer: str = "deformable") -> None:
+        from torchvision.ops import DeformConv2d
+
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.offset = nn.Conv2d(4, 18, 3, padding=1)
+        self.mask = nn.Conv2d(4, 9, 3, padding=1) if modulated else None
+        self.deform = DeformConv2d(4, 5, 3, padding=1) if layer == "deformable" else nn.Conv2d(4, 5, 3, padding=1)
+        self.head = nn.Linear(5 * 6 * 6, 3)
+        torch.manual_seed(4)
+        with torch.no_grad():
+            for module in (self.offset, self.mask):
+                if module is not None and offsets == "zero":
+                    module.weight.zero_()
+                    module.bias.fill_(0.0 if module is self.offset else 20.0)  # sigmoid(20): a mask of 1 to 2e-9
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.stem(x))
+        if isinstance(self.deform, nn.Conv2d):
+            return self.head(torch.relu(self.deform(features)).flatten(1))
+        offsets = self.offset(features) * 0.5
+        mask = torch.sigmoid(self.mask(features)) if self.mask is not None else None
+        return self.head(torch.relu(self.deform(features, offsets, mask)).flatten(1))
+
+
+def deformable_inputs() -> torch.Tensor:
+    return torch.rand(2, 2, 6, 6, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_a_deformable_convolution_with_zero_offsets_is_explained_as_its_convolution(preset: str) -> None:
+    """``torchvision.ops.deform_conv2d`` is a convolution whose offsets and mask are held constant.
+
+    Before, ``DeformConv2d`` had no rule in any preset (a warning, and its plain gradient, which
+    also sent relevance into the offsets and the mask).
+    """
+    torch.manual_seed(0)
+    deformable = Deformable(offsets="zero").eval()
+    plain = Deformable(offsets="zero", layer="conv").eval()
+    plain.load_state_dict({name: value for name, value in deformable.state_dict().items() if name in plain.state_dict()})
+    x = deformable_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(deformable(x), plain(x), rtol=1e-7, atol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = relevance(deformable, PRESETS[preset](), x)
+    torch.testing.assert_close(ours, relevance(plain, PRESETS[preset](), x), rtol=1e-6, atol=1e-9)
+    assert hooks_left(deformable) == []
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["offsets", "offsets and mask"])
+@pytest.mark.parametrize("mapped", [False, True], ids=["captured call", "rule on the module"])
+def test_a_deformable_convolution_conserves_relevance(modulated: bool, mapped: bool) -> None:
+    """Learned offsets (and mask): relevance reaches the input only, through the sampled positions.
+
+    ``mapped``: the composite puts the rule on the ``DeformConv2d`` module itself, whose offset and
+    mask arguments are held constant too.
+    """
+    from torchvision.ops import DeformConv2d
+
+    torch.manual_seed(0)
+    model = Deformable(modulated=modulated).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+    epsilon = rules.Epsilon(epsilon=1e-14)
+    layer_map = [(DeformConv2d, epsilon)] if mapped else []
+    composite = composites.LayerMapComposite(
+        layer_map + composites.layer_map_base(stabilizer=1e-14) + [(types.AnyLinear, epsilon)],
+        canonizers=[FunctionalCapture(stabilizer=1e-14)],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        output, ours = Gradient(model, composite)(deformable_inputs())
+    logits = output.max(dim=1).values
+    torch.testing.assert_close(ours.sum(dim=(1, 2, 3)), logits, rtol=1e-9, atol=0.0)
