@@ -8,12 +8,18 @@ resampling, shuffles, slices, flips, rolls, an ``einsum`` and an ``F.conv2d`` wi
 max unpooling, ``torch.where`` with a constant mask; for sequences,
 token embeddings, attention (``nn.MultiheadAttention`` and ``F.scaled_dot_product_attention``,
 causal or not), layer, RMS and group norms, gates, SwiGLU, class tokens, layer scales, token
-mixing. Properties that hold independently of any reference implementation:
+mixing; modern image blocks (smooth activations, batch, group, instance and layer norms,
+squeeze-and-excitation and spatial gates, ConvNeXt and inverted residual blocks, GLUs, the pixels
+as tokens of an attention); and language models written as transformers writes them (rotary
+embeddings, grouped-query attention with ``repeat_kv``, causal masks filled or added, ALiBi,
+sliding windows, written-out RMS norms, gated MLPs, top-2 mixtures of experts with
+``index_add_``, tied heads). Properties that hold independently of any reference implementation:
 
 * LRP-0 (epsilon 0 on every layer, the proportional split at sums, pools and resamplings) equals
   gradient x input on the piecewise-linear image networks, biases included;
-* without biases, EpsilonGammaBox conserves relevance on the image networks and Epsilon on every
-  layer conserves it on the sequence networks;
+* without biases, EpsilonGammaBox conserves relevance on the image networks (and the modern
+  ones), and Epsilon on every layer conserves it on the sequence networks, the modern image
+  networks and the language models;
 * every preset runs without an error or a warning, gives finite relevance and the model's own
   output, and leaves the model as it was (state, modules, attributes, hooks).
 
@@ -364,6 +370,286 @@ def sequence_network(seed: int) -> tuple[nn.Module, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
+# modern image blocks: smooth activations, normalisations, gates (N, C, H, W) to (N, C', H', W')
+# --------------------------------------------------------------------------------------------
+
+
+def smooth_activation(rng: random.Random, channels: int) -> list[nn.Module]:
+    """An activation a modern network uses, as a module or written out (no sigmoid or tanh on
+    its own: a product of two gates' outputs has no signal to tell)."""
+    return [rng.choice([
+        nn.SiLU(), nn.Hardswish(), nn.GELU(), nn.Mish(), nn.ELU(), nn.ReLU6(), nn.Hardtanh(), nn.Softplus(),
+        Call(lambda self, x: x * torch.sigmoid(x)), Call(lambda self, x: F.hardswish(x)),
+        Call(lambda self, x: F.gelu(x, approximate="tanh")),
+    ])]
+
+
+def normalisation(rng: random.Random, channels: int) -> list[nn.Module]:
+    groups = 2 if channels % 2 == 0 else 1
+    return [rng.choice([
+        randomized_norm(nn.BatchNorm2d(channels), rng),
+        nn.GroupNorm(groups, channels),
+        nn.InstanceNorm2d(channels, affine=True),
+        Call(lambda self, x: self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), norm=nn.LayerNorm(channels)),
+        Call(lambda self, x: F.layer_norm(x, x.shape[1:])),
+    ])]
+
+
+def squeeze_excitation(rng: random.Random, channels: int) -> list[nn.Module]:
+    """``x * gate(fc(pool(x)))``: a sigmoid, hard sigmoid or softmax gate, broadcast over the pixels."""
+    gate = rng.choice([torch.sigmoid, F.hardsigmoid, lambda scores: torch.softmax(scores, 1)])
+
+    def excite(self: Call, x: torch.Tensor) -> torch.Tensor:
+        return x * gate(self.expand(F.relu(self.squeeze(F.adaptive_avg_pool2d(x, 1)))))
+
+    hidden = max(2, channels // 2)
+    return [Call(excite, squeeze=nn.Conv2d(channels, hidden, 1), expand=nn.Conv2d(hidden, channels, 1))]
+
+
+def convnext_block(rng: random.Random, channels: int) -> list[nn.Module]:
+    """Depthwise 7x7, channels-last layer norm, an MLP of ``nn.Linear``, a layer scale, a residual sum."""
+
+    def forward(self: Call, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.depthwise(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.down(F.gelu(self.up(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+    return [Call(
+        forward, depthwise=nn.Conv2d(channels, channels, 7, padding=3, groups=channels), norm=nn.LayerNorm(channels),
+        up=nn.Linear(channels, 4 * channels), down=nn.Linear(4 * channels, channels), gamma=nn.Parameter(torch.rand(channels)),
+    )]
+
+
+def inverted_residual(rng: random.Random, channels: int) -> list[nn.Module]:
+    """MobileNet's and EfficientNet's block: expand, depthwise, squeeze-and-excitation, project, add."""
+    wide, act = 2 * channels, rng.choice([nn.SiLU, nn.Hardswish, nn.ReLU6])
+    body = nn.Sequential(
+        nn.Conv2d(channels, wide, 1, bias=False), randomized_norm(nn.BatchNorm2d(wide), rng), act(),
+        nn.Conv2d(wide, wide, 3, padding=1, groups=wide, bias=False), randomized_norm(nn.BatchNorm2d(wide), rng), act(),
+        *squeeze_excitation(rng, wide), nn.Conv2d(wide, channels, 1, bias=False), randomized_norm(nn.BatchNorm2d(channels), rng),
+    )
+    return [Call(lambda self, x: x + self.body(x), body=body)]
+
+
+def spatial_gates(rng: random.Random, channels: int) -> list[nn.Module]:
+    """CBAM's spatial attention (a gate broadcast over the channels), a GLU, or a scaled residual."""
+    return [rng.choice([
+        Call(lambda self, x: x * torch.sigmoid(self.conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1))),
+             conv=nn.Conv2d(2, 1, 3, padding=1)),
+        Call(lambda self, x: F.glu(self.conv(x), dim=1), conv=nn.Conv2d(channels, 2 * channels, 1)),
+        Call(lambda self, x: x + self.scale * self.conv(x), conv=nn.Conv2d(channels, channels, 3, padding=1),
+             scale=nn.Parameter(torch.rand(channels, 1, 1))),
+    ])]
+
+
+def patch_attention(rng: random.Random, channels: int) -> list[nn.Module]:
+    """The pixels as tokens: layer norm, ``nn.MultiheadAttention``, a residual sum, back to a map."""
+    heads = 2 if channels % 2 == 0 else 1
+
+    def forward(self: Call, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)
+        normed = self.norm(tokens)
+        tokens = tokens + self.attention(normed, normed, normed, need_weights=False)[0]
+        return tokens.transpose(1, 2).reshape(x.shape)
+
+    return [Call(forward, norm=nn.LayerNorm(channels), attention=nn.MultiheadAttention(channels, heads, batch_first=True))]
+
+
+def plain_convolution(rng: random.Random, channels: int) -> list[nn.Module]:
+    out = rng.choice([4, 6, 8])
+    return [nn.Conv2d(channels, out, 3, padding=1, stride=rng.choice([1, 1, 2])), *normalisation(rng, out)]
+
+
+MODERN_BLOCKS = [
+    smooth_activation, normalisation, squeeze_excitation, convnext_block, inverted_residual, spatial_gates,
+    patch_attention, plain_convolution, plain_convolution,
+]
+
+
+def modern_head(rng: random.Random, probe: torch.Tensor) -> list[nn.Module]:
+    """Flatten and a dense layer, or global average pooling (with a layer norm, as ConvNeXt's head) and one."""
+    channels = probe.shape[1]
+    return rng.choice([
+        [nn.Flatten(), nn.Linear(probe[0].numel(), 5)],
+        [Call(lambda self, x: self.norm(x.mean((2, 3))), norm=nn.LayerNorm(channels)), nn.Linear(channels, 5)],
+        [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 5)],
+    ])
+
+
+def modern_image_network(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """A convolution, 2-6 random modern blocks, a head."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    x = torch.randn(IMAGE_SHAPE, dtype=torch.float64)
+    blocks: list[nn.Module] = [nn.Conv2d(IMAGE_SHAPE[1], 6, 3, padding=1).double()]
+    probe = blocks[0](x)
+    for _ in range(rng.randint(2, 6)):
+        candidate = [module.double() for module in rng.choice(MODERN_BLOCKS)(rng, probe.shape[1])]
+        with torch.no_grad():
+            out = nn.Sequential(*candidate).eval()(probe.clone())
+        if min(out.shape[-2:]) >= 2 and torch.isfinite(out).all():
+            blocks += candidate
+            probe = out
+    return nn.Sequential(*blocks, *(module.double() for module in modern_head(rng, probe))).eval(), x
+
+
+# --------------------------------------------------------------------------------------------
+# language models written as transformers writes them: token ids to next-token logits
+# --------------------------------------------------------------------------------------------
+
+HEADS, KEY_VALUE_HEADS, HEAD_WIDTH = 4, 2, WIDTH // 4
+
+
+class WrittenOutRMSNorm(nn.Module):
+    """``weight * x * rsqrt(mean(x^2) + eps)``, as Llama's code writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(WIDTH) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embeddings: ``q cos + rotate_half(q) sin`` with constant angles."""
+    positions = torch.arange(q.shape[-2], dtype=q.dtype)
+    angles = torch.outer(positions, 1.0 / 10000 ** (torch.arange(0, HEAD_WIDTH, 2, dtype=q.dtype) / HEAD_WIDTH))
+    angles = torch.cat((angles, angles), -1)
+    cos, sin = angles.cos(), angles.sin()
+
+    def rotate_half(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat((-t[..., HEAD_WIDTH // 2:], t[..., : HEAD_WIDTH // 2]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class GroupedQueryAttention(nn.Module):
+    """Grouped-query attention, keys and values repeated per group (``repeat_kv``), with a causal
+    mask filled with ``-inf``, added as a large negative number, an ALiBi bias, a sliding window,
+    or ``F.scaled_dot_product_attention``; rotary embeddings or none."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.q = nn.Linear(WIDTH, HEADS * HEAD_WIDTH, bias=False)
+        self.k = nn.Linear(WIDTH, KEY_VALUE_HEADS * HEAD_WIDTH, bias=False)
+        self.v = nn.Linear(WIDTH, KEY_VALUE_HEADS * HEAD_WIDTH, bias=False)
+        self.o = nn.Linear(HEADS * HEAD_WIDTH, WIDTH, bias=False)
+        self.rotary = rng.random() < 0.6
+        self.mask = rng.choice(["fill", "add", "alibi", "window", "sdpa"])
+
+    def heads(self, layer: nn.Linear, x: torch.Tensor, count: int) -> torch.Tensor:
+        n, length, _ = x.shape
+        return layer(x).view(n, length, count, HEAD_WIDTH).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        q, k, v = self.heads(self.q, x, HEADS), self.heads(self.k, x, KEY_VALUE_HEADS), self.heads(self.v, x, KEY_VALUE_HEADS)
+        if self.rotary:
+            q, k = rotary(q, k)
+        repeat = HEADS // KEY_VALUE_HEADS
+        k, v = (t[:, :, None].expand(n, KEY_VALUE_HEADS, repeat, length, HEAD_WIDTH).reshape(n, HEADS, length, HEAD_WIDTH) for t in (k, v))
+        if self.mask == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = q @ k.transpose(2, 3) / HEAD_WIDTH**0.5
+            future = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+            if self.mask == "add":
+                scores = scores + torch.zeros(length, length, dtype=scores.dtype).masked_fill(future, torch.finfo(scores.dtype).min)
+            else:
+                if self.mask == "alibi":
+                    slopes = torch.tensor([2.0 ** (-8 * (head + 1) / HEADS) for head in range(HEADS)], dtype=scores.dtype)
+                    scores = scores + slopes[:, None, None] * (torch.arange(length)[None] - torch.arange(length)[:, None])
+                far = (torch.arange(length)[:, None] - torch.arange(length)[None]) >= 3 if self.mask == "window" else future
+                scores = scores.masked_fill(future | far, float("-inf"))
+            out = F.softmax(scores, dim=-1, dtype=torch.float64).to(q.dtype) @ v
+        return self.o(out.transpose(1, 2).reshape(n, length, HEADS * HEAD_WIDTH))
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))``: SwiGLU, GeGLU."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.gate, self.up = nn.Linear(WIDTH, 2 * WIDTH, bias=False), nn.Linear(WIDTH, 2 * WIDTH, bias=False)
+        self.down = nn.Linear(2 * WIDTH, WIDTH, bias=False)
+        self.act = rng.choice([F.silu, F.gelu, lambda t: F.gelu(t, approximate="tanh")])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class TopTwoExperts(nn.Module):
+    """A router's softmax, the top two experts per token (renormalised or not), ``index_add_`` back (Mixtral)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.router = nn.Linear(WIDTH, 4, bias=False)
+        self.experts = nn.ModuleList(GatedMLP(rng) for _ in range(4))
+        self.renormalise = rng.random() < 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, WIDTH)
+        weights, chosen = torch.topk(F.softmax(self.router(rows), dim=-1, dtype=torch.float64), 2, dim=-1)
+        if self.renormalise:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(rows)
+        routed = F.one_hot(chosen, num_classes=4).permute(2, 1, 0)
+        for index, expert in enumerate(self.experts):
+            slot, token = torch.where(routed[index])
+            if token.numel():
+                out.index_add_(0, token, (expert(rows[token]) * weights[token, slot, None]).to(rows.dtype))
+        return out.reshape(x.shape)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP (or a mixture of experts), sequential or in parallel (GPT-J)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.norm1 = rng.choice([WrittenOutRMSNorm, lambda: nn.RMSNorm(WIDTH)])()
+        self.norm2 = rng.choice([WrittenOutRMSNorm, lambda: nn.LayerNorm(WIDTH, bias=False)])()
+        self.attention = GroupedQueryAttention(rng)
+        self.mlp = TopTwoExperts(rng) if rng.random() < 0.4 else GatedMLP(rng)
+        self.parallel = rng.random() < 0.2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            normed = self.norm1(x)
+            return x + self.attention(normed) + self.mlp(normed)
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class LanguageModel(nn.Module):
+    """Embedding (scaled or not), 1-3 decoder layers, a final norm, the last token's logits from a
+    head of its own or the embedding's weights (tied)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCABULARY, WIDTH)
+        self.layers = nn.ModuleList(DecoderLayer(rng) for _ in range(rng.randint(1, 3)))
+        self.norm = nn.RMSNorm(WIDTH)
+        self.head = None if rng.random() < 0.5 else nn.Linear(WIDTH, VOCABULARY, bias=False)
+        self.scale = WIDTH**0.5 if rng.random() < 0.3 else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(ids)
+        if self.scale is not None:
+            x = x * self.scale
+        for layer in self.layers:
+            x = layer(x)
+        last = self.norm(x)[:, -1]
+        return last @ self.embedding.weight.T if self.head is None else self.head(last)
+
+
+def language_model(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    return LanguageModel(rng).double().eval(), torch.randint(0, VOCABULARY, (2, TOKENS))
+
+
+# --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
 
@@ -462,6 +748,26 @@ def test_epsilon_conserves_on_random_sequence_networks_without_biases(seed):
     assert relative_sum_error(relevance, output) < 1e-8
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_epsilon_and_epsilon_gamma_box_conserve_on_random_modern_image_networks_without_biases(seed):
+    model, x = modern_image_network(seed)
+    model = without_biases(model)
+    output, relevance = explain_without_warnings(model, x, epsilon_everywhere(TINY))
+    if float(output.max(dim=1).values.abs().min()) < 1e-8:
+        pytest.skip("logits of 1e-18: a normalisation without its shift leaves each channel a zero mean, and the head averages them")
+    assert relative_sum_error(relevance, output) < 1e-8
+    composite = composites.EpsilonGammaBox(low=-5.0, high=5.0, epsilon=TINY, stabilizer=TINY)
+    output, relevance = explain_without_warnings(model, x, composite)
+    assert relative_sum_error(relevance, output) < 1e-8
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_epsilon_conserves_on_random_language_models_without_biases(seed):
+    model, ids = language_model(seed)
+    output, relevance = explain_without_warnings(model, ids, epsilon_everywhere(TINY))
+    assert relative_sum_error(relevance, output) < 1e-7
+
+
 PRESETS = {
     "EpsilonPlusFlat": composites.EpsilonPlusFlat,
     "EpsilonGammaBox": lambda: composites.EpsilonGammaBox(low=-3.0, high=3.0),
@@ -472,10 +778,13 @@ PRESETS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["image", "sequence"])
+NETWORKS = {"image": image_network, "sequence": sequence_network, "modern image": modern_image_network, "language model": language_model}
+
+
+@pytest.mark.parametrize("kind", list(NETWORKS))
 @pytest.mark.parametrize("seed", range(12))
 def test_every_preset_runs_cleanly_and_leaves_the_model_as_it_was(seed, kind):
-    model, x = image_network(seed) if kind == "image" else sequence_network(seed)
+    model, x = NETWORKS[kind](seed)
     with torch.no_grad():
         expected = model(x)
     for name, make in PRESETS.items():
