@@ -711,6 +711,8 @@ _KIND_BY_ACTIVATIONS: dict[str, Callable[[list[int]], type[captured.CapturedOp] 
     # bound that is an activation too, not one of x alone
     **{op: lambda activations: None if activations == [0] else captured.Other for op in ("clamp", "clip", "clamp_min", "clamp_max")},
 }
+
+
 def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str, default: Any) -> Any:
     """The argument ``name`` of a call, given by keyword or at ``position`` (``self`` at 0)."""
     if name in kwargs:
