@@ -130,8 +130,9 @@ class Reshape(CapturedOp):
 class Product(CapturedOp):
     """Products and divisions (``x * y``, ``matmul``, ``bmm``, ``einsum``, ``torch.sparse.mm``, ``x / y``): default ``Product``.
 
-    A factor that is a gate (the output of a sigmoid, hard sigmoid or softmax, or of a captured
-    call on such outputs and constants alone), a parameter (or a tensor computed from parameters
+    A factor that is a gate (the output of a sigmoid, hard sigmoid, softmax or ``exp``, or of a
+    captured call on such outputs and constants alone: a softmax written out, ``exp(s - max(s)) /
+    sum(...)``), a parameter (or a tensor computed from parameters
     alone), or a divisor is treated as a constant and receives no relevance. A ``tanh`` output is
     a weaker gate: it gates a signal (``x * (1 + tanh(z)) / 2``, a tanh-approximated GELU) but is
     the signal next to a sigmoid (an LSTM's ``o * tanh(c)``); see :data:`GATE_OPS`.
@@ -347,7 +348,7 @@ LAYER_OPS = frozenset(_KINDS[Dense] + _KINDS[Convolution] + _KINDS[ConvolutionTr
 #: Ops whose output gates another tensor when it is one factor of a product, and how strongly:
 #: a product gives its relevance to the factors of the lowest level (a signal is 0), so a tanh
 #: output gates a signal but is the signal next to a sigmoid (an LSTM's ``o * tanh(c)``).
-GATE_OPS: dict[str, int] = {"sigmoid": 2, "hardsigmoid": 2, "softmax": 2, "tanh": 1, "erf": 1}
+GATE_OPS: dict[str, int] = {"sigmoid": 2, "hardsigmoid": 2, "softmax": 2, "exp": 2, "tanh": 1, "erf": 1}
 
 
 __all__ = [

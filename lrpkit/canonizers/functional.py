@@ -15,7 +15,7 @@ while the model runs and gives it a rule:
 * the composite's rule for that name wins, otherwise the default of the kind applies:
   additions and sums -> :class:`~lrpkit.rules.Norm`, activations -> :class:`~lrpkit.rules.Pass`,
   averages -> ``Norm``, products -> :class:`~lrpkit.rules.Product` with gates (sigmoid, hard
-  sigmoid or softmax outputs, or one factor broadcast over the others among equals: a
+  sigmoid, softmax or ``exp`` outputs, or one factor broadcast over the others among equals: a
   squeeze-and-excitation gate), parameters and divisors held constant, ``layer_norm``,
   ``group_norm``, ``instance_norm`` and ``rms_norm`` -> :class:`~lrpkit.rules.LayerNormConstant`, attention -> :class:`~lrpkit.rules.AttentionValue`,
   ``F.linear`` / ``F.conv*`` with weights computed from parameters alone (not those of the module
@@ -987,7 +987,10 @@ def _source_node(tensor: Tensor) -> Any:
 
 #: How strongly a factor of a product is a gate (see :func:`_gate_level`).
 _WEAK_GATE, _STRONG_GATE = 1, 2
-_GATE_NODES = {"Sigmoid": _STRONG_GATE, "Hardsigmoid": _STRONG_GATE, "Softmax": _STRONG_GATE, "Tanh": _WEAK_GATE, "Erf": _WEAK_GATE}
+_GATE_NODES = {
+    "Sigmoid": _STRONG_GATE, "Hardsigmoid": _STRONG_GATE, "Softmax": _STRONG_GATE, "Exp": _STRONG_GATE,
+    "Tanh": _WEAK_GATE, "Erf": _WEAK_GATE,
+}
 _GATE_MODULES: tuple[tuple[type[nn.Module], int], ...] = (
     (nn.Sigmoid, _STRONG_GATE),
     (nn.Hardsigmoid, _STRONG_GATE),
@@ -1010,7 +1013,7 @@ def _lowest_gate_level(leaves: list[Any], activations: list[int], derived: dict[
 def _gate_level(tensor: Tensor, derived: dict[int, tuple[Any, int]] | None = None) -> int:
     """How much of a gate ``tensor`` is, as a factor of a product: 0 (a signal), 1 or 2.
 
-    2: the output of a sigmoid, hard sigmoid or softmax (call or module); 1: of a tanh (in a
+    2: the output of a sigmoid, hard sigmoid, softmax or exp (call or module); 1: of a tanh (in a
     product with a signal it is a gate: ``x * (1 + tanh(z)) / 2`` is a tanh-approximated GELU,
     ``x * tanh(softplus(x))`` is Mish; next to a sigmoid it is the signal, as the cell state of
     an LSTM, ``o * tanh(c)``); a captured call on gates and constants alone has the lowest

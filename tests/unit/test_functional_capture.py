@@ -2061,6 +2061,47 @@ def test_clamp_with_a_bound_that_is_an_activation_is_another_call() -> None:
     assert rows["clamp"].kind == "Other: clamp"
 
 
+class WrittenOutSoftmaxAttention(nn.Module):
+    """Self-attention whose softmax is ``torch.softmax`` or written out with ``exp``, as some
+    research code does (``e = exp(s - max(s))``, ``e / sum(e)``), or ``exp`` as a decay (``exp(-s)``)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.query, self.key, self.value = (nn.Linear(4, 4, bias=False) for _ in range(3))
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.query(x) @ self.key(x).transpose(1, 2) / 2
+        if self.form == "softmax":
+            weights = scores.softmax(dim=-1)
+        elif self.form == "exp":
+            exponentials = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+            weights = exponentials / exponentials.sum(dim=-1, keepdim=True)
+        else:  # "decay": weights of exp(-softplus(s)), no normalisation
+            weights = torch.exp(-F.softplus(scores))
+        return self.head((weights @ self.value(x)).mean(dim=1))
+
+
+@pytest.mark.parametrize("form", ["exp", "decay"])
+def test_an_exp_output_is_a_gate(form: str) -> None:
+    """An ``exp`` output multiplying a signal is a gate, as a softmax or a sigmoid output is.
+
+    Before, the attention weights written out with ``exp`` were a second signal: they took half
+    the relevance of each product and lost part of it through ``exp``, the subtraction of the
+    maximum and the sum (1-8 % of the logit).
+    """
+    torch.manual_seed(0)
+    model = init_weights(WrittenOutSoftmaxAttention(form))
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(6), dtype=DTYPE)
+    rows = assert_explained_conserved(model, x, composites.EpsilonPlus(epsilon=TINY, stabilizer=TINY, canonizers=[tiny_capture()]))
+    assert rows["query"].relevance in (None, 0.0) and rows["key"].relevance in (None, 0.0)
+    if form == "exp":  # the same numbers as with torch.softmax
+        reference = init_weights(WrittenOutSoftmaxAttention("softmax"))
+        composite = composites.EpsilonPlus(epsilon=TINY, stabilizer=TINY, canonizers=[tiny_capture()])
+        torch.testing.assert_close(Gradient(model, composite)(x).relevance, Gradient(reference, composite)(x).relevance)
+
+
 class RenormalisedAttention(nn.Module):
     """Attention whose weights are rescaled by ``1 / max(column sums)``: a value computed from the
     gate through calls without a rule (``max``, ``1 / x``), as Nystromformer's pseudo-inverse."""
