@@ -62,8 +62,10 @@ def without_absorbers(model: nn.Module) -> nn.Module:
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.running_mean.zero_()
         for name, parameter in plain.named_parameters():
-            last = name.rsplit(".", 1)[-1]
-            if (last in ("bias", "beta") and parameter.ndim == 1) or any(part in last for part in POSITIONAL):
+            parts = name.split(".")
+            # a position embedding is a parameter or a module of its own (XCiT's Fourier encoding's projection)
+            positional = any(token in part for part in parts for token in POSITIONAL)
+            if (parts[-1] in ("bias", "beta") and parameter.ndim == 1) or positional:
                 parameter.zero_()
     return plain
 
