@@ -16,7 +16,8 @@ while the model runs and gives it a rule:
   additions and sums -> :class:`~lrpkit.rules.Norm`, activations -> :class:`~lrpkit.rules.Pass`,
   averages -> ``Norm``, products -> :class:`~lrpkit.rules.Product` with gates (sigmoid, hard
   sigmoid, softmax or ``exp`` outputs, or one factor broadcast over the others among equals: a
-  squeeze-and-excitation gate), parameters and divisors held constant, ``layer_norm``,
+  squeeze-and-excitation gate; of gates' outputs of one shape, one computed from another),
+  parameters and divisors held constant, ``layer_norm``,
   ``group_norm``, ``instance_norm`` and ``rms_norm`` -> :class:`~lrpkit.rules.LayerNormConstant`, attention -> :class:`~lrpkit.rules.AttentionValue`,
   ``F.linear`` / ``F.conv*`` with weights computed from parameters alone (not those of the module
   making the call; torchvision's ``deform_conv2d`` with its offsets and mask held constant) -> the
@@ -688,6 +689,9 @@ class _Capture:
                 smaller = [index for index in signals if leaves[index].numel() < output.numel()]
                 if len(smaller) == 1:
                     signals.remove(smaller[0])
+                elif lowest:  # gates' outputs of one size: one computed from another gates it
+                    gating = [i for i in signals if any(_computed_from(leaves[i], leaves[j]) for j in signals if j != i)]
+                    signals = [index for index in signals if index not in gating] or signals
             return signals
         return activations
 
@@ -963,6 +967,27 @@ _PASSTHROUGH_NODES = frozenset(
     {"View", "Expand", "Unsqueeze", "Squeeze", "Reshape", "ReshapeAlias", "Transpose", "Permute",
      "UnsafeView", "Clone", "T", "AsStrided", "ToCopy", "Select", "Slice"}
 )
+
+
+def _computed_from(tensor: Tensor, source: Tensor) -> bool:
+    """Whether ``source``'s autograd node is behind ``tensor`` (up to :data:`_ANCESTRY_LIMIT` nodes)."""
+    target = source.grad_fn
+    if target is None or tensor.grad_fn is None or tensor.grad_fn is target:
+        return False
+    stack, seen = [tensor.grad_fn], set()
+    while stack and len(seen) < _ANCESTRY_LIMIT:
+        node = stack.pop()
+        if node is target:
+            return True
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(parent for parent, _ in node.next_functions)
+    return False
+
+
+#: How many autograd nodes :func:`_computed_from` looks at, at most (it runs only for products of two gates).
+_ANCESTRY_LIMIT = 2_000
 
 
 def _source_node(tensor: Tensor) -> Any:

@@ -355,37 +355,46 @@ def test_same_shape_gate_is_recognised_by_its_sigmoid(module_gate: bool) -> None
     assert table.relevance.sum().item() == pytest.approx(logits, rel=RTOL)
 
 
-class SqueezeExciteOnSigmoid(nn.Module):
-    """``s * gate(fc(mean(s)))`` with ``s = sigmoid(stem(x))``: both factors come out of a gate op."""
+class GateOnSigmoid(nn.Module):
+    """``s * gate(...(s))`` with ``s = sigmoid(stem(x))``: both factors come out of a gate op.
+
+    ``gate``: a squeeze-and-excitation gate ``(N, C, 1, 1)`` through a sigmoid or a softmax over
+    the channels, or a spatial softmax of the shape of ``s`` (no broadcast to tell the gate).
+    """
 
     positive = ("stem",)
 
-    def __init__(self, softmax: bool) -> None:
+    def __init__(self, gate: str) -> None:
         super().__init__()
         self.stem = conv3(1, 4)
         self.squeeze = nn.Linear(4, 4, bias=False)
-        self.softmax = softmax
+        self.scores = conv3(4, 4)
+        self.gate = gate
         self.fc = nn.Linear(4 * 5 * 5, 3, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         signal = torch.sigmoid(self.stem(x))
-        scores = self.squeeze(signal.mean(dim=(2, 3)))
-        gate = torch.softmax(scores, dim=1) if self.softmax else torch.sigmoid(scores)
-        return self.fc(torch.flatten(signal * gate[:, :, None, None], 1))
+        if self.gate == "spatial softmax":
+            gate = torch.softmax(self.scores(signal).flatten(2), dim=-1).view_as(signal) * 25
+        else:
+            scores = self.squeeze(signal.mean(dim=(2, 3)))
+            gate = (torch.softmax(scores, dim=1) if self.gate == "softmax" else torch.sigmoid(scores))[:, :, None, None]
+        return self.fc(torch.flatten(signal * gate, 1))
 
 
-@pytest.mark.parametrize("softmax", [False, True], ids=["sigmoid", "softmax"])
-def test_se_gate_on_a_sigmoid_output_is_still_the_gate(softmax: bool) -> None:
-    """Both factors are gate outputs; the one broadcast over the other is the gate.
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "spatial softmax"])
+def test_a_gate_on_a_sigmoid_output_is_still_the_gate(gate: str) -> None:
+    """Both factors are gate outputs; the one broadcast over the other, or else the one computed
+    from the other, is the gate.
 
     Before, the two were equals and split the relevance in half; the gate's half went into its
     softmax or sigmoid (the gradient), where it was lost (50 % of the logit with a softmax).
     """
-    model = build(lambda: SqueezeExciteOnSigmoid(softmax))
+    model = build(lambda: GateOnSigmoid(gate))
     table = lrpkit.describe(model, images(), composite=composites.EpsilonPlus())
     rows = {row.name: row for row in table.rows}
     logits = table.output.max(dim=1).values.sum().item()
-    assert rows["squeeze"].relevance in (None, 0.0)
+    assert rows["scores" if gate == "spatial softmax" else "squeeze"].relevance in (None, 0.0)  # the gate's path
     # (float32, and the stabilisers next to sigmoid outputs: 2e-6 off; before, the gate took half)
     assert rows["stem"].relevance == pytest.approx(logits, rel=1e-5)
     assert table.relevance.sum().item() == pytest.approx(logits, rel=1e-5)
